@@ -1,0 +1,51 @@
+# relay: make setup | make test | make demo | make bench
+# Every target installs what it needs: Debian packages (when root) and the venv in .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DEB_PACKAGES := nftables iproute2 iperf3 haproxy socat procps util-linux libcap2-bin
+CORE_SRC := $(wildcard relay_ext/*.pyx relay_ext/*.pxd relay_ext/*.pxi relay_ext/includes/*) setup.py
+
+.PHONY: setup build test lint bench demo clean system-packages
+
+setup: $(VENV)/.installed build
+
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
+	else echo "not root (or no apt-get): skipping Debian packages ($(DEB_PACKAGES)); tests needing them will skip"; fi
+
+$(VENV)/.installed: pyproject.toml
+	$(MAKE) system-packages
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel 'Cython>=3.0,<4'
+	@# python-liburing 2024.5.3 builds from source (1.5-2 min); install it once, outside build isolation
+	$(PIP) install -q 'liburing==2024.5.3'
+	$(PIP) install -q --no-build-isolation -e '.[test,bench]'
+	touch $@
+
+build: $(VENV)/.installed relay_ext/.built
+
+relay_ext/.built: $(CORE_SRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check relay bench tests
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) -m bench
+
+demo: setup
+	$(PY) -m relay demo
+
+clean:
+	rm -rf build relay_ext/*.so relay_ext/_core.c relay_ext/.built *.egg-info
