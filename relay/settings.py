@@ -1,0 +1,246 @@
+"""The ``[relay]`` settings, declared once.
+
+Each setting is one annotated field of :class:`RelaySettings`: its type and constraints (msgspec
+``Meta``), its default and its help text live there and nowhere else.  :data:`SETTINGS` derives
+from it the TOML key (``relay.<name>``), the ``relay run`` flag (``--<name-with-dashes>``) and the
+environment variable (``RELAY_<NAME>``).  Precedence: default < file < environment < command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "ENGINES",
+    "ENV_PREFIX",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "SETTINGS",
+    "SETTINGS_BY_NAME",
+    "RelaySettings",
+    "Setting",
+    "parse_setting_text",
+]
+
+ENV_PREFIX = "RELAY_"
+ENGINES: tuple[str, ...] = ("auto", "uring", "epoll", "asyncio")
+LOG_FORMATS: tuple[str, ...] = ("text", "json")
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
+
+Engine = Literal["auto", "uring", "epoll", "asyncio"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Process-wide settings: the ``[relay]`` table."""
+
+    engine: Annotated[
+        Engine,
+        Meta(description="I/O engine: auto (uring, else epoll), uring, epoll or asyncio"),
+    ] = "auto"
+    workers: Annotated[
+        int, Meta(ge=0, le=4096, description="worker processes; 0 = one per CPU")
+    ] = 0
+    maxconn: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=10_000_000,
+            description="connections open at once, all workers together "
+            "(each worker gets maxconn / workers, rounded up)",
+        ),
+    ] = 10000
+    maxconn_per_source: Annotated[
+        int, Meta(ge=0, description="connections open at once per client address; 0 = unlimited")
+    ] = 0
+    connect_timeout: Annotated[
+        float, Meta(gt=0, description="seconds to wait for the upstream connection")
+    ] = 5.0
+    idle_timeout: Annotated[
+        float,
+        Meta(gt=0, description="seconds without a byte either way before both sides are reset"),
+    ] = 300.0
+    half_close_timeout: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="seconds a half-closed connection may stay idle before it is closed",
+        ),
+    ] = 60.0
+    drain_timeout: Annotated[
+        float,
+        Meta(gt=0, description="seconds old workers may keep serving after stop or reload"),
+    ] = 30.0
+    pipe_size: Annotated[
+        int,
+        Meta(
+            ge=4096,
+            le=1 << 30,
+            description="bytes requested per splice pipe (F_SETPIPE_SZ, capped by "
+            "fs.pipe-max-size)",
+        ),
+    ] = 1 << 20
+    max_pipes: Annotated[
+        int, Meta(ge=0, description="splice pipes per worker (idle + in use); 0 = maxconn / 4")
+    ] = 0
+    splice: Annotated[
+        bool, Meta(description="move bulk data with splice(2); false = always copy")
+    ] = True
+    splice_min: Annotated[
+        int,
+        Meta(ge=0, description="bytes pending below which a transfer is copied, not spliced"),
+    ] = 4096
+    user: Annotated[
+        str, Meta(description="drop privileges to this user after binding; empty = stay")
+    ] = ""
+    group: Annotated[
+        str, Meta(description="drop privileges to this group after binding; empty = user's")
+    ] = ""
+    log_format: Annotated[
+        LogFormat, Meta(description="log line format: text or json (one JSON object a line)")
+    ] = "text"
+    log_file: Annotated[str, Meta(description="log file path; empty = stderr")] = ""
+    log_level: Annotated[
+        LogLevel, Meta(description="lowest level logged: debug, info, warning, error, critical")
+    ] = "info"
+    flow_log: Annotated[bool, Meta(description="log one line per finished connection")] = True
+    admin_socket: Annotated[
+        str, Meta(description="unix socket for `relay stats` and `relay reload`; empty = none")
+    ] = ""
+    metrics_listen: Annotated[
+        str,
+        Meta(description='HOST:PORT serving Prometheus /metrics, e.g. "127.0.0.1:9109"; '
+             "empty = none"),
+    ] = ""
+
+    @property
+    def resolved_workers(self) -> int:
+        """Worker processes to run: ``workers``, or the CPUs this process may use when 0."""
+        return self.workers or _cpu_count()
+
+    def maxconn_per_worker(self, workers: int | None = None) -> int:
+        """Connection table size of one worker: maxconn / workers, rounded up."""
+        n = workers or self.resolved_workers
+        return -(-self.maxconn // n)
+
+    def pipes_per_worker(self, workers: int | None = None) -> int:
+        """Pipe pool cap of one worker: 0 when splice is off, else ``max_pipes`` or maxconn / 4."""
+        if not self.splice:
+            return 0
+        return self.max_pipes or max(1, self.maxconn_per_worker(workers) // 4)
+
+    def loop_options(self, workers: int | None = None) -> dict[str, int]:
+        """Keyword arguments for ``relay.engines.create`` / ``relay_ext._core.Loop``."""
+        return {
+            "pipe_size": self.pipe_size,
+            "max_pipes": self.pipes_per_worker(workers),
+            "max_conns": self.maxconn_per_worker(workers),
+            "splice_min": self.splice_min,
+            "connect_timeout_ms": round(self.connect_timeout * 1000),
+            "idle_timeout_ms": round(self.idle_timeout * 1000),
+            "half_close_timeout_ms": round(self.half_close_timeout * 1000),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One ``[relay]`` setting and every name it goes by."""
+
+    name: str
+    type: Any  # the annotated field type (msgspec validates with it)
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+
+    @property
+    def key(self) -> str:
+        return f"relay.{self.name}"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def base_type(self) -> type:
+        """bool, int, float or str: what the value is once validated."""
+        t = self.type
+        if typing.get_origin(t) is Annotated:
+            t = typing.get_args(t)[0]
+        if typing.get_origin(t) is Literal:
+            return str
+        return t  # type: ignore[no-any-return]
+
+
+def _derive_settings() -> tuple[Setting, ...]:
+    out = []
+    for f in msgspec.structs.fields(RelaySettings):
+        t = f.type
+        help_text = ""
+        base = t
+        if typing.get_origin(t) is Annotated:
+            base, *extras = typing.get_args(t)
+            for extra in extras:
+                if isinstance(extra, Meta) and extra.description:
+                    help_text = extra.description
+        choices = None
+        if typing.get_origin(base) is Literal:
+            choices = tuple(str(a) for a in typing.get_args(base))
+        out.append(Setting(f.name, t, f.default, help_text, choices))
+    return tuple(out)
+
+
+SETTINGS: tuple[Setting, ...] = _derive_settings()
+SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_setting_text(setting: Setting, text: str) -> Any:
+    """Turn the text of an environment variable or flag into the setting's base type.
+
+    Raises ValueError with the reason; range checks happen later with the rest of the config.
+    """
+    base = setting.base_type
+    value = text.strip()
+    if base is bool:
+        low = value.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError("expected a boolean (true/false, yes/no, on/off, 1/0)")
+    if base is int:
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if base is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if setting.choices is not None and value not in setting.choices:
+        raise ValueError("expected one of " + ", ".join(setting.choices))
+    return text
