@@ -192,11 +192,7 @@ def parse_policy_rule(text: str) -> PolicyRule:
 # --------------------------------------------------------------------------- the structs
 
 
-class _Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    pass
-
-
-class ListenerConfig(_Strict, kw_only=True):
+class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """One ``[[listener]]``."""
 
     name: Annotated[str, Meta(description='unique name; default "listener<N>"')] = ""
@@ -256,7 +252,7 @@ class ListenerConfig(_Strict, kw_only=True):
         return [parse_network(t) for t in self.trusted_proxies]
 
 
-class EgressConfig(_Strict, kw_only=True):
+class EgressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """One ``[[egress]]``: a soft-unicast address and this host's slice of its ports."""
 
     address: Annotated[str, Meta(description="source IP address for upstream connections")]
@@ -287,7 +283,7 @@ class EgressConfig(_Strict, kw_only=True):
         return [parse_network(d) for d in self.destinations]
 
 
-class PolicyConfig(_Strict, kw_only=True):
+class PolicyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """``[policy]``: which destinations may be reached (deny wins)."""
 
     allow: Annotated[
@@ -305,7 +301,7 @@ class PolicyConfig(_Strict, kw_only=True):
         return [parse_policy_rule(e) for e in self.deny]
 
 
-class Config(_Strict, kw_only=True):
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """The whole validated configuration."""
 
     relay: RelaySettings = msgspec.field(default_factory=RelaySettings)

@@ -48,7 +48,7 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """Process-wide settings: the ``[relay]`` table."""
 
     engine: Annotated[
@@ -189,7 +189,7 @@ class Setting:
             t = typing.get_args(t)[0]
         if typing.get_origin(t) is Literal:
             return str
-        return t  # type: ignore[no-any-return]
+        return t
 
 
 def _derive_settings() -> tuple[Setting, ...]:
