@@ -471,7 +471,8 @@ def _validate_egress(path: str, v: dict[str, Any], p: _Problems) -> None:
         net = _check_call(p, f"{path}.destinations[{j}]", dest, parse_network)
         if net is not None and ip is not None and net.version != ip.version:
             p.add(
-                f"{path}.destinations[{j}]", dest,
+                f"{path}.destinations[{j}]",
+                dest,
                 f"an IPv{net.version} destination cannot be reached from IPv{ip.version} "
                 f"address {v['address']}",
             )

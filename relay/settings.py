@@ -126,8 +126,9 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     ] = ""
     metrics_listen: Annotated[
         str,
-        Meta(description='HOST:PORT serving Prometheus /metrics, e.g. "127.0.0.1:9109"; '
-             "empty = none"),
+        Meta(
+            description='HOST:PORT serving Prometheus /metrics, e.g. "127.0.0.1:9109"; empty = none'
+        ),
     ] = ""
 
     @property
