@@ -1,0 +1,306 @@
+"""Kernel plumbing for a config: the nftables ruleset and the policy-routing commands.
+
+``relay nft -c FILE`` prints them, checked with ``nft -c``; ``--apply`` installs them in the
+current network namespace and ``--remove`` takes them away. Both are idempotent.
+
+How TPROXY works (Linux): a `tproxy` rule in the prerouting hook (mangle priority, before the
+routing decision) assigns a packet addressed to *any* destination to a local listening socket
+with IP_TRANSPARENT, without rewriting the packet; the accepted socket's getsockname() is the
+original destination. The packet still has to be *routed locally*: the rule marks it (fwmark 1)
+and ``ip rule fwmark 1 lookup 100`` + ``local 0.0.0.0/0 dev lo table 100`` deliver it to the host.
+
+The same path brings replies home to a soft-unicast egress address that is not on any interface
+here: the outgoing socket has IP_TRANSPARENT, so `socket transparent 1` finds it for every reply
+(SYN-ACK included) and the mark routes the reply locally instead of forwarding or dropping it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+__all__ = ["FWMARK", "ROUTE_TABLE", "RULE_PRIORITY", "TABLE", "Plan", "render", "main"]
+
+TABLE = "relay"  # nft table (family inet) that holds everything this module installs
+FWMARK = 1  # packet mark that selects the local-delivery routing table
+ROUTE_TABLE = 100  # routing table whose only route is "everything is local"
+RULE_PRIORITY = 100  # `ip rule` preference: before `main` (32766), identifiable on removal
+
+IpCommand = tuple[str, ...]  # argv after "ip"
+
+
+class PlumbingError(RuntimeError):
+    """The ruleset failed validation or a command failed while applying it."""
+
+
+class CannotValidate(PlumbingError):
+    """`nft -c` could not run here (not installed, or no CAP_NET_ADMIN to read the kernel's
+    ruleset cache): the ruleset is neither known good nor known bad."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one config needs from the kernel in the relay's network namespace."""
+
+    ruleset: str  # `nft -f` text; replaces table inet relay atomically
+    route_commands: tuple[IpCommand, ...]  # `ip` argv to add the policy routing
+    families: tuple[int, ...]  # IP versions (4, 6) that need the policy routing
+    notes: tuple[str, ...]  # what each part is for, for humans
+
+    def remove_commands(self) -> tuple[IpCommand, ...]:
+        """`ip` argv that take the policy routing away again (reverse order)."""
+        out: list[IpCommand] = []
+        for version in reversed(self.families):
+            fam = _family_flag(version)
+            out.append((fam, "rule", "del", *_rule_selector()))
+            out.append((fam, "route", "del", *_local_route(version)))
+        return tuple(out)
+
+    def text(self) -> str:
+        """The plan as a shell-readable script: comments, the ruleset, the ip commands."""
+        lines = [f"# {note}" for note in self.notes]
+        lines.append(f"nft -f - <<'EOF'\n{self.ruleset}EOF")
+        lines.extend("ip " + " ".join(cmd) for cmd in self.route_commands)
+        return "\n".join(lines) + "\n"
+
+
+def _family_flag(version: int) -> str:
+    return "-6" if version == 6 else "-4"
+
+
+def _rule_selector() -> tuple[str, ...]:
+    return ("priority", str(RULE_PRIORITY), "fwmark", str(FWMARK), "lookup", str(ROUTE_TABLE))
+
+
+def _local_route(version: int) -> tuple[str, ...]:
+    default = "::/0" if version == 6 else "0.0.0.0/0"
+    return ("local", default, "dev", "lo", "table", str(ROUTE_TABLE))
+
+
+def _tproxy_target(host: str, port: int) -> tuple[int, str]:
+    """(IP version, nft `tproxy ... to` argument) for a listener's bind address."""
+    addr = ipaddress.ip_address(host)
+    if addr.is_unspecified:
+        # Keep the packet's own destination address, change only the port: the wildcard
+        # listener with IP_TRANSPARENT accepts for any address.
+        return addr.version, f":{port}"
+    if addr.version == 6:
+        return 6, f"[{addr}]:{port}"
+    return 4, f"{addr}:{port}"
+
+
+def _quoted_set(names: Iterable[str]) -> str:
+    items = ", ".join(json.dumps(n) for n in names)
+    return "{ " + items + " }"
+
+
+def local_addresses() -> frozenset[str]:
+    """Addresses configured on any interface of the current network namespace."""
+    out = subprocess.run(
+        ["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    found: set[str] = set()
+    for link in json.loads(out or "[]"):
+        for info in link.get("addr_info", []):
+            if "local" in info:
+                found.add(str(ipaddress.ip_address(info["local"])))
+    return frozenset(found)
+
+
+def render(
+    cfg: Any,
+    ingress: Sequence[str] = (),
+    local: Collection[str] | None = None,
+) -> Plan:
+    """The nft ruleset and `ip` commands that ``cfg`` needs.
+
+    ``ingress``: interfaces whose TCP is intercepted; empty means every interface except lo.
+    ``local``: this host's own addresses (default: read from the current namespace); an egress
+    address among them needs no return path.
+    """
+    own = frozenset(local) if local is not None else local_addresses()
+    notes: list[str] = []
+    versions: set[int] = set()
+
+    egress_by_version: dict[int, list[str]] = {4: [], 6: []}
+    for egress in cfg.egress:
+        addr = ipaddress.ip_address(egress.address)
+        egress_by_version[addr.version].append(str(addr))
+        if str(addr) in own:
+            notes.append(f"egress {addr}: local address, replies need no return path")
+        else:
+            versions.add(addr.version)
+            notes.append(
+                f"egress {addr} (ports {egress.ports}): not on any interface here; replies "
+                f"reach its IP_TRANSPARENT sockets via mark {FWMARK} -> table {ROUTE_TABLE}"
+            )
+
+    where = f"iifname {_quoted_set(ingress)}" if ingress else 'iifname != "lo"'
+    intercept: list[str] = []
+    for listener in cfg.listener:
+        if listener.mode != "tproxy":
+            continue
+        host, port = listener.bind_address
+        if port == 0:
+            raise PlumbingError(
+                f"listener {listener.name} ({listener.bind}): a tproxy listener needs a fixed "
+                "port for the nft tproxy rule, not port 0"
+            )
+        version, target = _tproxy_target(host, port)
+        versions.add(version)
+        family = "ip6" if version == 6 else "ip"
+        # Never steal traffic addressed to this host itself (fib type local) nor replies to
+        # the egress addresses (sockets already own those; the rule above accepted them).
+        skip_egress = egress_by_version[version]
+        not_egress = f" {family} daddr != {{ {', '.join(skip_egress)} }}" if skip_egress else ""
+        intercept.append(
+            f"        {where} meta l4proto tcp fib daddr type != local{not_egress} "
+            f"tproxy {family} to {target} meta mark set {FWMARK} accept"
+            f"  # listener {listener.name}"
+        )
+        notes.append(
+            f"listener {listener.name} ({listener.bind}): TCP arriving on "
+            f"{', '.join(ingress) if ingress else 'any interface but lo'} for a non-local "
+            f"IPv{version} destination is delivered to it"
+        )
+
+    body = [
+        f"table inet {TABLE} {{",
+        "    chain prerouting {",
+        "        type filter hook prerouting priority mangle; policy accept;",
+        # A packet that belongs to a transparent socket we already have (an accepted TPROXY
+        # connection or an egress connection from a soft-unicast address): route it locally.
+        f"        meta l4proto tcp socket transparent 1 meta mark set {FWMARK} accept",
+        *intercept,
+        "    }",
+        "}",
+    ]
+    # Declaring the table first makes `delete` succeed when it does not exist yet, so the whole
+    # file replaces the table in one transaction (idempotent, never half-applied).
+    ruleset = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + "\n".join(body) + "\n"
+
+    commands: list[IpCommand] = []
+    for version in sorted(versions):
+        fam = _family_flag(version)
+        commands.append((fam, "rule", "add", *_rule_selector()))
+        commands.append((fam, "route", "replace", *_local_route(version)))
+    if not versions:
+        notes.append("no tproxy listener and no non-local egress address: no policy routing")
+    return Plan(ruleset, tuple(commands), tuple(sorted(versions)), tuple(notes))
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=20)
+
+
+def check_ruleset(ruleset: str) -> None:
+    """Validate with `nft -c` (parsed and checked by the kernel, nothing committed)."""
+    if shutil.which("nft") is None:
+        raise CannotValidate("nft is not installed (Debian: apt-get install nftables)")
+    res = _run(["nft", "-c", "-f", "-"], ruleset)
+    if res.returncode != 0 and "Operation not permitted" in res.stderr:
+        raise CannotValidate("nft -c needs CAP_NET_ADMIN (run as root) to check the ruleset")
+    if res.returncode != 0:
+        raise PlumbingError(f"nft -c rejected the ruleset: {res.stderr.strip()}")
+
+
+def _rule_present(version: int) -> bool:
+    res = _run(["ip", _family_flag(version), "rule", "show", "priority", str(RULE_PRIORITY)])
+    return f"fwmark {FWMARK:#x} lookup {ROUTE_TABLE}" in res.stdout or (
+        f"fwmark {FWMARK} lookup {ROUTE_TABLE}" in res.stdout
+    )
+
+
+def apply(plan: Plan) -> None:
+    """Install the plan in the current network namespace; running it twice changes nothing."""
+    check_ruleset(plan.ruleset)
+    res = _run(["nft", "-f", "-"], plan.ruleset)
+    if res.returncode != 0:
+        raise PlumbingError(f"nft -f failed: {res.stderr.strip()}")
+    for cmd in plan.route_commands:
+        if cmd[1:3] == ("rule", "add") and _rule_present(6 if cmd[0] == "-6" else 4):
+            continue
+        res = _run(["ip", *cmd])
+        if res.returncode != 0:
+            raise PlumbingError(f"ip {' '.join(cmd)} failed: {res.stderr.strip()}")
+
+
+def remove(plan: Plan) -> None:
+    """Take away what ``apply`` installed; what is already gone is not an error."""
+    # "table; delete table" in one transaction: succeeds whether or not the table exists.
+    res = _run(["nft", "-f", "-"], f"table inet {TABLE}\ndelete table inet {TABLE}\n")
+    if res.returncode != 0:
+        raise PlumbingError(f"nft delete table inet {TABLE} failed: {res.stderr.strip()}")
+    for cmd in plan.remove_commands():
+        if cmd[1] == "rule":
+            while _rule_present(6 if cmd[0] == "-6" else 4):
+                res = _run(["ip", *cmd])
+                if res.returncode != 0:
+                    raise PlumbingError(f"ip {' '.join(cmd)} failed: {res.stderr.strip()}")
+        else:
+            _run(["ip", *cmd])  # "No such process" when the route is already gone
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="relay nft",
+        description="Print (default), apply or remove the nftables rules and policy routing "
+        "that a config needs: TPROXY ingress and the return path of non-local egress addresses.",
+    )
+    p.add_argument("-c", "--config", required=True, help="relay TOML config file")
+    p.add_argument(
+        "--ingress",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="intercept TCP only on this interface (repeatable); default: all but lo",
+    )
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--apply", action="store_true", help="install in this network namespace")
+    action.add_argument("--remove", action="store_true", help="take the installed rules away")
+    return p
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """`relay nft -c FILE [--ingress IFACE]... [--apply | --remove]`; returns the exit status."""
+    from relay.config import ConfigError, load
+
+    opts = _parser().parse_args(args)
+    try:
+        cfg = load(opts.config)
+    except (ConfigError, OSError) as exc:
+        print(f"relay nft: {exc}", file=sys.stderr)
+        return 2
+    try:
+        plan = render(cfg, ingress=opts.ingress)
+        if opts.remove:
+            remove(plan)
+            print(f"relay nft: removed table inet {TABLE} and the fwmark {FWMARK} routing")
+            return 0
+        sys.stdout.write(plan.text())
+        if opts.apply:
+            apply(plan)
+            print(f"relay nft: applied table inet {TABLE} and the fwmark {FWMARK} routing")
+        else:
+            check_ruleset(plan.ruleset)
+            print("# nft -c: ruleset is valid")
+    except CannotValidate as exc:
+        if opts.apply:
+            print(f"relay nft: cannot apply: {exc}", file=sys.stderr)
+            return 1
+        print(f"# not validated: {exc}")
+        return 0
+    except PlumbingError as exc:
+        print(f"relay nft: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"relay nft: {exc}", file=sys.stderr)
+        return 1
+    return 0

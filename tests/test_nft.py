@@ -1,0 +1,175 @@
+"""relay.nft: the rendered plan, and `relay nft` applying/removing it in a real namespace."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from netns import Topology, require_netns
+
+from relay import nft
+from relay.config import loads
+
+REPO = Path(__file__).resolve().parent.parent
+
+TPROXY_CONFIG = """
+[[listener]]
+name = "in4"
+bind = "127.0.0.1:7000"
+mode = "tproxy"
+
+[[listener]]
+name = "in6"
+bind = "[::]:7001"
+mode = "tproxy"
+
+[[listener]]
+name = "plain"
+bind = "127.0.0.1:8000"
+backend = "127.0.0.1:9000"
+
+[[egress]]
+address = "203.0.113.7"
+ports = "40000-40007"
+
+[[egress]]
+address = "2001:db8:7::7"
+ports = "40000-40007"
+"""
+
+BACKEND_ONLY = """
+[[listener]]
+bind = "127.0.0.1:8000"
+backend = "127.0.0.1:9000"
+"""
+
+
+def _rules(plan: nft.Plan) -> list[str]:
+    return [line.strip() for line in plan.ruleset.splitlines() if "meta mark set" in line]
+
+
+def test_render_tproxy_rules_per_listener_and_family() -> None:
+    plan = nft.render(loads(TPROXY_CONFIG), local=set())
+    rules = _rules(plan)
+    assert rules[0] == "meta l4proto tcp socket transparent 1 meta mark set 1 accept"
+    v4 = [r for r in rules if "tproxy ip to" in r]
+    v6 = [r for r in rules if "tproxy ip6 to" in r]
+    assert len(v4) == 1 and len(v6) == 1 and len(rules) == 3  # nothing for the backend listener
+    assert "tproxy ip to 127.0.0.1:7000" in v4[0]
+    assert "tproxy ip6 to :7001" in v6[0]  # wildcard bind: keep the packet's own address
+    for rule in (v4[0], v6[0]):
+        assert 'iifname != "lo"' in rule and "fib daddr type != local" in rule
+    assert "ip daddr != { 203.0.113.7 }" in v4[0]  # replies to our egress address: never stolen
+    assert "ip6 daddr != { 2001:db8:7::7 }" in v6[0]
+    assert plan.ruleset.startswith("table inet relay\ndelete table inet relay\n")
+    assert plan.route_commands == (
+        ("-4", "rule", "add", "priority", "100", "fwmark", "1", "lookup", "100"),
+        ("-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", "100"),
+        ("-6", "rule", "add", "priority", "100", "fwmark", "1", "lookup", "100"),
+        ("-6", "route", "replace", "local", "::/0", "dev", "lo", "table", "100"),
+    )
+
+
+def test_render_ingress_interfaces_restrict_interception() -> None:
+    plan = nft.render(loads(TPROXY_CONFIG), ingress=["veth0b", "eth1"], local=set())
+    tproxy = [r for r in _rules(plan) if "tproxy" in r]
+    assert tproxy and all('iifname { "veth0b", "eth1" }' in r for r in tproxy)
+
+
+def test_render_return_path_only_for_non_local_egress() -> None:
+    cfg = loads(
+        BACKEND_ONLY + '[[egress]]\naddress = "203.0.113.7"\nports = "40000-40007"\n'
+        '[[egress]]\naddress = "2001:db8:7::7"\nports = "40000-40007"\n'
+    )
+    only_v4 = nft.render(cfg, local={"2001:db8:7::7"})
+    assert only_v4.families == (4,)
+    assert all(cmd[0] == "-4" for cmd in only_v4.route_commands)
+    assert nft.render(cfg, local={"2001:db8:7::7", "203.0.113.7"}).route_commands == ()
+
+
+def test_render_backend_only_needs_no_routing() -> None:
+    plan = nft.render(loads(BACKEND_ONLY), local=set())
+    assert plan.route_commands == () and plan.remove_commands() == ()
+    assert not any("tproxy" in r for r in _rules(plan))
+
+
+def test_render_refuses_tproxy_listener_on_port_zero() -> None:
+    cfg = loads('[[listener]]\nname = "t"\nbind = "127.0.0.1:0"\nmode = "tproxy"\n')
+    with pytest.raises(nft.PlumbingError, match="needs a fixed port"):
+        nft.render(cfg, local=set())
+
+
+# -- in a network namespace: the real nft and ip --------------------------------------------
+
+
+def _relay_nft(topo: Topology, ns: str, *args: str) -> tuple[int, str, str]:
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from relay.nft import main; " \
+           "raise SystemExit(main(sys.argv[1:]))"
+    res = topo.run(ns, [sys.executable, "-c", code, *args], check=False)
+    return res.returncode, res.stdout, res.stderr
+
+
+def _state(topo: Topology, ns: str) -> tuple[str, str, str, str, str]:
+    table = topo.run(ns, ["nft", "list", "ruleset"]).stdout
+    rules4 = topo.run(ns, ["ip", "-4", "rule", "show"]).stdout
+    rules6 = topo.run(ns, ["ip", "-6", "rule", "show"]).stdout
+    route4 = topo.run(ns, ["ip", "-4", "route", "show", "table", "all"]).stdout
+    route6 = topo.run(ns, ["ip", "-6", "route", "show", "table", "100"], check=False).stdout
+    return table, rules4, rules6, route4, route6
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(60)
+def test_apply_twice_then_remove_twice(tmp_path: Path) -> None:
+    require_netns()
+    conf = tmp_path / "relay.toml"
+    conf.write_text(TPROXY_CONFIG)
+    with Topology() as topo:
+        ns = topo.host("n")
+        before = _state(topo, ns)
+        rc, out, err = _relay_nft(topo, ns, "-c", str(conf))
+        assert rc == 0, err
+        assert "# nft -c: ruleset is valid" in out and "tproxy ip to 127.0.0.1:7000" in out
+        assert _state(topo, ns) == before  # printing changes nothing
+
+        for _ in range(2):
+            rc, _out, err = _relay_nft(topo, ns, "-c", str(conf), "--apply")
+            assert rc == 0, err
+        table, rules4, rules6, route4, route6 = _state(topo, ns)
+        assert table.count("tproxy ip to 127.0.0.1:7000") == 1
+        assert table.count("tproxy ip6 to :7001") == 1
+        assert rules4.count("fwmark 0x1 lookup 100") == 1
+        assert rules6.count("fwmark 0x1 lookup 100") == 1
+        assert "local default dev lo table 100" in route4
+        assert "local default dev lo" in route6
+
+        for _ in range(2):
+            rc, out, err = _relay_nft(topo, ns, "-c", str(conf), "--remove")
+            assert rc == 0, err
+        assert _state(topo, ns) == before
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(60)
+def test_invalid_ruleset_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    require_netns()
+    conf = tmp_path / "relay.toml"
+    conf.write_text(TPROXY_CONFIG)
+    with Topology() as topo:
+        ns = topo.host("n")
+        before = _state(topo, ns)
+        # Interface names are at most 15 bytes: the kernel-side check in `nft -c` rejects it.
+        rc, _out, err = _relay_nft(
+            topo, ns, "-c", str(conf), "--ingress", "a-very-long-interface-name", "--apply"
+        )
+        assert rc == 1
+        assert "nft -c rejected the ruleset" in err and "exceeds maximum length" in err
+        assert _state(topo, ns) == before
+
+
+def test_bad_config_names_the_problem(tmp_path: Path) -> None:
+    conf = tmp_path / "relay.toml"
+    conf.write_text('[[listener]]\nbind = "127.0.0.1:7000"\nmode = "tproxi"\n')
+    rc = nft.main(["-c", str(conf)])
+    assert rc == 2
