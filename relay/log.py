@@ -1,0 +1,240 @@
+"""Logging: one line per event, as text or JSON lines, with control bytes escaped.
+
+``setup_logging`` configures the root logger once per process.  Text lines look like::
+
+    2026-11-27T04:42:14.123Z INFO relay.server[4242]: accept paused listener=main errno=24
+
+Every control character of the message, of the exception text and of each ``extra=`` field is
+shown as an escape (``\\n``, ``\\r``, ``\\x1b``, ``\\u2028``...) so a client-supplied byte can never
+start a forged log line.  JSON lines (python-json-logger) get the same guarantee from JSON string
+escaping.  ``reopen()`` reopens the log file (SIGUSR1, after logrotate moved it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+try:  # python-json-logger >= 3
+    from pythonjsonlogger.json import JsonFormatter
+except ImportError:  # pragma: no cover - python-json-logger 2.x
+    from pythonjsonlogger.jsonlogger import JsonFormatter  # type: ignore[no-redef, unused-ignore]
+
+__all__ = [
+    "JSON_FIELDS",
+    "LOG_FORMATS",
+    "TextFormatter",
+    "escape",
+    "flush",
+    "log_every",
+    "reopen",
+    "setup_from_settings",
+    "setup_logging",
+]
+
+LOG_FORMATS = ("text", "json")
+JSON_FIELDS = ("time", "level", "logger", "pid", "message")
+
+# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+_BARE_VALUE_RE = re.compile(r'^[^\s="\\]+$')
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    ch = match.group()
+    named = _NAMED.get(ch)
+    if named is not None:
+        return named
+    code = ord(ch)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """Show every control character of ``text`` as an escape; the result is one line."""
+    return _CONTROL_RE.sub(_escape_char, text)
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    text = str(value)
+    if _BARE_VALUE_RE.match(text) and not _CONTROL_RE.search(text):
+        return text
+    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+def _utc_time(created: float) -> str:
+    t = time.gmtime(created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL logger[pid]: message key=value ...``, control bytes escaped, one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = escape(record.getMessage())
+        parts = [
+            f"{_utc_time(record.created)} {record.levelname} "
+            f"{escape(record.name)}[{record.process}]: {message}"
+        ]
+        parts.extend(f"{escape(str(k))}={_text_value(v)}" for k, v in _extras(record).items())
+        if record.exc_info:
+            parts.append("exc=" + _text_value(self.formatException(record.exc_info)))
+        if record.stack_info:
+            parts.append("stack=" + _text_value(record.stack_info))
+        return " ".join(parts)
+
+
+class _EscapingJsonFormatter(JsonFormatter):
+    """python-json-logger with ``time``/``level``/``logger``/``pid`` names and UTC timestamps."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            ["asctime", "levelname", "name", "process", "message"],
+            rename_fields={
+                "asctime": "time",
+                "levelname": "level",
+                "name": "logger",
+                "process": "pid",
+            },
+            json_ensure_ascii=True,
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return _utc_time(record.created)
+
+
+class _ReopenableFileHandler(logging.FileHandler):
+    """A FileHandler in append mode whose file can be reopened in place (log rotation)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            old = self.stream
+            self.stream = self._open()
+            if old is not None:
+                old.close()
+        finally:
+            self.release()
+
+
+_state_lock = threading.Lock()
+_handler: logging.Handler | None = None
+
+
+def setup_logging(
+    fmt: str = "text", level: str | int = "info", file: str | None = None
+) -> logging.Handler:
+    """Send every log record of this process to ``file`` (None or "" = stderr) as ``fmt``.
+
+    Replaces the handler installed by a previous call.  Raises ValueError for an unknown format
+    or level and OSError (with the path) when the file cannot be opened.
+    """
+    global _handler
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format {fmt!r}: expected one of {', '.join(LOG_FORMATS)}")
+    numeric = _level_number(level)
+    handler: logging.Handler
+    if file:
+        handler = _ReopenableFileHandler(file, mode="a", encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_EscapingJsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    with _state_lock:
+        if _handler is not None:
+            root.removeHandler(_handler)
+            _handler.close()
+        root.addHandler(handler)
+        root.setLevel(numeric)
+        _handler = handler
+    return handler
+
+
+def setup_from_settings(settings: Any) -> logging.Handler:
+    """``setup_logging`` from a ``relay.settings.RelaySettings`` (log_format, log_level, log_file)."""
+    return setup_logging(settings.log_format, settings.log_level, settings.log_file or None)
+
+
+def _level_number(level: str | int) -> int:
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelName(level.upper())
+    if not isinstance(number, int):
+        raise ValueError(
+            f"log level {level!r}: expected one of debug, info, warning, error, critical"
+        )
+    return number
+
+
+def reopen() -> bool:
+    """Reopen the log file (call on SIGUSR1 from the main loop). False when logging to stderr."""
+    handler = _handler
+    if isinstance(handler, _ReopenableFileHandler):
+        handler.reopen()
+        return True
+    return False
+
+
+class _RateLimiter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def admit(self, key: str, seconds: float) -> tuple[bool, int]:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < seconds:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return False, 0
+            self._last[key] = now
+            return True, self._suppressed.pop(key, 0)
+
+
+_limiter = _RateLimiter()
+
+
+def log_every(
+    logger: logging.Logger,
+    key: str,
+    seconds: float,
+    msg: str,
+    *args: Any,
+    level: int = logging.WARNING,
+    **extra: Any,
+) -> bool:
+    """Log ``msg % args`` at most once per ``seconds`` for ``key`` ("accept paused" storms).
+
+    The next line that gets through carries ``suppressed=N``, the number of lines dropped since
+    the previous one.  Returns True when the line was logged.
+    """
+    admitted, suppressed = _limiter.admit(key, seconds)
+    if not admitted:
+        return False
+    if suppressed:
+        extra["suppressed"] = suppressed
+    logger.log(level, msg, *args, extra=extra or None)
+    return True
+
+
+def flush() -> None:
+    """Flush the installed handler (before exit or exec)."""
+    handler = _handler
+    if handler is not None:
+        handler.flush()
