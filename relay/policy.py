@@ -1,0 +1,189 @@
+"""Destination policy: where the relay may connect to in tproxy/redirect mode.
+
+Order of checks (first hit wins, the reason is returned):
+  1. never-allowed ranges, whatever the lists say: "loopback", "link_local" (incl. cloud metadata
+     addresses), "unspecified" (0.0.0.0/8 and ::; Linux connects 0.0.0.0 to this host),
+     "multicast", "broadcast";
+  2. the relay's own listen/egress addresses: "own_address" (a connection to them loops back);
+  3. a `deny` rule matches: "denied_by_rule";
+  4. no `allow` rule matches: "not_allowed" (an empty allow list allows nothing: fail closed).
+IPv4-mapped IPv6 destinations (::ffff:a.b.c.d) are checked as the IPv4 address they reach.
+
+Rules are parsed by relay.config.parse_policy_rule: "CIDR" or "CIDR:PORTS" with PORTS like
+"80,443,8000-8999", IPv6 with ports as "[2001:db8::/32]:443".
+A check costs one inet_pton and a dict lookup per distinct prefix length in use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from relay.config import PolicyRule, parse_network, parse_policy_rule
+
+__all__ = ["NetworkSet", "Policy", "PortRanges", "Rule", "REASONS"]
+
+REASONS = (
+    "loopback",
+    "link_local",
+    "unspecified",
+    "multicast",
+    "broadcast",
+    "own_address",
+    "not_allowed",
+    "denied_by_rule",
+)
+
+PortRanges = tuple[tuple[int, int], ...] | None  # None: every port
+Rule = tuple[int, int, int, PortRanges]  # (version, network int, prefix length, ports)
+
+_BUILTIN: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "unspecified"),
+    ("::/128", "unspecified"),
+    ("127.0.0.0/8", "loopback"),
+    ("::1/128", "loopback"),
+    ("169.254.0.0/16", "link_local"),  # includes 169.254.169.254, the cloud metadata service
+    ("fe80::/10", "link_local"),
+    ("fd00:ec2::254/128", "link_local"),  # AWS IPv6 metadata endpoint (reachable like 169.254/16)
+    ("224.0.0.0/4", "multicast"),
+    ("ff00::/8", "multicast"),
+    ("255.255.255.255/32", "broadcast"),
+)
+
+_MAPPED_PREFIX = 0xFFFF << 32  # ::ffff:0:0/96
+_MAPPED_MASK = ((1 << 96) - 1) << 32
+
+
+def _rule_tuple(rule: PolicyRule) -> Rule:
+    """A config PolicyRule -> (version, network int, prefix length, ports or None), with
+    IPv4-mapped IPv6 networks folded to IPv4 (destinations are folded the same way)."""
+    net = rule.network
+    ports: PortRanges = tuple(rule.ports) or None
+    value = int(net.network_address)
+    if net.version == 6 and net.prefixlen >= 96 and value & _MAPPED_MASK == _MAPPED_PREFIX:
+        return (4, value & 0xFFFFFFFF, net.prefixlen - 96, ports)
+    return (net.version, value, net.prefixlen, ports)
+
+
+class _Table:
+    """Networks grouped by (version, prefix length): lookup = shift + dict get per group."""
+
+    def __init__(self) -> None:
+        self._groups: dict[int, list[tuple[int, dict[int, list[Any]]]]] = {4: [], 6: []}
+
+    def add(self, version: int, value: int, prefixlen: int, payload: Any) -> None:
+        bits = 32 if version == 4 else 128
+        shift = bits - prefixlen
+        groups = self._groups[version]
+        for group_shift, entries in groups:
+            if group_shift == shift:
+                entries.setdefault(value >> shift, []).append(payload)
+                return
+        groups.append((shift, {value >> shift: [payload]}))
+        groups.sort(key=lambda g: g[0])  # most specific first
+
+    def matches(self, version: int, value: int) -> Iterable[Any]:
+        for shift, entries in self._groups[version]:
+            found = entries.get(value >> shift)
+            if found is not None:
+                yield from found
+
+    def __bool__(self) -> bool:
+        return bool(self._groups[4] or self._groups[6])
+
+
+def _ports_match(ports: PortRanges, port: int) -> bool:
+    if ports is None:
+        return True
+    return any(lo <= port <= hi for lo, hi in ports)
+
+
+def _to_int(ip: str) -> tuple[int, int]:
+    """(version, address as int) with IPv4-mapped IPv6 folded to IPv4; ValueError if not an IP."""
+    if ":" not in ip:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
+    head, pct, _scope = ip.partition("%")  # link-local scope id: the address decides
+    value = int.from_bytes(socket.inet_pton(socket.AF_INET6, head if pct else ip), "big")
+    if value & _MAPPED_MASK == _MAPPED_PREFIX:
+        return 4, value & 0xFFFFFFFF
+    return 6, value
+
+
+class Policy:
+    """Destination filter for one relay. `policy_cfg` has `.allow` and `.deny` (lists of rule
+    strings) or is None (allow everything not built-in denied); `own_addresses` are the relay's
+    listen and egress IPs (wildcards are ignored). Raises ValueError on a bad rule."""
+
+    def __init__(self, policy_cfg: Any, own_addresses: Iterable[str] = ()) -> None:
+        self._builtin = _Table()
+        for cidr, reason in _BUILTIN:
+            net = ipaddress.ip_network(cidr)
+            self._builtin.add(net.version, int(net.network_address), net.prefixlen, reason)
+        self._own: set[tuple[int, int]] = set()
+        for ip in own_addresses:
+            version, value = _to_int(ip)
+            if value != 0:
+                self._own.add((version, value))
+        if policy_cfg is None:
+            allow = [parse_policy_rule("0.0.0.0/0"), parse_policy_rule("::/0")]
+            deny: list[PolicyRule] = []
+        else:
+            allow = [parse_policy_rule(t) for t in getattr(policy_cfg, "allow", None) or ()]
+            deny = [parse_policy_rule(t) for t in getattr(policy_cfg, "deny", None) or ()]
+        self._allow = _Table()
+        self._deny = _Table()
+        for table, rules in ((self._allow, allow), (self._deny, deny)):
+            for rule in rules:
+                version, value, prefixlen, ports = _rule_tuple(rule)
+                table.add(version, value, prefixlen, ports)
+
+    def check(self, ip: str, port: int) -> str | None:
+        """None if (ip, port) may be relayed to, else the denial reason (see module doc)."""
+        try:
+            version, value = _to_int(ip)
+        except (OSError, ValueError):
+            return "unspecified"
+        for reason in self._builtin.matches(version, value):
+            return str(reason)
+        if (version, value) in self._own:
+            return "own_address"
+        for ports in self._deny.matches(version, value):
+            if _ports_match(ports, port):
+                return "denied_by_rule"
+        for ports in self._allow.matches(version, value):
+            if _ports_match(ports, port):
+                return None
+        return "not_allowed"
+
+    def is_own(self, ip: str) -> bool:
+        """True when `ip` (mapped forms folded) is one of the relay's own addresses."""
+        try:
+            return _to_int(ip) in self._own
+        except (OSError, ValueError):
+            return False
+
+
+class NetworkSet:
+    """A set of CIDRs (strings like "10.0.0.0/8" or parsed networks) with a cheap membership
+    test for IP literals; IPv4-mapped IPv6 addresses match the IPv4 networks."""
+
+    def __init__(self, networks: Iterable[Any]) -> None:
+        self._table = _Table()
+        for net in networks:
+            parsed = parse_network(net) if isinstance(net, str) else net
+            version, value, prefixlen, _ports = _rule_tuple(PolicyRule(parsed))
+            self._table.add(version, value, prefixlen, True)
+
+    def __contains__(self, ip: object) -> bool:
+        if not isinstance(ip, str):
+            return False
+        try:
+            version, value = _to_int(ip)
+        except (OSError, ValueError):
+            return False
+        return any(True for _ in self._table.matches(version, value))
+
+    def __bool__(self) -> bool:
+        return bool(self._table)

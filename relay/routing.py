@@ -1,0 +1,391 @@
+"""Per-listener routing: for each accepted client, open the upstream socket it is relayed to.
+
+    router = Router(listener_cfg, cfg, own_addresses)
+    try:
+        up = router.open_upstream(client_sock)       # client_sock: the accepted socket
+    except Denied as exc:                            # exc.reason: why (see REASONS)
+        reset the client (SO_LINGER {1,0} + close); count/log exc.reason
+    except OSError:                                  # socket/bind/connect failed otherwise
+        reset the client
+    else:
+        loop.add_pair(client_fd, up.fd, tag, connecting=up.connecting, prefix=up.prefix)
+        # from here the core owns up.fd
+
+Modes (listener_cfg.mode):
+- backend: connect to listener_cfg.backend (TCP HOST:PORT, resolved once here, or unix:/path).
+- tproxy: the destination is the accepted socket's local address (TPROXY keeps it).
+- redirect: the destination is SO_ORIGINAL_DST (NAT rewrote it to us; conntrack remembers).
+In tproxy/redirect the destination goes through relay.policy, then leaves through the
+relay.egress soft-unicast slice chosen by destination (none matching: the default route). The
+port the kernel picked is checked after connect(); outside the slice -> Denied, never a retry.
+
+PROXY protocol v2: with proxy_protocol = "v2" the upstream first receives a header naming the
+client and the address it connected to. Clients whose source is in trusted_proxies must start
+with a PROXY v2 header themselves: it is read (only its exact length, so no payload byte is
+consumed), parsed strictly, and its addresses are forwarded instead of the proxy's. Bytes from
+any other source are never parsed. Reading it may wait up to `proxy_header_timeout` seconds
+(trusted proxies send the header with their first segment, so normally no wait at all).
+
+Each open_upstream is a few system calls: no DNS, no allocation beyond the socket, tables built
+in the constructor.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from relay import proxyproto
+from relay.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
+from relay.policy import NetworkSet, Policy
+from relay.sock import UNIX_PREFIX, original_destination, parse_hostport
+
+__all__ = ["REASONS", "Denied", "Router", "SliceExhausted", "Upstream"]
+
+log = logging.getLogger("relay.routing")
+
+# Every Denied.reason: the relay.policy reasons, then the router's own.
+REASONS = (
+    "loopback",
+    "link_local",
+    "unspecified",
+    "multicast",
+    "broadcast",
+    "own_address",
+    "not_allowed",
+    "denied_by_rule",
+    "loop",  # the client is this relay's own egress (address and slice port): a routing loop
+    "slice_exhausted",  # no free port in the slice for this destination (EADDRNOTAVAIL)
+    "slice_violation",  # the kernel picked a local address/port outside the slice
+    "no_original_destination",  # redirect mode: conntrack knows no pre-NAT destination
+    "proxy_header_invalid",  # trusted source sent a malformed or truncated PROXY v2 header
+    "proxy_header_timeout",  # trusted source sent no complete header in time
+)
+
+_EXHAUSTED_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
+_CONNECT_PENDING = frozenset({0, errno.EINPROGRESS})
+_MAPPED_V4_PREFIX = "::ffff:"
+_LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind
+
+
+class Denied(Exception):
+    """The connection must not be relayed; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class SliceExhausted(Denied):
+    """Every port of the egress slice is in use towards this destination."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("slice_exhausted", detail)
+
+
+@dataclass(slots=True)
+class Upstream:
+    """An upstream socket being connected; the caller hands `fd` to the core.
+
+    fd: non-blocking TCP or unix stream socket, owned by the caller (then the core).
+    connecting: connect() returned EINPROGRESS (pass to add_pair; False = already connected).
+    prefix: bytes to send upstream before any client byte (PROXY v2 header or b"").
+    dest: (ip, port) connected to; ("unix:/path", 0) for a unix backend.
+    egress: local (ip, port) of the upstream socket when an egress slice was used, else None.
+    egress_address: the egress address used, or None (default route / backend mode).
+    """
+
+    fd: int
+    connecting: bool
+    prefix: bytes
+    dest: tuple
+    egress: tuple | None = None
+    egress_address: str | None = None
+
+
+class _RateLimitedLog:
+    """At most one line per interval per key; the suppressed count goes into the next line."""
+
+    def __init__(self, interval: float = _LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next.get(key, 0.0):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._next[key] = now + self._interval
+        skipped = self._suppressed.pop(key, 0)
+        more = f" ({skipped} more suppressed)" if skipped else ""
+        log.warning("%s%s", message, more)
+
+
+def _unmap(ip: str) -> str:
+    """'::ffff:1.2.3.4' -> '1.2.3.4': connect IPv4 destinations from an IPv4 socket."""
+    if ip.startswith(_MAPPED_V4_PREFIX) and "." in ip:
+        return ip[len(_MAPPED_V4_PREFIX) :]
+    return ip
+
+
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+class Router:
+    """Decides and opens the upstream for one listener. Build one per listener per config
+    (generation); not thread-safe (one per worker loop). Raises ValueError for a listener that
+    cannot work (unknown mode, backend that is the listener itself, unresolvable backend)."""
+
+    def __init__(
+        self,
+        listener_cfg: Any,
+        cfg: Any,
+        own_addresses: set[str],
+        *,
+        proxy_header_timeout: float = 0.5,
+    ) -> None:
+        self.name = str(getattr(listener_cfg, "name", ""))
+        self.mode = str(getattr(listener_cfg, "mode", "backend"))
+        if self.mode not in ("backend", "tproxy", "redirect"):
+            raise ValueError(f"listener {self.name}: unknown mode {self.mode!r}")
+        self.proxy_v2 = getattr(listener_cfg, "proxy_protocol", "") == "v2"
+        self.proxy_header_timeout = proxy_header_timeout
+        self.trusted = NetworkSet(getattr(listener_cfg, "trusted_proxies", None) or ())
+        self.closed = False
+        self._ratelog = _RateLimitedLog()
+
+        listener_binds = self._listener_binds(cfg, listener_cfg)
+        self._backend_unix: str | None = None
+        self._backend_addr: tuple[str, int] | None = None
+        self._backend_family = socket.AF_UNSPEC
+        if self.mode == "backend":
+            self._setup_backend(listener_cfg, listener_binds, own_addresses)
+
+        self.egress = EgressTable.from_config(cfg)
+        own = set(own_addresses) | self.egress.addresses()
+        own |= {ip for ip, _port in listener_binds}
+        self.own_addresses = frozenset(own)
+        self.policy = Policy(getattr(cfg, "policy", None), own)
+        # A client coming *from* one of our egress (address, slice) pairs is our own upstream
+        # connection routed back into a listener: a loop.
+        self._egress_slices: dict[str, tuple[tuple[int, int], ...]] = {}
+        for e in self.egress.entries:
+            self._egress_slices[e.address] = self._egress_slices.get(e.address, ()) + (
+                (e.lo, e.hi),
+            )
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @staticmethod
+    def _listener_binds(cfg: Any, listener_cfg: Any) -> set[tuple[str, int]]:
+        binds: set[tuple[str, int]] = set()
+        listeners = list(getattr(cfg, "listener", None) or ())
+        if listener_cfg not in listeners:
+            listeners.append(listener_cfg)
+        for lst in listeners:
+            bind = str(getattr(lst, "bind", ""))
+            if not bind or bind.startswith(UNIX_PREFIX):
+                continue
+            try:
+                binds.add(parse_hostport(bind))
+            except ValueError:
+                continue
+        return binds
+
+    def _setup_backend(
+        self, listener_cfg: Any, listener_binds: set[tuple[str, int]], own: set[str]
+    ) -> None:
+        backend = str(getattr(listener_cfg, "backend", "") or "")
+        if not backend:
+            raise ValueError(f"listener {self.name}: mode backend needs a backend")
+        if backend.startswith(UNIX_PREFIX):
+            path = backend[len(UNIX_PREFIX) :]
+            bind = str(getattr(listener_cfg, "bind", ""))
+            if bind == backend:
+                raise ValueError(f"listener {self.name}: backend {backend} is the listener itself")
+            self._backend_unix = path
+            self._backend_family = socket.AF_UNIX
+            return
+        host, port = parse_hostport(backend, allow_hostname=True)
+        # Resolved once per config: open_upstream must never do DNS.
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"listener {self.name}: backend {backend}: {exc}") from None
+        family, _t, _p, _c, sockaddr = infos[0]
+        addr = (str(sockaddr[0]), int(sockaddr[1]))
+        for bind_ip, bind_port in listener_binds:
+            wildcard = bind_ip in ("0.0.0.0", "::")
+            local = addr[0] in own or addr[0].startswith("127.") or addr[0] == "::1"
+            if bind_port == addr[1] and (bind_ip == addr[0] or (wildcard and local)):
+                raise ValueError(
+                    f"listener {self.name}: backend {backend} is a listener of this relay (loop)"
+                )
+        self._backend_addr = addr
+        self._backend_family = family
+
+    # ------------------------------------------------------------------ per connection
+
+    def open_upstream(self, client: socket.socket) -> Upstream:
+        """Open (start connecting) the upstream for accepted socket `client`.
+
+        Raises Denied (reason in REASONS; SliceExhausted for "slice_exhausted") when the
+        connection must be refused, OSError when a socket call fails. Either way nothing is
+        left open; the caller resets the client.
+        """
+        if self.closed:
+            raise RuntimeError(f"router for listener {self.name} is closed")
+        peer: tuple | None = None
+        info: proxyproto.ProxyInfo | None = None
+        if self.trusted and client.family != socket.AF_UNIX:
+            peer = client.getpeername()
+            if peer[0] in self.trusted:
+                info = self._read_proxy_header(client)
+        if self.mode == "backend":
+            return self._open_backend(client, peer, info)
+        return self._open_transparent(client, peer, info)
+
+    def _prefix(
+        self, client: socket.socket, peer: tuple | None, info: proxyproto.ProxyInfo | None
+    ) -> bytes:
+        if not self.proxy_v2:
+            return b""
+        if info is not None and info.command == "PROXY":
+            return proxyproto.build(info.src, info.dst)
+        if client.family == socket.AF_UNIX:
+            return proxyproto.build_local()
+        if peer is None:
+            peer = client.getpeername()
+        return proxyproto.build(peer, client.getsockname())
+
+    def _open_backend(
+        self, client: socket.socket, peer: tuple | None, info: proxyproto.ProxyInfo | None
+    ) -> Upstream:
+        prefix = self._prefix(client, peer, info)
+        if self._backend_unix is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            target: Any = self._backend_unix
+            dest: tuple = (UNIX_PREFIX + self._backend_unix, 0)
+        else:
+            assert self._backend_addr is not None
+            sock = socket.socket(self._backend_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            target = dest = self._backend_addr
+        try:
+            rc = sock.connect_ex(target)
+            if rc not in _CONNECT_PENDING:
+                # unix sockets: EAGAIN = backlog full; both: ECONNREFUSED, ENOENT, ...
+                raise OSError(rc, f"connect to backend {dest[0]}:{dest[1]}: {errno.errorcode.get(rc, rc)}")
+        except BaseException:
+            sock.close()
+            raise
+        return Upstream(sock.detach(), rc == errno.EINPROGRESS, prefix, dest)
+
+    def _open_transparent(
+        self, client: socket.socket, peer: tuple | None, info: proxyproto.ProxyInfo | None
+    ) -> Upstream:
+        try:
+            ip, port = original_destination(client, self.mode)
+        except OSError as exc:
+            if self.mode == "redirect" and exc.errno == errno.ENOENT:
+                raise Denied("no_original_destination", "connection was not NATed") from None
+            raise
+        ip = _unmap(ip)
+        reason = self.policy.check(ip, port)
+        if reason is not None:
+            raise Denied(reason, f"destination {ip}:{port}")
+        if self._egress_slices:
+            if peer is None:
+                peer = client.getpeername()
+            slices = self._egress_slices.get(_unmap(peer[0]))
+            if slices is not None and any(lo <= peer[1] <= hi for lo, hi in slices):
+                raise Denied("loop", f"client {peer[0]}:{peer[1]} is this relay's egress")
+        prefix = self._prefix(client, peer, info)
+        egress = self.egress.lookup(ip)
+        sock = socket.socket(_family(ip), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            if egress is not None:
+                bind_upstream(sock, egress)
+            rc = sock.connect_ex((ip, port))
+            if rc not in _CONNECT_PENDING:
+                if egress is not None and rc in _EXHAUSTED_ERRNOS:
+                    self._log_exhausted(egress, ip, port)
+                    raise SliceExhausted(
+                        f"egress {egress.address} ports {egress.lo}-{egress.hi} "
+                        f"to {ip}:{port}"
+                    )
+                raise OSError(rc, f"connect to {ip}:{port}: {errno.errorcode.get(rc, rc)}")
+            local = None
+            if egress is not None:
+                # With IP_BIND_ADDRESS_NO_PORT the port is assigned inside connect(), so it
+                # is known now even though the handshake is still in flight.
+                try:
+                    local = check_local_port(sock, egress)
+                except SliceViolation as exc:
+                    self._ratelog.warning(f"violation {egress.address}", f"slice violation: {exc}")
+                    raise Denied("slice_violation", str(exc)) from None
+        except BaseException:
+            sock.close()
+            raise
+        return Upstream(
+            sock.detach(),
+            rc == errno.EINPROGRESS,
+            prefix,
+            (ip, port),
+            local,
+            egress.address if egress is not None else None,
+        )
+
+    def _log_exhausted(self, egress: Egress, ip: str, port: int) -> None:
+        self._ratelog.warning(
+            f"exhausted {egress.address}",
+            f"egress slice exhausted: {egress.address} ports {egress.lo}-{egress.hi} "
+            f"has no free port towards {ip}:{port}; client reset",
+        )
+
+    def _read_proxy_header(self, client: socket.socket) -> proxyproto.ProxyInfo:
+        """Read exactly one PROXY v2 header from a trusted client. Each recv asks for no more
+        than the header still lacks, so the payload behind it stays in the socket for the core.
+        """
+        deadline = time.monotonic() + self.proxy_header_timeout
+        buf = bytearray()
+        need = proxyproto.HEADER_FIXED_LEN
+        poller: select.poll | None = None
+        while True:
+            try:
+                chunk = client.recv(need - len(buf), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                chunk = None
+            except InterruptedError:
+                continue
+            if chunk == b"":
+                raise Denied("proxy_header_invalid", f"EOF after {len(buf)} header bytes")
+            if chunk:
+                buf += chunk
+                try:
+                    _length, info = proxyproto.parse(buf)
+                    return info
+                except proxyproto.ProxyProtocolIncomplete as exc:
+                    need = exc.needed
+                except proxyproto.ProxyProtocolError as exc:
+                    raise Denied("proxy_header_invalid", str(exc)) from None
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Denied("proxy_header_timeout", f"{len(buf)} of {need} bytes in time")
+            if poller is None:
+                poller = select.poll()
+                poller.register(client.fileno(), select.POLLIN)
+            poller.poll(max(1, int(remaining * 1000)))
+
+    def close(self) -> None:
+        """Release the router; idempotent. It holds no sockets between calls, so this only
+        makes later open_upstream calls fail loudly (a retired config generation)."""
+        self.closed = True

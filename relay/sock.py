@@ -1,0 +1,155 @@
+"""Socket helpers: constants Python 3.11 lacks, address parsing, listeners, original destination.
+
+Everything here runs at start (listeners) or once per accepted connection
+(`original_destination`), so it does no DNS and at most one system call per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import stat
+import struct
+from typing import Any
+
+from relay.config import parse_hostport as _config_parse_hostport
+
+__all__ = [
+    "IP_TRANSPARENT",
+    "IP_BIND_ADDRESS_NO_PORT",
+    "IP_LOCAL_PORT_RANGE",
+    "SO_ORIGINAL_DST",
+    "IPV6_TRANSPARENT",
+    "IP6T_SO_ORIGINAL_DST",
+    "LISTEN_BACKLOG",
+    "UNIX_PREFIX",
+    "parse_hostport",
+    "family_of",
+    "open_listener",
+    "original_destination",
+]
+
+# <linux/in.h>: lets a socket bind to / accept for an address that is not local to this host
+# (TPROXY ingress, soft-unicast egress). Needs CAP_NET_ADMIN (or CAP_NET_RAW).
+IP_TRANSPARENT = 19
+# <linux/in.h>: bind() records the address only; the port is chosen at connect() time, when the
+# kernel knows the full 4-tuple, so one local port can serve many destinations.
+IP_BIND_ADDRESS_NO_PORT = 24
+# <linux/in.h> (Linux 6.3+): per-socket ephemeral range, value `hi << 16 | lo` as a u32. The
+# kernel silently ignores it when it lies outside net.ipv4.ip_local_port_range.
+IP_LOCAL_PORT_RANGE = 51
+# <linux/netfilter_ipv4.h>: the pre-NAT destination of a REDIRECTed/DNATed connection (SOL_IP).
+SO_ORIGINAL_DST = 80
+# <linux/in6.h>: IPv6 twin of IP_TRANSPARENT (SOL_IPV6); both set the same socket flag.
+IPV6_TRANSPARENT = 75
+# <linux/netfilter_ipv6/ip6_tables.h>: SO_ORIGINAL_DST for IPv6 (SOL_IPV6).
+IP6T_SO_ORIGINAL_DST = 80
+
+LISTEN_BACKLOG = 4096
+UNIX_PREFIX = "unix:"
+
+_SOL_IPV6 = socket.IPPROTO_IPV6
+_SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port (net order), addr, zero pad
+_SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # family, port, flowinfo, addr, scope id
+
+
+def parse_hostport(text: str, *, allow_hostname: bool = False) -> tuple[str, int]:
+    """ "HOST:PORT" or "[V6]:PORT" -> (host, port), port 0 allowed (a listener on any port).
+
+    Same grammar as the config (relay.config.parse_hostport); IP literals come back normalised,
+    host names only with allow_hostname (never resolved here). ValueError names what is wrong.
+    """
+    return _config_parse_hostport(text, allow_port_zero=True, allow_hostname=allow_hostname)
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    """AF_INET or AF_INET6 for an IP literal; ValueError for anything else (no DNS here)."""
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+def _listener_attr(listener_cfg: Any, name: str, default: Any = None) -> Any:
+    return getattr(listener_cfg, name, default)
+
+
+def open_listener(listener_cfg: Any) -> socket.socket:
+    """Bind and listen for one `[[listener]]` table (uses `.bind` and `.mode`).
+
+    TCP: SO_REUSEADDR + SO_REUSEPORT (workers may each bind the same address), IPV6_V6ONLY on
+    IPv6 binds (an IPv6 wildcard must not swallow IPv4), IP_TRANSPARENT / IPV6_TRANSPARENT in
+    tproxy mode (TPROXY delivers connections addressed to non-local destinations).
+    "unix:/path": a stream unix socket; a stale socket file at that path is replaced, any other
+    kind of file is an error. The socket is non-blocking with a backlog of 4096.
+    """
+    bind = str(_listener_attr(listener_cfg, "bind", ""))
+    mode = str(_listener_attr(listener_cfg, "mode", "backend"))
+    if bind.startswith(UNIX_PREFIX):
+        return _open_unix_listener(bind[len(UNIX_PREFIX) :])
+    host, port = parse_hostport(bind)
+    family = family_of(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
+        if mode == "tproxy":
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(_SOL_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            except PermissionError as exc:
+                raise PermissionError(
+                    exc.errno, f"listener {bind}: IP_TRANSPARENT needs CAP_NET_ADMIN"
+                ) from None
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"listener {bind}: bind failed: {exc.strerror}") from None
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _open_unix_listener(path: str) -> socket.socket:
+    if not path:
+        raise ValueError("unix listener: empty path")
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise FileExistsError(f"unix listener {path}: exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def original_destination(sock: socket.socket, mode: str) -> tuple[str, int]:
+    """Where the client meant to go, as (ip, port).
+
+    tproxy (and backend): TPROXY leaves the destination untouched, so it is the accepted
+    socket's local address. redirect: NAT rewrote the destination to us; conntrack still knows
+    the original, which SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST for IPv6) reports. Raises OSError
+    (ENOENT) when conntrack has no entry, i.e. the connection was not NATed.
+    """
+    if mode != "redirect":
+        local = sock.getsockname()
+        return local[0], local[1]
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
+        _fam, port_b, _flow, addr6, _scope = _SOCKADDR_IN6.unpack(raw)
+        return socket.inet_ntop(socket.AF_INET6, addr6), int.from_bytes(port_b, "big")
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+    _fam, port_b, addr4 = _SOCKADDR_IN.unpack(raw)
+    return socket.inet_ntop(socket.AF_INET, addr4), int.from_bytes(port_b, "big")
