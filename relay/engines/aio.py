@@ -1,0 +1,656 @@
+"""The pure-asyncio engine: the semantic reference for the core's ``Loop``.
+
+``AioLoop`` implements exactly the ``Loop`` interface of docs/architecture.md with
+``asyncio.Protocol`` transports on a private ``SelectorEventLoop`` that only runs inside
+``run(timeout_ms)``. Bytes are copied through Python (``spliced_bytes`` is always 0); a transport
+write buffer whose high-water mark is ``pipe_size`` plays the role of the core's pipe.
+
+TCP semantics (the same in every engine):
+
+* half-close: ``eof_received`` returns True so the read side stays half-open, and the peer gets
+  ``write_eof()``, which asyncio turns into ``shutdown(SHUT_WR)`` only once its write buffer is
+  empty: a FIN is forwarded after the read side hit EOF *and* the buffer of that direction drained.
+* reset: a read or write error on one socket (ECONNRESET, EPIPE...) aborts the other with
+  ``SO_LINGER {1, 0}`` so the kernel sends an RST instead of a FIN: a truncated stream never looks
+  like a clean close.
+* timeouts: one lazily re-armed timer per pair (data only updates a timestamp): connect, idle (no
+  byte either way), half-close (one direction finished, the other idle).
+* accept: EMFILE/ENFILE/ENOBUFS/ENOMEM pause the listener (a pending connection stays in the
+  backlog, so a level-triggered retry would spin) and resume it after 100 ms, doubling to 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import selectors
+import socket
+import struct
+import time
+from typing import Any
+
+from relay.engines.constants import (
+    ACCEPT_BACKOFF_FIRST_S,
+    ACCEPT_BACKOFF_MAX_S,
+    ACCEPT_PAUSE_ERRNOS,
+    EV_ACCEPT,
+    EV_ACCEPT_ERROR,
+    EV_CONNECTED,
+    EV_DONE,
+    R_ABORTED,
+    R_CONNECT_TIMEOUT,
+    R_EOF,
+    R_ERROR,
+    R_HALF_CLOSE_TIMEOUT,
+    R_IDLE_TIMEOUT,
+    R_RESET_CLIENT,
+    R_RESET_ORIGIN,
+    REASONS,
+    connect_failure_reason,
+)
+
+__all__ = ["AioLoop", "REASONS"]
+
+log = logging.getLogger("relay.engines.aio")
+
+# SO_LINGER {on, 0 s}: close() discards unsent data and sends an RST.
+_LINGER_RST = struct.pack("ii", 1, 0)
+# Errors on an established socket that mean "the peer reset the connection".
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+_ACCEPT_BATCH = 64  # accepts per readiness callback: fairness with the established pairs
+
+
+def _set_rst_on_close(sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass  # already closed or not a socket any more: nothing to reset
+
+
+class _PrivateEventLoop(asyncio.SelectorEventLoop):
+    """The engine's own event loop; a thin, explicit window on two stdlib internals."""
+
+    def has_ready_callbacks(self) -> bool:
+        # BaseEventLoop._ready: callbacks queued with call_soon for the next iteration.
+        return bool(self._ready)  # type: ignore[attr-defined]
+
+    def attach_socket(self, sock: socket.socket, protocol: asyncio.Protocol) -> Any:
+        """Wrap a connected non-blocking socket in a selector transport (no task, no future)."""
+        return self._make_socket_transport(sock, protocol)  # type: ignore[attr-defined]
+
+
+class _Half(asyncio.Protocol):
+    """One socket of a pair; what it reads is written to the other half's transport."""
+
+    __slots__ = ("pair", "is_client", "peer", "transport", "eof", "lost", "reading_paused")
+
+    def __init__(self, pair: _Pair, is_client: bool) -> None:
+        self.pair = pair
+        self.is_client = is_client
+        self.peer: _Half | None = None
+        self.transport: Any = None
+        self.eof = False  # read side hit EOF
+        self.lost = False  # transport closed, socket released
+        self.reading_paused = False
+
+    def data_received(self, data: bytes) -> None:
+        pair = self.pair
+        pair.last_activity = time.monotonic()
+        if self.is_client:
+            pair.c2s += len(data)
+        else:
+            pair.s2c += len(data)
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.pair.engine._on_eof(self)
+        return True  # keep the socket: only our read side is done
+
+    def pause_writing(self) -> None:
+        # Our write buffer is above high water: stop reading from the peer, like a full pipe.
+        peer = self.peer
+        if peer is not None and not peer.eof and not peer.reading_paused:
+            peer.reading_paused = True
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        # The buffer drained below low water: bytes are moving, which counts as activity.
+        self.pair.last_activity = time.monotonic()
+        peer = self.peer
+        if peer is not None and not peer.eof and peer.reading_paused:
+            peer.reading_paused = False
+            peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pair.engine._on_lost(self, exc)
+
+
+class _Pair:
+    __slots__ = (
+        "cid", "tag", "engine", "client_sock", "upstream_sock", "client", "origin", "prefix",
+        "started", "connect_started", "last_activity", "c2s", "s2c", "reason", "errno",
+        "timer", "connecting", "finished", "pending_seen",
+    )
+
+    def __init__(self, engine: AioLoop, cid: int, tag: int, client_sock: socket.socket,
+                 upstream_sock: socket.socket, prefix: bytes) -> None:
+        self.cid = cid
+        self.tag = tag
+        self.engine = engine
+        self.client_sock: socket.socket | None = client_sock
+        self.upstream_sock: socket.socket | None = upstream_sock
+        self.client = _Half(self, True)
+        self.origin = _Half(self, False)
+        self.client.peer = self.origin
+        self.origin.peer = self.client
+        self.prefix = prefix
+        self.started = time.monotonic_ns()
+        self.connect_started = self.started
+        self.last_activity = time.monotonic()
+        self.c2s = 0
+        self.s2c = 0
+        self.reason: int | None = None
+        self.errno = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.connecting = False
+        self.finished = False
+        self.pending_seen = 0
+
+
+class _Listener:
+    __slots__ = ("tag", "sock", "fd", "user_paused", "error_paused", "backoff", "resume_handle",
+                 "reading")
+
+    def __init__(self, tag: int, sock: socket.socket) -> None:
+        self.tag = tag
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.user_paused = False
+        self.error_paused = False
+        self.backoff = ACCEPT_BACKOFF_FIRST_S
+        self.resume_handle: asyncio.TimerHandle | None = None
+        self.reading = False
+
+
+class AioLoop:
+    """Pure-asyncio implementation of the core ``Loop`` (see the module docstring).
+
+    Must be used from one thread only, like the core. ``fileno()`` is readable when ``run(0)``
+    has I/O or queued callbacks to process; timer expiries (connect/idle/half-close timeouts,
+    accept backoff) only fire while ``run()`` is called, so an embedder must call ``run(0)``
+    periodically as well (``relay.embed`` does).
+    """
+
+    backend = "asyncio"
+
+    def __init__(
+        self,
+        backend: str = "asyncio",
+        pipe_size: int = 1 << 20,
+        max_pipes: int = 256,
+        max_conns: int = 65536,
+        splice_min: int = 4096,
+        connect_timeout_ms: int = 5000,
+        idle_timeout_ms: int = 300_000,
+        half_close_timeout_ms: int = 60_000,
+    ) -> None:
+        if backend != "asyncio":
+            raise ValueError(f"AioLoop: backend={backend!r}: this engine only provides 'asyncio'")
+        for name, value in (("pipe_size", pipe_size), ("max_conns", max_conns)):
+            if value <= 0:
+                raise ValueError(f"AioLoop: {name}={value}: must be > 0")
+        for name, value in (("max_pipes", max_pipes), ("splice_min", splice_min),
+                            ("connect_timeout_ms", connect_timeout_ms),
+                            ("idle_timeout_ms", idle_timeout_ms),
+                            ("half_close_timeout_ms", half_close_timeout_ms)):
+            if value < 0:
+                raise ValueError(f"AioLoop: {name}={value}: must be >= 0")
+        # The write-buffer high-water mark stands in for the pipe: it bounds what one direction
+        # holds in user space before reading from the source pauses.
+        self._buffer_size = pipe_size
+        self._max_conns = max_conns
+        self._connect_timeout = connect_timeout_ms / 1000.0
+        self._idle_timeout = idle_timeout_ms / 1000.0
+        self._half_close_timeout = half_close_timeout_ms / 1000.0
+        self._selector = selectors.EpollSelector()
+        self._loop = _PrivateEventLoop(self._selector)
+        self._loop.set_exception_handler(self._on_loop_exception)
+        # An eventfd in the private selector: written when callbacks are queued after run()
+        # returns, so that the epoll fd handed out by fileno() becomes readable.
+        self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._loop.add_reader(self._wakefd, self._drain_wakeup)
+        self._listeners: dict[int, _Listener] = {}
+        self._pairs: dict[int, _Pair] = {}
+        self._events: list[tuple[int, ...]] = []
+        self._next_cid = 1
+        self._closed = False
+        self._stats = {
+            "conns_total": 0,
+            "bytes_spliced": 0,
+            "bytes_copied": 0,
+            "accepts": 0,
+            "accept_errors": 0,
+            "accept_paused": 0,
+            "connect_failures": 0,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        self._ensure_open()
+        return self._selector.fileno()
+
+    def close(self) -> None:
+        """Reset every pair still open, forget the listeners (not owned), free the loop."""
+        if self._closed:
+            return
+        for pair in list(self._pairs.values()):
+            self._reset_pair(pair, R_ABORTED, 0)
+        for tag in list(self._listeners):
+            self.remove_listener(tag)
+        # Let the transports run their connection_lost callbacks, which close the sockets.
+        for _ in range(100):
+            if not self._pairs and not self._loop.has_ready_callbacks():
+                break
+            self._run_private(0.0)
+        self._closed = True
+        self._events.clear()
+        self._loop.remove_reader(self._wakefd)
+        os.close(self._wakefd)
+        self._loop.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            import warnings
+
+            warnings.warn(f"unclosed AioLoop with {len(self._pairs)} pairs", ResourceWarning,
+                          stacklevel=1)
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("AioLoop is closed")
+
+    # -- listeners -----------------------------------------------------------------------------
+
+    def add_listener(self, fd: int, tag: int) -> None:
+        self._ensure_open()
+        if tag in self._listeners:
+            raise ValueError(f"add_listener: tag {tag} is already in use")
+        # Borrow the fd: detach() on removal so the caller keeps ownership.
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        listener = _Listener(tag, sock)
+        self._listeners[tag] = listener
+        self._sync_listener(listener)
+
+    def remove_listener(self, tag: int) -> None:
+        listener = self._listeners.pop(tag, None)
+        if listener is None:
+            raise KeyError(f"remove_listener: no listener with tag {tag}")
+        if listener.reading:
+            self._loop.remove_reader(listener.fd)
+        if listener.resume_handle is not None:
+            listener.resume_handle.cancel()
+        listener.sock.detach()
+
+    def pause_accept(self, tag: int) -> None:
+        listener = self._listener(tag)
+        listener.user_paused = True
+        self._sync_listener(listener)
+
+    def resume_accept(self, tag: int) -> None:
+        listener = self._listener(tag)
+        listener.user_paused = False
+        self._sync_listener(listener)
+
+    def _listener(self, tag: int) -> _Listener:
+        try:
+            return self._listeners[tag]
+        except KeyError:
+            raise KeyError(f"no listener with tag {tag}") from None
+
+    def _sync_listener(self, listener: _Listener) -> None:
+        want = not listener.user_paused and not listener.error_paused
+        if want and not listener.reading:
+            self._loop.add_reader(listener.fd, self._accept_ready, listener)
+            listener.reading = True
+        elif not want and listener.reading:
+            self._loop.remove_reader(listener.fd)
+            listener.reading = False
+
+    def _accept_ready(self, listener: _Listener) -> None:
+        stats = self._stats
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                stats["accept_errors"] += 1
+                if exc.errno in ACCEPT_PAUSE_ERRNOS:
+                    self._pause_after_error(listener, exc.errno)
+                    return
+                # ECONNABORTED, EPROTO, EPERM (firewall)...: that one connection is gone.
+                continue
+            listener.backoff = ACCEPT_BACKOFF_FIRST_S
+            stats["accepts"] += 1
+            conn.setblocking(False)
+            self._emit((EV_ACCEPT, listener.tag, conn.detach()))
+
+    def _pause_after_error(self, listener: _Listener, err: int) -> None:
+        self._stats["accept_paused"] += 1
+        listener.error_paused = True
+        self._sync_listener(listener)
+        delay = listener.backoff
+        listener.backoff = min(delay * 2, ACCEPT_BACKOFF_MAX_S)
+        listener.resume_handle = self._loop.call_later(delay, self._resume_after_error, listener)
+        self._emit((EV_ACCEPT_ERROR, listener.tag, err))
+
+    def _resume_after_error(self, listener: _Listener) -> None:
+        listener.resume_handle = None
+        listener.error_paused = False
+        if self._listeners.get(listener.tag) is listener:
+            self._sync_listener(listener)
+
+    # -- pairs ---------------------------------------------------------------------------------
+
+    def add_pair(self, client_fd: int, upstream_fd: int, tag: int = 0, connecting: bool = False,
+                 prefix: bytes = b"") -> int:
+        """Take ownership of both fds and relay between them; returns the pair id.
+
+        If this raises, ownership stays with the caller (the fds are not closed).
+        """
+        self._ensure_open()
+        if len(self._pairs) >= self._max_conns:
+            raise OSError(errno.ENFILE, f"connection table full (max_conns={self._max_conns})")
+        client_sock = socket.socket(fileno=client_fd)
+        try:
+            upstream_sock = socket.socket(fileno=upstream_fd)
+        except OSError:
+            client_sock.detach()
+            raise
+        client_sock.setblocking(False)
+        upstream_sock.setblocking(False)
+        cid = self._next_cid
+        self._next_cid += 1
+        pair = _Pair(self, cid, tag, client_sock, upstream_sock, bytes(prefix))
+        self._pairs[cid] = pair
+        self._stats["conns_total"] += 1
+        if connecting:
+            pair.connecting = True
+            self._loop.add_writer(upstream_fd, self._connect_ready, pair)
+            if self._connect_timeout > 0:
+                pair.timer = self._loop.call_later(self._connect_timeout, self._connect_expired,
+                                                   pair)
+        else:
+            self._start_relay(pair)
+        self._wakeup()
+        return cid
+
+    def abort(self, cid: int) -> None:
+        pair = self._pairs.get(cid)
+        if pair is None or pair.reason is not None:
+            return  # already finished or finishing: its EV_DONE is (or will be) reported
+        self._reset_pair(pair, R_ABORTED, 0)
+        self._wakeup()
+
+    def _connect_ready(self, pair: _Pair) -> None:
+        sock = pair.upstream_sock
+        assert sock is not None
+        self._loop.remove_writer(sock.fileno())
+        pair.connecting = False
+        if pair.timer is not None:
+            pair.timer.cancel()
+            pair.timer = None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._stats["connect_failures"] += 1
+            self._fail_connect(pair, connect_failure_reason(err), err)
+            return
+        connect_us = (time.monotonic_ns() - pair.connect_started) // 1000
+        self._emit((EV_CONNECTED, pair.cid, pair.tag, connect_us))
+        self._start_relay(pair)
+
+    def _connect_expired(self, pair: _Pair) -> None:
+        pair.timer = None
+        if not pair.connecting:
+            return
+        self._stats["connect_failures"] += 1
+        sock = pair.upstream_sock
+        assert sock is not None
+        self._loop.remove_writer(sock.fileno())
+        pair.connecting = False
+        self._fail_connect(pair, R_CONNECT_TIMEOUT, errno.ETIMEDOUT)
+
+    def _fail_connect(self, pair: _Pair, reason: int, err: int) -> None:
+        # The upstream never carried a byte: close it; the client gets an RST, promptly.
+        pair.reason = reason
+        pair.errno = err
+        for sock in (pair.client_sock, pair.upstream_sock):
+            if sock is not None:
+                _set_rst_on_close(sock)
+                sock.close()
+        pair.client_sock = pair.upstream_sock = None
+        pair.client.lost = pair.origin.lost = True
+        self._finish(pair)
+
+    def _start_relay(self, pair: _Pair) -> None:
+        loop = self._loop
+        high = self._buffer_size
+        assert pair.client_sock is not None and pair.upstream_sock is not None
+        origin_t = loop.attach_socket(pair.upstream_sock, pair.origin)
+        client_t = loop.attach_socket(pair.client_sock, pair.client)
+        pair.client_sock = pair.upstream_sock = None  # the transports own them now
+        pair.origin.transport = origin_t
+        pair.client.transport = client_t
+        origin_t.set_write_buffer_limits(high=high)
+        client_t.set_write_buffer_limits(high=high)
+        if pair.prefix:
+            origin_t.write(pair.prefix)
+        pair.last_activity = time.monotonic()
+        self._arm_timer(pair)
+
+    def _on_eof(self, half: _Half) -> None:
+        pair = half.pair
+        half.eof = True
+        half.reading_paused = False
+        peer = half.peer
+        assert peer is not None
+        if pair.reason is not None:
+            return
+        if peer.eof:
+            # Both read sides are done: close() flushes each write buffer, then closes (FIN).
+            pair.reason = R_EOF
+            self._cancel_timer(pair)
+            half.transport.close()
+            peer.transport.close()
+            return
+        try:
+            # asyncio shuts the write side down only once the buffer has drained.
+            peer.transport.write_eof()
+        except OSError as exc:
+            self._reset_pair(pair, R_RESET_ORIGIN if half.is_client else R_RESET_CLIENT,
+                             exc.errno or 0)
+            return
+        self._arm_timer(pair)  # the half-close timeout applies from now on
+
+    def _on_lost(self, half: _Half, exc: Exception | None) -> None:
+        pair = half.pair
+        half.lost = True
+        if exc is not None and (pair.reason is None or pair.reason == R_EOF):
+            # A read/write error, possibly while flushing the last bytes after both EOFs: the
+            # stream is truncated, so the other side must see a reset too.
+            err = getattr(exc, "errno", None) or 0
+            if err in _RESET_ERRNOS or isinstance(exc, ConnectionError):
+                reason = R_RESET_CLIENT if half.is_client else R_RESET_ORIGIN
+            else:
+                reason = R_ERROR
+            self._reset_pair(pair, reason, err)
+        elif pair.reason is None:
+            # We never close a transport without setting a reason first.
+            self._reset_pair(pair, R_ERROR, 0)
+        peer = half.peer
+        assert peer is not None
+        if peer.lost or peer.transport is None:
+            # connection_lost runs just before asyncio closes the socket: report on the next
+            # iteration so that the fd is really gone when EV_DONE is seen.
+            self._loop.call_soon(self._finish, pair)
+
+    def _reset_pair(self, pair: _Pair, reason: int, err: int) -> None:
+        """Abort both sides with an RST (SO_LINGER 0); EV_DONE follows once both are closed."""
+        if pair.reason is None or pair.reason == R_EOF:
+            pair.reason = reason
+            pair.errno = err
+        self._cancel_timer(pair)
+        if pair.connecting or pair.client.transport is None:
+            if pair.connecting and pair.upstream_sock is not None:
+                self._loop.remove_writer(pair.upstream_sock.fileno())
+            pair.connecting = False
+            for sock in (pair.client_sock, pair.upstream_sock):
+                if sock is not None:
+                    _set_rst_on_close(sock)
+                    sock.close()
+            pair.client_sock = pair.upstream_sock = None
+            pair.client.lost = pair.origin.lost = True
+            self._loop.call_soon(self._finish, pair)
+            return
+        for h in (pair.client, pair.origin):
+            if not h.lost:
+                _set_rst_on_close(h.transport.get_extra_info("socket"))
+                h.transport.abort()
+
+    def _finish(self, pair: _Pair) -> None:
+        if pair.finished:
+            return
+        pair.finished = True
+        self._cancel_timer(pair)
+        del self._pairs[pair.cid]
+        copied = pair.c2s + pair.s2c
+        self._stats["bytes_copied"] += copied
+        reason = R_ERROR if pair.reason is None else pair.reason
+        duration_us = (time.monotonic_ns() - pair.started) // 1000
+        self._emit((EV_DONE, pair.cid, pair.tag, reason, pair.c2s, pair.s2c, 0, copied,
+                    duration_us, pair.errno))
+
+    # -- timeouts ------------------------------------------------------------------------------
+
+    def _arm_timer(self, pair: _Pair) -> None:
+        limit = self._current_limit(pair)
+        if pair.timer is not None:
+            pair.timer.cancel()
+            pair.timer = None
+        if limit > 0:
+            pair.timer = self._loop.call_at(self._loop.time() + limit, self._timer_fired, pair)
+
+    def _current_limit(self, pair: _Pair) -> float:
+        if (pair.client.eof or pair.origin.eof) and self._half_close_timeout > 0:
+            if self._idle_timeout > 0:
+                return min(self._half_close_timeout, self._idle_timeout)
+            return self._half_close_timeout
+        return self._idle_timeout
+
+    def _timer_fired(self, pair: _Pair) -> None:
+        pair.timer = None
+        if pair.reason is not None:
+            return
+        limit = self._current_limit(pair)
+        if limit <= 0:
+            return
+        now = time.monotonic()
+        # Bytes leaving a write buffer are activity too (a slow reader draining what we hold);
+        # asyncio only reports that at low water, so also compare the buffered amounts.
+        pending = (pair.client.transport.get_write_buffer_size()
+                   + pair.origin.transport.get_write_buffer_size())
+        if pending != pair.pending_seen:
+            pair.pending_seen = pending
+            if pending:
+                pair.last_activity = now
+        idle_for = now - pair.last_activity
+        if idle_for >= limit:
+            half_closed = pair.client.eof or pair.origin.eof
+            hc_expired = half_closed and self._half_close_timeout > 0 and (
+                self._idle_timeout <= 0 or self._half_close_timeout <= self._idle_timeout)
+            self._reset_pair(pair, R_HALF_CLOSE_TIMEOUT if hc_expired else R_IDLE_TIMEOUT, 0)
+            return
+        pair.timer = self._loop.call_later(limit - idle_for, self._timer_fired, pair)
+
+    @staticmethod
+    def _cancel_timer(pair: _Pair) -> None:
+        if pair.timer is not None:
+            pair.timer.cancel()
+            pair.timer = None
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, timeout_ms: int) -> list[tuple[int, ...]]:
+        """Process I/O for up to ``timeout_ms`` (0: poll once, <0: until an event) and return
+        the events produced, as tuples identical to the core's."""
+        self._ensure_open()
+        if self._events or timeout_ms == 0:
+            self._run_private(0.0)
+        else:
+            self._run_private(None if timeout_ms < 0 else timeout_ms / 1000.0)
+        events = self._events
+        self._events = []
+        if self._loop.has_ready_callbacks():
+            self._wakeup()
+        return events
+
+    def _run_private(self, timeout: float | None) -> None:
+        loop = self._loop
+        # The private loop may be driven from inside another running loop (relay.embed calls
+        # run(0) from an add_reader callback): asyncio refuses to nest, so step out of the
+        # outer loop's "running" slot for the duration and restore it afterwards.
+        outer = asyncio.events._get_running_loop()
+        if outer is not None:
+            asyncio.events._set_running_loop(None)
+        handle = None
+        try:
+            if timeout == 0.0:
+                loop.stop()  # stop() before run_forever(): exactly one zero-timeout pass
+            elif timeout is not None:
+                handle = loop.call_later(timeout, loop.stop)
+            loop.run_forever()
+        finally:
+            if handle is not None:
+                handle.cancel()
+            if outer is not None:
+                asyncio.events._set_running_loop(outer)
+
+    def _emit(self, event: tuple[int, ...]) -> None:
+        self._events.append(event)
+        if self._loop.is_running():
+            self._loop.stop()  # return from run() after this iteration
+
+    def _wakeup(self) -> None:
+        try:
+            os.eventfd_write(self._wakefd, 1)
+        except BlockingIOError:
+            pass  # counter saturated: already readable
+
+    def _drain_wakeup(self) -> None:
+        try:
+            os.eventfd_read(self._wakefd)
+        except BlockingIOError:
+            pass
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        log.error("asyncio engine: %s", context.get("message", "unexpected error"),
+                  exc_info=exc if isinstance(exc, BaseException) else None)
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        s = dict(self._stats)
+        s["conns_open"] = len(self._pairs)
+        s["pipes_in_use"] = 0
+        s["pipes_free"] = 0
+        s["pipes_created"] = 0
+        s["pipe_refused"] = 0
+        # No pipes here: the write-buffer high-water mark plays the pipe's role.
+        s["pipe_size_granted"] = self._buffer_size
+        s["listeners"] = len(self._listeners)
+        return s

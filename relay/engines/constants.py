@@ -1,0 +1,61 @@
+"""Event kinds and close reasons shared by every engine.
+
+The values are the contract of ``relay_ext._core`` (docs/architecture.md): the pure-Python engine
+and the server use these so that an event tuple means the same thing whichever engine produced it.
+"""
+
+from __future__ import annotations
+
+import errno
+
+EV_ACCEPT = 1  # (EV_ACCEPT, listener_tag, fd)
+EV_ACCEPT_ERROR = 2  # (EV_ACCEPT_ERROR, listener_tag, errno)
+EV_CONNECTED = 3  # (EV_CONNECTED, cid, tag, connect_us)
+EV_DONE = 4  # (EV_DONE, cid, tag, reason, c2s, s2c, spliced, copied, duration_us, errno)
+
+REASONS: tuple[str, ...] = (
+    "eof",
+    "reset_client",
+    "reset_origin",
+    "refused",
+    "unreachable",
+    "connect_timeout",
+    "idle_timeout",
+    "aborted",
+    "error",
+    "half_close_timeout",
+)
+REASON_INDEX: dict[str, int] = {name: i for i, name in enumerate(REASONS)}
+
+R_EOF = REASON_INDEX["eof"]
+R_RESET_CLIENT = REASON_INDEX["reset_client"]
+R_RESET_ORIGIN = REASON_INDEX["reset_origin"]
+R_REFUSED = REASON_INDEX["refused"]
+R_UNREACHABLE = REASON_INDEX["unreachable"]
+R_CONNECT_TIMEOUT = REASON_INDEX["connect_timeout"]
+R_IDLE_TIMEOUT = REASON_INDEX["idle_timeout"]
+R_ABORTED = REASON_INDEX["aborted"]
+R_ERROR = REASON_INDEX["error"]
+R_HALF_CLOSE_TIMEOUT = REASON_INDEX["half_close_timeout"]
+
+# accept(2) errors that mean "out of a resource": retrying at once would spin, so the listener is
+# paused and resumed after a backoff (100 ms doubling to 1 s).
+ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_FIRST_S = 0.1
+ACCEPT_BACKOFF_MAX_S = 1.0
+
+# connect(2) / SO_ERROR results that have a reason of their own; anything else is "error".
+_CONNECT_ERRNO_REASON = {
+    errno.ECONNREFUSED: R_REFUSED,
+    errno.ENETUNREACH: R_UNREACHABLE,
+    errno.EHOSTUNREACH: R_UNREACHABLE,
+    errno.ENETDOWN: R_UNREACHABLE,
+    errno.EHOSTDOWN: R_UNREACHABLE,
+    errno.ETIMEDOUT: R_CONNECT_TIMEOUT,
+    errno.ENOENT: R_REFUSED,  # unix-socket backend whose path does not exist
+}
+
+
+def connect_failure_reason(err: int) -> int:
+    """Reason index for a failed upstream connect with errno ``err``."""
+    return _CONNECT_ERRNO_REASON.get(err, R_ERROR)
