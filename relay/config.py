@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import grp
 import ipaddress
+import json
 import os
 import pwd
 import re
@@ -43,12 +44,15 @@ __all__ = [
     "PolicyConfig",
     "PolicyRule",
     "RelaySettings",
+    "dumps",
     "from_dict",
     "load",
     "loads",
     "parse_hostport",
+    "parse_network",
     "parse_policy_rule",
     "parse_port_range",
+    "schema",
     "validate_host",
 ]
 
@@ -484,8 +488,10 @@ def _validate_policy(v: dict[str, Any], p: _Problems) -> None:
             _check_call(p, f"policy.{key}[{j}]", entry, parse_policy_rule)
 
 
-def _validate_listener_set(listeners: list[dict[str, Any]], p: _Problems) -> None:
-    if not listeners:
+def _validate_listener_set(
+    listeners: list[dict[str, Any]], p: _Problems, require_listener: bool
+) -> None:
+    if not listeners and require_listener:
         p.add("listener", _MISSING, "at least one [[listener]] is required")
     seen_names: dict[str, int] = {}
     seen_binds: dict[tuple[str, int], int] = {}
@@ -547,9 +553,11 @@ def from_dict(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    require_listener: bool = True,
 ) -> Config:
     """Validate a parsed TOML document. ``environ``: apply ``RELAY_*`` variables from it;
-    ``overrides``: setting name -> value (command line, wins over everything)."""
+    ``overrides``: setting name -> value (command line, wins over everything);
+    ``require_listener=False`` accepts a config without any ``[[listener]]`` (for dumps)."""
     if not isinstance(d, Mapping):
         raise ConfigError([f"{source}: (document): {_show(d)}: expected a table"])
     data = dict(d)
@@ -581,7 +589,7 @@ def from_dict(
             v["name"] = v.get("name") or f"listener{i}"
             _validate_listener(f"listener[{i}]", v, problems)
             listeners.append(v)
-    _validate_listener_set(listeners, problems)
+    _validate_listener_set(listeners, problems, require_listener)
     egress: list[dict[str, Any]] = []
     for i, item in enumerate(_tables(data.get("egress", []), "egress", "egress", problems)):
         v = _convert_fields(EgressConfig, item, f"egress[{i}]", problems)
@@ -600,6 +608,70 @@ def from_dict(
         egress=[EgressConfig(**v) for v in egress],
         policy=PolicyConfig(**policy),
     )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # JSON string escapes (\" \\ \n \t \uXXXX ...) are valid TOML basic-string escapes.
+        # DEL is the one control character JSON leaves alone and TOML forbids.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
+
+
+def _toml_table(header: str, table: Mapping[str, Any], comments: Mapping[str, str]) -> list[str]:
+    lines = [header]
+    for key, value in table.items():
+        if comments.get(key):
+            lines.append(f"# {comments[key]}")
+        lines.append(f"{key} = {_toml_value(value)}")
+    return lines
+
+
+def dumps(cfg: Config, *, comments: bool = True) -> str:
+    """The config as TOML, every setting spelled out (defaults included); ``loads`` reads it back.
+
+    With ``comments``, each key is preceded by its help text.
+    """
+    data = msgspec.to_builtins(cfg)
+    helps: dict[str, dict[str, str]] = {}
+    if comments:
+        for name, cls in (
+            ("relay", RelaySettings),
+            ("listener", ListenerConfig),
+            ("egress", EgressConfig),
+            ("policy", PolicyConfig),
+        ):
+            helps[name] = {f.name: _field_help(f.type) for f in msgspec.structs.fields(cls)}
+    blocks = [_toml_table("[relay]", data["relay"], helps.get("relay", {}))]
+    for name in ("listener", "egress"):
+        blocks.extend(_toml_table(f"[[{name}]]", t, helps.get(name, {})) for t in data[name])
+    blocks.append(_toml_table("[policy]", data["policy"], helps.get("policy", {})))
+    return "\n\n".join("\n".join(b) for b in blocks) + "\n"
+
+
+def _field_help(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        for extra in typing.get_args(tp)[1:]:
+            if isinstance(extra, Meta) and extra.description:
+                return extra.description
+    return ""
+
+
+def schema() -> dict[str, Any]:
+    """JSON schema of the config file (msgspec), for editors and `relay config schema`."""
+    return msgspec.json.schema(Config)
 
 
 def loads(
