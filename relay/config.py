@@ -680,13 +680,16 @@ def loads(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    require_listener: bool = True,
 ) -> Config:
     """Parse and validate TOML text (no host checks)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
-    return from_dict(data, source, environ=environ, overrides=overrides)
+    return from_dict(
+        data, source, environ=environ, overrides=overrides, require_listener=require_listener
+    )
 
 
 def load(
