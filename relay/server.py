@@ -1,0 +1,525 @@
+"""The server: glue between a config, the listeners' routers and one engine loop (one per worker).
+
+    srv = Server(cfg, engine=None, sockets=None)   # sockets: inherited listeners by name
+    srv.serve_forever()                             # or srv.start_thread()
+    srv.request_stop(drain=True)                    # from a signal handler: only sets attributes
+    srv.stop(drain_timeout=None)                    # from another thread: request, then join
+    srv.stats(); srv.bound_addresses()
+
+On EV_ACCEPT the listener's router opens the upstream (backend / original destination through
+the policy and the egress slice, optional PROXY v2 prefix) and the pair goes to the loop with
+``connecting=True``; on EV_DONE the flow is logged and counted. Limits are enforced here: the
+global maxconn and the per-source maxconn of this worker (the configured numbers divided by the
+worker count, rounded up); a connection over a limit is reset at once and counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno as errno_mod
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay import engines
+from relay.engines.constants import (
+    EV_ACCEPT,
+    EV_ACCEPT_ERROR,
+    EV_CONNECTED,
+    EV_DONE,
+    REASONS,
+    connect_failure_reason,
+)
+from relay.flowlog import log_flow
+from relay.log import log_every
+from relay.routing import Denied, Router
+from relay.sock import UNIX_PREFIX, open_listener
+
+__all__ = ["CONNECT_BUCKETS", "Server"]
+
+log = logging.getLogger("relay.server")
+
+# Upper bounds (seconds) of the connect-latency histogram, Prometheus style (+Inf implied).
+CONNECT_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+_POLL_MS = 100  # longest wait in loop.run(): bounds how late a stop request is noticed
+_STATS_REFRESH_S = 0.25  # loop.stats() snapshot age limit for stats() from other threads
+_ABORT_GRACE_S = 2.0  # after aborting the rest at the drain deadline, wait this long for EV_DONE
+_LIMIT_LOG_INTERVAL_S = 10.0
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def _reset_and_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER {1, 0}: the kernel answers with an RST, not a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+    sock.close()
+
+
+@dataclass(slots=True, eq=False)
+class _Listener:
+    tag: int
+    name: str
+    sock: socket.socket
+    owned: bool  # opened here (closed here) or inherited (left to the caller)
+    router: Router | None = None  # set once every listener is bound (own addresses known)
+    open: int = 0
+    total: int = 0
+    accept_errors: int = 0
+    paused: bool = False  # inside an accept-error pause episode
+    active: bool = True  # registered with the loop
+
+
+@dataclass(slots=True, eq=False)
+class _Flow:
+    listener: _Listener
+    client: Any
+    source: str | None  # key of the per-source limit, None when not limited
+    dest: tuple
+    egress: tuple | None
+    egress_address: str | None
+
+
+@dataclass(slots=True)
+class _Histogram:
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        buckets: list[tuple[str, int]] = []
+        running = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            buckets.append((repr(bound), running))
+        buckets.append(("+Inf", self.n))
+        return {"buckets": buckets, "sum": self.total, "count": self.n}
+
+
+class Server:
+    """One worker's relay: listeners -> routers -> engine loop. See the module docstring.
+
+    The engine loop is created in the constructor and must then be driven by one thread only:
+    the one running ``serve_forever()``. ``stats()``, ``request_stop()``, ``stop()`` and
+    ``bound_addresses()`` are safe from any thread (``request_stop`` from a signal handler).
+    """
+
+    def __init__(self, cfg: Any, engine: str | None = None,
+                 sockets: dict[str, socket.socket] | None = None) -> None:
+        self.cfg = cfg
+        settings = cfg.relay
+        workers = settings.resolved_workers
+        self._maxconn: int = settings.maxconn_per_worker(workers)
+        per_source = int(settings.maxconn_per_source)
+        self._maxconn_per_source = -(-per_source // workers) if per_source else 0
+        self._flow_log = bool(settings.flow_log)
+        self._drain_timeout = float(settings.drain_timeout)
+
+        self._listeners: list[_Listener] = []
+        self._flows: dict[int, _Flow] = {}
+        self._per_source: dict[str, int] = {}
+        self._egress_in_use: dict[str, int] = {}
+        self._closed_by_reason: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self._denied: dict[str, int] = {}
+        self._rejected: dict[str, int] = {"maxconn": 0, "maxconn_per_source": 0}
+        self._connect_hist = _Histogram(CONNECT_BUCKETS)
+        self._accepted = 0
+        self._open = 0
+
+        self._stop_requested = False
+        self._stop_drain = True
+        self._stop_timeout: float | None = None
+        self._draining = False
+        self._finished = threading.Event()
+        self._serving = False
+        self._serve_thread_id: int | None = None
+        self._thread: threading.Thread | None = None
+        self._loop_closed = False
+
+        sockets = dict(sockets or {})
+        try:
+            for tag, lcfg in enumerate(cfg.listener):
+                inherited = sockets.pop(lcfg.name, None)
+                sock = inherited if inherited is not None else open_listener(lcfg)
+                sock.setblocking(False)
+                self._listeners.append(_Listener(tag, lcfg.name, sock, inherited is None))
+            own = self._own_addresses()
+            for lst, lcfg in zip(self._listeners, cfg.listener, strict=True):
+                lst.router = Router(lcfg, cfg, own)
+            name = engine or settings.engine
+            self._loop, self.engine_reason = engines.create(name, **settings.loop_options(workers))
+            self.engine_name: str = self._loop.backend
+            for lst in self._listeners:
+                self._loop.add_listener(lst.sock.fileno(), lst.tag)
+        except BaseException:
+            self._close_listeners()
+            loop = getattr(self, "_loop", None)
+            if loop is not None:
+                loop.close()
+            raise
+        if sockets:
+            log.warning("inherited sockets for unknown listeners ignored: %s",
+                        ", ".join(sorted(sockets)))
+        self._loop_stats: dict[str, int] = self._loop.stats()
+        self._loop_stats_at = time.monotonic()
+        log.info("server: engine %s (%s); listeners: %s", self.engine_name, self.engine_reason,
+                 ", ".join(f"{lst.name}={lst.sock.getsockname()}" for lst in self._listeners))
+
+    def _own_addresses(self) -> set[str]:
+        own: set[str] = {str(e.address) for e in getattr(self.cfg, "egress", ())}
+        for lst in self._listeners:
+            if lst.sock.family in (socket.AF_INET, socket.AF_INET6):
+                host = lst.sock.getsockname()[0]
+                if host not in ("0.0.0.0", "::"):
+                    own.add(host)
+        return own
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def bound_addresses(self) -> dict[str, tuple]:
+        """Listener name -> ``getsockname()`` (a path str for unix listeners)."""
+        return {lst.name: lst.sock.getsockname() for lst in self._listeners}
+
+    def request_stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Ask ``serve_forever`` to stop: ``drain`` lets open pairs finish until ``timeout``
+        (default ``relay.drain_timeout``) then aborts them; ``drain=False`` aborts at once.
+        Only sets attributes, so it is safe from a signal handler; a later call may shorten a
+        drain (TERM then INT) but never lengthen it."""
+        if self._stop_requested and not drain:
+            self._stop_drain = False
+        elif not self._stop_requested:
+            self._stop_drain = drain
+            self._stop_timeout = timeout
+        self._stop_requested = True
+
+    def start_thread(self) -> threading.Thread:
+        """Run ``serve_forever`` in a daemon thread; returns the thread."""
+        if self._thread is not None:
+            raise RuntimeError("server already started in a thread")
+        self._thread = threading.Thread(target=self._serve_in_thread, name="relay-server",
+                                        daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let pairs finish until ``drain_timeout`` seconds (default
+        ``relay.drain_timeout``), abort the rest, release everything; waits for the serving
+        thread when called from another one."""
+        self.request_stop(drain=True, timeout=drain_timeout)
+        if self._serve_thread_id == threading.get_ident():
+            return  # called from inside serve_forever: it returns at its next iteration
+        if self._serving or self._thread is not None:
+            self._finished.wait()
+            if self._thread is not None:
+                self._thread.join()
+        else:
+            self._shutdown()  # never served: nothing else touches the loop
+
+    def serve_forever(self) -> None:
+        """Accept and relay until a stop is requested and the drain is over."""
+        if self._serving or self._loop_closed:
+            raise RuntimeError("serve_forever: server already running or stopped")
+        self._serving = True
+        self._serve_thread_id = threading.get_ident()
+        loop = self._loop
+        run = loop.run
+        dispatch = self._dispatch
+        deadline = 0.0
+        aborted_at = 0.0
+        try:
+            while True:
+                if self._stop_requested:
+                    if not self._draining:
+                        deadline = self._begin_drain()
+                    elif not self._stop_drain and deadline > time.monotonic():
+                        deadline = time.monotonic()  # a fast stop after a drain request
+                    if not self._flows:
+                        break
+                    now = time.monotonic()
+                    if now >= deadline:
+                        if not aborted_at:
+                            self._abort_all()
+                            aborted_at = now
+                        elif now - aborted_at > _ABORT_GRACE_S:
+                            log.error("server: %d pairs still open %.1fs after abort; "
+                                      "closing the loop", len(self._flows), _ABORT_GRACE_S)
+                            break
+                events = run(_POLL_MS)
+                if events:
+                    dispatch(events)
+                if time.monotonic() - self._loop_stats_at >= _STATS_REFRESH_S:
+                    self._refresh_loop_stats()
+        finally:
+            self._shutdown()
+            self._finished.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this worker: the loop's stats merged with the server's.
+
+        Flat ints (everything the engine loop reports, e.g. ``conns_open``, ``conns_total``,
+        ``bytes_spliced``, ``bytes_copied``, ``pipes_in_use``, ``pipes_free``, ``pipes_created``,
+        ``pipe_size_granted``, ``pipe_refused``, ``accepts``, ``accept_errors``,
+        ``accept_paused``; the loop part is a snapshot at most 0.25 s old when read from another
+        thread), plus the server's own:
+
+        * ``flows_open``: pairs handed to the loop and not finished (gauge)
+        * ``flows_accepted``: accepted connections, including the ones refused below (counter)
+        * ``maxconn``, ``maxconn_per_source``: this worker's limits (0 = unlimited)
+        * ``draining``: 1 while stopping
+        * ``accept_paused_listeners``: listeners inside an accept-error pause episode (gauge)
+
+        Labelled families are nested ``{label: int}`` dicts:
+
+        * ``closed``: ``{reason: count}`` for every ``relay.engines.REASONS`` (all present, 0
+          included): how relayed pairs ended, plus upstreams that failed before relaying
+          (``refused``, ``unreachable``, ``error``) (counter)
+        * ``denied``: ``{router reason: count}`` (``relay.routing.REASONS``: policy reasons,
+          ``loop``, ``slice_exhausted``...), clients reset before any upstream (counter)
+        * ``rejected``: ``{"maxconn": n, "maxconn_per_source": n}`` over-limit clients (counter)
+        * ``listener_open`` / ``listener_total``: ``{listener name: n}`` (gauge / counter)
+        * ``egress_ports_in_use``: ``{egress address: slice ports held}`` (gauge)
+
+        ``connect_seconds`` is a histogram of upstream connect latency:
+        ``{"buckets": [(upper bound as str, cumulative count), ..., ("+Inf", count)],
+        "sum": seconds (float), "count": n}`` (ready for a Prometheus HistogramMetricFamily).
+        """
+        if self._serve_thread_id == threading.get_ident() and not self._loop_closed:
+            self._refresh_loop_stats()
+        s: dict[str, Any] = dict(self._loop_stats)
+        s["flows_open"] = self._open
+        s["flows_accepted"] = self._accepted
+        s["maxconn"] = self._maxconn
+        s["maxconn_per_source"] = self._maxconn_per_source
+        s["draining"] = int(self._draining)
+        s["accept_paused_listeners"] = sum(1 for lst in self._listeners if lst.paused)
+        s["closed"] = dict(self._closed_by_reason)
+        s["denied"] = dict(self._denied)
+        s["rejected"] = dict(self._rejected)
+        s["listener_open"] = {lst.name: lst.open for lst in self._listeners}
+        s["listener_total"] = {lst.name: lst.total for lst in self._listeners}
+        s["egress_ports_in_use"] = dict(self._egress_in_use)
+        s["connect_seconds"] = self._connect_hist.snapshot()
+        return s
+
+    # -- event handling ------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
+        for ev in events:
+            kind = ev[0]
+            if kind == EV_ACCEPT:
+                self._on_accept(ev[1], ev[2])
+            elif kind == EV_DONE:
+                self._on_done(ev)
+            elif kind == EV_CONNECTED:
+                self._connect_hist.observe(ev[3] / 1e6)
+            elif kind == EV_ACCEPT_ERROR:
+                self._on_accept_error(ev[1], ev[2])
+
+    def _on_accept(self, tag: int, fd: int) -> None:
+        lst = self._listeners[tag]
+        self._accepted += 1
+        if lst.paused:
+            lst.paused = False
+            log.info("listener %s: accepting again (%d accept errors during the pause)",
+                     lst.name, lst.accept_errors)
+        client = socket.socket(fileno=fd)
+        try:
+            peer = client.getpeername()
+        except OSError:
+            client.close()  # reset before we got to it: nothing to relay, nobody to tell
+            return
+        if self._open >= self._maxconn:
+            self._reject(client, lst, "maxconn", peer)
+            return
+        source = None
+        if self._maxconn_per_source and client.family != socket.AF_UNIX:
+            source = peer[0]
+            if self._per_source.get(source, 0) >= self._maxconn_per_source:
+                self._reject(client, lst, "maxconn_per_source", peer)
+                return
+        router = lst.router
+        assert router is not None
+        try:
+            up = router.open_upstream(client)
+        except Denied as exc:
+            self._denied[exc.reason] = self._denied.get(exc.reason, 0) + 1
+            _reset_and_close(client)
+            self._log_unrelayed(lst, peer, None, "denied_" + exc.reason, 0)
+            return
+        except OSError as exc:
+            err = exc.errno or 0
+            reason = REASONS[connect_failure_reason(err)]
+            self._closed_by_reason[reason] += 1
+            _reset_and_close(client)
+            self._log_unrelayed(lst, peer, None, reason, err)
+            return
+        client_fd = client.detach()
+        try:
+            cid = self._loop.add_pair(client_fd, up.fd, tag, up.connecting, up.prefix)
+        except (OSError, ValueError) as exc:
+            # The pair was refused (table full...): the fds are still ours.
+            _reset_and_close(socket.socket(fileno=client_fd))
+            _reset_and_close(socket.socket(fileno=up.fd))
+            log_every(log, "add_pair failed", _LIMIT_LOG_INTERVAL_S,
+                      "listener %s: engine refused a pair: %s; client reset", lst.name, exc)
+            self._closed_by_reason["error"] += 1
+            return
+        self._flows[cid] = _Flow(lst, peer, source, up.dest, up.egress, up.egress_address)
+        self._open += 1
+        lst.open += 1
+        lst.total += 1
+        if source is not None:
+            self._per_source[source] = self._per_source.get(source, 0) + 1
+        if up.egress_address is not None:
+            self._egress_in_use[up.egress_address] = (
+                self._egress_in_use.get(up.egress_address, 0) + 1)
+
+    def _reject(self, client: socket.socket, lst: _Listener, limit: str, peer: Any) -> None:
+        self._rejected[limit] += 1
+        _reset_and_close(client)
+        log_every(log, f"rejected {limit}", _LIMIT_LOG_INTERVAL_S,
+                  "listener %s: %s reached (%d); client %s reset", lst.name, limit,
+                  self._maxconn if limit == "maxconn" else self._maxconn_per_source, peer)
+
+    def _log_unrelayed(self, lst: _Listener, peer: Any, dest: tuple | None, reason: str,
+                       err: int) -> None:
+        if self._flow_log:
+            log_flow(listener=lst.name, client=peer, dest=dest, egress=None, c2s_bytes=0,
+                     s2c_bytes=0, spliced_bytes=0, copied_bytes=0, duration=0.0, reason=reason,
+                     errno=err)
+
+    def _on_done(self, ev: tuple[Any, ...]) -> None:
+        (_kind, cid, _tag, reason, c2s, s2c, spliced, copied, duration_us, err) = ev
+        name = REASONS[reason]
+        self._closed_by_reason[name] += 1
+        flow = self._flows.pop(cid, None)
+        if flow is None:
+            return
+        self._open -= 1
+        flow.listener.open -= 1
+        if flow.source is not None:
+            left = self._per_source[flow.source] - 1
+            if left:
+                self._per_source[flow.source] = left
+            else:
+                del self._per_source[flow.source]
+        if flow.egress_address is not None:
+            self._egress_in_use[flow.egress_address] -= 1
+        if self._flow_log:
+            log_flow(listener=flow.listener.name, client=flow.client, dest=flow.dest,
+                     egress=flow.egress, c2s_bytes=c2s, s2c_bytes=s2c, spliced_bytes=spliced,
+                     copied_bytes=copied, duration=duration_us / 1e6, reason=name, errno=err)
+
+    def _on_accept_error(self, tag: int, err: int) -> None:
+        lst = self._listeners[tag]
+        lst.accept_errors += 1
+        if lst.paused:
+            return
+        lst.paused = True
+        # One line per pause episode, and episodes themselves at most one line per interval.
+        log_every(log, f"accept paused {lst.name}", _LIMIT_LOG_INTERVAL_S,
+                  "listener %s: accept failed: %s; accepting paused, the engine resumes it "
+                  "after a backoff (100 ms to 1 s)", lst.name, _strerror(err),
+                  listener=lst.name, errno=err)
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def _begin_drain(self) -> float:
+        self._draining = True
+        for lst in self._listeners:
+            self._deactivate_listener(lst)
+        self._close_listeners(owned_only=True)
+        timeout = self._stop_timeout if self._stop_timeout is not None else self._drain_timeout
+        if not self._stop_drain:
+            timeout = 0.0
+        if self._flows:
+            log.info("server: stopping; %d pairs open, draining for up to %.1fs",
+                     len(self._flows), timeout)
+        return time.monotonic() + timeout
+
+    def _abort_all(self) -> None:
+        if self._flows:
+            log.warning("server: drain deadline reached; aborting %d pairs", len(self._flows))
+        for cid in list(self._flows):
+            self._loop.abort(cid)
+
+    def _deactivate_listener(self, lst: _Listener) -> None:
+        if lst.active and not self._loop_closed:
+            lst.active = False
+            try:
+                self._loop.remove_listener(lst.tag)
+            except (KeyError, ValueError, OSError) as exc:
+                log.warning("listener %s: remove_listener: %s", lst.name, exc)
+
+    def _close_listeners(self, owned_only: bool = False) -> None:
+        for lst in self._listeners:
+            if lst.owned and lst.sock.fileno() >= 0:
+                path = lst.sock.getsockname() if lst.sock.family == socket.AF_UNIX else None
+                lst.sock.close()
+                if path:
+                    _unlink_unix_listener(str(path))
+        if not owned_only:
+            for lst in self._listeners:
+                if lst.router is not None:
+                    lst.router.close()
+
+    def _shutdown(self) -> None:
+        if self._loop_closed:
+            return
+        self._draining = True
+        for lst in self._listeners:
+            self._deactivate_listener(lst)
+        self._refresh_loop_stats()
+        # close() resets whatever is still open; their EV_DONE will never be read.
+        self._loop.close()
+        self._loop_closed = True
+        for _cid, flow in list(self._flows.items()):
+            self._closed_by_reason["aborted"] += 1
+            flow.listener.open -= 1
+        self._flows.clear()
+        self._per_source.clear()
+        self._open = 0
+        self._egress_in_use = dict.fromkeys(self._egress_in_use, 0)
+        self._close_listeners()
+        self._loop_stats["conns_open"] = 0
+
+    def _refresh_loop_stats(self) -> None:
+        self._loop_stats = self._loop.stats()
+        self._loop_stats_at = time.monotonic()
+
+    def _serve_in_thread(self) -> None:
+        try:
+            self.serve_forever()
+        except BaseException:
+            log.exception("server thread crashed")
+            raise
+
+
+def _strerror(err: int) -> str:
+    return f"{errno_mod.errorcode.get(err, str(err))} ({os.strerror(err)})"
+
+
+def _unlink_unix_listener(path: str) -> None:
+    if path.startswith(UNIX_PREFIX):
+        path = path[len(UNIX_PREFIX):]
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
