@@ -42,6 +42,7 @@ from typing import Any
 
 from relay import proxyproto
 from relay.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
+from relay.log import log_every
 from relay.policy import NetworkSet, Policy
 from relay.sock import UNIX_PREFIX, original_destination, parse_hostport
 
@@ -70,7 +71,7 @@ REASONS = (
 _EXHAUSTED_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 _CONNECT_PENDING = frozenset({0, errno.EINPROGRESS})
 _MAPPED_V4_PREFIX = "::ffff:"
-_LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind
+_LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind (relay.log.log_every)
 
 
 class Denied(Exception):
@@ -109,25 +110,6 @@ class Upstream:
     egress_address: str | None = None
 
 
-class _RateLimitedLog:
-    """At most one line per interval per key; the suppressed count goes into the next line."""
-
-    def __init__(self, interval: float = _LOG_INTERVAL) -> None:
-        self._interval = interval
-        self._next: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, message: str) -> None:
-        now = time.monotonic()
-        if now < self._next.get(key, 0.0):
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._next[key] = now + self._interval
-        skipped = self._suppressed.pop(key, 0)
-        more = f" ({skipped} more suppressed)" if skipped else ""
-        log.warning("%s%s", message, more)
-
-
 def _unmap(ip: str) -> str:
     """'::ffff:1.2.3.4' -> '1.2.3.4': connect IPv4 destinations from an IPv4 socket."""
     if ip.startswith(_MAPPED_V4_PREFIX) and "." in ip:
@@ -160,7 +142,6 @@ class Router:
         self.proxy_header_timeout = proxy_header_timeout
         self.trusted = NetworkSet(getattr(listener_cfg, "trusted_proxies", None) or ())
         self.closed = False
-        self._ratelog = _RateLimitedLog()
 
         listener_binds = self._listener_binds(cfg, listener_cfg)
         self._backend_unix: str | None = None
@@ -294,7 +275,8 @@ class Router:
         try:
             ip, port = original_destination(client, self.mode)
         except OSError as exc:
-            if self.mode == "redirect" and exc.errno == errno.ENOENT:
+            # ENOENT: conntrack has no NAT entry for it; ENOPROTOOPT: nf_conntrack not loaded.
+            if self.mode == "redirect" and exc.errno in (errno.ENOENT, errno.ENOPROTOOPT):
                 raise Denied("no_original_destination", "connection was not NATed") from None
             raise
         ip = _unmap(ip)
@@ -329,7 +311,10 @@ class Router:
                 try:
                     local = check_local_port(sock, egress)
                 except SliceViolation as exc:
-                    self._ratelog.warning(f"violation {egress.address}", f"slice violation: {exc}")
+                    log_every(
+                        log, f"slice_violation {egress.address}", _LOG_INTERVAL,
+                        "egress slice violation: %s; client reset", exc,
+                    )
                     raise Denied("slice_violation", str(exc)) from None
         except BaseException:
             sock.close()
@@ -344,10 +329,10 @@ class Router:
         )
 
     def _log_exhausted(self, egress: Egress, ip: str, port: int) -> None:
-        self._ratelog.warning(
-            f"exhausted {egress.address}",
-            f"egress slice exhausted: {egress.address} ports {egress.lo}-{egress.hi} "
-            f"has no free port towards {ip}:{port}; client reset",
+        log_every(
+            log, f"slice_exhausted {egress.address}", _LOG_INTERVAL,
+            "egress slice exhausted: %s ports %d-%d has no free port towards %s:%d; client reset",
+            egress.address, egress.lo, egress.hi, ip, port,
         )
 
     def _read_proxy_header(self, client: socket.socket) -> proxyproto.ProxyInfo:
