@@ -1,0 +1,745 @@
+"""`relay doctor`: can this host run the relay as configured, and if not, what to change.
+
+Every check probes the feature itself (never a kernel version number) and returns PASS, WARN
+(works, but degraded or only needed by features not configured) or FAIL (the configuration cannot
+work here), with the fix.  ``versions()`` feeds ``relay --version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import platform
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import msgspec
+
+from relay import limits
+from relay._version import __version__
+from relay.config import Config, ConfigError, load
+
+__all__ = ["CHECK_NAMES", "Check", "Doctor", "format_report", "run_checks", "versions"]
+
+Status = Literal["PASS", "WARN", "FAIL"]
+
+# <linux/in.h> options Python 3.11's socket module does not name.
+IP_TRANSPARENT = 19
+IP_BIND_ADDRESS_NO_PORT = 24
+IP_LOCAL_PORT_RANGE = 51
+_U32 = struct.Struct("=I")
+
+# Capability bits of /proc/self/status CapEff (<linux/capability.h>).
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+
+URING_OPS_NEEDED = (
+    "ACCEPT",
+    "POLL_ADD",
+    "CONNECT",
+    "CLOSE",
+    "ASYNC_CANCEL",
+    "SPLICE",
+    "RECV",
+    "SEND",
+)
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Check(msgspec.Struct, kw_only=True):
+    """One result line."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def _read_proc(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _read_int(path: str) -> int | None:
+    text = _read_proc(path)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _capabilities() -> int:
+    status = _read_proc("/proc/self/status") or ""
+    match = re.search(r"^CapEff:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return int(match.group(1), 16) if match else 0
+
+
+def has_capability(cap: int) -> bool:
+    """True if this process holds ``cap`` in its effective set."""
+    return bool(_capabilities() >> cap & 1)
+
+
+@contextlib.contextmanager
+def _tcp_socket(family: socket.AddressFamily = socket.AF_INET) -> Iterator[socket.socket]:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+class Doctor:
+    """Runs the checks against one effective configuration (defaults when none is given)."""
+
+    def __init__(self, cfg: Config | None = None, config_path: str | None = None) -> None:
+        self.config_path = config_path
+        self.cfg = cfg if cfg is not None else Config()
+        self._ring_error: str | None = None  # set by check_io_uring
+
+    # ------------------------------------------------------------------ what the config needs
+
+    @property
+    def needs_transparent(self) -> bool:
+        return bool(self.cfg.egress) or any(lst.mode == "tproxy" for lst in self.cfg.listener)
+
+    @property
+    def needs_nft(self) -> bool:
+        return any(lst.mode in ("tproxy", "redirect") for lst in self.cfg.listener)
+
+    def _severity(self, needed: bool) -> Status:
+        return "FAIL" if needed else "WARN"
+
+    # ------------------------------------------------------------------ io_uring
+
+    def check_io_uring(self) -> Check:
+        disabled = _read_int("/proc/sys/kernel/io_uring_disabled")
+        sysctl = f"kernel.io_uring_disabled={disabled}" if disabled is not None else ""
+        want_uring = self.cfg.relay.engine == "uring"
+        try:
+            from liburing import io_uring, io_uring_queue_exit, io_uring_queue_init
+        except ImportError as exc:
+            self._ring_error = f"python-liburing not importable: {exc}"
+            return Check(
+                name="io_uring",
+                status=self._severity(want_uring),
+                detail=self._ring_error,
+                fix="pip install liburing==2024.5.3 (the epoll engine is used meanwhile)",
+            )
+        ring = io_uring()
+        try:
+            io_uring_queue_init(8, ring, 0)
+        except OSError as exc:
+            self._ring_error = _ring_failure(exc.errno, disabled)
+            return Check(
+                name="io_uring",
+                status=self._severity(want_uring),
+                detail=f"cannot create a ring: {self._ring_error}",
+                fix=_ring_fix(exc.errno, disabled),
+            )
+        io_uring_queue_exit(ring)
+        return Check(name="io_uring", status="PASS", detail=f"ring created; {sysctl}".rstrip("; "))
+
+    def check_io_uring_ops(self) -> Check:
+        if self._ring_error is not None:
+            return Check(
+                name="io_uring_ops",
+                status="WARN",
+                detail=f"not probed: {self._ring_error}",
+                fix="see the io_uring check",
+            )
+        try:
+            from liburing import probe
+
+            supported = probe()
+        except Exception as exc:  # the probe itself failing is the finding
+            return Check(name="io_uring_ops", status="WARN", detail=f"probe failed: {exc}")
+        missing = [op for op in URING_OPS_NEEDED if not supported.get(f"IORING_OP_{op}")]
+        if missing:
+            return Check(
+                name="io_uring_ops",
+                status=self._severity(self.cfg.relay.engine == "uring"),
+                detail="unsupported: " + ", ".join(missing),
+                fix='use engine = "epoll" (or "auto", which falls back by itself)',
+            )
+        return Check(
+            name="io_uring_ops", status="PASS", detail="supported: " + ", ".join(URING_OPS_NEEDED)
+        )
+
+    # ------------------------------------------------------------------ splice and pipes
+
+    def check_splice(self) -> Check:
+        try:
+            moved = _splice_roundtrip(64 * 1024)
+        except OSError as exc:
+            return Check(
+                name="splice",
+                status=self._severity(self.cfg.relay.splice),
+                detail=f"socket -> pipe -> socket failed: {exc}",
+                fix="set relay.splice = false (bytes are copied instead)",
+            )
+        return Check(
+            name="splice", status="PASS", detail=f"{moved} bytes socket -> pipe -> socket intact"
+        )
+
+    def check_pipe_size(self) -> Check:
+        requested = self.cfg.relay.pipe_size
+        max_size = _read_int("/proc/sys/fs/pipe-max-size")
+        r, w = os.pipe()
+        try:
+            try:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, requested)
+                error = ""
+            except OSError as exc:
+                error = f"F_SETPIPE_SZ({requested}) failed: {os.strerror(exc.errno or 0)}; "
+            granted = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        finally:
+            os.close(r)
+            os.close(w)
+        detail = f"{error}requested {requested}, granted {granted}; fs.pipe-max-size={max_size}"
+        if granted >= requested:
+            return Check(name="pipe_size", status="PASS", detail=detail)
+        return Check(
+            name="pipe_size",
+            status="WARN",
+            detail=detail,
+            fix=f"sysctl -w fs.pipe-max-size={requested}, or set relay.pipe_size <= {granted}",
+        )
+
+    def check_pipe_budget(self) -> Check:
+        soft = _read_int("/proc/sys/fs/pipe-user-pages-soft")
+        hard = _read_int("/proc/sys/fs/pipe-user-pages-hard")
+        rs = self.cfg.relay
+        pipes = rs.pipes_per_worker() * rs.resolved_workers
+        pages = pipes * max(1, rs.pipe_size // PAGE)
+        limits_text = f"fs.pipe-user-pages-soft={soft}, -hard={hard}"
+        exempt = has_capability(CAP_SYS_RESOURCE) or has_capability(CAP_SYS_ADMIN)
+        if rs.user:
+            exempt = False  # workers drop to relay.user and lose the exemption
+        if exempt:
+            return Check(
+                name="pipe_budget",
+                status="PASS",
+                detail=f"CAP_SYS_RESOURCE/CAP_SYS_ADMIN: exempt from {limits_text}",
+            )
+        if not pipes:
+            return Check(name="pipe_budget", status="PASS", detail="splice off: no pipes")
+        budget = min(x for x in (soft, hard) if x) if (soft or hard) else None
+        detail = f"up to {pipes} pipes of {rs.pipe_size} bytes = {pages} pages; {limits_text}"
+        if budget is None or pages <= budget:
+            return Check(name="pipe_budget", status="PASS", detail=detail)
+        return Check(
+            name="pipe_budget",
+            status="WARN",
+            detail=detail + "; past the budget new pipes get one page and F_SETPIPE_SZ fails",
+            fix=f"sysctl -w fs.pipe-user-pages-soft={pages} (0 = no limit), "
+            "or lower relay.max_pipes / relay.pipe_size",
+        )
+
+    # ------------------------------------------------------------------ socket options
+
+    def check_ip_transparent(self) -> Check:
+        with _tcp_socket() as s:
+            try:
+                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            except OSError as exc:
+                return Check(
+                    name="ip_transparent",
+                    status=self._severity(self.needs_transparent),
+                    detail=f"setsockopt(IP_TRANSPARENT): {os.strerror(exc.errno or 0)} "
+                    "(needed by tproxy listeners and non-local egress addresses)",
+                    fix="run as root or with CAP_NET_ADMIN (systemd: "
+                    "AmbientCapabilities=CAP_NET_ADMIN)",
+                )
+        return Check(name="ip_transparent", status="PASS", detail="IP_TRANSPARENT can be set")
+
+    def check_ip_bind_address_no_port(self) -> Check:
+        with _tcp_socket() as s:
+            try:
+                s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                value = s.getsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT)
+            except OSError as exc:
+                return Check(
+                    name="ip_bind_address_no_port",
+                    status=self._severity(bool(self.cfg.egress)),
+                    detail=f"IP_BIND_ADDRESS_NO_PORT: {os.strerror(exc.errno or 0)}",
+                    fix="needs Linux 4.2+; egress slices cannot share ports without it",
+                )
+        status: Status = "PASS" if value == 1 else "FAIL"
+        return Check(name="ip_bind_address_no_port", status=status, detail=f"read back {value}")
+
+    def check_ip_local_port_range_option(self) -> Check:
+        """Set IP_LOCAL_PORT_RANGE, read it back, and see a real connect pick a port inside it."""
+        sys_range = _port_range_sysctl()
+        lo, hi = (sys_range[0], sys_range[0] + 63) if sys_range else (40000, 40063)
+        needed = bool(self.cfg.egress)
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(_tcp_socket())
+            server.bind(("127.0.0.1", 0))
+            server.listen(4)
+            client = stack.enter_context(_tcp_socket())
+            try:
+                client.setsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, _U32.pack(hi << 16 | lo))
+                value = _U32.unpack(client.getsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, 4))[0]
+            except OSError as exc:
+                return Check(
+                    name="ip_local_port_range_option",
+                    status=self._severity(needed),
+                    detail=f"IP_LOCAL_PORT_RANGE (51): {os.strerror(exc.errno or 0)}",
+                    fix="needs Linux 6.3+; without it egress slices cannot be enforced",
+                )
+            if value != (hi << 16 | lo):
+                return Check(
+                    name="ip_local_port_range_option",
+                    status=self._severity(needed),
+                    detail=f"set {lo}-{hi}, read back {value & 0xFFFF}-{value >> 16}",
+                )
+            client.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            client.bind(("127.0.0.1", 0))
+            client.settimeout(2.0)
+            client.connect(server.getsockname())
+            port = client.getsockname()[1]
+        if lo <= port <= hi:
+            return Check(
+                name="ip_local_port_range_option",
+                status="PASS",
+                detail=f"set {lo}-{hi}, read back, connect() got port {port}",
+            )
+        return Check(
+            name="ip_local_port_range_option",
+            status=self._severity(needed),
+            detail=f"set {lo}-{hi} but connect() got port {port}: the kernel ignored the range",
+        )
+
+    def check_ip_local_port_range(self) -> Check:
+        sys_range = _port_range_sysctl()
+        reserved = _read_proc("/proc/sys/net/ipv4/ip_local_reserved_ports") or ""
+        detail = (
+            f"net.ipv4.ip_local_port_range={sys_range[0]}-{sys_range[1]}"
+            if sys_range
+            else "net.ipv4.ip_local_port_range unreadable"
+        )
+        detail += f"; ip_local_reserved_ports={reserved or '(none)'}"
+        if not self.cfg.egress:
+            return Check(name="ip_local_port_range", status="PASS", detail=detail)
+        slices = ", ".join(e.ports for e in self.cfg.egress)
+        try:
+            from relay.egress import validate_slices
+        except ImportError as exc:
+            return Check(
+                name="ip_local_port_range",
+                status="WARN",
+                detail=f"{detail}; slices {slices} not checked: {exc}",
+            )
+        problems = validate_slices(self.cfg)
+        if problems:
+            return Check(
+                name="ip_local_port_range",
+                status="FAIL",
+                detail=f"{detail}; " + "; ".join(problems),
+                fix="move the slices inside net.ipv4.ip_local_port_range, away from "
+                "ip_local_reserved_ports and from each other (sysctl -w "
+                'net.ipv4.ip_local_port_range="LO HI")',
+            )
+        return Check(
+            name="ip_local_port_range", status="PASS", detail=f"{detail}; slices {slices} fit"
+        )
+
+    # ------------------------------------------------------------------ limits
+
+    def check_nofile(self) -> Check:
+        import resource
+
+        rs = self.cfg.relay
+        needed = limits.nofile_needed_for(rs, max(1, len(self.cfg.listener)))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        ceiling = limits.nr_open()
+        detail = (
+            f"soft {soft}, hard {hard}, fs.nr_open={ceiling}; {needed} needed per worker for "
+            f"maxconn={rs.maxconn} over {rs.resolved_workers} workers"
+        )
+        if soft >= needed or soft == resource.RLIM_INFINITY:
+            return Check(name="nofile", status="PASS", detail=detail)
+        if hard >= needed or hard == resource.RLIM_INFINITY:
+            return Check(
+                name="nofile",
+                status="PASS",
+                detail=detail + "; relay run raises the soft limit itself",
+            )
+        if has_capability(CAP_SYS_RESOURCE) and (ceiling is None or ceiling >= needed):
+            return Check(
+                name="nofile",
+                status="WARN",
+                detail=detail + "; relay run raises the hard limit (CAP_SYS_RESOURCE)",
+                fix=f"LimitNOFILE={needed} in the systemd unit makes it explicit",
+            )
+        return Check(
+            name="nofile",
+            status="FAIL",
+            detail=detail,
+            fix=f"LimitNOFILE={needed} (systemd) or `ulimit -Hn {needed}`"
+            + (
+                f"; sysctl -w fs.nr_open={needed}"
+                if ceiling is not None and ceiling < needed
+                else ""
+            )
+            + "; or lower relay.maxconn",
+        )
+
+    # ------------------------------------------------------------------ nftables / TPROXY
+
+    def check_nftables(self) -> Check:
+        nft = shutil.which("nft")
+        if nft is None:
+            return Check(
+                name="nftables",
+                status=self._severity(self.needs_nft),
+                detail="nft not found in PATH (needed for tproxy/redirect listeners)",
+                fix="apt-get install nftables",
+            )
+        try:
+            out = subprocess.run(
+                [nft, "--version"], capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return Check(name="nftables", status="WARN", detail=f"{nft} --version: {exc}")
+        return Check(name="nftables", status="PASS", detail=f"{nft}: {out.stdout.strip()}")
+
+    def check_tproxy(self) -> Check:
+        nft = shutil.which("nft")
+        needed = any(lst.mode == "tproxy" for lst in self.cfg.listener)
+        if nft is None:
+            return Check(
+                name="tproxy",
+                status=self._severity(needed),
+                detail="not checked: nft not found",
+                fix="apt-get install nftables",
+            )
+        ruleset = (
+            "table inet relay_doctor {\n"
+            "  chain prerouting {\n"
+            "    type filter hook prerouting priority mangle; policy accept;\n"
+            "    meta l4proto tcp tproxy ip to 127.0.0.1:1 meta mark set 1 accept\n"
+            "  }\n"
+            "}\n"
+        )
+        try:
+            res = subprocess.run(
+                [nft, "-c", "-f", "-"],
+                input=ruleset,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return Check(name="tproxy", status=self._severity(needed), detail=f"nft -c: {exc}")
+        if res.returncode == 0:
+            return Check(name="tproxy", status="PASS", detail="nft -c accepts a tproxy rule")
+        reason = " ".join(res.stderr.split())[:300] or f"exit status {res.returncode}"
+        return Check(
+            name="tproxy",
+            status=self._severity(needed),
+            detail=f"nft -c rejects a tproxy rule: {reason}",
+            fix="run as root / CAP_NET_ADMIN; the kernel needs nft_tproxy (modprobe nft_tproxy)",
+        )
+
+    # ------------------------------------------------------------------ engines, config
+
+    def check_engines(self) -> Check:
+        try:
+            from relay.engines import available
+        except ImportError as exc:
+            return Check(name="engines", status="WARN", detail=f"relay.engines: {exc}")
+        avail = available()
+        detail = "; ".join(f"{name}: {why or 'usable'}" for name, why in avail.items())
+        engine = self.cfg.relay.engine
+        if engine != "auto" and avail.get(engine) is not None:
+            return Check(
+                name="engines",
+                status="FAIL",
+                detail=f'relay.engine = "{engine}" is not usable: {detail}',
+                fix='set relay.engine = "auto" or fix the reason above',
+            )
+        if not any(why is None for name, why in avail.items() if name != "asyncio"):
+            return Check(
+                name="engines",
+                status="WARN",
+                detail=detail,
+                fix="build the core (make build): only the slow asyncio engine is usable",
+            )
+        return Check(name="engines", status="PASS", detail=detail)
+
+    def check_config(self) -> Check:
+        try:
+            cfg = load(self.config_path, check_kernel=True)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            return Check(
+                name="config",
+                status="FAIL",
+                detail=f"{len(exc.problems)} problem(s): " + " | ".join(exc.problems),
+                fix=f"relay check -c {self.config_path}",
+            )
+        return Check(
+            name="config",
+            status="PASS",
+            detail=f"{self.config_path}: {len(cfg.listener)} listener(s), {len(cfg.egress)} egress",
+        )
+
+    def checks(self) -> list[Callable[[], Check]]:
+        out = [
+            self.check_io_uring,
+            self.check_io_uring_ops,
+            self.check_splice,
+            self.check_pipe_size,
+            self.check_pipe_budget,
+            self.check_ip_transparent,
+            self.check_ip_bind_address_no_port,
+            self.check_ip_local_port_range_option,
+            self.check_ip_local_port_range,
+            self.check_nofile,
+            self.check_nftables,
+            self.check_tproxy,
+            self.check_engines,
+        ]
+        if self.config_path is not None:
+            out.append(self.check_config)
+        return out
+
+
+CHECK_NAMES: tuple[str, ...] = (
+    "io_uring",
+    "io_uring_ops",
+    "splice",
+    "pipe_size",
+    "pipe_budget",
+    "ip_transparent",
+    "ip_bind_address_no_port",
+    "ip_local_port_range_option",
+    "ip_local_port_range",
+    "nofile",
+    "nftables",
+    "tproxy",
+    "engines",
+)
+
+
+def run_checks(doctor: Doctor) -> list[Check]:
+    """Run every check; a check that raises is reported as FAIL with the exception."""
+    results = []
+    for fn in doctor.checks():
+        name = fn.__name__.removeprefix("check_")
+        try:
+            results.append(fn())
+        except Exception as exc:
+            results.append(
+                Check(
+                    name=name, status="FAIL", detail=f"check crashed: {type(exc).__name__}: {exc}"
+                )
+            )
+    return results
+
+
+def format_report(results: list[Check]) -> str:
+    width = max(len(r.name) for r in results)
+    lines = []
+    for r in results:
+        lines.append(f"{r.status} {r.name:<{width}}  {r.detail}")
+        if r.fix and r.status != "PASS":
+            lines.append(f"     {'':<{width}}  fix: {r.fix}")
+    counts = {s: sum(r.status == s for r in results) for s in ("PASS", "WARN", "FAIL")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines) + "\n"
+
+
+def report_json(results: list[Check]) -> bytes:
+    return msgspec.json.format(
+        msgspec.json.encode(
+            {"ok": not any(r.status == "FAIL" for r in results), "checks": results}
+        ),
+        indent=2,
+    )
+
+
+def main(config_path: str | None = None, as_json: bool = False) -> int:
+    """`relay doctor [-c FILE] [--json]`: 0 when nothing FAILs, 1 otherwise."""
+    cfg: Config | None = None
+    if config_path is not None:
+        with contextlib.suppress(ConfigError):
+            cfg = load(config_path)  # a broken file is reported by the config check
+    doctor = Doctor(cfg, config_path)
+    results = run_checks(doctor)
+    if as_json:
+        sys.stdout.buffer.write(report_json(results) + b"\n")
+    else:
+        sys.stdout.write(format_report(results))
+    sys.stdout.flush()
+    return 1 if any(r.status == "FAIL" for r in results) else 0
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _ring_failure(code: int | None, disabled: int | None) -> str:
+    if code == errno.EPERM:
+        if disabled == 2:
+            return "EPERM: kernel.io_uring_disabled=2 turns io_uring off for every process"
+        if disabled == 1:
+            group = _read_proc("/proc/sys/kernel/io_uring_group")
+            return (
+                "EPERM: kernel.io_uring_disabled=1 allows only CAP_SYS_ADMIN and members of "
+                f"kernel.io_uring_group ({group})"
+            )
+        return (
+            "EPERM with kernel.io_uring_disabled=0: a seccomp filter (e.g. Docker's default "
+            "profile) or an LSM blocks io_uring_setup"
+        )
+    if code == errno.ENOSYS:
+        return "ENOSYS: kernel built without io_uring, or the syscall is filtered"
+    if code == errno.ENOMEM:
+        return "ENOMEM: RLIMIT_MEMLOCK too small for the ring (kernels before 5.12)"
+    return os.strerror(code or 0)
+
+
+def _ring_fix(code: int | None, disabled: int | None) -> str:
+    fallback = " (the epoll engine serves meanwhile, with the same guarantees)"
+    if code == errno.EPERM and disabled in (1, 2):
+        return (
+            "sysctl -w kernel.io_uring_disabled=0, or add the relay user to "
+            "kernel.io_uring_group" + fallback
+        )
+    if code == errno.EPERM:
+        return (
+            "allow io_uring_setup/io_uring_enter/io_uring_register in the seccomp "
+            "profile" + fallback
+        )
+    if code == errno.ENOMEM:
+        return "raise RLIMIT_MEMLOCK (LimitMEMLOCK=)" + fallback
+    return 'use engine = "epoll"' + fallback
+
+
+def _port_range_sysctl() -> tuple[int, int] | None:
+    text = _read_proc("/proc/sys/net/ipv4/ip_local_port_range")
+    try:
+        lo, hi = (int(x) for x in (text or "").split())
+    except ValueError:
+        return None
+    return lo, hi
+
+
+def _splice_roundtrip(size: int) -> int:
+    """Move ``size`` bytes TCP socket -> pipe -> TCP socket with os.splice on loopback."""
+    payload = os.urandom(size)
+    received = bytearray()
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(_tcp_socket())
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        server.settimeout(5)
+        src_client = stack.enter_context(socket.create_connection(server.getsockname(), 5))
+        src = stack.enter_context(server.accept()[0])
+        dst = stack.enter_context(socket.create_connection(server.getsockname(), 5))
+        dst_peer = stack.enter_context(server.accept()[0])
+        src.setblocking(True)
+        dst.setblocking(True)
+        dst_peer.settimeout(5)
+
+        def reader() -> None:
+            with contextlib.suppress(OSError):
+                while chunk := dst_peer.recv(65536):
+                    received.extend(chunk)
+
+        def writer() -> None:
+            with contextlib.suppress(OSError):
+                src_client.sendall(payload)
+                src_client.shutdown(socket.SHUT_WR)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (reader, writer)]
+        for t in threads:
+            t.start()
+        r, w = os.pipe()
+        stack.callback(os.close, r)
+        stack.callback(os.close, w)
+        while True:
+            n = os.splice(src.fileno(), w, 65536)
+            if n == 0:
+                break
+            while n:
+                n -= os.splice(r, dst.fileno(), n)
+        dst.shutdown(socket.SHUT_WR)
+        for t in threads:
+            t.join(5)
+    if bytes(received) != payload:
+        raise OSError(errno.EIO, f"data differs after splice ({len(received)} of {size} bytes)")
+    return size
+
+
+def _header_liburing_version() -> str | None:
+    try:
+        import liburing
+    except ImportError:
+        return None
+    path = os.path.join(
+        os.path.dirname(liburing.__file__), "include", "liburing", "io_uring_version.h"
+    )
+    text = _read_proc(path) or ""
+    major = re.search(r"IO_URING_VERSION_MAJOR\s+(\d+)", text)
+    minor = re.search(r"IO_URING_VERSION_MINOR\s+(\d+)", text)
+    return f"{major.group(1)}.{minor.group(1)}" if major and minor else None
+
+
+def versions() -> dict[str, Any]:
+    """What `relay --version` prints: relay, Python, Cython, liburing, kernel, engines."""
+    out: dict[str, Any] = {
+        "relay": __version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+    }
+    try:
+        from relay_ext import _core
+
+        out["cython"] = f"{_core.CYTHON_VERSION} (built the core)"
+    except (ImportError, AttributeError):
+        try:
+            import Cython
+
+            out["cython"] = f"{Cython.__version__} (installed; core not built)"
+        except ImportError:
+            out["cython"] = "not installed (core not built)"
+    try:
+        import liburing
+
+        header = _header_liburing_version()
+        out["liburing"] = f"python-liburing {liburing.__version__}, liburing headers {header}"
+    except ImportError as exc:
+        out["liburing"] = f"not installed ({exc})"
+    out["kernel"] = platform.release()
+    try:
+        from relay.engines import available
+
+        out["engines"] = {k: (v or "usable") for k, v in available().items()}
+    except ImportError as exc:
+        out["engines"] = {"error": f"relay.engines: {exc}"}
+    return out
+
+
+def format_versions(info: dict[str, Any]) -> str:
+    lines = [f"relay {info['relay']}"]
+    for key in ("python", "cython", "liburing", "kernel"):
+        lines.append(f"  {key}: {info[key]}")
+    lines.append("  engines:")
+    for name, why in info["engines"].items():
+        lines.append(f"    {name}: {why}")
+    return "\n".join(lines) + "\n"
