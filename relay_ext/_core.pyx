@@ -1,0 +1,55 @@
+# cython: language_level=3
+"""relay's zero-copy core: one loop per worker, io_uring (or epoll) for readiness, splice(2)
+through pooled pipes for bulk flows, recv/send for small ones.  Mechanism only, no policy.
+
+Table of contents (one compilation unit, fragments in dependency order):
+  includes/system.pxi    the system calls and constants we use
+  conn.pxi               connection = two halves; close reasons; events for Python
+  pipes.pxi              the bounded pipe pool
+  loop.pxi               class Loop: Python API, the data path (_pump), timers
+    uring_backend.pxi    io_uring: polls, multishot accept, reaping completions
+    epoll_backend.pxi    epoll: the same readiness contract without io_uring
+"""
+
+import os
+import warnings
+
+import Cython
+
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
+
+# python-liburing: header-inline helpers and structs from its .pxd (no linking needed) ...
+from liburing.lib.uring cimport (
+    __io_uring, __io_uring_sqe, __io_uring_cqe, __io_uring_get_sqe, __io_uring_sq_ready,
+    __io_uring_cq_ready, __io_uring_cq_advance, __io_uring_prep_poll_add,
+    __io_uring_prep_poll_remove, __io_uring_prep_multishot_accept, __io_uring_prep_cancel64,
+    __io_uring_sqe_set_data64, __IORING_CQE_F_MORE, __IORING_SETUP_CQSIZE,
+    __IORING_SETUP_COOP_TASKRUN, __IORING_SETUP_SUBMIT_ALL,
+)
+# ... and its cpdef functions, called through Cython's cross-module C API at C speed.
+from liburing.queue cimport (
+    io_uring, io_uring_params, io_uring_cqe, sigset as uring_sigset,
+    io_uring_queue_init_params, io_uring_queue_exit, io_uring_submit,
+    io_uring_submit_and_wait_timeout, io_uring_submit_and_get_events,
+)
+from liburing.register cimport io_uring_register_eventfd
+from liburing.time cimport timespec as uring_timespec
+
+cdef extern from "uring_version_check.h":
+    int RELAY_LIBURING_VERSION_MAJOR
+    int RELAY_LIBURING_VERSION_MINOR
+
+include "includes/system.pxi"
+include "conn.pxi"
+include "pipes.pxi"
+include "loop.pxi"
+include "uring_backend.pxi"
+include "epoll_backend.pxi"
+
+CYTHON_VERSION = Cython.__version__
+LIBURING_HEADERS = f"{RELAY_LIBURING_VERSION_MAJOR}.{RELAY_LIBURING_VERSION_MINOR}"
+
+__all__ = ["Loop", "REASONS", "EV_ACCEPT", "EV_ACCEPT_ERROR", "EV_CONNECTED", "EV_DONE",
+           "CYTHON_VERSION", "LIBURING_HEADERS"]

@@ -1,0 +1,111 @@
+# epoll readiness, for kernels and containers without io_uring (kernel.io_uring_disabled,
+# Docker's default seccomp profile).  Level-triggered, one registration per socket whose mask
+# follows what the two halves want; a socket nobody waits on is removed so EPOLLHUP on a
+# finished socket cannot spin the loop.  (Module-level functions over Loop, included after it.)
+
+cdef void _epoll_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
+    cdef epoll_event ev
+    cdef uint32_t idx = <uint32_t>(c - self.conns)
+    cdef int op
+    if c.in_epoll[side] and want == c.polled[side]:
+        return
+    if want == 0:
+        if c.in_epoll[side]:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd[side], NULL)
+            c.in_epoll[side] = 0
+        c.polled[side] = 0
+        return
+    ev.events = 0
+    if want & POLL_BIT_IN:
+        ev.events |= EPOLLIN
+    if want & POLL_BIT_OUT:
+        ev.events |= EPOLLOUT
+    ev.data.u64 = pack_ud(OP_POLL + side, c.gen, idx)
+    op = EPOLL_CTL_MOD if c.in_epoll[side] else EPOLL_CTL_ADD
+    if epoll_ctl(self.epfd, op, c.fd[side], &ev) == 0:
+        c.in_epoll[side] = 1
+        c.polled[side] = want
+    else:
+        self.st_submit_errors += 1
+
+cdef void _epoll_disarm(Loop self, Conn* c) noexcept nogil:
+    cdef int side
+    for side in range(2):
+        if c.in_epoll[side]:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd[side], NULL)
+            c.in_epoll[side] = 0
+        c.polled[side] = 0
+
+cdef void _epoll_listener_arm(Loop self, int slot) noexcept nogil:
+    cdef Listener* l = &self.listeners[slot]
+    cdef epoll_event ev
+    if l.armed or not l.active:
+        return
+    ev.events = EPOLLIN
+    ev.data.u64 = pack_ud(OP_ACCEPT, l.gen, slot)
+    if epoll_ctl(self.epfd, EPOLL_CTL_ADD, l.fd, &ev) == 0:
+        l.armed = 1
+    else:
+        self._accept_error(slot, errno)
+
+cdef void _epoll_listener_disarm(Loop self, int slot) noexcept nogil:
+    cdef Listener* l = &self.listeners[slot]
+    if l.armed:
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+        l.armed = 0
+
+cdef void _epoll_on_accept(Loop self, uint32_t slot, uint32_t gen) noexcept nogil:
+    cdef Listener* l
+    cdef int fd, k, err
+    if slot >= <uint32_t>self.n_listener_slots:
+        return
+    l = &self.listeners[slot]
+    if not l.active or (l.gen & 0xFFFFFF) != gen or l.user_paused:
+        return
+    for k in range(ACCEPT_BATCH):
+        fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd >= 0:
+            self.st_accepts += 1
+            l.backoff_ms = 100
+            self._push_event(EV_ACCEPT_, l.tag, fd)
+            continue
+        err = errno
+        if err == EAGAIN:
+            break
+        if err == EINTR or err == ECONNABORTED:
+            continue
+        _epoll_listener_disarm(self, slot)
+        self._accept_error(slot, err)
+        break
+
+cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
+    cdef int n = epoll_wait(self.epfd, self.epevents, EPOLL_BATCH, timeout_ms)
+    cdef int i
+    cdef uint64_t ud
+    cdef uint32_t evs, op, gen, idx
+    cdef Conn* c
+    cdef int side
+    if n <= 0:
+        return
+    self.st_wakeups += 1
+    self.now = now_ns()
+    for i in range(n):
+        ud = self.epevents[i].data.u64
+        evs = self.epevents[i].events
+        op = <uint32_t>(ud >> 56)
+        gen = <uint32_t>((ud >> 32) & 0xFFFFFF)
+        idx = <uint32_t>(ud & 0xFFFFFFFFULL)
+        if op == OP_ACCEPT:
+            _epoll_on_accept(self, idx, gen)
+            continue
+        if op < OP_POLL or op > OP_POLL + 1 or idx >= self.high_water:
+            continue
+        c = &self.conns[idx]
+        if c.state == ST_FREE or (c.gen & 0xFFFFFF) != gen:
+            continue
+        side = op - OP_POLL
+        self._on_ready(c, side,
+                       (evs & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0
+                       and (c.polled[side] & POLL_BIT_IN) != 0,
+                       (evs & (EPOLLOUT | EPOLLERR | EPOLLHUP)) != 0
+                       and (c.polled[side] & POLL_BIT_OUT) != 0)

@@ -1,0 +1,864 @@
+# The per-worker loop: readiness from io_uring (or epoll), bytes moved by splice(2)/recv/send
+# issued from this thread.  KERNEL_NOTES.md measured why: IORING_OP_SPLICE always runs on an
+# io-wq worker thread (REQ_F_FORCE_ASYNC), parking one kernel thread per pending splice, while
+# a direct splice(2) on a non-blocking socket costs one syscall and no thread.  io_uring earns
+# its place for multishot accept, one-shot polls and batching every arm/cancel into one enter.
+
+cdef enum:
+    BACKEND_URING = 0
+    BACKEND_EPOLL = 1
+
+cdef enum:
+    MAX_LISTENERS = 64
+    SCRATCH_SIZE = 65536        # copy path buffer: one per loop, bytes never stay in it
+    STREAM_MIN = 16384          # a recv this large marks a bulk flow: splice from now on
+    PUMP_ROUNDS = 16            # fairness: at most this many reads per readiness event
+    EPOLL_BATCH = 256
+    ACCEPT_BATCH = 128
+
+# user_data layout (64 bits, integers only, never pointers):
+#   op (8 bits) | generation (24 bits) | slot index (32 bits)
+cdef enum:
+    OP_ACCEPT = 1
+    OP_POLL = 2                 # OP_POLL + side * 2 + (1 if POLLOUT else 0): 2..5
+    OP_IGNORE = 8               # completions of our own cancels
+
+cdef struct Listener:
+    int fd
+    int64_t tag
+    uint32_t gen
+    uint8_t active
+    uint8_t user_paused
+    uint8_t armed               # uring: a multishot accept is in flight; epoll: registered
+    uint64_t resume_at          # paused after EMFILE & co until this time (0 = not paused)
+    uint32_t backoff_ms
+
+
+cdef inline uint64_t pack_ud(uint64_t op, uint32_t gen, uint32_t idx) noexcept nogil:
+    return (op << 56) | ((<uint64_t>(gen & 0xFFFFFF)) << 32) | <uint64_t>idx
+
+
+cdef inline bint is_accept_pause_errno(int err) noexcept nogil:
+    # Out of descriptors or memory: accepting again right away would spin.  Pause this
+    # listener and retry later; connections already relaying are not affected.
+    return err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM
+
+
+cdef inline int connect_reason(int err) noexcept nogil:
+    if err == ECONNREFUSED:
+        return R_REFUSED
+    if err == EHOSTUNREACH or err == ENETUNREACH or err == EHOSTDOWN or err == ENETDOWN:
+        return R_UNREACHABLE
+    if err == ETIMEDOUT:
+        return R_CONNECT_TIMEOUT
+    return R_ERROR
+
+
+cdef inline void set_linger_zero(int fd) noexcept nogil:
+    # close() with SO_LINGER {1, 0} sends an RST instead of a FIN: the peer must see a
+    # truncated stream as a reset, never as a clean end of data.
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+cdef class Loop:
+    """One relay loop: listeners, connection pairs, a pipe pool and a ring (or epoll).
+
+    Use from one thread only.  See docs/architecture.md for the contract.
+    """
+    cdef int backend_id
+    cdef bint closed
+    cdef object owner_warned
+    # io_uring
+    cdef io_uring ring
+    cdef io_uring_cqe cqe_holder
+    cdef uring_timespec wait_ts
+    cdef uring_sigset no_sigmask
+    cdef bint ring_ready
+    # epoll
+    cdef int epfd
+    cdef epoll_event* epevents
+    # embedding: readable when run(0) has work
+    cdef int efd
+    # connections
+    cdef Conn* conns
+    cdef uint32_t max_conns
+    cdef uint32_t* free_slots
+    cdef uint32_t n_free_slots
+    cdef uint32_t high_water
+    cdef uint32_t n_open
+    # listeners
+    cdef Listener listeners[64]
+    cdef int n_listener_slots
+    # bytes
+    cdef PipePool pipes
+    cdef char* scratch
+    cdef uint32_t splice_min
+    cdef bint splice_enabled
+    # timers
+    cdef uint64_t connect_timeout_ns
+    cdef uint64_t idle_timeout_ns
+    cdef uint64_t half_close_timeout_ns
+    cdef uint64_t scan_interval_ns
+    cdef uint64_t next_scan
+    cdef uint64_t now
+    # events for Python
+    cdef Event* evq
+    cdef uint32_t evq_len
+    cdef uint32_t evq_cap
+    # counters
+    cdef uint64_t st_conns_total
+    cdef uint64_t st_bytes_spliced
+    cdef uint64_t st_bytes_copied
+    cdef uint64_t st_accepts
+    cdef uint64_t st_accept_errors
+    cdef uint64_t st_accept_paused
+    cdef uint64_t st_resets_sent
+    cdef uint64_t st_sqe_starved
+    cdef uint64_t st_submit_errors
+    cdef uint64_t st_wakeups
+    cdef uint64_t st_events_dropped
+    cdef uint64_t st_closes[10]
+
+    def __cinit__(self):
+        self.closed = True
+        self.epfd = -1
+        self.efd = -1
+        self.conns = NULL
+        self.free_slots = NULL
+        self.scratch = NULL
+        self.evq = NULL
+        self.epevents = NULL
+        self.ring_ready = False
+        memset(&self.pipes, 0, sizeof(PipePool))
+        memset(self.listeners, 0, sizeof(self.listeners))
+
+    def __init__(self, str backend="uring", *, int pipe_size=1 << 20, int max_pipes=256,
+                 int max_conns=65536, int splice_min=4096, bint splice=True,
+                 int connect_timeout_ms=5000, int idle_timeout_ms=300000,
+                 int half_close_timeout_ms=60000, int ring_entries=1024):
+        if backend not in ("uring", "epoll"):
+            raise ValueError(f"relay core: backend must be 'uring' or 'epoll', not {backend!r}")
+        if max_conns < 1 or max_conns > 16_000_000:
+            raise ValueError(f"relay core: max_conns={max_conns}: must be 1..16000000")
+        if pipe_size < 4096:
+            raise ValueError(f"relay core: pipe_size={pipe_size}: must be >= 4096")
+        if min(connect_timeout_ms, idle_timeout_ms, half_close_timeout_ms) <= 0:
+            raise ValueError("relay core: timeouts must be > 0 ms")
+        if ring_entries < 8 or ring_entries > 32768:
+            raise ValueError(f"relay core: ring_entries={ring_entries}: must be 8..32768")
+        self.backend_id = BACKEND_URING if backend == "uring" else BACKEND_EPOLL
+        self.max_conns = max_conns
+        self.splice_min = max(splice_min, 1)
+        self.splice_enabled = splice and max_pipes > 0
+        self.connect_timeout_ns = <uint64_t>connect_timeout_ms * 1000000ULL
+        self.idle_timeout_ns = <uint64_t>idle_timeout_ms * 1000000ULL
+        self.half_close_timeout_ns = <uint64_t>half_close_timeout_ms * 1000000ULL
+        shortest = min(connect_timeout_ms, idle_timeout_ms, half_close_timeout_ms)
+        self.scan_interval_ns = <uint64_t>max(5, min(200, shortest // 10)) * 1000000ULL
+        # calloc'd pages stay untouched (no RSS) until a slot is first used: slots are
+        # handed out low-first, so memory follows the peak number of open pairs.
+        self.conns = <Conn*>calloc(max_conns, sizeof(Conn))
+        self.free_slots = <uint32_t*>calloc(max_conns, sizeof(uint32_t))
+        self.scratch = <char*>malloc(SCRATCH_SIZE)
+        self.evq_cap = 256
+        self.evq = <Event*>malloc(self.evq_cap * sizeof(Event))
+        if not (self.conns and self.free_slots and self.scratch and self.evq):
+            self._free_memory()
+            raise MemoryError("relay core: cannot allocate the connection table")
+        pipe_pool_init(&self.pipes, max_pipes if self.splice_enabled else 0, pipe_size)
+        try:
+            if self.backend_id == BACKEND_URING:
+                self._ring_setup(ring_entries)
+            else:
+                self._epoll_setup()
+        except BaseException:
+            self._free_memory()
+            raise
+        self.now = now_ns()
+        self.next_scan = self.now + self.scan_interval_ns
+        self.closed = False
+
+    # ---------------------------------------------------------------- setup / teardown
+
+    cdef _ring_setup(self, int entries):
+        cdef io_uring_params params
+        cdef int err = 0
+        self.ring = io_uring()
+        self.cqe_holder = io_uring_cqe()
+        self.wait_ts = uring_timespec()
+        self.no_sigmask = uring_sigset()    # ptr stays NULL: no signal mask change on wait
+        # Setup flags, each one deliberate:
+        # - CQSIZE: a CQ 8x the SQ, because one arm (SQE) can complete with several CQEs
+        #   (multishot accept) and a burst of readiness must not overflow.  Overflow still
+        #   loses nothing (IORING_FEAT_NODROP keeps it in the kernel until we reap).
+        # - COOP_TASKRUN: completions run when we enter the kernel, not via an IPI that
+        #   interrupts us mid-batch; we enter once per batch anyway.
+        # - SUBMIT_ALL: one bad SQE must not stop the rest of the batch.
+        # No SQPOLL (a spinning kernel thread per worker on a 2-vCPU box costs more than it
+        # saves) and no SINGLE_ISSUER/DEFER_TASKRUN (embedders may create the loop in one
+        # thread and drive it from another; DEFER_TASKRUN would also delay eventfd wakeups).
+        for flags in ((__IORING_SETUP_CQSIZE | __IORING_SETUP_COOP_TASKRUN
+                       | __IORING_SETUP_SUBMIT_ALL),
+                      __IORING_SETUP_CQSIZE, 0):
+            params = io_uring_params()
+            params.ptr.flags = flags
+            params.ptr.cq_entries = entries * 8
+            try:
+                io_uring_queue_init_params(entries, self.ring, params)
+                self.ring_ready = True
+                return
+            except OSError as exc:
+                self.ring = io_uring()
+                err = exc.errno or 0
+                if err != EINVAL:
+                    break
+        raise OSError(err, f"relay core: io_uring unavailable: {os.strerror(err)} "
+                           "(kernel.io_uring_disabled, a seccomp filter, or RLIMIT_MEMLOCK); "
+                           "use the epoll engine")
+
+    cdef _epoll_setup(self):
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            err = errno
+            raise OSError(err, f"relay core: epoll_create1: {os.strerror(err)}")
+        self.epevents = <epoll_event*>malloc(EPOLL_BATCH * sizeof(epoll_event))
+        if self.epevents == NULL:
+            raise MemoryError("relay core: cannot allocate epoll events")
+
+    cdef void _free_memory(self) noexcept:
+        free(self.conns)
+        free(self.free_slots)
+        free(self.scratch)
+        free(self.evq)
+        free(self.epevents)
+        self.conns = NULL
+        self.free_slots = NULL
+        self.scratch = NULL
+        self.evq = NULL
+        self.epevents = NULL
+
+    def close(self):
+        """Reset every open pair, stop accepting and release the ring.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        cdef uint32_t i
+        cdef Conn* c
+        for i in range(self.high_water):
+            c = &self.conns[i]
+            if c.state != ST_FREE:
+                self._close_conn(c, R_ABORTED, 0, True)
+        self.evq_len = 0        # nobody will read them; accepted fds were closed below
+        for i in range(self.n_listener_slots):
+            self.listeners[i].active = 0
+        pipe_pool_destroy(&self.pipes)
+        if self.ring_ready:
+            self.ring_ready = False
+            io_uring_queue_exit(self.ring)
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+        if self.efd >= 0:
+            close(self.efd)
+            self.efd = -1
+        self._free_memory()
+
+    def __dealloc__(self):
+        if not self.closed:
+            warnings.warn(f"unclosed relay core Loop with {self.n_open} open pairs",
+                          ResourceWarning)
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    cdef _ensure_alive(self):
+        if self.closed:
+            raise RuntimeError("relay core: the loop is closed")
+
+    # ---------------------------------------------------------------- Python API
+
+    @property
+    def backend(self):
+        return "uring" if self.backend_id == BACKEND_URING else "epoll"
+
+    def fileno(self):
+        """A descriptor that turns readable when run(0) has work (for loop.add_reader)."""
+        self._ensure_alive()
+        if self.backend_id == BACKEND_EPOLL:
+            return self.epfd
+        if self.efd < 0:
+            fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+            if fd < 0:
+                err = errno
+                raise OSError(err, f"relay core: eventfd: {os.strerror(err)}")
+            try:
+                io_uring_register_eventfd(self.ring, fd)
+            except OSError:
+                close(fd)
+                raise
+            self.efd = fd
+        return self.efd
+
+    def add_listener(self, int fd, int64_t tag):
+        """Accept on `fd` (non-blocking listening socket, not owned) under `tag`."""
+        self._ensure_alive()
+        cdef int i, slot = -1
+        for i in range(self.n_listener_slots):
+            if self.listeners[i].active and self.listeners[i].tag == tag:
+                raise ValueError(f"relay core: listener tag {tag} already added")
+            if not self.listeners[i].active and slot < 0:
+                slot = i
+        if slot < 0:
+            if self.n_listener_slots >= MAX_LISTENERS:
+                raise ValueError(f"relay core: at most {MAX_LISTENERS} listeners per loop")
+            slot = self.n_listener_slots
+            self.n_listener_slots += 1
+        cdef Listener* l = &self.listeners[slot]
+        l.gen += 1
+        l.fd = fd
+        l.tag = tag
+        l.active = 1
+        l.user_paused = 0
+        l.armed = 0
+        l.resume_at = 0
+        l.backoff_ms = 100
+        self._listener_arm(slot)
+        self._flush()
+
+    def remove_listener(self, int64_t tag):
+        self._ensure_alive()
+        cdef int slot = self._listener_slot(tag)
+        self._listener_disarm(slot)
+        self.listeners[slot].active = 0
+        self.listeners[slot].gen += 1
+        self._flush()
+
+    def pause_accept(self, int64_t tag):
+        self._ensure_alive()
+        cdef int slot = self._listener_slot(tag)
+        self.listeners[slot].user_paused = 1
+        self._listener_disarm(slot)
+        self._flush()
+
+    def resume_accept(self, int64_t tag):
+        self._ensure_alive()
+        cdef int slot = self._listener_slot(tag)
+        self.listeners[slot].user_paused = 0
+        if self.listeners[slot].resume_at == 0:
+            self._listener_arm(slot)
+        self._flush()
+
+    cdef int _listener_slot(self, int64_t tag) except -1:
+        cdef int i
+        for i in range(self.n_listener_slots):
+            if self.listeners[i].active and self.listeners[i].tag == tag:
+                return i
+        raise KeyError(f"relay core: no listener with tag {tag}")
+
+    def add_pair(self, int client_fd, int upstream_fd, int64_t tag=0, bint connecting=False,
+                 bytes prefix=b""):
+        """Relay between two sockets; the loop owns both fds from now on.  Returns the id."""
+        self._ensure_alive()
+        if client_fd < 0 or upstream_fd < 0 or client_fd == upstream_fd:
+            raise ValueError(f"relay core: bad fds {client_fd}, {upstream_fd}")
+        if self.n_free_slots == 0 and self.high_water >= self.max_conns:
+            raise OSError(EMFILE, f"relay core: connection table full ({self.max_conns})")
+        cdef uint32_t idx
+        if self.n_free_slots:
+            self.n_free_slots -= 1
+            idx = self.free_slots[self.n_free_slots]
+        else:
+            idx = self.high_water
+            self.high_water += 1
+        cdef Conn* c = &self.conns[idx]
+        cdef uint32_t gen = c.gen
+        memset(c, 0, sizeof(Conn))
+        c.gen = gen
+        c.fd[SIDE_CLIENT] = client_fd
+        c.fd[SIDE_UPSTREAM] = upstream_fd
+        half_reset(&c.half[0])
+        half_reset(&c.half[1])
+        c.tag = tag
+        self.now = now_ns()
+        c.start_ns = self.now
+        c.last_ns = self.now
+        for fd in (client_fd, upstream_fd):
+            flags = fcntl(fd, F_GETFL)
+            if flags >= 0 and not (flags & O_NONBLOCK):
+                fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+        cdef Py_ssize_t plen = len(prefix)
+        if plen:
+            c.half[0].buf = <char*>malloc(plen)
+            if c.half[0].buf == NULL:
+                raise MemoryError("relay core: prefix")
+            memcpy(c.half[0].buf, <char*>prefix, plen)
+            c.half[0].buf_len = plen
+        self.n_open += 1
+        self.st_conns_total += 1
+        cdef int64_t cid = (<int64_t>(gen & 0xFFFFFF) << 32) | idx
+        with nogil:
+            if connecting:
+                c.state = ST_CONNECTING
+                self._arm_side(c, SIDE_UPSTREAM, POLL_BIT_OUT)
+            else:
+                c.state = ST_RELAY
+                self._start_relay(c)
+        self._flush()
+        return cid
+
+    def abort(self, int64_t cid):
+        """Reset both sides of pair `cid` now (reason "aborted").  Unknown ids are ignored."""
+        self._ensure_alive()
+        cdef uint32_t idx = cid & 0xFFFFFFFFULL
+        cdef uint32_t gen = (cid >> 32) & 0xFFFFFF
+        if idx >= self.high_water:
+            return False
+        cdef Conn* c = &self.conns[idx]
+        if c.state == ST_FREE or (c.gen & 0xFFFFFF) != gen:
+            return False
+        self._close_conn(c, R_ABORTED, 0, True)
+        self._flush()
+        return True
+
+    def run(self, int timeout_ms=0):
+        """Wait up to timeout_ms (0: don't wait), move bytes, return the events (tuples)."""
+        self._ensure_alive()
+        if timeout_ms < 0:
+            timeout_ms = 0
+        cdef uint64_t until_scan
+        self.now = now_ns()
+        if self.evq_len:
+            timeout_ms = 0
+        elif timeout_ms:
+            until_scan = (self.next_scan - self.now) // 1000000ULL + 1 \
+                if self.next_scan > self.now else 0
+            if until_scan < <uint64_t>timeout_ms:
+                timeout_ms = <int>until_scan
+        if self.backend_id == BACKEND_URING:
+            _uring_wait(self, timeout_ms)
+            with nogil:
+                _uring_reap(self)
+        else:
+            with nogil:
+                _epoll_poll(self, timeout_ms)
+        if self.efd >= 0:
+            self._drain_eventfd()
+        self.now = now_ns()
+        if self.now >= self.next_scan:
+            with nogil:
+                self._scan_timers()
+        self._flush()
+        return self._take_events()
+
+    def stats(self):
+        """Counters as a flat dict of ints."""
+        d = {
+            "conns_open": self.n_open,
+            "conns_total": self.st_conns_total,
+            "bytes_spliced": self.st_bytes_spliced,
+            "bytes_copied": self.st_bytes_copied,
+            "pipes_in_use": self.pipes.n_in_use,
+            "pipes_free": self.pipes.n_free,
+            "pipes_max": self.pipes.max_pipes,
+            "pipes_created": self.pipes.created,
+            "pipes_killed": self.pipes.killed,
+            "pipe_refused": self.pipes.refused,
+            "pipe_resize_denied": self.pipes.setsz_denied,
+            "pipe_size_requested": self.pipes.size_requested,
+            "pipe_size_granted": self.pipes.size_granted or self._probe_pipe_size(),
+            "accepts": self.st_accepts,
+            "accept_errors": self.st_accept_errors,
+            "accept_paused": self.st_accept_paused,
+            "resets_sent": self.st_resets_sent,
+            "sqe_starved": self.st_sqe_starved,
+            "submit_errors": self.st_submit_errors,
+            "events_dropped": self.st_events_dropped,
+            "conn_slots_used": self.high_water,
+        }
+        for i, name in enumerate(REASONS):
+            d["closed_" + name] = self.st_closes[i]
+        return d
+
+    cdef int _probe_pipe_size(self):
+        # Before the first pipe exists, report what the kernel would grant: make one,
+        # size it, read it back, and keep it in the pool.
+        cdef Half tmp
+        half_reset(&tmp)
+        if self.pipes.max_pipes == 0:
+            return 0
+        if pipe_get(&self.pipes, &tmp, now_ns()) == 0:
+            pipe_put(&self.pipes, &tmp)
+        return self.pipes.size_granted
+
+    # ---------------------------------------------------------------- events out
+
+    cdef void _push_event(self, int kind, int64_t a, int64_t b) noexcept nogil:
+        cdef Event* grown
+        if self.evq_len == self.evq_cap:
+            grown = <Event*>realloc(self.evq, self.evq_cap * 2 * sizeof(Event))
+            if grown == NULL:
+                self.st_events_dropped += 1
+                if kind == EV_ACCEPT_:
+                    close(<int>b)       # nobody could own it: don't leak it
+                return
+            self.evq = grown
+            self.evq_cap *= 2
+        cdef Event* ev = &self.evq[self.evq_len]
+        self.evq_len += 1
+        ev.kind = kind
+        ev.a = a
+        ev.b = b
+
+    cdef list _take_events(self):
+        cdef list out = []
+        cdef uint32_t i
+        cdef Event* ev
+        for i in range(self.evq_len):
+            ev = &self.evq[i]
+            if ev.kind == EV_ACCEPT_:
+                out.append((EV_ACCEPT_, ev.a, ev.b))
+            elif ev.kind == EV_DONE_:
+                out.append((EV_DONE_, ev.a, ev.b, ev.v[0], ev.v[1], ev.v[2], ev.v[3],
+                            ev.v[4], ev.v[5], ev.v[6]))
+            elif ev.kind == EV_CONNECTED_:
+                out.append((EV_CONNECTED_, ev.a, ev.b, ev.v[0]))
+            else:
+                out.append((ev.kind, ev.a, ev.b))
+        self.evq_len = 0
+        if self.evq_cap > 4096:
+            # a burst grew the queue: give the memory back
+            free(self.evq)
+            self.evq_cap = 256
+            self.evq = <Event*>malloc(self.evq_cap * sizeof(Event))
+        return out
+
+    cdef void _drain_eventfd(self) noexcept:
+        cdef uint64_t value
+        read(self.efd, &value, sizeof(value))
+
+    # ---------------------------------------------------------------- the data path
+
+    cdef void _start_relay(self, Conn* c) noexcept nogil:
+        if self._pump(c, 0) < 0:
+            return
+        if self._pump(c, 1) < 0:
+            return
+        self._after_pump(c)
+
+    cdef int _pump(self, Conn* c, int d) noexcept nogil:
+        """Move what can move in direction d without blocking.  -1: the pair was closed."""
+        cdef Half* h = &c.half[d]
+        cdef int src = c.fd[d]
+        cdef int dst = c.fd[1 - d]
+        cdef ssize_t n, m
+        cdef int rounds = PUMP_ROUNDS
+        cdef size_t cap
+        h.flags &= ~(HF_WANT_READ | HF_WANT_WRITE)
+        if h.flags & HF_SHUT:
+            return 0
+        while True:
+            # 1. Bytes already read go out first, in order: the copy buffer, then the pipe.
+            if h.buf_off < h.buf_len:
+                n = send(dst, h.buf + h.buf_off, h.buf_len - h.buf_off,
+                         MSG_DONTWAIT | MSG_NOSIGNAL)
+                if n < 0:
+                    if errno == EAGAIN:
+                        h.flags |= HF_WANT_WRITE
+                        return 0
+                    if errno == EINTR:
+                        continue
+                    return self._fail_write(c, d, errno)
+                h.buf_off += n
+                h.nbytes += n
+                c.last_ns = self.now
+                if h.buf_off < h.buf_len:
+                    h.flags |= HF_WANT_WRITE
+                    return 0
+                free(h.buf)
+                h.buf = NULL
+                h.buf_off = 0
+                h.buf_len = 0
+            if h.pipe_len:
+                n = splice(h.pipe_r, NULL, dst, NULL, h.pipe_len,
+                           SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
+                if n < 0:
+                    if errno == EAGAIN:
+                        # Never read more while the pipe holds bytes: wait for dst to drain.
+                        h.flags |= HF_WANT_WRITE
+                        return 0
+                    if errno == EINTR:
+                        continue
+                    return self._fail_write(c, d, errno)
+                h.pipe_len -= n
+                h.nbytes += n
+                c.last_ns = self.now
+                if h.pipe_len:
+                    h.flags |= HF_WANT_WRITE
+                    return 0
+            # 2. Nothing pending for dst.  Forward the FIN only now: read side at EOF *and*
+            #    the pipe/buffer empty, or the last bytes would be cut off.
+            if h.flags & HF_EOF:
+                if h.pipe_r >= 0:
+                    pipe_put(&self.pipes, h)
+                shutdown(dst, SHUT_WR)
+                h.flags |= HF_SHUT
+                return 0
+            if rounds == 0:
+                # Fairness: let other pairs run; the level-triggered poll fires again at once.
+                h.flags |= HF_WANT_READ
+                return 0
+            rounds -= 1
+            # 3. Read more: splice for bulk flows, copy for small or interactive ones.
+            if (h.flags & HF_STREAM) and (h.pipe_r >= 0
+                                          or pipe_get(&self.pipes, h, self.now) == 0):
+                cap = <size_t>self.pipes.size_granted
+                n = splice(src, NULL, h.pipe_w, NULL, cap, SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
+                if n > 0:
+                    h.pipe_len += n
+                    h.spliced += n
+                    self.st_bytes_spliced += n
+                    c.last_ns = self.now
+                    if <size_t>n < self.splice_min:
+                        h.flags &= ~HF_STREAM       # the flow slowed down: copy again
+                    continue
+                if n == 0:
+                    h.flags |= HF_EOF
+                    continue
+                if errno == EAGAIN:
+                    # EAGAIN from splice(socket -> pipe) means "socket empty" *or* "pipe
+                    # full" (16+ skb fragments can fill it far below its byte size).  The
+                    # pipe was flushed to empty above, so here it means the socket is empty.
+                    # Give the pipe back: an idle connection holds no pipe.
+                    pipe_put(&self.pipes, h)
+                    h.flags |= HF_WANT_READ
+                    return 0
+                if errno == EINTR:
+                    continue
+                if errno == EINVAL or errno == ENOSYS:
+                    # splice unsupported for this socket type: copy from now on.
+                    h.flags &= ~HF_STREAM
+                    pipe_put(&self.pipes, h)
+                    continue
+                return self._fail_read(c, d, errno)
+            n = recv(src, self.scratch, SCRATCH_SIZE, MSG_DONTWAIT)
+            if n > 0:
+                h.copied += n
+                self.st_bytes_copied += n
+                c.last_ns = self.now
+                if self.splice_enabled and n >= STREAM_MIN and <size_t>n >= self.splice_min:
+                    h.flags |= HF_STREAM
+                m = send(dst, self.scratch, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+                if m < 0:
+                    if errno != EAGAIN and errno != EINTR:
+                        return self._fail_write(c, d, errno)
+                    m = 0
+                h.nbytes += m
+                if m < n:
+                    h.buf = <char*>malloc(n - m)
+                    if h.buf == NULL:
+                        self._close_conn(c, R_ERROR, ENOMEM, True)
+                        return -1
+                    memcpy(h.buf, self.scratch + m, n - m)
+                    h.buf_off = 0
+                    h.buf_len = <uint32_t>(n - m)
+                    h.flags |= HF_WANT_WRITE
+                    return 0
+                continue
+            if n == 0:
+                h.flags |= HF_EOF
+                continue
+            if errno == EAGAIN:
+                h.flags |= HF_WANT_READ
+                return 0
+            if errno == EINTR:
+                continue
+            return self._fail_read(c, d, errno)
+
+    cdef int _fail_read(self, Conn* c, int d, int err) noexcept nogil:
+        # Reading side d failed: ECONNRESET means that peer reset us; pass the reset on.
+        cdef int reason
+        if err == ECONNRESET or err == EPIPE or err == ECONNABORTED:
+            reason = R_RESET_CLIENT if d == SIDE_CLIENT else R_RESET_ORIGIN
+        else:
+            reason = R_ERROR
+        self._close_conn(c, reason, err, True)
+        return -1
+
+    cdef int _fail_write(self, Conn* c, int d, int err) noexcept nogil:
+        # Writing to side 1-d failed: EPIPE/ECONNRESET mean that peer is gone.
+        cdef int reason
+        if err == ECONNRESET or err == EPIPE or err == ECONNABORTED:
+            reason = R_RESET_ORIGIN if d == SIDE_CLIENT else R_RESET_CLIENT
+        else:
+            reason = R_ERROR
+        self._close_conn(c, reason, err, True)
+        return -1
+
+    cdef void _after_pump(self, Conn* c) noexcept nogil:
+        if (c.half[0].flags & HF_SHUT) and (c.half[1].flags & HF_SHUT):
+            self._close_conn(c, R_EOF, 0, False)
+            return
+        self._arm_side(c, SIDE_CLIENT, self._wanted(c, SIDE_CLIENT))
+        self._arm_side(c, SIDE_UPSTREAM, self._wanted(c, SIDE_UPSTREAM))
+
+    cdef inline uint8_t _wanted(self, Conn* c, int side) noexcept nogil:
+        cdef uint8_t want = 0
+        if c.half[side].flags & HF_WANT_READ:
+            want |= POLL_BIT_IN
+        if c.half[1 - side].flags & HF_WANT_WRITE:
+            want |= POLL_BIT_OUT
+        return want
+
+    cdef void _on_ready(self, Conn* c, int side, bint readable, bint writable) noexcept nogil:
+        cdef uint32_t gen = c.gen
+        if c.state == ST_CONNECTING:
+            if side == SIDE_UPSTREAM and writable:
+                self._finish_connect(c)
+            return
+        if c.state != ST_RELAY:
+            return
+        if readable and (c.half[side].flags & HF_WANT_READ):
+            if self._pump(c, side) < 0:
+                return
+        if writable and (c.half[1 - side].flags & HF_WANT_WRITE):
+            if self._pump(c, 1 - side) < 0:
+                return
+        self._after_pump(c)
+
+    cdef void _finish_connect(self, Conn* c) noexcept nogil:
+        cdef int err = 0
+        cdef sock_len errlen = sizeof(err)
+        if getsockopt(c.fd[SIDE_UPSTREAM], SOL_SOCKET, SO_ERROR, &err, &errlen) < 0:
+            err = errno
+        if err == EINPROGRESS or err == EALREADY:
+            self._arm_side(c, SIDE_UPSTREAM, POLL_BIT_OUT)
+            return
+        if err != 0:
+            self._close_conn(c, connect_reason(err), err, True)
+            return
+        c.state = ST_RELAY
+        c.connect_us = (self.now - c.start_ns) // 1000
+        c.last_ns = self.now
+        self._push_event(EV_CONNECTED_, self._cid(c), c.tag)
+        self.evq[self.evq_len - 1].v[0] = <int64_t>c.connect_us
+        self._start_relay(c)
+
+    cdef inline int64_t _cid(self, Conn* c) noexcept nogil:
+        return (<int64_t>(c.gen & 0xFFFFFF) << 32) | <int64_t>(c - self.conns)
+
+    cdef void _close_conn(self, Conn* c, int reason, int err, bint reset) noexcept nogil:
+        cdef int side, i
+        cdef uint32_t idx = <uint32_t>(c - self.conns)
+        self._disarm_all(c)
+        for side in range(2):
+            if reset:
+                set_linger_zero(c.fd[side])
+            close(c.fd[side])
+        if reset:
+            self.st_resets_sent += 1
+        for i in range(2):
+            pipe_put(&self.pipes, &c.half[i])
+            if c.half[i].buf != NULL:
+                free(c.half[i].buf)
+                c.half[i].buf = NULL
+        self.st_closes[reason] += 1
+        self._push_event(EV_DONE_, self._cid(c), c.tag)
+        cdef Event* ev = &self.evq[self.evq_len - 1]
+        if ev.kind == EV_DONE_ and ev.a == self._cid(c):
+            ev.v[0] = reason
+            ev.v[1] = <int64_t>c.half[0].nbytes
+            ev.v[2] = <int64_t>c.half[1].nbytes
+            ev.v[3] = <int64_t>(c.half[0].spliced + c.half[1].spliced)
+            ev.v[4] = <int64_t>(c.half[0].copied + c.half[1].copied)
+            ev.v[5] = <int64_t>((self.now - c.start_ns) // 1000)
+            ev.v[6] = err
+        c.state = ST_FREE
+        c.gen += 1
+        self.free_slots[self.n_free_slots] = idx
+        self.n_free_slots += 1
+        self.n_open -= 1
+
+    # ---------------------------------------------------------------- timers
+
+    cdef void _scan_timers(self) noexcept nogil:
+        cdef uint32_t i
+        cdef Conn* c
+        cdef uint64_t now = self.now
+        cdef uint64_t idle
+        cdef bint one_done
+        self.next_scan = now + self.scan_interval_ns
+        for i in range(self.high_water):
+            c = &self.conns[i]
+            if c.state == ST_FREE:
+                continue
+            if c.state == ST_CONNECTING:
+                if now - c.start_ns >= self.connect_timeout_ns:
+                    self._close_conn(c, R_CONNECT_TIMEOUT, ETIMEDOUT, True)
+                continue
+            idle = now - c.last_ns if now > c.last_ns else 0
+            if idle >= self.idle_timeout_ns:
+                self._close_conn(c, R_IDLE_TIMEOUT, ETIMEDOUT, True)
+                continue
+            one_done = ((c.half[0].flags & HF_SHUT) != 0) != ((c.half[1].flags & HF_SHUT) != 0)
+            if one_done and idle >= self.half_close_timeout_ns:
+                self._close_conn(c, R_HALF_CLOSE_TIMEOUT, ETIMEDOUT, True)
+        for i in range(self.n_listener_slots):
+            if (self.listeners[i].active and self.listeners[i].resume_at
+                    and now >= self.listeners[i].resume_at):
+                self.listeners[i].resume_at = 0
+                if not self.listeners[i].user_paused:
+                    self._listener_arm(i)
+
+    cdef void _accept_error(self, int slot, int err) noexcept nogil:
+        cdef Listener* l = &self.listeners[slot]
+        self.st_accept_errors += 1
+        if is_accept_pause_errno(err):
+            self.st_accept_paused += 1
+            l.resume_at = self.now + <uint64_t>l.backoff_ms * 1000000ULL
+            if l.backoff_ms < 1000:
+                l.backoff_ms = l.backoff_ms * 2 if l.backoff_ms * 2 < 1000 else 1000
+            if self.next_scan > l.resume_at:
+                self.next_scan = l.resume_at
+            self._push_event(EV_ACCEPT_ERROR_, l.tag, err)
+
+    # ---------------------------------------------------------------- backend dispatch
+
+    cdef void _arm_side(self, Conn* c, int side, uint8_t want) noexcept nogil:
+        if self.backend_id == BACKEND_URING:
+            _uring_arm(self, c, side, want)
+        else:
+            _epoll_arm(self, c, side, want)
+
+    cdef void _disarm_all(self, Conn* c) noexcept nogil:
+        if self.backend_id == BACKEND_URING:
+            _uring_disarm(self, c)
+        else:
+            _epoll_disarm(self, c)
+
+    cdef void _listener_arm(self, int slot) noexcept nogil:
+        if self.backend_id == BACKEND_URING:
+            _uring_listener_arm(self, slot)
+        else:
+            _epoll_listener_arm(self, slot)
+
+    cdef void _listener_disarm(self, int slot) noexcept nogil:
+        if self.backend_id == BACKEND_URING:
+            _uring_listener_disarm(self, slot)
+        else:
+            _epoll_listener_disarm(self, slot)
+
+    cdef void _flush(self):
+        if self.backend_id == BACKEND_URING and self.ring_ready:
+            if __io_uring_sq_ready(&self.ring.ptr):
+                try:
+                    io_uring_submit(self.ring)
+                except OSError:
+                    self.st_submit_errors += 1
+

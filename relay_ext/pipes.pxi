@@ -1,0 +1,100 @@
+# Bounded pipe pool (HAProxy src/pipe.c in spirit).
+#
+# A pipe is the kernel-side buffer splice(2) moves page references through.  Pipes are made
+# lazily, capped at `max_pipes` (in use + idle), sized with F_SETPIPE_SZ and the granted size
+# read back with F_GETPIPE_SZ: for a non-root user past fs.pipe-user-pages-soft the kernel
+# silently hands out one-page pipes and F_SETPIPE_SZ fails with EPERM.  Such a pipe is not worth
+# splicing through, so it is closed and the connection copies instead (never stalls).
+# A pipe that still holds bytes is closed, never returned: its contents belong to a dead flow.
+
+cdef struct PipePool:
+    int* free_r
+    int* free_w
+    int n_free
+    int n_in_use
+    int max_pipes
+    int size_requested
+    int size_granted          # F_GETPIPE_SZ of the last pipe made
+    uint64_t created
+    uint64_t refused          # pipe2 failed, or the kernel granted a uselessly small pipe
+    uint64_t setsz_denied     # F_SETPIPE_SZ refused (EPERM past pipe-user-pages-soft)
+    uint64_t killed           # closed while still holding bytes
+    uint64_t cooldown_until   # after a refusal, copy for a while instead of retrying each read
+
+
+cdef int pipe_pool_init(PipePool* pp, int max_pipes, int size) except -1:
+    memset(pp, 0, sizeof(PipePool))
+    pp.max_pipes = max_pipes if max_pipes > 0 else 0
+    pp.size_requested = size
+    pp.size_granted = 0
+    if pp.max_pipes:
+        pp.free_r = <int*>calloc(pp.max_pipes, sizeof(int))
+        pp.free_w = <int*>calloc(pp.max_pipes, sizeof(int))
+        if pp.free_r == NULL or pp.free_w == NULL:
+            raise MemoryError("relay: cannot allocate the pipe pool")
+    return 0
+
+
+cdef void pipe_pool_destroy(PipePool* pp) noexcept nogil:
+    cdef int i
+    for i in range(pp.n_free):
+        close(pp.free_r[i])
+        close(pp.free_w[i])
+    pp.n_free = 0
+    free(pp.free_r)
+    free(pp.free_w)
+    pp.free_r = NULL
+    pp.free_w = NULL
+
+
+cdef int pipe_get(PipePool* pp, Half* h, uint64_t now) noexcept nogil:
+    """Give half `h` a pipe; 0 on success, -1 when it must copy instead."""
+    cdef int fds[2]
+    cdef int granted
+    if pp.n_free > 0:
+        pp.n_free -= 1
+        h.pipe_r = pp.free_r[pp.n_free]
+        h.pipe_w = pp.free_w[pp.n_free]
+        pp.n_in_use += 1
+        return 0
+    if pp.n_in_use >= pp.max_pipes or now < pp.cooldown_until:
+        return -1
+    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        pp.refused += 1
+        pp.cooldown_until = now + 1000000000ULL
+        return -1
+    if pp.size_requested > 0 and fcntl(fds[1], F_SETPIPE_SZ, pp.size_requested) < 0:
+        pp.setsz_denied += 1
+    granted = fcntl(fds[1], F_GETPIPE_SZ)
+    if granted < 16384:
+        # One-page pipes (pipe-user-pages-soft exhausted): a 4-8 KiB pipe turns every skb
+        # into its own splice round trip.  Copying is cheaper; back off and retry later.
+        close(fds[0])
+        close(fds[1])
+        pp.refused += 1
+        pp.cooldown_until = now + 1000000000ULL
+        return -1
+    pp.size_granted = granted
+    pp.created += 1
+    pp.n_in_use += 1
+    h.pipe_r = fds[0]
+    h.pipe_w = fds[1]
+    return 0
+
+
+cdef void pipe_put(PipePool* pp, Half* h) noexcept nogil:
+    if h.pipe_r < 0:
+        return
+    pp.n_in_use -= 1
+    if h.pipe_len == 0 and pp.n_free < pp.max_pipes:
+        pp.free_r[pp.n_free] = h.pipe_r
+        pp.free_w[pp.n_free] = h.pipe_w
+        pp.n_free += 1
+    else:
+        if h.pipe_len:
+            pp.killed += 1
+        close(h.pipe_r)
+        close(h.pipe_w)
+    h.pipe_r = -1
+    h.pipe_w = -1
+    h.pipe_len = 0

@@ -1,0 +1,166 @@
+# io_uring readiness: one-shot POLL_ADD per (side, direction) and multishot ACCEPT.
+# A one-shot poll checks readiness when armed, so it behaves level-triggered: re-arming after
+# a partial drain fires at once, which is what the fairness limit in _pump relies on.
+# (Module-level functions over Loop, included after it.)
+
+cdef __io_uring_sqe* _sqe(Loop self) noexcept nogil:
+    cdef __io_uring_sqe* sqe = __io_uring_get_sqe(&self.ring.ptr)
+    if sqe == NULL:
+        # SQ full mid-batch: submit what we have and take a fresh entry.
+        with gil:
+            try:
+                io_uring_submit(self.ring)
+            except OSError:
+                self.st_submit_errors += 1
+        sqe = __io_uring_get_sqe(&self.ring.ptr)
+        if sqe == NULL:
+            self.st_sqe_starved += 1
+    return sqe
+
+cdef void _uring_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
+    cdef uint8_t missing = want & ~c.polled[side]
+    cdef uint32_t idx = <uint32_t>(c - self.conns)
+    cdef __io_uring_sqe* sqe
+    if missing & POLL_BIT_IN:
+        sqe = _sqe(self)
+        if sqe != NULL:
+            __io_uring_prep_poll_add(sqe, c.fd[side], POLLIN)
+            __io_uring_sqe_set_data64(sqe, pack_ud(OP_POLL + side * 2, c.gen, idx))
+            c.polled[side] |= POLL_BIT_IN
+    if missing & POLL_BIT_OUT:
+        sqe = _sqe(self)
+        if sqe != NULL:
+            __io_uring_prep_poll_add(sqe, c.fd[side], POLLOUT)
+            __io_uring_sqe_set_data64(sqe, pack_ud(OP_POLL + side * 2 + 1, c.gen, idx))
+            c.polled[side] |= POLL_BIT_OUT
+
+cdef void _uring_disarm(Loop self, Conn* c) noexcept nogil:
+    # A pending poll holds a reference to the socket's file: close() alone would keep the
+    # socket alive (and delay the RST of SO_LINGER 0) until the poll fired.  Remove each
+    # one by its exact user_data; the generation in it keeps a reused slot safe.
+    cdef uint32_t idx = <uint32_t>(c - self.conns)
+    cdef int side
+    cdef __io_uring_sqe* sqe
+    for side in range(2):
+        if c.polled[side] & POLL_BIT_IN:
+            sqe = _sqe(self)
+            if sqe != NULL:
+                __io_uring_prep_poll_remove(sqe, pack_ud(OP_POLL + side * 2, c.gen, idx))
+                __io_uring_sqe_set_data64(sqe, pack_ud(OP_IGNORE, 0, 0))
+        if c.polled[side] & POLL_BIT_OUT:
+            sqe = _sqe(self)
+            if sqe != NULL:
+                __io_uring_prep_poll_remove(sqe, pack_ud(OP_POLL + side * 2 + 1, c.gen, idx))
+                __io_uring_sqe_set_data64(sqe, pack_ud(OP_IGNORE, 0, 0))
+        c.polled[side] = 0
+
+cdef void _uring_listener_arm(Loop self, int slot) noexcept nogil:
+    cdef Listener* l = &self.listeners[slot]
+    cdef __io_uring_sqe* sqe
+    if l.armed or not l.active:
+        return
+    sqe = _sqe(self)
+    if sqe == NULL:
+        l.resume_at = self.now + 10000000ULL     # retry from the timer scan
+        return
+    # Multishot: one SQE keeps accepting, one CQE per connection, until an error or a
+    # cancel ends it (then the CQE lacks IORING_CQE_F_MORE and we re-arm).
+    __io_uring_prep_multishot_accept(sqe, l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+    __io_uring_sqe_set_data64(sqe, pack_ud(OP_ACCEPT, l.gen, slot))
+    l.armed = 1
+
+cdef void _uring_listener_disarm(Loop self, int slot) noexcept nogil:
+    cdef Listener* l = &self.listeners[slot]
+    cdef __io_uring_sqe* sqe
+    if not l.armed:
+        return
+    sqe = _sqe(self)
+    if sqe != NULL:
+        __io_uring_prep_cancel64(sqe, pack_ud(OP_ACCEPT, l.gen, slot), 0)
+        __io_uring_sqe_set_data64(sqe, pack_ud(OP_IGNORE, 0, 0))
+
+cdef void _uring_on_accept(Loop self, uint32_t slot, uint32_t gen, int res,
+                           uint32_t flags) noexcept nogil:
+    cdef Listener* l
+    if slot >= <uint32_t>self.n_listener_slots:
+        if res >= 0:
+            close(res)
+        return
+    l = &self.listeners[slot]
+    if not l.active or (l.gen & 0xFFFFFF) != gen:
+        if res >= 0:
+            close(res)          # accepted just before the listener went away
+        return
+    if not (flags & __IORING_CQE_F_MORE):
+        l.armed = 0
+    if res >= 0:
+        self.st_accepts += 1
+        l.backoff_ms = 100
+        self._push_event(EV_ACCEPT_, l.tag, res)
+    elif res != -ECANCELED and res != -ECONNABORTED and res != -EINTR:
+        self._accept_error(slot, -res)
+    if not l.armed and not l.user_paused and l.resume_at == 0:
+        _uring_listener_arm(self, slot)
+
+cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexcept nogil:
+    cdef uint32_t op = <uint32_t>(ud >> 56)
+    cdef uint32_t gen = <uint32_t>((ud >> 32) & 0xFFFFFF)
+    cdef uint32_t idx = <uint32_t>(ud & 0xFFFFFFFFULL)
+    cdef Conn* c
+    cdef uint32_t rel
+    cdef int side
+    cdef bint out
+    if op == OP_ACCEPT:
+        _uring_on_accept(self, idx, gen, res, flags)
+        return
+    if op < OP_POLL or op > OP_POLL + 3 or idx >= self.high_water:
+        return
+    c = &self.conns[idx]
+    if c.state == ST_FREE or (c.gen & 0xFFFFFF) != gen:
+        return                  # completion of a pair that is gone (or a reused slot)
+    rel = op - OP_POLL
+    side = rel >> 1
+    out = rel & 1
+    c.polled[side] &= ~(POLL_BIT_OUT if out else POLL_BIT_IN)
+    if res == -ECANCELED:
+        return
+    self._on_ready(c, side, not out, out)
+
+cdef void _uring_reap(Loop self) noexcept nogil:
+    cdef __io_uring* r = &self.ring.ptr
+    cdef unsigned int head, mask, n, i
+    cdef __io_uring_cqe* cqe
+    while True:
+        n = __io_uring_cq_ready(r)
+        if n == 0:
+            break
+        head = r.cq.khead[0]
+        mask = r.cq.ring_mask
+        for i in range(n):
+            cqe = &r.cq.cqes[(head + i) & mask]
+            _uring_dispatch(self, cqe.user_data, cqe.res, cqe.flags)
+        __io_uring_cq_advance(r, n)
+        self.st_wakeups += 1
+
+cdef void _uring_wait(Loop self, int timeout_ms):
+    if timeout_ms <= 0 or __io_uring_cq_ready(&self.ring.ptr):
+        # Enter once even when not waiting: submits our SQEs and, with COOP_TASKRUN, runs
+        # the completion work the kernel deferred until we next entered.
+        try:
+            with nogil:
+                io_uring_submit_and_get_events(self.ring)
+        except InterruptedError:
+            pass
+        except OSError:
+            self.st_submit_errors += 1
+        return
+    self.wait_ts.ptr.tv_sec = timeout_ms // 1000
+    self.wait_ts.ptr.tv_nsec = (timeout_ms % 1000) * 1000000
+    try:
+        with nogil:
+            io_uring_submit_and_wait_timeout(self.ring, self.cqe_holder, 1, self.wait_ts,
+                                             self.no_sigmask)
+    except (TimeoutError, InterruptedError):
+        pass                    # -ETIME: nothing happened; -EINTR: a signal for Python
+    except OSError:
+        self.st_submit_errors += 1
