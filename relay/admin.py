@@ -1,0 +1,343 @@
+"""The admin endpoints of the supervisor, and the `relay stats` / `relay reload` client.
+
+Unix socket (`relay.admin_socket`, mode 0600): one request line per connection, one answer, then
+the supervisor closes. Requests: `stats` (text), `stats json`, `reload` (answers once the new
+generation serves or the reload failed; the first word of the answer is `ok` or `error`).
+
+HTTP (`relay.metrics_listen`): `GET /metrics` in the Prometheus text format, from a custom
+collector over the workers' aggregated counters.
+
+Both are served from the supervisor's single-threaded main loop (its selector): no thread exists
+in the supervisor when it forks a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import selectors
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+__all__ = ["AdminServer", "client_main", "format_stats", "request"]
+
+MAX_REQUEST = 1024
+CLIENT_TIMEOUT = 5.0  # seconds an admin client may take to send its request / read the answer
+RELOAD_TIMEOUT = 120.0  # `relay reload` waits this long for the new generation to serve
+
+Snapshot = Callable[[], dict[str, Any]]
+Reload = Callable[[Callable[[bool, str], None] | None], None]
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    timeout = CLIENT_TIMEOUT
+    registry: CollectorRegistry
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            body = generate_latest(self.registry)
+            self._answer(200, CONTENT_TYPE_LATEST, body)
+        elif path == "/":
+            self._answer(200, "text/plain; charset=utf-8", b"relay: see /metrics\n")
+        else:
+            self._answer(404, "text/plain; charset=utf-8", b"not found: try /metrics\n")
+
+    def _answer(self, code: int, ctype: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        return  # one line per scrape would drown the log
+
+
+class _MetricsServer(http.server.HTTPServer):
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
+                 registry: CollectorRegistry) -> None:
+        self.address_family = family
+        handler = type("MetricsHandler", (_MetricsHandler,), {"registry": registry})
+        super().__init__(address, handler)
+        self.timeout = 0
+
+
+class AdminServer:
+    """Admin unix socket + /metrics HTTP server, driven by the supervisor's selector."""
+
+    def __init__(self, selector: selectors.BaseSelector, snapshot: Snapshot, reload: Reload,
+                 aggregator: Any) -> None:
+        from relay.metrics import RelayCollector
+
+        self._selector = selector
+        self._snapshot = snapshot
+        self._reload = reload
+        self._unix: socket.socket | None = None
+        self._unix_path = ""
+        self._http: _MetricsServer | None = None
+        self._clients: dict[socket.socket, bytearray] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(RelayCollector(snapshot, aggregator))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self, cfg: Any) -> None:
+        """Bind what `cfg` asks for; raises OSError naming the address on failure."""
+        path = cfg.relay.admin_socket
+        if path:
+            self._unix = _bind_unix(path)
+            self._unix_path = path
+            self._selector.register(self._unix, selectors.EVENT_READ, self._accept_unix)
+        if cfg.relay.metrics_listen:
+            from relay.config import parse_hostport
+
+            host, port = parse_hostport(cfg.relay.metrics_listen, allow_port_zero=True)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                self._http = _MetricsServer((host, port), family, self.registry)
+            except OSError as exc:
+                raise OSError(exc.errno, f"metrics_listen {cfg.relay.metrics_listen}: "
+                                         f"{exc.strerror}") from None
+            self._selector.register(self._http, selectors.EVENT_READ, self._http.handle_request)
+
+    def addresses(self) -> dict[str, str]:
+        out = {}
+        if self._unix is not None:
+            out["admin_socket"] = self._unix_path
+        if self._http is not None:
+            host, port = self._http.server_address[:2]
+            host = host if isinstance(host, str) else host.decode()
+            out["metrics"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return out
+
+    def close(self) -> None:
+        for client in list(self._clients):
+            self._drop(client)
+        if self._unix is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._unix)
+            self._unix.close()
+            self._unix = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._unix_path)
+        if self._http is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._http)
+            self._http.server_close()
+            self._http = None
+
+    def close_in_child(self) -> None:
+        """In a forked worker: close the descriptors, leave the socket file to the supervisor."""
+        for client in self._clients:
+            client.close()
+        if self._unix is not None:
+            self._unix.close()
+        if self._http is not None:
+            self._http.socket.close()
+
+    # ------------------------------------------------------------------ unix socket protocol
+
+    def _accept_unix(self) -> None:
+        assert self._unix is not None
+        try:
+            conn, _ = self._unix.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        self._clients[conn] = bytearray()
+        self._selector.register(conn, selectors.EVENT_READ, lambda: self._read_client(conn))
+
+    def _read_client(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        buf = self._clients.get(conn)
+        if buf is None:
+            return
+        buf += data
+        if b"\n" not in buf and data and len(buf) < MAX_REQUEST:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn)
+        line = bytes(buf).split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        self._dispatch(conn, line)
+
+    def _dispatch(self, conn: socket.socket, line: str) -> None:
+        words = line.split()
+        if words == ["stats"]:
+            self._reply(conn, format_stats(self._snapshot()))
+        elif words == ["stats", "json"]:
+            self._reply(conn, json.dumps(self._snapshot(), sort_keys=True) + "\n")
+        elif words == ["reload"]:
+            self._reload(lambda ok, text: self._reply(conn, ("ok " if ok else "error ") + text
+                                                      + "\n"))
+        else:
+            self._reply(conn, f"error unknown request {line[:80]!r}: "
+                              "expected 'stats', 'stats json' or 'reload'\n")
+
+    def _reply(self, conn: socket.socket, text: str) -> None:
+        # Answers are small; a client that does not read within the timeout is dropped.
+        with contextlib.suppress(OSError):
+            conn.settimeout(CLIENT_TIMEOUT)
+            conn.sendall(text.encode())
+        self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._clients.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn)
+        conn.close()
+
+
+def _bind_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise OSError(f"admin socket {path}: another relay is listening there")
+            except ConnectionRefusedError:
+                os.unlink(path)  # stale file of a dead supervisor
+            finally:
+                probe.close()
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.strerror:
+            raise OSError(exc.errno, f"admin socket {path}: {exc.strerror}") from None
+        raise
+    return sock
+
+
+# ---------------------------------------------------------------------- text rendering
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_stats(snap: dict[str, Any]) -> str:
+    """The `relay stats` text: supervisor, listeners, one line per worker, totals."""
+    from relay.metrics import totals
+
+    lines = [
+        f"relay supervisor pid {snap['pid']}, generation {snap['generation']}, "
+        f"engine {snap['engine']}, up {snap['uptime']:.0f}s"
+        + (f", stopping ({snap['stopping']})" if snap.get("stopping") else ""),
+        "listeners: " + (", ".join(f"{k}={v}" for k, v in snap["listeners"].items()) or "none"),
+    ]
+    for key, value in snap.get("admin", {}).items():
+        lines.append(f"{key}: {value}")
+    if snap.get("budget"):
+        lines.append(f"budget: {snap['budget']}")
+    lines.append(f"workers: {len(snap['workers'])}")
+    for w in snap["workers"]:
+        loop = totals([w])
+        hb = w["heartbeat_age"]
+        lines.append(
+            f"  pid {w['pid']} gen {w['generation']} slot {w['slot']} {w['state']:<8} "
+            f"engine {w['engine'] or '-'} heartbeat {'-' if hb is None else f'{hb:.1f}s'} "
+            f"open {loop.get('conns_open', 0)} total {loop.get('conns_total', 0)} "
+            f"iou-wrk {w['iowq_threads']}"
+        )
+    t = totals(snap["workers"], snap.get("retired", {}))
+    rejected = t.get("rejected", {})
+    lines.append(
+        f"connections: open {t.get('conns_open', 0)}, total {t.get('conns_total', 0)}, "
+        f"rejected maxconn {rejected.get('maxconn', 0)}, "
+        f"per source {rejected.get('maxconn_per_source', 0)}"
+    )
+    lines.append(
+        f"bytes: spliced {_human_bytes(t.get('bytes_spliced', 0))}, "
+        f"copied {_human_bytes(t.get('bytes_copied', 0))}"
+        + (f", client->origin {_human_bytes(t['bytes_c2s'])}" if "bytes_c2s" in t else "")
+        + (f", origin->client {_human_bytes(t['bytes_s2c'])}" if "bytes_s2c" in t else "")
+    )
+    lines.append(
+        f"pipes: in use {t.get('pipes_in_use', 0)}, free {t.get('pipes_free', 0)}; "
+        f"accept pauses {t.get('accept_paused', 0)}"
+    )
+    closes = {k: v for k, v in t.get("closed", {}).items() if v}
+    if closes:
+        lines.append("closes: " + ", ".join(f"{k}={v}" for k, v in sorted(closes.items())))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- client side
+
+
+def request(path: str, line: str, timeout: float = CLIENT_TIMEOUT) -> str:
+    """Send one request line to the admin socket at `path`; return the whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(line.encode() + b"\n")
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def _socket_path(args: Any) -> str:
+    path = getattr(args, "socket", None)
+    if path:
+        return str(path)
+    config = getattr(args, "config", None)
+    if config:
+        from relay.config import load
+
+        cfg = load(config)
+        if cfg.relay.admin_socket:
+            return str(cfg.relay.admin_socket)
+        raise ValueError(f"{config}: relay.admin_socket is not set; pass --socket PATH")
+    raise ValueError("no admin socket: pass --socket PATH or --config FILE")
+
+
+def client_main(args: Any) -> int:
+    """`relay stats [--json]` and `relay reload`: args.command ("stats" | "reload"),
+    args.socket (path or None), args.config (path or None), args.json (bool)."""
+    command = getattr(args, "command", None) or "stats"
+    try:
+        path = _socket_path(args)
+        if command == "reload":
+            answer = request(path, "reload", timeout=RELOAD_TIMEOUT)
+        elif command == "stats":
+            answer = request(path, "stats json" if getattr(args, "json", False) else "stats")
+        else:
+            raise ValueError(f"unknown admin command {command!r}: expected stats or reload")
+    except (OSError, ValueError) as exc:
+        print(f"relay {command}: {exc}", file=sys.stderr)
+        return 1
+    if command == "reload":
+        ok = answer.startswith("ok ")
+        (sys.stdout if ok else sys.stderr).write(answer.split(" ", 1)[-1])
+        return 0 if ok else 1
+    if answer.startswith("error "):
+        sys.stderr.write(answer[len("error "):])
+        return 1
+    sys.stdout.write(answer)
+    return 0

@@ -1,0 +1,736 @@
+"""The supervisor: binds the listeners, forks and watches the workers, reloads, stops.
+
+Shaped after gunicorn's arbiter: signal handlers only enqueue the signal number (and wake the
+main loop through `signal.set_wakeup_fd`); the main loop dispatches to `handle_<signame>`, reaps
+children with `waitpid(WNOHANG)` and decodes their status, and checks deadlines and heartbeats.
+
+The supervisor never imports the core or creates an io_uring: it forks before any Loop exists.
+Listening sockets are bound here (as root, before any worker drops privileges) and inherited by
+every worker of every generation, so during a reload old and new workers accept from the *same*
+kernel socket: no connection is refused, no accept queue is dropped. A reload validates the new
+config first, binds only listeners that are new, starts a new generation, and only once all of
+its workers serve does it SIGTERM (drain) the old generation, SIGKILLing what is left at
+`drain_timeout`. Sockets no generation uses any more are closed after the old workers are gone.
+
+A worker that fails before serving is a boot failure: at start it stops the service with the
+worker's error (no fork loop); during a reload it aborts the reload (the old generation keeps
+serving); for a restarted worker it backs off and gives up after MAX_BOOT_FAILURES in a row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from relay import privs, systemd
+from relay.heartbeat import Heartbeat
+from relay.worker import BootFailed, Serving, StatsReport, decode, run_worker
+
+__all__ = ["Supervisor", "run"]
+
+log = logging.getLogger("relay.supervisor")
+
+BOOT_TIMEOUT = 30.0  # seconds a new worker may take to report it serves
+HEARTBEAT_TIMEOUT = 10.0  # a serving worker silent this long is hung: SIGKILL, then replaced
+FAST_STOP_TIMEOUT = 5.0  # SIGINT/SIGQUIT: seconds before leftover workers get SIGKILL
+STABLE_AFTER = 10.0  # a worker serving this long resets its slot's crash count
+BACKOFF_MAX = 30.0
+MAX_BOOT_FAILURES = 5
+TICK = 0.5  # main loop wake-up for deadlines and heartbeats
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+ReplyFn = Callable[[bool, str], None]
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe_status(status: int) -> str:
+    """A waitpid status in words: "exited with code 3", "killed by SIGKILL"."""
+    if os.WIFSIGNALED(status):
+        core = " (core dumped)" if os.WCOREDUMP(status) else ""
+        return f"killed by {_signame(os.WTERMSIG(status))}{core}"
+    if os.WIFEXITED(status):
+        return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"status {status:#x}"
+
+
+def listener_key(lst: Any) -> tuple[str, str]:
+    """What identifies a kernel listening socket across configs: its address and its mode."""
+    return (str(lst.bind), str(lst.mode))
+
+
+def format_address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + (name if isinstance(name, str) else name.decode(errors="replace"))
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+@dataclasses.dataclass(eq=False)
+class Worker:
+    pid: int
+    generation: Generation
+    slot: int
+    heartbeat: Heartbeat
+    channel: socket.socket
+    started: float
+    state: str = "booting"  # booting -> serving -> draining
+    serving_since: float = 0.0
+    engine: str = ""
+    engine_reason: str = ""
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    boot_error: str = ""
+    kill_at: float | None = None  # SIGKILL deadline once told to stop
+    hung: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class Generation:
+    number: int
+    cfg: Any  # relay.config.Config as the workers see it (pipe budget applied)
+    sockets: dict[str, socket.socket]  # listener name -> listening socket
+    size: int
+    target: privs.Target | None  # who its workers become
+    capabilities: frozenset[int]  # what they keep
+    budget: str  # fd and pipe budget, in words
+    state: str = "starting"  # starting -> serving -> retiring
+    workers: dict[int, Worker] = dataclasses.field(default_factory=dict)
+    crashes: dict[int, int] = dataclasses.field(default_factory=dict)
+    boot_failures: dict[int, int] = dataclasses.field(default_factory=dict)
+    restart_at: dict[int, float] = dataclasses.field(default_factory=dict)
+    replies: list[ReplyFn] = dataclasses.field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(
+        self, cfg: Any, config_path: str | None, overrides: Mapping[str, Any] | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.started = time.monotonic()
+        self.selector = selectors.DefaultSelector()
+        self.signal_queue: deque[int] = deque()
+        self.listeners: dict[tuple[str, str], socket.socket] = {}
+        self.generations: list[Generation] = []
+        self.workers: dict[int, Worker] = {}
+        self.next_generation = 1
+        self.ready = False
+        self.stopping: str | None = None  # None | "drain" | "fast"
+        self.exit_code = EXIT_OK
+        self.fatal_error = ""
+        self.admin: Any = None
+        self.metrics: Any = None
+        self._wakeup_r = -1
+        self._wakeup_w = -1
+
+    # ------------------------------------------------------------------ start and main loop
+
+    def run(self) -> int:
+        try:
+            self._start()
+        except (OSError, ValueError, privs.PrivilegeError) as exc:
+            log.error("relay cannot start: %s", exc)
+            self._cleanup()
+            return EXIT_FAILED
+        try:
+            while not (self.stopping and not self.workers):
+                self._run_once()
+        finally:
+            self._cleanup()
+        if self.fatal_error:
+            log.error("relay stopped: %s", self.fatal_error)
+        else:
+            log.info("relay stopped")
+        return self.exit_code
+
+    def _start(self) -> None:
+        from relay.admin import AdminServer
+        from relay.metrics import Aggregator
+
+        self.metrics = Aggregator()
+        target = privs.resolve_target(self.cfg.relay.user, self.cfg.relay.group)
+        self._install_signals()
+        sockets = self._bind_listeners(self.cfg)
+        gen = self._new_generation(self.cfg, sockets, target)
+        self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics)
+        self.admin.open(self.cfg)
+        log.info(
+            "relay supervisor %d: %d workers, engine %s, listeners %s",
+            os.getpid(), gen.size, self.cfg.relay.engine, self._listener_text(gen),
+        )
+        for slot in range(gen.size):
+            self._spawn(gen, slot)
+
+    def _install_signals(self) -> None:
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                    signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(sig, self._enqueue_signal)
+
+    def _enqueue_signal(self, signum: int, _frame: Any) -> None:
+        # Only enqueue: the main loop does the work, outside any half-finished state.
+        self.signal_queue.append(signum)
+
+    def _drain_wakeup(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wakeup_r, 512):
+                pass
+
+    def _run_once(self) -> None:
+        timeout = TICK
+        if self.signal_queue:
+            timeout = 0
+        for key, _ in self.selector.select(timeout):
+            callback = key.data
+            callback()
+        while self.signal_queue:
+            signum = self.signal_queue.popleft()
+            handler = getattr(self, "handle_" + _signame(signum)[3:].lower(), None)
+            if handler is not None:
+                handler()
+        self._reap()
+        self._check_workers()
+
+    # ------------------------------------------------------------------ signal handlers
+
+    def handle_term(self) -> None:
+        log.info("SIGTERM: draining (up to %.0fs)", self.cfg.relay.drain_timeout)
+        self._begin_stop(drain=True)
+
+    def handle_int(self) -> None:
+        log.info("SIGINT: stopping now")
+        self._begin_stop(drain=False)
+
+    def handle_quit(self) -> None:
+        log.info("SIGQUIT: stopping now")
+        self._begin_stop(drain=False)
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        self.reload(None)
+
+    def handle_usr1(self) -> None:
+        from relay import log as relay_log
+
+        relay_log.reopen()
+        for gen in self.generations:
+            _give_log_file(gen.cfg, gen.target)
+        self._signal_workers(signal.SIGUSR1, list(self.workers.values()))
+        log.info("SIGUSR1: log files reopened")
+
+    def handle_chld(self) -> None:
+        self._reap()
+
+    # ------------------------------------------------------------------ listeners
+
+    def _bind_listeners(self, cfg: Any) -> dict[str, socket.socket]:
+        """Listening sockets for `cfg` by name: existing ones reused, new ones bound now.
+
+        On any bind error the sockets bound by this call are closed and the error raised.
+        """
+        from relay.sock import open_listener
+
+        fresh: list[tuple[tuple[str, str], socket.socket]] = []
+        out: dict[str, socket.socket] = {}
+        try:
+            for lst in cfg.listener:
+                key = listener_key(lst)
+                sock = self.listeners.get(key)
+                if sock is None:
+                    sock = open_listener(lst)
+                    fresh.append((key, sock))
+                out[lst.name] = sock
+        except BaseException:
+            for _key, sock in fresh:
+                sock.close()
+            raise
+        for key, sock in fresh:
+            self.listeners[key] = sock
+        return out
+
+    def _close_unused_listeners(self) -> None:
+        used = {id(s) for gen in self.generations for s in gen.sockets.values()}
+        for key, sock in list(self.listeners.items()):
+            if id(sock) not in used:
+                log.info("listener %s %s closed (not in the config any more)", *key)
+                sock.close()
+                del self.listeners[key]
+
+    def _listener_text(self, gen: Generation) -> str:
+        return ",".join(f"{name}={format_address(s)}" for name, s in gen.sockets.items())
+
+    # ------------------------------------------------------------------ workers
+
+    def _new_generation(
+        self, cfg: Any, sockets: dict[str, socket.socket], target: privs.Target | None
+    ) -> Generation:
+        from relay.limits import nofile_needed_for, raise_nofile
+
+        size = cfg.relay.resolved_workers
+        nofile = raise_nofile(nofile_needed_for(cfg.relay, len(cfg.listener), size))
+        wanted = cfg.relay.pipes_per_worker(size)
+        budget = privs.pipe_budget(target, cfg.relay.pipe_size, wanted, size)
+        if budget.per_worker < wanted:
+            cfg = msgspec.structs.replace(
+                cfg, relay=msgspec.structs.replace(cfg.relay, max_pipes=max(1, budget.per_worker))
+            )
+        text = (
+            f"fds: {nofile.message} (soft limit {nofile.soft}, {nofile.needed} needed per worker); "
+            f"pipes: {budget.message}"
+        )
+        log.log(logging.INFO if nofile.ok else logging.WARNING, "budget: %s", text)
+        _give_log_file(cfg, target)
+        gen = Generation(self.next_generation, cfg, sockets, size, target,
+                         privs.needed_capabilities(cfg), text)
+        self.next_generation += 1
+        self.generations.append(gen)
+        return gen
+
+    def _spawn(self, gen: Generation, slot: int) -> None:
+        heartbeat = Heartbeat("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = EXIT_FAILED
+            try:
+                parent_end.close()
+                code = run_worker(
+                    gen.cfg, gen.sockets, child_end, heartbeat,
+                    (gen.target, gen.capabilities),
+                    lambda: self._close_in_child(gen),
+                )
+            finally:
+                os._exit(code)
+        child_end.close()
+        parent_end.setblocking(False)
+        worker = Worker(pid, gen, slot, heartbeat, parent_end, time.monotonic())
+        gen.workers[pid] = worker
+        self.workers[pid] = worker
+        self.selector.register(parent_end, selectors.EVENT_READ, lambda: self._on_channel(worker))
+        log.info("worker %d started (generation %d, slot %d)", pid, gen.number, slot)
+
+    def _close_in_child(self, gen: Generation) -> None:
+        """In a fresh worker: close what belongs to the supervisor (objects, not fd numbers)."""
+        keep = {id(s) for s in gen.sockets.values()}
+        for sock in self.listeners.values():
+            if id(sock) not in keep:
+                sock.close()
+        for other in self.workers.values():
+            other.channel.close()
+            other.heartbeat.close()
+        if self.admin is not None:
+            self.admin.close_in_child()
+        self.selector.close()
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+
+    def _on_channel(self, worker: Worker) -> None:
+        while True:
+            try:
+                data = worker.channel.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(worker.channel)
+                return
+            try:
+                msg = decode(data)
+            except msgspec.DecodeError as exc:
+                log.warning("worker %d sent an undecodable message: %s", worker.pid, exc)
+                continue
+            if isinstance(msg, StatsReport):
+                worker.stats = msg.stats
+            elif isinstance(msg, Serving):
+                worker.engine, worker.engine_reason = msg.engine, msg.engine_reason
+                if worker.state == "booting":
+                    worker.state = "serving"
+                    worker.serving_since = time.monotonic()
+                    worker.generation.boot_failures.pop(worker.slot, None)
+                    log.info("worker %d serving (engine %s%s)", worker.pid, msg.engine,
+                             f": {msg.engine_reason}" if msg.engine_reason else "")
+                    self._generation_progress(worker.generation)
+            elif isinstance(msg, BootFailed):
+                worker.boot_error = msg.error
+
+    def _signal_workers(self, sig: int, workers: list[Worker]) -> None:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, sig)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._worker_gone(worker, status)
+
+    def _worker_gone(self, worker: Worker, status: int) -> None:
+        gen = worker.generation
+        gen.workers.pop(worker.pid, None)
+        self._on_channel(worker)  # pick up a last BootFailed / final stats
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(worker.channel)
+        worker.channel.close()
+        worker.heartbeat.close()
+        self.metrics.retire(worker.stats)
+        how = describe_status(status)
+        if worker.hung:
+            how += " (hung: no heartbeat)"
+        if self.stopping or worker.state == "draining":
+            log.info("worker %d (generation %d) %s", worker.pid, gen.number, how)
+        elif worker.state == "booting":
+            error = worker.boot_error or how
+            self._boot_failed(worker, error)
+        else:
+            self._crashed(worker, how)
+        self._retire_finished_generations()
+
+    def _boot_failed(self, worker: Worker, error: str) -> None:
+        gen = worker.generation
+        log.error("worker %d (generation %d) failed to boot: %s", worker.pid, gen.number, error)
+        if gen.state == "starting" and not self.ready:
+            self._fatal(f"worker failed to boot: {error}")
+        elif gen.state == "starting":
+            self._abort_generation(gen, f"new worker failed to boot: {error}")
+        else:
+            n = gen.boot_failures.get(worker.slot, 0) + 1
+            gen.boot_failures[worker.slot] = n
+            if n >= MAX_BOOT_FAILURES:
+                self._fatal(f"worker failed to boot {n} times in a row: {error}")
+            else:
+                self._schedule_restart(gen, worker.slot, n)
+
+    def _crashed(self, worker: Worker, how: str) -> None:
+        gen = worker.generation
+        now = time.monotonic()
+        if now - worker.serving_since >= STABLE_AFTER:
+            gen.crashes[worker.slot] = 0
+        n = gen.crashes.get(worker.slot, 0) + 1
+        gen.crashes[worker.slot] = n
+        log.warning("worker %d (generation %d) %s while serving", worker.pid, gen.number, how)
+        if gen.state == "serving" or gen.state == "starting":
+            self._schedule_restart(gen, worker.slot, n)
+
+    def _schedule_restart(self, gen: Generation, slot: int, failures: int) -> None:
+        delay = 0.0 if failures <= 1 else min(BACKOFF_MAX, 2.0 ** (failures - 2))
+        gen.restart_at[slot] = time.monotonic() + delay
+        if delay:
+            log.warning("restarting slot %d of generation %d in %.0fs (failure %d in a row)",
+                        slot, gen.number, delay, failures)
+
+    def _fatal(self, message: str) -> None:
+        if not self.fatal_error:
+            self.fatal_error = message
+            self.exit_code = EXIT_FAILED
+        self._begin_stop(drain=False)
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.kill_at is not None and now >= w.kill_at:
+                log.warning("worker %d still running at its stop deadline: SIGKILL", w.pid)
+                w.kill_at = None
+                self._signal_workers(signal.SIGKILL, [w])
+            elif w.state == "booting" and now - w.started > BOOT_TIMEOUT:
+                w.boot_error = f"not serving after {BOOT_TIMEOUT:.0f}s"
+                self._signal_workers(signal.SIGKILL, [w])
+            elif w.state != "booting" and not w.hung:
+                age = w.heartbeat.age()
+                if age > HEARTBEAT_TIMEOUT:
+                    log.error("worker %d hung: no heartbeat for %.1fs: SIGKILL", w.pid, age)
+                    w.hung = True
+                    self._signal_workers(signal.SIGKILL, [w])
+        if self.stopping:
+            return
+        for gen in self.generations:
+            for slot, at in list(gen.restart_at.items()):
+                if now >= at and gen.state in ("starting", "serving"):
+                    del gen.restart_at[slot]
+                    self.metrics.restarts += 1
+                    self._spawn(gen, slot)
+
+    # ------------------------------------------------------------------ generations and reload
+
+    def _generation_progress(self, gen: Generation) -> None:
+        if gen.state != "starting":
+            return
+        serving = sum(1 for w in gen.workers.values() if w.state == "serving")
+        if serving < gen.size:
+            return
+        gen.state = "serving"
+        old = [g for g in self.generations if g is not gen and g.state != "retiring"]
+        if not self.ready:
+            self.ready = True
+            line = f"READY pid={os.getpid()} listeners={self._listener_text(gen)}"
+            print(line, flush=True)
+            systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving, "
+                           f"{gen.size} workers")
+        else:
+            self._apply_config(gen)
+            for g in old:
+                self._retire(g)
+            text = (f"generation {gen.number} serving with {gen.size} workers; "
+                    f"generation(s) {', '.join(str(g.number) for g in old) or 'none'} draining")
+            log.info("reload done: %s", text)
+            systemd.notify(f"READY=1\nSTATUS=serving, generation {gen.number}")
+            self.metrics.reloads["ok"] += 1
+            for reply in gen.replies:
+                reply(True, text)
+            gen.replies.clear()
+
+    def _apply_config(self, gen: Generation) -> None:
+        """The new generation serves: the supervisor's own settings follow its config."""
+        from relay import log as relay_log
+
+        old = self.cfg
+        self.cfg = gen.cfg
+        relay_log.setup_from_settings(self.cfg.relay)
+        if (old.relay.admin_socket, old.relay.metrics_listen) != (
+            self.cfg.relay.admin_socket, self.cfg.relay.metrics_listen
+        ):
+            self.admin.close()
+            self.admin.open(self.cfg)
+        if (old.relay.user, old.relay.group) != (self.cfg.relay.user, self.cfg.relay.group):
+            log.info("workers of generation %d run as %r", gen.number, self.cfg.relay.user)
+
+    def _retire(self, gen: Generation) -> None:
+        gen.state = "retiring"
+        gen.restart_at.clear()
+        deadline = time.monotonic() + gen.cfg.relay.drain_timeout
+        for w in gen.workers.values():
+            if w.state != "draining":
+                w.state = "draining"
+                w.kill_at = deadline
+        self._signal_workers(signal.SIGTERM, list(gen.workers.values()))
+        log.info("generation %d draining (%d workers, up to %.0fs)",
+                 gen.number, len(gen.workers), gen.cfg.relay.drain_timeout)
+
+    def _abort_generation(self, gen: Generation, error: str) -> None:
+        log.error("reload aborted, generation %d keeps serving: %s",
+                  self._serving_generation_number(), error)
+        self.metrics.reloads["failed"] += 1
+        gen.state = "retiring"
+        gen.restart_at.clear()
+        for w in gen.workers.values():
+            w.state = "draining"
+            w.kill_at = time.monotonic()
+        self._signal_workers(signal.SIGKILL, list(gen.workers.values()))
+        for reply in gen.replies:
+            reply(False, f"reload failed: {error}; the previous configuration keeps serving")
+        gen.replies.clear()
+        systemd.notify(f"READY=1\nSTATUS=reload failed: {error}")
+        self._retire_finished_generations()
+
+    def _serving_generation_number(self) -> int:
+        serving = [g.number for g in self.generations if g.state == "serving"]
+        return serving[-1] if serving else 0
+
+    def _retire_finished_generations(self) -> None:
+        before = len(self.generations)
+        self.generations = [
+            g for g in self.generations if g.workers or g.state != "retiring"
+        ]
+        if len(self.generations) != before and not self.stopping:
+            self._close_unused_listeners()
+
+    def reload(self, reply: ReplyFn | None) -> None:
+        """Validate the config file, then start a new generation; `reply(ok, text)` at the end."""
+        from relay.config import ConfigError, load
+
+        def answer(ok: bool, text: str) -> None:
+            if not ok:
+                self.metrics.reloads["failed"] += 1
+            if reply is not None:
+                reply(ok, text)
+
+        if self.stopping:
+            answer(False, "reload refused: relay is stopping")
+            return
+        if self.config_path is None:
+            answer(False, "reload refused: relay was started without a config file")
+            log.error("reload refused: relay was started without a config file")
+            return
+        if any(g.state == "starting" for g in self.generations):
+            answer(False, "reload refused: a reload is already in progress")
+            return
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            cfg = load(self.config_path, check_kernel=True, overrides=self.overrides)
+            target = privs.resolve_target(cfg.relay.user, cfg.relay.group)
+            sockets = self._bind_listeners(cfg)
+        except ConfigError as exc:
+            problems = "\n".join(exc.problems)
+            log.error("reload refused, the running configuration stays:\n%s", problems)
+            systemd.notify("READY=1\nSTATUS=reload refused: invalid configuration")
+            answer(False, f"reload refused: invalid configuration:\n{problems}")
+            return
+        except (OSError, ValueError, privs.PrivilegeError) as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            systemd.notify(f"READY=1\nSTATUS=reload refused: {exc}")
+            answer(False, f"reload refused: {exc}")
+            return
+        gen = self._new_generation(cfg, sockets, target)
+        if reply is not None:
+            gen.replies.append(reply)
+        log.info("reload: starting generation %d (%d workers)", gen.number, gen.size)
+        for slot in range(gen.size):
+            self._spawn(gen, slot)
+
+    # ------------------------------------------------------------------ stop
+
+    def _begin_stop(self, drain: bool) -> None:
+        if self.stopping == "fast" or (self.stopping == "drain" and drain):
+            return
+        self.stopping = "drain" if drain else "fast"
+        systemd.notify("STOPPING=1")
+        # Our copies of the listening sockets go first: once the workers close theirs (when they
+        # stop accepting) the kernel refuses new connections instead of queueing them.
+        for sock in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
+        timeout = self.cfg.relay.drain_timeout if drain else FAST_STOP_TIMEOUT
+        deadline = time.monotonic() + timeout
+        for gen in self.generations:
+            gen.restart_at.clear()
+            for reply in gen.replies:
+                reply(False, "reload abandoned: relay is stopping")
+            gen.replies.clear()
+        for w in self.workers.values():
+            w.kill_at = deadline if w.kill_at is None else min(w.kill_at, deadline)
+            if w.state != "draining":
+                w.state = "draining"
+        self._signal_workers(signal.SIGTERM if drain else signal.SIGINT,
+                             list(self.workers.values()))
+
+    def _cleanup(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+        for sock in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
+        for w in list(self.workers.values()):
+            # Only reached on a start failure or an exception in the loop: leave no orphan.
+            self._signal_workers(signal.SIGKILL, [w])
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(w.pid, 0)
+        if self._wakeup_w >= 0:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wakeup_w)
+            os.close(self._wakeup_r)
+            self._wakeup_w = self._wakeup_r = -1
+        self.selector.close()
+
+    # ------------------------------------------------------------------ introspection
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything `relay stats` and /metrics show, as plain data."""
+        now = time.monotonic()
+        workers = []
+        for w in self.workers.values():
+            workers.append({
+                "pid": w.pid,
+                "generation": w.generation.number,
+                "slot": w.slot,
+                "state": w.state,
+                "engine": w.engine,
+                "heartbeat_age": round(w.heartbeat.age(), 3) if w.state != "booting" else None,
+                "uptime": round(now - w.started, 3),
+                "iowq_threads": iowq_threads(w.pid),
+                "stats": w.stats,
+            })
+        serving = [g for g in self.generations if g.state == "serving"]
+        current = serving[-1] if serving else (self.generations[-1] if self.generations else None)
+        return {
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "stopping": self.stopping or "",
+            "uptime": round(now - self.started, 3),
+            "config": self.config_path or "",
+            "generation": current.number if current else 0,
+            "engine": self.cfg.relay.engine,
+            "listeners": (
+                {name: format_address(s) for name, s in current.sockets.items()
+                 if s.fileno() >= 0} if current else {}
+            ),
+            "admin": self.admin.addresses() if self.admin is not None else {},
+            "budget": current.budget if current else "",
+            "workers": workers,
+            "retired": self.metrics.retired_totals() if self.metrics is not None else {},
+            "restarts": self.metrics.restarts if self.metrics is not None else 0,
+            "reloads": dict(self.metrics.reloads) if self.metrics is not None else {},
+        }
+
+
+def _give_log_file(cfg: Any, target: privs.Target | None) -> None:
+    """Let unprivileged workers reopen the log file on SIGUSR1 (they cannot open root's file)."""
+    path = cfg.relay.log_file
+    if path and target is not None and target.uid != 0:
+        try:
+            os.chown(path, target.uid, target.gid)
+        except OSError as exc:
+            log.warning("log file %s: cannot hand it to user %s: %s", path, target.user, exc)
+
+
+def iowq_threads(pid: int) -> int:
+    """io_uring worker threads ("iou-wrk-*") of a process, from /proc/PID/task/*/comm."""
+    count = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().startswith("iou-wrk"):
+                    count += 1
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ESRCH):
+                raise
+    return count
+
+
+def run(cfg: Any, config_path: str | None, overrides: Mapping[str, Any] | None = None) -> int:
+    """`relay run`: supervise workers until stopped; returns the process exit code.
+
+    `overrides` are the command-line settings, applied again on every reload.
+    """
+    from relay import log as relay_log
+
+    relay_log.setup_from_settings(cfg.relay)
+    return Supervisor(cfg, config_path, overrides).run()

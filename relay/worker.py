@@ -1,0 +1,199 @@
+"""The worker process: one Server on inherited listening sockets, reporting to the supervisor.
+
+Forked by the supervisor before any core Loop or io_uring exists in it. The child:
+1. forgets the supervisor's signal handlers and descriptors it must not keep,
+2. drops privileges (the listening sockets were bound by root; the ring and the pipes are created
+   afterwards, so pipe accounting applies to the unprivileged user),
+3. builds `relay.server.Server(cfg, engine, sockets=inherited)`,
+4. tells the supervisor it serves (or why it could not boot) over its SOCK_SEQPACKET channel,
+5. beats its heartbeat and sends stats snapshots once a second from a reporter thread,
+6. runs `serve_forever()`; SIGTERM drains, SIGINT/SIGQUIT stop fast, SIGUSR1 reopens logs.
+
+Exit codes: 0 stopped, EXIT_BOOT_FAILED (3) could not boot, EXIT_CRASHED (1) died while serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from relay.heartbeat import Heartbeat
+
+__all__ = [
+    "EXIT_BOOT_FAILED",
+    "EXIT_CRASHED",
+    "BootFailed",
+    "Serving",
+    "StatsReport",
+    "Message",
+    "decode",
+    "encode",
+    "run_worker",
+]
+
+EXIT_BOOT_FAILED = 3
+EXIT_CRASHED = 1
+REPORT_INTERVAL = 1.0  # seconds between heartbeats/stats snapshots
+
+log = logging.getLogger("relay.worker")
+
+
+class Serving(msgspec.Struct, tag="serving"):
+    """The worker built its Server and is about to accept."""
+
+    pid: int
+    engine: str
+    engine_reason: str = ""
+
+
+class BootFailed(msgspec.Struct, tag="boot_failed"):
+    """The worker could not start; `error` names the problem."""
+
+    pid: int
+    error: str
+
+
+class StatsReport(msgspec.Struct, tag="stats"):
+    """A snapshot of `Server.stats()`; `final` on the last one before a clean exit."""
+
+    pid: int
+    stats: dict[str, Any]
+    final: bool = False
+
+
+Message = Serving | BootFailed | StatsReport
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    return _decoder.decode(data)
+
+
+def _send(channel: socket.socket, msg: Message) -> None:
+    """Best effort: a full channel (supervisor busy) drops a stats snapshot, never blocks."""
+    try:
+        channel.send(encode(msg), socket.MSG_DONTWAIT)
+    except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def _reset_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+                signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    # The supervisor handles HUP (reload) for everyone; a HUP sent to the whole process group
+    # must not kill the workers.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+class _Reporter(threading.Thread):
+    """Beats the heartbeat and ships stats snapshots until stopped."""
+
+    def __init__(self, srv: Any, channel: socket.socket, heartbeat: Heartbeat) -> None:
+        super().__init__(name="relay-reporter", daemon=True)
+        self._srv = srv
+        self._channel = channel
+        self._heartbeat = heartbeat
+        self._stop_event = threading.Event()
+
+    def report(self, final: bool = False) -> None:
+        self._heartbeat.beat()
+        try:
+            stats = dict(self._srv.stats())
+        except Exception as exc:  # stats must never take the worker down
+            log.warning("worker %d: stats() failed: %s", os.getpid(), exc)
+            return
+        _send(self._channel, StatsReport(os.getpid(), stats, final))
+
+    def run(self) -> None:
+        while not self._stop_event.wait(REPORT_INTERVAL):
+            self.report()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def run_worker(
+    cfg: Any,
+    sockets: dict[str, socket.socket],
+    channel: socket.socket,
+    heartbeat: Heartbeat,
+    privileges: tuple[Any, frozenset[int]],
+    close_parent: Callable[[], None],
+) -> int:
+    """Body of a forked worker; returns its exit code (the caller must os._exit with it).
+
+    `close_parent` closes the supervisor's own objects inherited by the fork (admin sockets,
+    other workers' channels and heartbeats, listeners this generation does not use): closing the
+    Python objects, not raw fd numbers, so nothing can close a reused descriptor later.
+    """
+    _reset_signals()
+    close_parent()
+    pid = os.getpid()
+    try:
+        from relay import privs
+
+        target, caps = privileges
+        privs.drop_privileges(target, caps)
+        from relay.server import Server
+
+        srv = Server(cfg, engine=cfg.relay.engine, sockets=sockets)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("worker %d failed to boot: %s", pid, error)
+        if not isinstance(exc, (OSError, ValueError, RuntimeError, ImportError)):
+            traceback.print_exc()
+        _send(channel, BootFailed(pid, error))
+        return EXIT_BOOT_FAILED
+
+    def stop_draining(_signum: int, _frame: Any) -> None:
+        srv.request_stop(drain=True)
+
+    def stop_now(_signum: int, _frame: Any) -> None:
+        srv.request_stop(drain=False)
+
+    def reopen_logs(_signum: int, _frame: Any) -> None:
+        from relay import log as relay_log
+
+        try:
+            relay_log.reopen()
+        except OSError as exc:
+            log.warning("worker %d: cannot reopen the log file, keeping the old one: %s",
+                        os.getpid(), exc)
+
+    signal.signal(signal.SIGTERM, stop_draining)
+    signal.signal(signal.SIGINT, stop_now)
+    signal.signal(signal.SIGQUIT, stop_now)
+    signal.signal(signal.SIGUSR1, reopen_logs)
+
+    engine = str(getattr(srv, "engine_name", "") or cfg.relay.engine)
+    reason = str(getattr(srv, "engine_reason", ""))
+    _send(channel, Serving(pid, engine, reason))
+    reporter = _Reporter(srv, channel, heartbeat)
+    reporter.report()
+    reporter.start()
+    try:
+        srv.serve_forever()
+    except BaseException as exc:
+        log.error("worker %d crashed: %s: %s", pid, type(exc).__name__, exc)
+        traceback.print_exc()
+        return EXIT_CRASHED
+    finally:
+        reporter.stop()
+    reporter.report(final=True)
+    return 0
