@@ -14,20 +14,52 @@ a leftover is easy to attribute.  Only pids this harness started are ever signal
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
 import functools
 import itertools
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import pytest
 
 PREFIX = f"rlyt-{os.getpid()}-"
 _topology_ids = itertools.count()
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def inside(ns: str) -> Iterator[None]:
+    """Run the body with *this thread* in network namespace ``ns``.
+
+    A socket belongs to the namespace it was created in for its whole life, whatever thread
+    later uses it; switching only the calling thread (setns affects one task) lets a test hold
+    client and origin sockets of several namespaces in one process, without subprocesses.
+    """
+    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{ns}", "rb") as there:
+        _setns(there.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -156,6 +188,25 @@ class Topology:
         out = self.run(ns, ["nft", "list", "counter", family, table, name]).stdout.split()
         return int(out[out.index("packets") + 1]), int(out[out.index("bytes") + 1])
 
+    def new_socket(
+        self, ns: str, family: socket.AddressFamily = socket.AF_INET,
+        kind: socket.SocketKind = socket.SOCK_STREAM,
+    ) -> socket.socket:
+        """A new socket that lives in ``ns`` (usable from any thread of this process)."""
+        with inside(ns):
+            return socket.socket(family, kind)
+
+    def connect(self, ns: str, dest: tuple[str, int], timeout: float = 5.0) -> socket.socket:
+        """A TCP connection from ``ns`` to ``dest`` (blocking socket with ``timeout``)."""
+        sock = self.new_socket(ns, socket.AF_INET6 if ":" in dest[0] else socket.AF_INET)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(dest)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     # -- commands and processes -------------------------------------------------------------
 
     def run(
@@ -239,3 +290,357 @@ class Topology:
         ):
             time.sleep(0.05)
         self.namespaces.clear()
+
+
+# -- helpers shared by the relay's network tests ----------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_engine() -> str:
+    """The engine the network tests run the relay with: $RELAY_TEST_ENGINE, else the default
+    ("auto") once the core is built, else the pure-asyncio reference engine."""
+    chosen = os.environ.get("RELAY_TEST_ENGINE")
+    if chosen:
+        return chosen
+    try:
+        import relay_ext._core  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """What an origin connection saw: the peer (source) and local (destination) addresses."""
+
+    peer: tuple[str, int]
+    local: tuple[str, int]
+
+
+def _addr(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
+    return str(sockaddr[0]), int(sockaddr[1])
+
+
+class Origin:
+    """'Internet' servers inside a namespace, on threads with blocking sockets.
+
+    Each accepted connection first gets ``SEEN <peer-ip> <peer-port> <local-ip> <local-port>``
+    (what the origin's kernel says the connection is), then the origin reads to EOF and answers
+    ``BYTES <n>`` before closing. ``seen`` records every connection in accept order.
+    """
+
+    def __init__(self, topo: Topology, ns: str, binds: Sequence[tuple[str, int]]) -> None:
+        self.seen: list[Seen] = []
+        self._lock = threading.Lock()
+        self._listeners: list[socket.socket] = []
+        self._conns: set[socket.socket] = set()
+        for host, port in binds:
+            lsock = topo.new_socket(ns, socket.AF_INET6 if ":" in host else socket.AF_INET)
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind((host, port))
+            lsock.listen(512)
+            self._listeners.append(lsock)
+            threading.Thread(target=self._accept_loop, args=(lsock,), daemon=True).start()
+
+    def __enter__(self) -> Origin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept_loop(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return  # listener shut down by close()
+            with self._lock:
+                self.seen.append(Seen(_addr(conn.getpeername()), _addr(conn.getsockname())))
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(20)
+            peer, local = _addr(conn.getpeername()), _addr(conn.getsockname())
+            conn.sendall(f"SEEN {peer[0]} {peer[1]} {local[0]} {local[1]}\n".encode())
+            total = 0
+            while chunk := conn.recv(65536):
+                total += len(chunk)
+            conn.sendall(f"BYTES {total}\n".encode())
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def close(self) -> None:
+        for lsock in self._listeners:
+            with contextlib.suppress(OSError):
+                lsock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            lsock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+def _read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError(f"connection closed before a full line (got {data!r})")
+        data += chunk
+    return data.decode().strip()
+
+
+class Flow:
+    """A client connection to an Origin (possibly through the relay), held open."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        words = _read_line(sock).split()
+        if words[:1] != ["SEEN"]:
+            raise ConnectionError(f"unexpected greeting {words!r}")
+        self.seen = Seen((words[1], int(words[2])), (words[3], int(words[4])))
+
+    def finish(self, payload: bytes = b"x" * 4096) -> int:
+        """Send ``payload``, half-close, return the byte count the origin reports."""
+        try:
+            self.sock.sendall(payload)
+            self.sock.shutdown(socket.SHUT_WR)
+            words = _read_line(self.sock).split()
+        finally:
+            self.sock.close()
+        if words[:1] != ["BYTES"]:
+            raise ConnectionError(f"unexpected answer {words!r}")
+        return int(words[1])
+
+
+def open_flow(topo: Topology, ns: str, dest: tuple[str, int], timeout: float = 5.0) -> Flow:
+    """Connect from ``ns`` and read the origin's greeting."""
+    sock = topo.connect(ns, dest, timeout)
+    try:
+        return Flow(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+class RelayProcess:
+    """`python -m relay run -c FILE --workers 1` inside a namespace, JSON logs collected."""
+
+    def __init__(self, topo: Topology, ns: str, config_path: str) -> None:
+        self.path = config_path
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._ready = threading.Event()
+        env = dict(os.environ, PYTHONPATH=REPO)
+        self.proc = topo.popen(
+            ns, [sys.executable, *os.environ.get("RELAY_TEST_LAUNCHER", "-m relay run").split(), "-c", self.path, "--workers", "1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=REPO, env=env,
+        )
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True).start()
+
+    def _pump(self, stream: Any, sink: list[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            sink.append(line)
+            if line.startswith("READY"):
+                self._ready.set()
+
+    def output(self) -> str:
+        return "\n".join(self.stdout + self.stderr)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                time.sleep(0.2)  # let the pumps read the last lines
+                state = "exited" if self.proc.poll() is not None else "no READY line"
+                raise RuntimeError(f"relay {state} ({self.proc.returncode}):\n{self.output()}")
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        code = self.proc.wait(timeout)
+        time.sleep(0.1)
+        return code
+
+    def flows(self) -> list[dict[str, Any]]:
+        """Flow log records (logger relay.flow) so far."""
+        out = []
+        for line in list(self.stderr) + list(self.stdout):
+            if '"relay.flow"' not in line:
+                continue
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if record.get("logger") == "relay.flow":
+                    out.append(record)
+        return out
+
+    def wait_flows(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(found := self.flows()) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"expected {count} flow log lines, got {len(found)}:\n{self.output()}"
+                )
+            time.sleep(0.05)
+        return found
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """ "1.2.3.4:80" / "[2001:db8::1]:80" (the flow log's format) -> (host, port)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# -- the standard layout: client <-> relay <-> origin -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Lab:
+    """Three hosts; the origin owns the 'internet' destinations; the relay owns no egress
+    address (soft-unicast addresses are non-local there) and routes them towards the origin."""
+
+    client: str
+    relay: str
+    origin: str
+    relay_ingress: str  # the relay's interface facing the client
+    client_address: str = "192.0.2.2"
+    relay_client_side: str = "192.0.2.1"
+    relay_client_side6: str = "2001:db8:1::1"
+    egress4: str = "203.0.113.7"
+    egress6: str = "2001:db8:7::7"
+    dests4: tuple[str, ...] = ("198.51.100.10", "198.51.100.11", "198.51.100.12")
+    dests6: tuple[str, ...] = ("2001:db8:100::10", "2001:db8:100::11")
+
+
+def three_hosts(topo: Topology) -> Lab:
+    client, relay, origin = topo.host("cli"), topo.host("rly"), topo.host("org")
+    _c_if, ingress = topo.link(client, relay, ["192.0.2.2/28", "2001:db8:1::2/64"],
+                               ["192.0.2.1/28", "2001:db8:1::1/64"])
+    topo.link(relay, origin, ["192.0.2.17/28", "2001:db8:2::1/64"],
+              ["192.0.2.18/28", "2001:db8:2::2/64"])
+    topo.route(client, "default", "via", "192.0.2.1")
+    topo.route(client, "default", "via", "2001:db8:1::1")
+    # The client reaches the "internet" (and the metadata address, for the policy tests)
+    # through the relay host, where TPROXY picks the connections up.
+    topo.route(client, "169.254.169.254/32", "via", "192.0.2.1")
+    topo.route(relay, "default", "via", "192.0.2.18")
+    topo.route(relay, "default", "via", "2001:db8:2::2")
+    # The soft-unicast addresses live behind the relay host: replies go back to it.
+    topo.route(origin, "203.0.113.0/24", "via", "192.0.2.17")
+    topo.route(origin, "2001:db8:7::/48", "via", "2001:db8:2::1")
+    lab = Lab(client, relay, origin, ingress)
+    for addr in (*lab.dests4, "169.254.169.254"):
+        topo.addr(origin, "lo", f"{addr}/32")
+    for addr in lab.dests6:
+        topo.addr(origin, "lo", f"{addr}/128")
+    return lab
+
+
+def syn_counters(slices: Sequence[tuple[str, int, int]]) -> str:
+    """nft ruleset for the origin: counter `in_slice` for SYNs from one of the (address, lo, hi)
+    slices, counter `outside` for every other SYN."""
+    rules = []
+    for address, lo, hi in slices:
+        fam = "ip6" if ":" in address else "ip"
+        rules.append(
+            f"        tcp flags & (syn | ack) == syn {fam} saddr {address} "
+            f'tcp sport {lo}-{hi} counter name "in_slice" accept'
+        )
+    return (
+        "table inet origin {\n"
+        "    counter in_slice { }\n"
+        "    counter outside { }\n"
+        "    chain input {\n"
+        "        type filter hook input priority filter; policy accept;\n"
+        + "\n".join(rules) + "\n"
+        '        tcp flags & (syn | ack) == syn counter name "outside"\n'
+        "    }\n"
+        "}\n"
+    )
+
+
+def lab_config(
+    lab: Lab,
+    slice_: tuple[int, int] = (40000, 40007),
+    allow: Sequence[str] = ("198.51.100.0/24", "2001:db8:100::/48"),
+    deny: Sequence[str] = (),
+    connect_timeout: float = 2.0,
+    egress4: str | None = None,
+) -> str:
+    """A relay config for the lab: TPROXY listeners (IPv4 and IPv6, on loopback), the
+    soft-unicast addresses with one slice, JSON logs (the tests read the flow log)."""
+    lo, hi = slice_
+
+    def toml_list(items: Sequence[str]) -> str:
+        return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+    return f"""
+[relay]
+engine = "{default_engine()}"
+workers = 1
+connect_timeout = {connect_timeout}
+log_format = "json"
+flow_log = true
+
+[[listener]]
+name = "tproxy4"
+bind = "127.0.0.1:7000"
+mode = "tproxy"
+
+[[listener]]
+name = "tproxy6"
+bind = "[::1]:7000"
+mode = "tproxy"
+
+[[egress]]
+address = "{egress4 or lab.egress4}"
+ports = "{lo}-{hi}"
+
+[[egress]]
+address = "{lab.egress6}"
+ports = "{lo}-{hi}"
+
+[policy]
+allow = {toml_list(allow)}
+deny = {toml_list(deny)}
+"""
+
+
+def relay_nft(topo: Topology, ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`relay nft ARGS` (relay.nft.main) as a process inside ``ns``."""
+    code = (
+        f"import sys; sys.path.insert(0, {REPO!r}); from relay.nft import main; "
+        "raise SystemExit(main(sys.argv[1:]))"
+    )
+    return topo.run(ns, [sys.executable, "-c", code, *args], check=False)
+
+
+def write_config(workdir: str, name: str, text: str) -> str:
+    path = os.path.join(workdir, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def start_relay(
+    topo: Topology, ns: str, config: str, workdir: str, ingress: str | None = None
+) -> RelayProcess:
+    """Apply the config's rules with relay.nft in ``ns`` (TCP arriving on ``ingress`` is
+    intercepted), then start the relay there and wait until it listens."""
+    path = write_config(workdir, f"relay-{ns}", config)
+    args = ["-c", path, "--apply"] + (["--ingress", ingress] if ingress else [])
+    rules = relay_nft(topo, ns, *args)
+    if rules.returncode != 0:
+        raise CommandFailed(f"relay nft --apply failed in {ns}: {rules.stderr.strip()}")
+    relay = RelayProcess(topo, ns, path)
+    relay.wait_ready()
+    return relay

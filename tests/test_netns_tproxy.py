@@ -1,0 +1,188 @@
+"""TPROXY ingress end to end: client -> relay host (nft tproxy, rules from relay.nft) -> origin.
+
+The client connects to "internet" addresses that only the origin host owns; the relay host
+intercepts, the relay connects from its soft-unicast address, the origin reports what its kernel
+saw. Also the destination policy (TEST_MATRIX section E) as seen from a real client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from netns import (
+    Lab,
+    Origin,
+    RelayProcess,
+    Topology,
+    lab_config,
+    open_flow,
+    require_netns,
+    split_hostport,
+    start_relay,
+    three_hosts,
+)
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+
+SLICE = (40000, 40007)
+PORTS4 = (80, 443, 8080, 9999)
+PORTS6 = (80, 443)
+METADATA = ("169.254.169.254", 80)
+
+
+@dataclass
+class Env:
+    topo: Topology
+    lab: Lab
+    relay: RelayProcess
+    origin: Origin
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    require_netns()
+    workdir = str(tmp_path_factory.mktemp("tproxy"))
+    with Topology() as topo:
+        lab = three_hosts(topo)
+        binds = [(d, p) for d in lab.dests4 for p in PORTS4]
+        binds += [(d, p) for d in lab.dests6 for p in PORTS6]
+        binds.append(METADATA)
+        with Origin(topo, lab.origin, binds) as origin:
+            config = lab_config(
+                lab,
+                SLICE,
+                # 169.254.0.0/16 is listed on purpose: link-local must stay refused anyway.
+                allow=("198.51.100.0/24:80,443,8080", "2001:db8:100::/48", "169.254.0.0/16"),
+                deny=("198.51.100.12/32:8080",),
+            )
+            relay = start_relay(topo, lab.relay, config, workdir, ingress=lab.relay_ingress)
+            yield Env(topo, lab, relay, origin)
+
+
+def _egress_for(lab: Lab, dest: str) -> str:
+    return lab.egress6 if ":" in dest else lab.egress4
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def test_intercepts_many_destinations_and_ports_ipv4_and_ipv6(env: Env) -> None:
+    lab = env.lab
+    targets = [(d, p) for d in lab.dests4 for p in (80, 443)]
+    targets += [(d, p) for d in lab.dests6 for p in PORTS6]
+    payload = bytes(range(256)) * 64
+    seen = []
+    for dest in targets:
+        flow = open_flow(env.topo, lab.client, dest)
+        # The origin was reached at the address and port the client dialled: TPROXY kept the
+        # original destination, the relay connected to it.
+        assert flow.seen.local == dest
+        assert flow.seen.peer[0] == _egress_for(lab, dest[0])
+        assert SLICE[0] <= flow.seen.peer[1] <= SLICE[1]
+        assert flow.finish(payload) == len(payload)
+        seen.append((dest, flow.seen.peer))
+
+    records = env.relay.wait_flows(len(targets))
+    by_dest = {r["dest"]: r for r in records}
+    for dest, peer in seen:
+        record = by_dest[_fmt(*dest)]
+        assert record["listener"] == ("tproxy6" if ":" in dest[0] else "tproxy4")
+        assert record["reason"] == "eof"
+        assert record["c2s_bytes"] == len(payload)
+        assert split_hostport(record["egress"]) == peer
+
+
+def test_relay_hosts_own_address_is_not_intercepted(env: Env) -> None:
+    """TCP to an address of the relay host itself goes to that host's own socket (the tproxy
+    rule skips `fib daddr type local`), never into the relay."""
+    service = env.topo.new_socket(env.lab.relay)
+    service.bind((env.lab.relay_client_side, 2222))
+    service.listen(4)
+
+    def answer() -> None:
+        conn, _ = service.accept()
+        conn.sendall(b"relay host itself\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        with env.topo.connect(env.lab.client, (env.lab.relay_client_side, 2222)) as sock:
+            assert sock.recv(100) == b"relay host itself\n"
+    finally:
+        service.close()
+
+
+def _expect_reset(env: Env, dest: tuple[str, int]) -> tuple[int, float]:
+    """Connect through the relay to a refused destination: returns (client port, seconds from
+    connect to the reset)."""
+    sock = env.topo.new_socket(env.lab.client)
+    with sock:
+        sock.settimeout(5)
+        sock.bind((env.lab.client_address, 0))
+        port = sock.getsockname()[1]
+        started = time.monotonic()
+        # TPROXY completes the handshake, then the relay refuses with an RST (not a clean EOF
+        # that could pass for an empty answer). Locally the RST may even beat connect()'s return.
+        with pytest.raises(ConnectionResetError):
+            sock.connect(dest)
+            if sock.recv(100) == b"":
+                pytest.fail(f"{dest}: clean EOF instead of a reset")
+        return port, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("dest", "reason"),
+    [
+        (METADATA, "denied_link_local"),  # allowed by the list, refused anyway
+        (("198.51.100.12", 8080), "denied_denied_by_rule"),
+        (("198.51.100.10", 9999), "denied_not_allowed"),  # port not in the allow rule
+    ],
+)
+def test_policy_refuses_with_a_reset_and_a_log_line(
+    env: Env, dest: tuple[str, int], reason: str
+) -> None:
+    before = len(env.origin.seen)
+    client_port, elapsed = _expect_reset(env, dest)
+    assert elapsed < 1.0
+    deadline = time.monotonic() + 5
+    mine: list[dict[str, object]] = []
+    while not mine and time.monotonic() < deadline:
+        mine = [r for r in env.relay.flows()
+                if split_hostport(str(r["client"]))[1] == client_port]
+        time.sleep(0.05)
+    assert [r["reason"] for r in mine] == [reason]
+    assert mine[0]["egress"] == "" and mine[0]["c2s_bytes"] == 0
+    # Nothing reached the origin: refused before any upstream connect.
+    assert [s for s in env.origin.seen[before:] if s.local == dest] == []
+
+
+def test_allowed_connection_still_works_after_refusals(env: Env) -> None:
+    flow = open_flow(env.topo, env.lab.client, (env.lab.dests4[2], 443))
+    assert flow.seen.local == (env.lab.dests4[2], 443)
+    assert flow.finish(b"ok") == 2
+
+
+def test_refused_by_the_origin_resets_the_client_promptly(env: Env) -> None:
+    """An IPv6 destination where the origin has no listener: the origin answers RST, the relay
+    records `refused` and closes or resets the client at once (no hang, no retry)."""
+    dest = (env.lab.dests6[0], 8443)
+    with env.topo.connect(env.lab.client, dest) as sock:
+        started = time.monotonic()
+        try:
+            data = sock.recv(100)
+        except ConnectionResetError:
+            data = b""
+        assert data == b""
+        assert time.monotonic() - started < 2.0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if any(r["dest"] == _fmt(*dest) and r["reason"] == "refused" for r in env.relay.flows()):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"no `refused` flow for {dest}:\n{env.relay.output()}")
