@@ -59,14 +59,16 @@ log = logging.getLogger("relay.engines.aio")
 _LINGER_RST = struct.pack("ii", 1, 0)
 # Errors on an established socket that mean "the peer reset the connection".
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+_CLOSED_KEYS = tuple(f"closed_{name}" for name in REASONS)  # per-reason counters, as the core
 _ACCEPT_BATCH = 64  # accepts per readiness callback: fairness with the established pairs
 
 
-def _set_rst_on_close(sock: Any) -> None:
+def _set_rst_on_close(sock: Any) -> bool:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     except OSError:
-        pass  # already closed or not a socket any more: nothing to reset
+        return False  # already closed or not a socket any more: nothing to reset
+    return True
 
 
 class _PrivateEventLoop(asyncio.SelectorEventLoop):
@@ -234,7 +236,9 @@ class AioLoop:
             "accept_errors": 0,
             "accept_paused": 0,
             "connect_failures": 0,
+            "resets_sent": 0,
         }
+        self._stats.update(dict.fromkeys(_CLOSED_KEYS, 0))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -518,7 +522,8 @@ class AioLoop:
             return
         for h in (pair.client, pair.origin):
             if not h.lost:
-                _set_rst_on_close(h.transport.get_extra_info("socket"))
+                if _set_rst_on_close(h.transport.get_extra_info("socket")):
+                    self._stats["resets_sent"] += 1
                 h.transport.abort()
 
     def _finish(self, pair: _Pair) -> None:
@@ -530,6 +535,7 @@ class AioLoop:
         copied = pair.c2s + pair.s2c
         self._stats["bytes_copied"] += copied
         reason = R_ERROR if pair.reason is None else pair.reason
+        self._stats[_CLOSED_KEYS[reason]] += 1
         duration_us = (time.monotonic_ns() - pair.started) // 1000
         self._emit((EV_DONE, pair.cid, pair.tag, reason, pair.c2s, pair.s2c, 0, copied,
                     duration_us, pair.errno))
@@ -652,5 +658,6 @@ class AioLoop:
         s["pipe_refused"] = 0
         # No pipes here: the write-buffer high-water mark plays the pipe's role.
         s["pipe_size_granted"] = self._buffer_size
+        s["pipe_size_requested"] = self._buffer_size
         s["listeners"] = len(self._listeners)
         return s
