@@ -1,0 +1,1 @@
+"""Competitor proxies: small standalone scripts plus socat and HAProxy launch recipes."""

@@ -1,0 +1,253 @@
+"""Turn a batch into medians and per-round ratios; write JSON, a markdown table and LATEST.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.contenders import DIRECT, HAPROXY, STREAMS
+
+# metric -> (value key, unit label, higher is better)
+VALUES: dict[str, list[tuple[str, str, bool]]] = {
+    "stream1": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False)],
+    "stream8": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False)],
+    "rr": [("rps", "req/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
+           ("cpu_us_per_req", "CPU-us/req", False)],
+}
+REFERENCES = (DIRECT, HAPROXY, STREAMS)
+METRIC_TITLES = {"stream1": "single stream (iperf3)", "stream8": "8 streams (iperf3 -P 8)",
+                 "rr": "request/response"}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "host": socket.gethostname(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "haproxy": _first_line(["haproxy", "-v"]),
+        "iperf3": _first_line(["iperf3", "--version"]),
+        "socat": _first_line(["socat", "-V"], contains="socat version"),
+    }
+
+
+def _first_line(argv: list[str], contains: str = "") -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "not installed"
+    lines = [ln.strip() for ln in out.splitlines() if contains in ln]
+    return lines[0] if lines else "unknown"
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+
+
+def _median(values: list[float]) -> float | None:
+    good = _finite(values)
+    return statistics.median(good) if good else None
+
+
+def summarize(batch: dict[str, Any]) -> dict[str, Any]:
+    """metric -> contender -> {key: {median, rounds, errors, ratio: {ref: {median, rounds}}}}."""
+    summary: dict[str, Any] = {}
+    for metric, values in VALUES.items():
+        per_contender: dict[str, Any] = {}
+        for name in batch["contenders"]:
+            rows = [r["results"].get(metric, {}).get(name) for r in batch["rounds"]]
+            rows = [row for row in rows if row is not None]
+            if not rows:
+                continue
+            entry: dict[str, Any] = {"errors": [row["error"] for row in rows if "error" in row]}
+            for key, _, _ in values:
+                series = [row.get(key, math.nan) for row in rows if "error" not in row]
+                ratios: dict[str, Any] = {}
+                for ref in REFERENCES:
+                    per_round = []
+                    for r in batch["rounds"]:
+                        mine = r["results"].get(metric, {}).get(name, {})
+                        theirs = r["results"].get(metric, {}).get(ref, {})
+                        a, b = mine.get(key), theirs.get(key)
+                        if _finite([a, b]) == [a, b] and b:
+                            per_round.append(a / b)
+                    ratios[ref] = {"median": _median(per_round), "rounds": per_round}
+                entry[key] = {"median": _median(series), "rounds": series, "ratio": ratios}
+            per_contender[name] = entry
+        summary[metric] = per_contender
+    return summary
+
+
+def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals, checked for every relay engine from this batch's medians."""
+
+    def ratio(metric: str, name: str, key: str, ref: str) -> float | None:
+        try:
+            value = summary[metric][name][key]["ratio"][ref]["median"]
+        except KeyError:
+            return None
+        return float(value) if value is not None else None
+
+    def median(metric: str, name: str, key: str) -> float | None:
+        try:
+            value = summary[metric][name][key]["median"]
+        except KeyError:
+            return None
+        return float(value) if value is not None else None
+
+    checks: list[dict[str, Any]] = []
+    for name, info in contenders.items():
+        if info["kind"] != "relay":
+            continue
+        idle_row = idle.get(name, {})
+        goals: list[tuple[str, float | None, str, float]] = [
+            ("1 stream x HAProxy", ratio("stream1", name, "gbit_s", HAPROXY), ">=", 1.0),
+            ("1 stream x asyncio-streams", ratio("stream1", name, "gbit_s", STREAMS), ">=", 3.0),
+            ("8 streams x HAProxy", ratio("stream8", name, "gbit_s", HAPROXY), ">=", 1.05),
+            ("CPU-s/GB (1 stream)", median("stream1", name, "cpu_s_per_gb"), "<=", 0.30),
+            ("req/s x HAProxy", ratio("rr", name, "rps", HAPROXY), ">=", 1.0),
+            ("p99 x HAProxy", ratio("rr", name, "p99_us", HAPROXY), "<=", 1.0),
+            ("idle: thread growth", idle_row.get("thread_growth"), "<=", 0),
+            ("idle: pipes held", idle_row.get("pipes_held"), "<=", 0),
+            ("idle: RSS B/conn", idle_row.get("rss_per_conn"), "<=", 4096),
+        ]
+        for goal, value, op, limit in goals:
+            ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+            checks.append({"contender": name, "goal": goal, "value": value, "op": op, "limit": limit, "ok": ok})
+    return checks
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m, batch, summary = doc["machine"], doc["batch"], doc["summary"]
+    opts = batch["options"]
+    out = [
+        f"# relay benchmark {doc['date']}",
+        "",
+        f"Machine: `{m['host']}`, Linux {m['kernel']}, {m['cpu']}, nproc {m['nproc']}; "
+        f"Python {m['python']}; {m['haproxy']}; {m['iperf3']}.",
+        f"Batch: {opts['rounds']} interleaved rounds (contenders shuffled per metric and round, "
+        f"seed {opts['seed']}), {opts['duration']:g} s per run, request/response {opts['rr_conns']} "
+        f"connections x {opts['rr_size']} B, {batch['seconds']:.0f} s in all. Values are medians over "
+        "rounds; ratios are medians of per-round ratios (only ratios within one batch mean anything "
+        "on a shared VM). CPU = proxy process tree (all threads, children), GB = 1e9 bytes. "
+        f"Relay started via: {batch['relay_mode'] or 'n/a'}.",
+        "",
+    ]
+    order = list(batch["contenders"])
+    for metric, values in VALUES.items():
+        if metric not in summary or not summary[metric]:
+            continue
+        head_key, head_unit, _ = values[0]
+        cols = [head_unit, "x direct", "x HAProxy", "x asyncio-streams"]
+        cols += [unit for _, unit, _ in values[1:]]
+        if metric == "rr":
+            cols.insert(cols.index("p99 us") + 1, "p99 x HAProxy")
+        out += [f"## {METRIC_TITLES[metric]}", "", "| contender | " + " | ".join(cols) + " |",
+                "|---" * (len(cols) + 1) + "|"]
+        for name in order:
+            entry = summary[metric].get(name)
+            if entry is None:
+                continue
+            head = entry[head_key]
+            cells = [_fmt(head["median"])] + [_ratio(head["ratio"][ref]["median"]) for ref in REFERENCES]
+            for key, _, _ in values[1:]:
+                cells.append(_fmt(entry[key]["median"]))
+                if key == "p99_us":
+                    cells.append(_ratio(entry[key]["ratio"][HAPROXY]["median"]))
+            if entry["errors"]:
+                cells[-1] += f" ({len(entry['errors'])} failed runs: {entry['errors'][0][:80]})"
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    if batch["idle"]:
+        capped = ""
+        if batch["idle_connections"] < opts["idle_conns"]:
+            capped = (f" (not {opts['idle_conns']:,}: the hard RLIMIT_NOFILE here is "
+                      f"{batch['nofile_hard']} and root lacks CAP_SYS_RESOURCE to raise it)")
+        out += [f"## {batch['idle_connections']:,} idle connections through one worker{capped}", "",
+                "| contender | RSS B/conn | threads before -> idle | pipes before -> idle | open s |",
+                "|---|---|---|---|---|"]
+        for name, row in batch["idle"].items():
+            if "error" in row:
+                out.append(f"| {name} | {row['error'][:120]} | | | |")
+                continue
+            out.append(
+                f"| {name} | {_fmt(row['rss_per_conn'])} | {row['threads_before']:.0f} -> "
+                f"{row['threads_idle']:.0f} | {row['pipes_before']:.0f} -> {row['pipes_idle']:.0f} | "
+                f"{row['open_seconds']:.1f} |"
+            )
+        out.append("")
+    problems = [(n, i) for n, i in batch["contenders"].items() if i["status"] != "ok"]
+    if problems:
+        out += ["## Not measured", ""]
+        out += [f"- {n}: {i['status']}: {i['reason']}" for n, i in problems]
+        out.append("")
+    if doc["targets"]:
+        out += ["## Goals (relay engines, this batch)", "", "| engine | goal | value | limit | met |",
+                "|---|---|---|---|---|"]
+        for t in doc["targets"]:
+            met = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
+            out.append(f"| {t['contender']} | {t['goal']} | {_fmt(t['value'])} | {t['op']} {_fmt(t['limit'])} | {met} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def build(batch: dict[str, Any]) -> dict[str, Any]:
+    summary = summarize(batch)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(batch["started"])),
+        "machine": machine(),
+        "batch": batch,
+        "summary": summary,
+        "targets": targets(summary, batch["idle"], batch["contenders"]),
+    }
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Write <date>-<host>.json and .md, and LATEST.md; returns the JSON and markdown paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = time.strftime("%Y-%m-%dT%H%M", time.gmtime(doc["batch"]["started"])) + "-" + doc["machine"]["host"]
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(_clean(doc), indent=1, default=str, allow_nan=False) + "\n")
+    text = markdown(doc)
+    md_path.write_text(text + "\n")
+    (out_dir / "LATEST.md").write_text(text + "\n")
+    return json_path, md_path

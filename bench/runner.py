@@ -1,0 +1,207 @@
+"""One interleaved batch: every round runs every contender once per metric, in shuffled order."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import contenders, procs
+from bench.contenders import Contender
+from bench.drivers import echo_origin, idle, iperf, rr
+
+METRICS = ("stream1", "stream8", "rr")
+
+
+@dataclass
+class Options:
+    rounds: int = 3
+    duration: float = 3.0  # seconds per iperf3 run and per request/response run
+    rr_conns: int = 16
+    rr_size: int = 64
+    idle_conns: int = 10_000
+    only: list[str] | None = None
+    metrics: tuple[str, ...] = METRICS
+    idle: bool = True
+    seed: int = field(default_factory=lambda: random.randrange(1 << 30))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Batch:
+    """Origins, proxy instances (one per contender and origin) and the results of one batch."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+        self.rng = random.Random(opts.seed)
+        self.contenders = contenders.select(opts.only)
+        self.status: dict[str, dict[str, Any]] = {}
+        self.instances: dict[tuple[str, str], procs.Service | None] = {}
+        self.origins: dict[str, procs.Service] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.idle: dict[str, dict[str, Any]] = {}
+        self.idle_count = 0
+        for c in self.contenders:
+            reason = c.available()
+            self.status[c.name] = {"kind": c.kind, "status": "skipped" if reason else "ok", "reason": reason}
+
+    # -- origins -------------------------------------------------------------------------------
+
+    def _start_origin(self, kind: str) -> procs.Service:
+        if kind == "iperf":
+            reason = iperf.available()
+            if reason:
+                raise procs.StartError(reason)
+            return iperf.start_server()
+        argv = [sys.executable, "-m", echo_origin.__name__, "--listen", "127.0.0.1:0"]
+        return procs.start_reporting_port("echo-origin", argv, cwd=contenders.ROOT)
+
+    def origin(self, kind: str) -> procs.Service:
+        svc = self.origins.get(kind)
+        if svc is None or not svc.alive():
+            port = svc.port if svc is not None else 0
+            if svc is not None:
+                svc.stop()
+            if kind == "iperf" and port:
+                svc = procs.Service("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)])
+                svc.wait_listening(port, 20.0)
+                svc.port = port
+            else:
+                svc = self._start_origin(kind)
+            self.origins[kind] = svc
+        return svc
+
+    def restart_origin(self, kind: str) -> None:
+        svc = self.origins.get(kind)
+        if svc is not None:
+            svc.stop()
+            time.sleep(0.2)
+        self.origin(kind)
+
+    # -- proxies -------------------------------------------------------------------------------
+
+    def instance(self, c: Contender, kind: str) -> procs.Service | None:
+        """The running proxy of contender `c` in front of origin `kind` (started on first use)."""
+        key = (c.name, kind)
+        svc = self.instances.get(key)
+        if svc is not None and not svc.alive():
+            log(f"{c.name} ({kind}) died: {svc.failure_reason()}; restarting")
+            svc.stop()
+            svc = None
+            self.instances.pop(key, None)
+        if key not in self.instances:
+            origin = self.origin(kind)
+            svc = c.start(origin.port, self.tmp)
+            self.instances[key] = svc
+        return self.instances[key]
+
+    def stop_instances(self) -> None:
+        for svc in self.instances.values():
+            if svc is not None:
+                svc.stop()
+        self.instances.clear()
+
+    # -- measurements --------------------------------------------------------------------------
+
+    def measure(self, c: Contender, metric: str) -> dict[str, float]:
+        kind = "echo" if metric == "rr" else "iperf"
+        svc = self.instance(c, kind)
+        target = svc.port if svc is not None else self.origin(kind).port
+        pids = svc.pids if svc is not None else list
+        if metric == "rr":
+            return rr.run(target, self.opts.rr_conns, self.opts.rr_size, self.opts.duration, pids,
+                          contenders.ROOT)
+        self.origin("iperf")
+        streams = 1 if metric == "stream1" else 8
+        try:
+            return iperf.run_client(target, streams, self.opts.duration, pids)
+        except RuntimeError:
+            # A failed test can leave the single-test iperf3 server busy for minutes.
+            self.restart_origin("iperf")
+            raise
+
+    def run_round(self, index: int) -> None:
+        record: dict[str, Any] = {"round": index, "order": {}, "results": {}}
+        for metric in self.opts.metrics:
+            names = [c for c in self.contenders if self.status[c.name]["status"] == "ok"]
+            self.rng.shuffle(names)
+            record["order"][metric] = [c.name for c in names]
+            results: dict[str, dict[str, Any]] = {}
+            for c in names:
+                if self.status[c.name]["status"] != "ok":
+                    continue
+                try:
+                    results[c.name] = self.measure(c, metric)
+                except procs.StartError as exc:
+                    self.status[c.name].update(status="failed", reason=str(exc))
+                    log(f"{c.name}: failed to start: {exc}")
+                    continue
+                except (RuntimeError, OSError) as exc:
+                    results[c.name] = {"error": str(exc)[:300]}
+                log(f"round {index} {metric:7s} {c.name:17s} {_short(results[c.name])}")
+            record["results"][metric] = results
+        self.rounds.append(record)
+
+    def run_idle(self) -> None:
+        count = min(self.opts.idle_conns, procs.max_proxied_conns())
+        if count < self.opts.idle_conns:
+            log(f"idle: {count} connections, not {self.opts.idle_conns}: the hard RLIMIT_NOFILE is "
+                f"{procs.nofile_hard()} and cannot be raised here")
+        self.idle_count = count
+        for c in self.contenders:
+            if not c.idle or self.status[c.name]["status"] != "ok":
+                continue
+            svc: procs.Service | None = None
+            try:
+                origin = self.origin("echo")
+                svc = c.start(origin.port, self.tmp)
+                assert svc is not None
+                self.idle[c.name] = idle.run(svc.port, count, svc.pids)
+            except procs.StartError as exc:
+                self.idle[c.name] = {"error": f"failed to start: {exc}"}
+            except (RuntimeError, OSError) as exc:
+                self.idle[c.name] = {"error": str(exc)[:300]}
+            finally:
+                if svc is not None:
+                    svc.stop()
+            log(f"idle {c.name:17s} {_short(self.idle[c.name])}")
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        try:
+            for index in range(self.opts.rounds):
+                self.run_round(index)
+            self.stop_instances()
+            if self.opts.idle:
+                self.run_idle()
+        finally:
+            self.stop_instances()
+            for svc in self.origins.values():
+                svc.stop()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return {
+            "options": asdict(self.opts),
+            "started": started,
+            "seconds": time.time() - started,
+            "relay_mode": dict(contenders.RELAY_MODE),
+            "contenders": self.status,
+            "rounds": self.rounds,
+            "idle": self.idle,
+            "idle_connections": self.idle_count,
+            "nofile_hard": procs.nofile_hard(),
+        }
+
+
+def _short(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"error: {result['error'][:120]}"
+    keys = ("gbit_s", "cpu_s_per_gb", "rps", "p99_us", "rss_per_conn", "thread_growth", "pipes_held")
+    return " ".join(f"{k}={result[k]:.3g}" for k in keys if k in result)
