@@ -22,7 +22,7 @@ from libc.string cimport memcpy, memset
 
 # python-liburing: header-inline helpers and structs from its .pxd (no linking needed) ...
 from liburing.lib.uring cimport (
-    __io_uring, __io_uring_sqe, __io_uring_cqe, __io_uring_get_sqe, __io_uring_sq_ready,
+    __io_uring, __io_uring_params, __io_uring_sqe, __io_uring_cqe, __io_uring_get_sqe, __io_uring_sq_ready,
     __io_uring_cq_ready, __io_uring_cq_advance, __io_uring_prep_poll_add,
     __io_uring_prep_poll_remove, __io_uring_prep_multishot_accept, __io_uring_prep_cancel64,
     __io_uring_sqe_set_data64, __IORING_CQE_F_MORE, __IORING_SETUP_CQSIZE,

@@ -118,6 +118,7 @@ cdef class Loop:
     cdef uint64_t st_resets_sent
     cdef uint64_t st_sqe_starved
     cdef uint64_t st_submit_errors
+    cdef int last_submit_errno
     cdef uint64_t st_wakeups
     cdef uint64_t st_events_dropped
     cdef uint64_t st_closes[10]
@@ -184,6 +185,9 @@ cdef class Loop:
     # ---------------------------------------------------------------- setup / teardown
 
     cdef _ring_setup(self, int entries):
+        # python-liburing 2024.5.3 declares io_uring_params but never allocates its struct:
+        # point it at one of ours.
+        cdef __io_uring_params raw
         cdef io_uring_params params
         cdef int err = 0
         self.ring = io_uring()
@@ -203,14 +207,18 @@ cdef class Loop:
         for flags in ((__IORING_SETUP_CQSIZE | __IORING_SETUP_COOP_TASKRUN
                        | __IORING_SETUP_SUBMIT_ALL),
                       __IORING_SETUP_CQSIZE, 0):
+            memset(&raw, 0, sizeof(raw))
             params = io_uring_params()
+            params.ptr = &raw
             params.ptr.flags = flags
             params.ptr.cq_entries = entries * 8
             try:
                 io_uring_queue_init_params(entries, self.ring, params)
+                params.ptr = NULL
                 self.ring_ready = True
                 return
             except OSError as exc:
+                params.ptr = NULL
                 self.ring = io_uring()
                 err = exc.errno or 0
                 if err != EINVAL:
@@ -479,6 +487,7 @@ cdef class Loop:
             "resets_sent": self.st_resets_sent,
             "sqe_starved": self.st_sqe_starved,
             "submit_errors": self.st_submit_errors,
+            "submit_last_errno": self.last_submit_errno,
             "events_dropped": self.st_events_dropped,
             "conn_slots_used": self.high_water,
         }
@@ -859,6 +868,7 @@ cdef class Loop:
             if __io_uring_sq_ready(&self.ring.ptr):
                 try:
                     io_uring_submit(self.ring)
-                except OSError:
+                except OSError as exc:
                     self.st_submit_errors += 1
+                    self.last_submit_errno = exc.errno or 0
 

@@ -10,8 +10,9 @@ cdef __io_uring_sqe* _sqe(Loop self) noexcept nogil:
         with gil:
             try:
                 io_uring_submit(self.ring)
-            except OSError:
+            except OSError as exc:
                 self.st_submit_errors += 1
+                self.last_submit_errno = exc.errno or 0
         sqe = __io_uring_get_sqe(&self.ring.ptr)
         if sqe == NULL:
             self.st_sqe_starved += 1
@@ -151,8 +152,9 @@ cdef void _uring_wait(Loop self, int timeout_ms):
                 io_uring_submit_and_get_events(self.ring)
         except InterruptedError:
             pass
-        except OSError:
+        except OSError as exc:
             self.st_submit_errors += 1
+            self.last_submit_errno = exc.errno or 0
         return
     self.wait_ts.ptr.tv_sec = timeout_ms // 1000
     self.wait_ts.ptr.tv_nsec = (timeout_ms % 1000) * 1000000
@@ -160,7 +162,9 @@ cdef void _uring_wait(Loop self, int timeout_ms):
         with nogil:
             io_uring_submit_and_wait_timeout(self.ring, self.cqe_holder, 1, self.wait_ts,
                                              self.no_sigmask)
-    except (TimeoutError, InterruptedError):
-        pass                    # -ETIME: nothing happened; -EINTR: a signal for Python
-    except OSError:
-        self.st_submit_errors += 1
+    except OSError as exc:
+        # -ETIME: nothing happened in time; -EINTR: a signal for Python to handle;
+        # -EAGAIN: liburing entered the kernel but no completion was there to return.
+        if exc.errno != ETIME and exc.errno != EINTR and exc.errno != EAGAIN:
+            self.st_submit_errors += 1
+            self.last_submit_errno = exc.errno or 0
