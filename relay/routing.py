@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +73,7 @@ REASONS = (
 _EXHAUSTED_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 _CONNECT_PENDING = frozenset({0, errno.EINPROGRESS})
 _MAPPED_V4_PREFIX = "::ffff:"
+_LINGER_RST = struct.pack("ii", 1, 0)
 _LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind (relay.log.log_every)
 
 
@@ -108,6 +111,12 @@ class Upstream:
     dest: tuple
     egress: tuple | None = None
     egress_address: str | None = None
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close with SO_LINGER {1, 0}: a connection already under way ends with an RST."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    sock.close()
 
 
 def _unmap(ip: str) -> str:
@@ -215,19 +224,20 @@ class Router:
 
     # ------------------------------------------------------------------ per connection
 
-    def open_upstream(self, client: socket.socket) -> Upstream:
+    def open_upstream(self, client: socket.socket, peer: tuple | None = None) -> Upstream:
         """Open (start connecting) the upstream for accepted socket `client`.
 
+        `peer`: client.getpeername() if the caller already has it (saves a system call).
         Raises Denied (reason in REASONS; SliceExhausted for "slice_exhausted") when the
         connection must be refused, OSError when a socket call fails. Either way nothing is
         left open; the caller resets the client.
         """
         if self.closed:
             raise RuntimeError(f"router for listener {self.name} is closed")
-        peer: tuple | None = None
         info: proxyproto.ProxyInfo | None = None
         if self.trusted and client.family != socket.AF_UNIX:
-            peer = client.getpeername()
+            if peer is None:
+                peer = client.getpeername()
             if peer[0] in self.trusted:
                 info = self._read_proxy_header(client)
         if self.mode == "backend":
@@ -235,8 +245,14 @@ class Router:
         return self._open_transparent(client, peer, info)
 
     def _prefix(
-        self, client: socket.socket, peer: tuple | None, info: proxyproto.ProxyInfo | None
+        self,
+        client: socket.socket,
+        peer: tuple | None,
+        info: proxyproto.ProxyInfo | None,
+        dest: tuple | None = None,
     ) -> bytes:
+        """PROXY v2 header (or b""): the trusted proxy's view if it sent one, else the real
+        client and the address it connected to (`dest`, default the accepted socket's local)."""
         if not self.proxy_v2:
             return b""
         if info is not None and info.command == "PROXY":
@@ -245,7 +261,7 @@ class Router:
             return proxyproto.build_local()
         if peer is None:
             peer = client.getpeername()
-        return proxyproto.build(peer, client.getsockname())
+        return proxyproto.build(peer, dest if dest is not None else client.getsockname())
 
     def _open_backend(
         self, client: socket.socket, peer: tuple | None, info: proxyproto.ProxyInfo | None
@@ -263,7 +279,7 @@ class Router:
             rc = sock.connect_ex(target)
             if rc not in _CONNECT_PENDING:
                 # unix sockets: EAGAIN = backlog full; both: ECONNREFUSED, ENOENT, ...
-                raise OSError(rc, f"connect to backend {dest[0]}:{dest[1]}: {errno.errorcode.get(rc, rc)}")
+                raise OSError(rc, f"connect to backend {dest[0]}:{dest[1]}: {os.strerror(rc)}")
         except BaseException:
             sock.close()
             raise
@@ -289,7 +305,7 @@ class Router:
             slices = self._egress_slices.get(_unmap(peer[0]))
             if slices is not None and any(lo <= peer[1] <= hi for lo, hi in slices):
                 raise Denied("loop", f"client {peer[0]}:{peer[1]} is this relay's egress")
-        prefix = self._prefix(client, peer, info)
+        prefix = self._prefix(client, peer, info, (ip, port))
         egress = self.egress.lookup(ip)
         sock = socket.socket(_family(ip), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
@@ -303,7 +319,7 @@ class Router:
                         f"egress {egress.address} ports {egress.lo}-{egress.hi} "
                         f"to {ip}:{port}"
                     )
-                raise OSError(rc, f"connect to {ip}:{port}: {errno.errorcode.get(rc, rc)}")
+                raise OSError(rc, f"connect to {ip}:{port}: {os.strerror(rc)}")
             local = None
             if egress is not None:
                 # With IP_BIND_ADDRESS_NO_PORT the port is assigned inside connect(), so it
@@ -315,7 +331,14 @@ class Router:
                         log, f"slice_violation {egress.address}", _LOG_INTERVAL,
                         "egress slice violation: %s; client reset", exc,
                     )
+                    _abort(sock)
                     raise Denied("slice_violation", str(exc)) from None
+            elif sock.getsockname()[0] == ip:
+                # The kernel sources a connection to one of this host's own addresses from
+                # that same address (its local route's preferred source): the destination is
+                # this host, e.g. a wildcard listener's port. Relaying would loop.
+                _abort(sock)
+                raise Denied("own_address", f"destination {ip}:{port} is this host")
         except BaseException:
             sock.close()
             raise
