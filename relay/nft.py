@@ -32,6 +32,7 @@ TABLE = "relay"  # nft table (family inet) that holds everything this module ins
 FWMARK = 1  # packet mark that selects the local-delivery routing table
 ROUTE_TABLE = 100  # routing table whose only route is "everything is local"
 RULE_PRIORITY = 100  # `ip rule` preference: before `main` (32766), identifiable on removal
+TW_REUSE = "net/ipv4/tcp_tw_reuse"  # also governs IPv6 connect()s
 
 IpCommand = tuple[str, ...]  # argv after "ip"
 
@@ -69,6 +70,14 @@ class Plan:
         lines.append(f"nft -f - <<'EOF'\n{self.ruleset}EOF")
         lines.extend("ip " + " ".join(cmd) for cmd in self.route_commands)
         return "\n".join(lines) + "\n"
+
+
+def _read_sysctl(name: str) -> str:
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _family_flag(version: int) -> str:
@@ -193,6 +202,13 @@ def render(
         commands.append((fam, "route", "replace", *_local_route(version)))
     if not versions:
         notes.append("no tproxy listener and no non-local egress address: no policy routing")
+    if cfg.egress and _read_sysctl(TW_REUSE) != "1":
+        notes.append(
+            f"warning: {TW_REUSE.replace('/', '.')} is not 1: an upstream socket that closed "
+            "first keeps its slice port in TIME_WAIT for 60 s towards that destination; a "
+            "small slice runs dry. Set it to 1 (reuse after 1 s, TCP timestamps keep old "
+            "segments apart)"
+        )
     return Plan(ruleset, tuple(commands), tuple(sorted(versions)), tuple(notes))
 
 

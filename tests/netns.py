@@ -532,6 +532,11 @@ def three_hosts(topo: Topology) -> Lab:
     # The client reaches the "internet" (and the metadata address, for the policy tests)
     # through the relay host, where TPROXY picks the connections up.
     topo.route(client, "169.254.169.254/32", "via", "192.0.2.1")
+    # The relay closes upstream connections first as often as not, leaving its (egress address,
+    # slice port, destination) in TIME_WAIT for 60 s; a slice of a few ports then runs dry per
+    # destination. tcp_tw_reuse=1 lets connect() reuse such a port after 1 s (TCP timestamps
+    # keep old segments apart): the setting a soft-unicast relay host needs.
+    topo.sysctl(relay, "net.ipv4.tcp_tw_reuse", "1")
     topo.route(relay, "default", "via", "192.0.2.18")
     topo.route(relay, "default", "via", "2001:db8:2::2")
     # The soft-unicast addresses live behind the relay host: replies go back to it.

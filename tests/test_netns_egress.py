@@ -1,0 +1,208 @@
+"""Soft-unicast egress (TEST_MATRIX section D), seen from the origin host's kernel.
+
+The relay host owns no egress address: 203.0.113.7 / 2001:db8:7::7 are non-local there and
+reach the relay's sockets only through IP_TRANSPARENT and the fwmark return path. The origin
+counts SYNs with nft: from the slice vs from anywhere else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from netns import (
+    Flow,
+    Lab,
+    Origin,
+    RelayProcess,
+    Topology,
+    lab_config,
+    open_flow,
+    require_netns,
+    split_hostport,
+    start_relay,
+    syn_counters,
+    three_hosts,
+    write_config,
+)
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+
+SLICE = (40000, 40007)
+PORTS = (80, 443)
+EXHAUST_PORT = 8080  # only the exhaustion test uses it: its ports start free
+
+
+@dataclass
+class Env:
+    topo: Topology
+    lab: Lab
+    relay: RelayProcess
+    origin: Origin
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    require_netns()
+    workdir = str(tmp_path_factory.mktemp("egress"))
+    with Topology() as topo:
+        lab = three_hosts(topo)
+        topo.nft(lab.origin, syn_counters([(lab.egress4, *SLICE), (lab.egress6, *SLICE)]))
+        binds = [(d, p) for d in (*lab.dests4, *lab.dests6) for p in (*PORTS, EXHAUST_PORT)]
+        with Origin(topo, lab.origin, binds) as origin:
+            config = lab_config(lab, SLICE, connect_timeout=1.0)
+            relay = start_relay(topo, lab.relay, config, workdir, ingress=lab.relay_ingress)
+            yield Env(topo, lab, relay, origin)
+
+
+def _counters(env: Env) -> tuple[int, int]:
+    inside = env.topo.nft_counter(env.lab.origin, "inet", "origin", "in_slice")[0]
+    outside = env.topo.nft_counter(env.lab.origin, "inet", "origin", "outside")[0]
+    return inside, outside
+
+
+def _flows_for_client_port(env: Env, port: int, timeout: float = 5.0) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mine = [r for r in env.relay.flows() if split_hostport(str(r["client"]))[1] == port]
+        if mine:
+            return mine
+        time.sleep(0.05)
+    raise AssertionError(f"no flow log line for client port {port}:\n{env.relay.output()}")
+
+
+def test_origin_sees_exactly_the_reported_source_and_only_slice_syns(env: Env) -> None:
+    lab = env.lab
+    inside_before, outside_before = _counters(env)
+    done = []
+    for dest in [(d, p) for d in (*lab.dests4, *lab.dests6) for p in PORTS]:
+        flow = open_flow(env.topo, lab.client, dest)
+        client_port = flow.sock.getsockname()[1]
+        assert flow.finish(b"d" * 1000) == 1000
+        done.append((client_port, flow.seen.peer))
+    for client_port, origin_saw in done:
+        (record,) = _flows_for_client_port(env, client_port)
+        # What the relay's upstream socket reported (getsockname after connect) is exactly what
+        # the origin's kernel saw: nothing between them rewrote address or port.
+        assert split_hostport(str(record["egress"])) == origin_saw
+        assert SLICE[0] <= origin_saw[1] <= SLICE[1]
+    inside, outside = _counters(env)
+    assert inside - inside_before >= len(done)
+    assert outside == outside_before == 0
+
+
+def test_slice_of_8_serves_8_per_destination_and_refuses_the_9th_fast(env: Env) -> None:
+    lab = env.lab
+    dests = [(d, EXHAUST_PORT) for d in lab.dests4]
+    held: list[Flow] = []
+    try:
+        for dest in dests:
+            for _ in range(SLICE[1] - SLICE[0] + 1):
+                held.append(open_flow(env.topo, lab.client, dest))
+        for dest in dests:
+            ports = {f.seen.peer[1] for f in held if f.seen.local == dest}
+            # Eight different ports towards each destination, the same eight for all three:
+            # a port is shared across destinations (IP_BIND_ADDRESS_NO_PORT).
+            assert ports == set(range(SLICE[0], SLICE[1] + 1))
+        assert {f.seen.peer[0] for f in held} == {lab.egress4}
+
+        # The ninth to one destination: the slice is exhausted for it, the client is reset at
+        # once, the origin never sees a SYN from another port or address.
+        sock = env.topo.new_socket(lab.client)
+        with sock:
+            sock.settimeout(5)
+            sock.bind((lab.client_address, 0))
+            client_port = sock.getsockname()[1]
+            started = time.monotonic()
+            try:
+                sock.connect(dests[0])
+                data = sock.recv(100)
+            except ConnectionResetError:
+                data = None
+            assert data is None, f"expected a reset, got {data!r}"
+            assert time.monotonic() - started < 1.0
+        assert [r["reason"] for r in _flows_for_client_port(env, client_port)] == [
+            "denied_slice_exhausted"
+        ]
+        assert _counters(env)[1] == 0
+
+        # The other destinations' flows are unharmed.
+        for flow in held:
+            assert flow.finish(b"x" * 100) == 100
+    finally:
+        for flow in held:
+            flow.sock.close()
+    # Ports come back: the relay closed first, so its eight sockets towards dests[0] sit in
+    # TIME_WAIT; with net.ipv4.tcp_tw_reuse=1 (timestamps prove old segments can't be taken
+    # for new ones) connect() may reuse such a port one second later.
+    time.sleep(1.1)
+    again = open_flow(env.topo, lab.client, dests[0])
+    assert SLICE[0] <= again.seen.peer[1] <= SLICE[1]
+    assert again.finish(b"y") == 1
+
+
+def test_without_the_return_path_the_failure_is_a_clear_connect_timeout(env: Env) -> None:
+    """Replies to the non-local egress address that are not routed locally (no socket mark:
+    the return path missing) are dropped; the relay gives up at connect_timeout (1 s) and says
+    so. With the return path back, traffic flows again."""
+    lab, topo = env.lab, env.topo
+    topo.run(lab.relay, ["nft", "insert", "rule", "inet", "relay", "prerouting",
+                         "ip", "daddr", lab.egress4, "meta", "mark", "set", "0", "accept"])
+    try:
+        sock = topo.new_socket(lab.client)
+        with sock:
+            sock.settimeout(5)
+            sock.bind((lab.client_address, 0))
+            client_port = sock.getsockname()[1]
+            started = time.monotonic()
+            try:
+                sock.connect((lab.dests4[0], 443))
+                data = sock.recv(100)
+            except ConnectionResetError:
+                data = b""
+            elapsed = time.monotonic() - started
+        assert data == b""
+        assert 0.8 <= elapsed < 3.0
+        (record,) = _flows_for_client_port(env, client_port)
+        assert record["reason"] == "connect_timeout"
+    finally:
+        handle = next(
+            line.rsplit("# handle ", 1)[1]
+            for line in topo.run(lab.relay, ["nft", "-a", "list", "chain", "inet", "relay",
+                                             "prerouting"]).stdout.splitlines()
+            if "mark set 0x00000000" in line
+        )
+        topo.run(lab.relay, ["nft", "delete", "rule", "inet", "relay", "prerouting",
+                             "handle", handle])
+    flow = open_flow(topo, lab.client, (lab.dests4[0], 443))
+    assert flow.seen.peer[0] == lab.egress4 and flow.finish(b"z") == 1
+
+
+@pytest.mark.parametrize(
+    ("sysctl", "value", "slice_", "problem"),
+    [
+        # The kernel silently ignores IP_LOCAL_PORT_RANGE outside the namespace's range.
+        ("net.ipv4.ip_local_port_range", "32768 49999", (50000, 50007), "ip_local_port_range"),
+        ("net.ipv4.ip_local_reserved_ports", "40003", (40000, 40007), "ip_local_reserved_ports"),
+    ],
+)
+def test_unusable_slice_is_refused_at_start_with_the_reason(
+    tmp_path_factory: pytest.TempPathFactory,
+    sysctl: str,
+    value: str,
+    slice_: tuple[int, int],
+    problem: str,
+) -> None:
+    require_netns()
+    workdir = str(tmp_path_factory.mktemp("badslice"))
+    with Topology() as topo:
+        lab = three_hosts(topo)
+        topo.sysctl(lab.relay, sysctl, value)
+        path = write_config(workdir, "bad", lab_config(lab, slice_))
+        relay = RelayProcess(topo, lab.relay, path)
+        code = relay.wait_exit(20)
+        assert code != 0
+        assert problem in relay.output()
+        assert f"{slice_[0]}-{slice_[1]}" in relay.output()
