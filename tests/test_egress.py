@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from netns import CommandFailed, Topology
 
-from relay import config
+from relay import config, proxyproto
 from relay.egress import Egress, EgressTable, parse_slice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -401,3 +401,87 @@ def test_loops_are_refused_at_the_first_hop(ns: tuple[Topology, str]) -> None:
     assert r["from_other_port"] == ["own_address", 0]
     assert r["to_own_address"] == ["own_address", 0]
     assert r["to_egress_address"] == ["own_address", 0]
+
+
+_REDIRECT = """
+import subprocess
+os.system("ip route add local 10.77.0.0/24 dev lo")
+# IPv6 binds need an assigned address (a local route is not enough, unlike IPv4).
+for host in ("1", "20", "30"):
+    os.system(f"ip -6 addr add 2001:db8:77::{host}/128 dev lo nodad")
+with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+    f.write("40000 49999")
+cfg = config.loads('''
+[[listener]]
+bind = "0.0.0.0:0"
+mode = "redirect"
+proxy_protocol = "v2"
+[[egress]]
+address = "10.77.0.1"
+ports = "41000-41007"
+[[egress]]
+address = "2001:db8:77::1"
+ports = "41000-41007"
+''')
+from relay.sock import open_listener
+relay4 = open_listener(cfg.listener[0])
+relay6 = open_listener(type("L", (), {"bind": "[::]:%d" % relay4.getsockname()[1],
+                                      "mode": "redirect"})())
+port = relay4.getsockname()[1]
+# Clients' connections to port 9999 are NATed to the relay; the relay's own upstreams leave
+# from the egress addresses and are not.
+rules = '''
+table inet rlytest {
+  chain out {
+    type nat hook output priority -100;
+    ip saddr != 10.77.0.1 tcp dport 9999 redirect to :%d
+    ip6 saddr != 2001:db8:77::1 tcp dport 9999 redirect to :%d
+  }
+}
+''' % (port, port)
+subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+router = Router(cfg.listener[0], cfg, set())
+
+def through_relay(family, origin_ip, listener):
+    origin = socket.socket(family)
+    origin.bind((origin_ip, 9999))
+    origin.listen(4)
+    client = socket.socket(family)
+    client.bind((origin_ip.replace("::20", "::30").replace(".20", ".30"), 0))
+    client.connect((origin_ip, 9999))
+    accepted, _ = listener.accept()
+    accepted.setblocking(False)
+    up = router.open_upstream(accepted)
+    upstream = socket.socket(fileno=up.fd)
+    upstream.setblocking(True)
+    upstream.sendall(up.prefix)
+    seen, peer = origin.accept()
+    got = seen.recv(200)
+    out = {"dest": list(up.dest), "egress": list(up.egress), "origin_saw_peer": list(peer[:2]),
+           "prefix_ok": got == up.prefix, "prefix": up.prefix.hex(),
+           "client": list(client.getsockname()[:2])}
+    for s in (origin, client, accepted, upstream, seen):
+        s.close()
+    return out
+
+result = {"v4": through_relay(socket.AF_INET, "10.77.0.20", relay4),
+          "v6": through_relay(socket.AF_INET6, "2001:db8:77::20", relay6)}
+"""
+
+
+def test_redirect_mode_relays_to_the_original_destination(ns: tuple[Topology, str]) -> None:
+    if shutil.which("nft") is None:
+        pytest.skip("`nft` is not installed (Debian: apt-get install nftables)")
+    topo, name = ns
+    r = run_in_ns(topo, name, _REDIRECT)
+    for fam, origin_ip, egress_ip in (
+        ("v4", "10.77.0.20", "10.77.0.1"),
+        ("v6", "2001:db8:77::20", "2001:db8:77::1"),
+    ):
+        got = r[fam]
+        assert got["dest"] == [origin_ip, 9999], got  # SO_ORIGINAL_DST, not the relay port
+        assert got["egress"][0] == egress_ip and 41000 <= got["egress"][1] <= 41007
+        assert got["origin_saw_peer"] == got["egress"]  # nothing rewrote the source
+        assert got["prefix_ok"]
+        _, info = proxyproto.parse(bytes.fromhex(got["prefix"]))
+        assert info.src == tuple(got["client"]) and info.dst == (origin_ip, 9999)
