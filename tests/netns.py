@@ -431,6 +431,35 @@ def open_flow(topo: Topology, ns: str, dest: tuple[str, int], timeout: float = 5
         raise
 
 
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """How a connection the relay would not serve ended, seen by the client."""
+
+    client_port: int
+    outcome: str  # "reset" (RST), "eof" (clean close) or "data" (it answered: not refused)
+    seconds: float  # from connect() to the end
+
+
+def connect_refused(topo: Topology, ns: str, source: str, dest: tuple[str, int],
+                    timeout: float = 5.0) -> Refusal:
+    """Connect from ``ns`` (bound to ``source``, so the port is known even if connect fails)
+    and wait for the end. With TPROXY the relay host completes the handshake before the relay
+    decides, so a refusal shows up as an RST after connect (locally it may even beat connect()'s
+    return) or as a close."""
+    family = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
+    with topo.new_socket(ns, family) as sock:
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        port = sock.getsockname()[1]
+        started = time.monotonic()
+        try:
+            sock.connect(dest)
+            outcome = "eof" if sock.recv(100) == b"" else "data"
+        except ConnectionResetError:
+            outcome = "reset"
+        return Refusal(port, outcome, time.monotonic() - started)
+
+
 class RelayProcess:
     """`python -m relay run -c FILE --workers 1` inside a namespace, JSON logs collected."""
 
