@@ -1,0 +1,275 @@
+"""One behavioural suite, run against every engine (uring, epoll, asyncio).
+
+Each test drives a real ``relay.server.Server`` (backend mode, loopback) with real client and
+origin sockets, checks the bytes at both ends, how each side saw the stream end (EOF vs reset),
+the server's per-reason close counters, and (through the fixtures) that file descriptors and
+pipes are back to their baseline once the server stopped. Engines that cannot run here are
+skipped with the reason ``relay.engines.available()`` gives.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from helpers import (
+    bidirectional,
+    echo,
+    pattern,
+    read_all,
+    reset,
+    reset_after,
+    respond_after_eof,
+    send_in_thread,
+    send_then_read,
+    sha,
+    sink,
+    source,
+    unanswered_backend,
+    wait_until,
+)
+
+MiB = 1 << 20
+CORE_ENGINES = ("uring", "epoll")
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _assert_spliced(relay, at_least: int) -> None:
+    """On the core engines the zero-copy path must have carried bulk data."""
+    if relay.engine not in CORE_ENGINES:
+        return
+    spliced = relay.wait_loop_stat("bytes_spliced", lambda v: v >= at_least)
+    assert spliced >= at_least, f"bytes_spliced {spliced} < {at_least}: bulk data was copied"
+
+
+@pytest.mark.parametrize("size_name", ["0", "1", "pipe-1", "pipe", "pipe+1"])
+def test_exact_sizes_both_directions(relay_server, origin, client, size_name: str) -> None:
+    up = origin(echo)
+    relay = relay_server(up.address)
+    pipe = relay.stats()["pipe_size_granted"]
+    assert pipe > 0
+    size = {"0": 0, "1": 1, "pipe-1": pipe - 1, "pipe": pipe, "pipe+1": pipe + 1}[size_name]
+    data = pattern(size, seed=size)
+
+    c = client(relay.address)
+    writer = send_in_thread(c, data)
+    got = read_all(c)
+    writer.join(30)
+
+    assert got.end == "eof"
+    assert got.nbytes == size
+    assert got.sha256 == sha(data)
+    [seen] = up.wait_results(1)
+    assert (seen.nbytes, seen.end) == (size, "eof")
+    stats = relay.wait_closed("eof")
+    assert stats["closed"]["reset_client"] == stats["closed"]["reset_origin"] == 0
+    assert stats["listener_total"]["main"] == 1
+
+
+def test_64mib_both_directions_at_once(relay_server, origin, client) -> None:
+    n = 64 * MiB
+    up = origin(bidirectional(n, seed=11))
+    relay = relay_server(up.address)
+    data = pattern(n, seed=5)
+
+    c = client(relay.address, timeout=60)
+    writer = send_in_thread(c, data)
+    got = read_all(c)
+    writer.join(60)
+
+    assert (got.end, got.nbytes) == ("eof", n)
+    assert got.sha256 == sha(pattern(n, seed=11)), "origin -> client bytes differ"
+    [seen] = up.wait_results(1, timeout=60)
+    assert (seen.end, seen.nbytes) == ("eof", n)
+    assert seen.sha256 == sha(data), "client -> origin bytes differ"
+    relay.wait_closed("eof")
+    _assert_spliced(relay, n)  # 128 MiB moved: at least half of it without a copy
+
+
+def test_half_close_client_first(relay_server, origin, client) -> None:
+    request, response = 100_000, 4 * MiB
+    up = origin(respond_after_eof(response, seed=21))
+    relay = relay_server(up.address)
+    c = client(relay.address)
+    c.sendall(pattern(request, seed=20))
+    c.shutdown(socket.SHUT_WR)  # our FIN: the origin must see it only after every byte
+    got = read_all(c)  # ...and the other direction keeps flowing after it
+
+    [seen] = up.wait_results(1)
+    assert (seen.end, seen.nbytes) == ("eof", request)
+    assert seen.sha256 == sha(pattern(request, seed=20))
+    assert (got.end, got.nbytes) == ("eof", response)
+    assert got.sha256 == sha(pattern(response, seed=21))
+    relay.wait_closed("eof")
+
+
+def test_half_close_origin_first(relay_server, origin, client) -> None:
+    response, request = 3 * MiB, 2 * MiB
+    up = origin(send_then_read(response, seed=31))
+    relay = relay_server(up.address)
+    c = client(relay.address)
+    got = read_all(c)  # origin sent and half-closed at once: all bytes, then EOF
+    assert (got.end, got.nbytes) == ("eof", response)
+    assert got.sha256 == sha(pattern(response, seed=31))
+
+    # The client -> origin direction still works after the origin's FIN.
+    c.sendall(pattern(request, seed=30))
+    c.shutdown(socket.SHUT_WR)
+    [seen] = up.wait_results(1)
+    assert (seen.end, seen.nbytes) == ("eof", request)
+    assert seen.sha256 == sha(pattern(request, seed=30))
+    relay.wait_closed("eof")
+
+
+def test_origin_reset_reaches_client_as_reset(relay_server, origin, client) -> None:
+    up = origin(reset_after(1000))
+    relay = relay_server(up.address)
+    c = client(relay.address)
+    c.sendall(pattern(1000))
+    got = read_all(c)
+    assert got.end == "reset", f"client saw {got.end!r}: a truncated stream looked clean"
+    stats = relay.wait_closed("reset_origin")
+    assert stats["closed"]["eof"] == 0
+
+
+def test_client_reset_reaches_origin_as_reset(relay_server, origin, client) -> None:
+    up = origin(sink)
+    relay = relay_server(up.address)
+    c = client(relay.address)
+    c.sendall(pattern(5000))
+    assert wait_until(lambda: bool(up.results) and up.results[0].nbytes >= 5000, 5)
+    reset(c)
+    [seen] = up.wait_results(1)
+    assert seen.end == "reset", f"origin saw {seen.end!r}: a truncated stream looked clean"
+    assert seen.nbytes == 5000
+    stats = relay.wait_closed("reset_client")
+    assert stats["closed"]["eof"] == 0
+
+
+def test_refused_upstream_resets_client_promptly(relay_server, client) -> None:
+    # A bound but not listening socket holds a port nobody answers: the SYN gets an RST.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.1", 0))
+        relay = relay_server(holder.getsockname())
+        c = client(relay.address)
+        t0 = time.monotonic()
+        got = read_all(c)
+        elapsed = time.monotonic() - t0
+    finally:
+        holder.close()
+    assert got.end == "reset", f"client saw {got.end!r}, expected a reset"
+    assert elapsed < 2.0, f"client reset after {elapsed:.2f}s, not promptly"
+    relay.wait_closed("refused")
+
+
+def test_slow_reader_gets_every_byte_after_origin_closed(relay_server, origin, client) -> None:
+    n = 4 * MiB
+    up = origin(source(n, seed=41))  # closes right after its last write
+    relay = relay_server(up.address)
+    c = client(relay.address, rcvbuf=4096)
+    # Wait until the origin is gone: its FIN reached the relay while the bytes still sit in the
+    # relay's pipe/buffer because we have not read them.
+    [seen] = up.wait_results(1)
+    assert seen.end == "sent"
+    got = read_all(c, chunk=4096, pause=0.0002)
+    assert (got.end, got.nbytes) == ("eof", n)
+    assert got.sha256 == sha(pattern(n, seed=41))
+    c.close()
+    relay.wait_closed("eof")
+
+
+@pytest.mark.timeout(180)
+def test_1000_concurrent_connections(relay_server, origin, client) -> None:
+    n = 1000
+    up = origin(echo)
+    relay = relay_server(up.address)
+    socks = [client(relay.address) for _ in range(n)]
+    for i, s in enumerate(socks):
+        s.sendall(i.to_bytes(4, "big") * 2)
+    assert wait_until(lambda: relay.stats()["flows_open"] == n, 20), relay.stats()["flows_open"]
+    for i, s in enumerate(socks):
+        want = i.to_bytes(4, "big") * 2
+        got = b""
+        while len(got) < len(want):
+            chunk = s.recv(len(want) - len(got))
+            assert chunk, f"connection {i}: EOF after {len(got)} bytes"
+            got += chunk
+        assert got == want, f"connection {i}: bytes crossed between connections"
+    for s in socks:
+        s.close()
+    stats = relay.wait_closed("eof", n, timeout=30)
+    assert stats["listener_total"]["main"] == n
+    assert sum(stats["closed"].values()) == n
+    assert wait_until(lambda: relay.stats()["flows_open"] == 0, 10)
+
+
+def test_connect_timeout_resets_client(relay_server, client) -> None:
+    blackhole = unanswered_backend()
+    if blackhole is None:
+        pytest.skip("cannot make a loopback backend that drops SYNs (accept queue overflow)")
+    lst, fillers = blackhole
+    try:
+        relay = relay_server(lst.getsockname(), connect_timeout=0.5)
+        c = client(relay.address)
+        t0 = time.monotonic()
+        got = read_all(c)
+        elapsed = time.monotonic() - t0
+        relay.wait_closed("connect_timeout")
+    finally:
+        for s in fillers:
+            s.close()
+        lst.close()
+    assert got.end == "reset", f"client saw {got.end!r}, expected a reset"
+    assert 0.3 <= elapsed < 3.0, f"reset after {elapsed:.2f}s with connect_timeout 0.5s"
+
+
+def test_idle_timeout_resets_both(relay_server, origin, client) -> None:
+    up = origin(sink)
+    relay = relay_server(up.address, idle_timeout=0.5)
+    c = client(relay.address)
+    c.sendall(b"x")
+    t0 = time.monotonic()
+    got = read_all(c)  # no byte either way from now on
+    elapsed = time.monotonic() - t0
+    assert got.end == "reset", f"client saw {got.end!r}, expected a reset"
+    assert 0.3 <= elapsed < 3.0, f"reset after {elapsed:.2f}s with idle_timeout 0.5s"
+    [seen] = up.wait_results(1)
+    assert seen.end == "reset" and seen.nbytes == 1
+    relay.wait_closed("idle_timeout")
+
+
+def test_many_small_writes_then_silence(relay_server, origin, client) -> None:
+    up = origin(echo)
+    relay = relay_server(up.address, idle_timeout=30.0)
+    c = client(relay.address, nodelay=True)
+    writes = 300
+    total = 0
+    received = bytearray()
+    reader_done = threading.Event()
+
+    def reader() -> None:
+        while len(received) < writes * 7:
+            data = c.recv(65536)
+            if not data:
+                break
+            received.extend(data)
+        reader_done.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    for i in range(writes):
+        c.send(b"%07d" % i)  # tiny segments, below splice_min: copied, and EAGAIN galore
+        total += 7
+    last_write = time.monotonic()
+    # Silence from now on: the last byte must arrive promptly, not at the idle timeout.
+    assert reader_done.wait(5.0), f"only {len(received)}/{total} bytes echoed"
+    assert time.monotonic() - last_write < 1.0
+    t.join(1)
+    assert bytes(received) == b"".join(b"%07d" % i for i in range(writes))
+    c.shutdown(socket.SHUT_WR)
+    assert read_all(c).end == "eof"
+    relay.wait_closed("eof")
