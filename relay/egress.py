@@ -157,7 +157,9 @@ def bind_upstream(sock: socket.socket, egress: Egress) -> None:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     except OSError as exc:
         raise OSError(
-            exc.errno, f"egress {egress.address}: IP_TRANSPARENT refused ({exc.strerror})"
+            exc.errno,
+            f"egress {egress.address}: IP_TRANSPARENT refused ({exc.strerror}); "
+            "it needs CAP_NET_RAW or CAP_NET_ADMIN",
         ) from None
     try:
         sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)

@@ -214,7 +214,11 @@ class Router:
         addr = (str(sockaddr[0]), int(sockaddr[1]))
         for bind_ip, bind_port in listener_binds:
             wildcard = bind_ip in ("0.0.0.0", "::")
-            local = addr[0] in own or addr[0].startswith("127.") or addr[0] == "::1"
+            local = (
+                addr[0] in own
+                or addr[0].startswith("127.")
+                or addr[0] in ("::1", "0.0.0.0", "::")  # connect() to 0.0.0.0/:: is this host
+            )
             if bind_port == addr[1] and (bind_ip == addr[0] or (wildcard and local)):
                 raise ValueError(
                     f"listener {self.name}: backend {backend} is a listener of this relay (loop)"

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # <linux/in.h>: lets a socket bind to / accept for an address that is not local to this host
-# (TPROXY ingress, soft-unicast egress). Needs CAP_NET_ADMIN (or CAP_NET_RAW).
+# (TPROXY ingress, soft-unicast egress). Needs CAP_NET_ADMIN or CAP_NET_RAW.
 IP_TRANSPARENT = 19
 # <linux/in.h>: bind() records the address only; the port is chosen at connect() time, when the
 # kernel knows the full 4-tuple, so one local port can serve many destinations.
@@ -102,7 +102,7 @@ def open_listener(listener_cfg: Any) -> socket.socket:
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             except PermissionError as exc:
                 raise PermissionError(
-                    exc.errno, f"listener {bind}: IP_TRANSPARENT needs CAP_NET_ADMIN"
+                    exc.errno, f"listener {bind}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW"
                 ) from None
         try:
             sock.bind((host, port))

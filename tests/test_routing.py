@@ -417,3 +417,36 @@ def test_closed_router_refuses_work(backend: BackendServer) -> None:
     router.close()
     with socket.socket() as s, pytest.raises(RuntimeError, match="closed"):
         router.open_upstream(s)
+
+
+def test_open_listener_options_and_hostport_parsing() -> None:
+    from relay.sock import parse_hostport
+
+    assert parse_hostport("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_hostport("[::0001]:80") == ("::1", 80)
+    assert parse_hostport("backend.example:80", allow_hostname=True) == ("backend.example", 80)
+    for bad in ("::1:80", "127.0.0.1", "1.2.3.4:99999", "[::1]80"):
+        with pytest.raises(ValueError):
+            parse_hostport(bad)
+    cfg = make_cfg(
+        '[[listener]]\nbind = "127.0.0.1:0"\nbackend = "127.0.0.1:1"\n'
+        '[[listener]]\nbind = "[::1]:0"\nbackend = "127.0.0.1:1"\n'
+    )
+    v4 = open_listener(cfg.listener[0])
+    try:
+        assert not v4.getblocking()
+        assert v4.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        assert v4.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        assert v4.getsockopt(socket.SOL_IP, 19) == 0  # backend mode: not transparent
+        # SO_REUSEPORT lets a second worker bind the very same address.
+        twin = open_listener(type("L", (), {"bind": f"127.0.0.1:{v4.getsockname()[1]}",
+                                            "mode": "backend"})())
+        twin.close()
+    finally:
+        v4.close()
+    try:
+        v6 = open_listener(cfg.listener[1])
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback: {exc}")
+    with v6:
+        assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
