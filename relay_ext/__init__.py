@@ -1,0 +1,1 @@
+"""relay's Cython core.  Import `relay_ext._core` (built by `make build`)."""

@@ -1,0 +1,61 @@
+"""Type stubs for relay's Cython core (relay_ext/_core.pyx)."""
+
+from types import TracebackType
+from typing import Final
+
+EV_ACCEPT: Final[int]
+EV_ACCEPT_ERROR: Final[int]
+EV_CONNECTED: Final[int]
+EV_DONE: Final[int]
+REASONS: Final[tuple[str, ...]]
+CYTHON_VERSION: Final[str]
+LIBURING_HEADERS: Final[str]
+
+# run() returns tuples of these shapes:
+#   (EV_ACCEPT, listener_tag, fd)
+#   (EV_ACCEPT_ERROR, listener_tag, errno)
+#   (EV_CONNECTED, conn_id, tag, connect_us)
+#   (EV_DONE, conn_id, tag, reason, c2s_bytes, s2c_bytes, spliced, copied, duration_us, errno)
+Event = tuple[int, ...]
+
+class Loop:
+    def __init__(
+        self,
+        backend: str = "uring",
+        *,
+        pipe_size: int = 1048576,
+        max_pipes: int = 256,
+        max_conns: int = 65536,
+        splice_min: int = 4096,
+        splice: bool = True,
+        connect_timeout_ms: int = 5000,
+        idle_timeout_ms: int = 300000,
+        half_close_timeout_ms: int = 60000,
+        ring_entries: int = 1024,
+    ) -> None: ...
+    @property
+    def backend(self) -> str: ...
+    def fileno(self) -> int: ...
+    def add_listener(self, fd: int, tag: int) -> None: ...
+    def remove_listener(self, tag: int) -> None: ...
+    def pause_accept(self, tag: int) -> None: ...
+    def resume_accept(self, tag: int) -> None: ...
+    def add_pair(
+        self,
+        client_fd: int,
+        upstream_fd: int,
+        tag: int = 0,
+        connecting: bool = False,
+        prefix: bytes = b"",
+    ) -> int: ...
+    def abort(self, cid: int) -> bool: ...
+    def run(self, timeout_ms: int = 0) -> list[Event]: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Loop: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
