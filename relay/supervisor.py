@@ -260,7 +260,7 @@ class Supervisor:
         try:
             for lst in cfg.listener:
                 key = listener_key(lst)
-                sock = self.listeners.get(key)
+                sock = self._existing_listener(lst)
                 if sock is None:
                     sock = open_listener(lst)
                     fresh.append((key, sock))
@@ -272,6 +272,24 @@ class Supervisor:
         for key, sock in fresh:
             self.listeners[key] = sock
         return out
+
+    def _existing_listener(self, lst: Any) -> socket.socket | None:
+        """The bound socket serving `lst` already: same bind text and mode, or same mode and the
+        address it is bound to ("127.0.0.1:0" then "127.0.0.1:40519" is the same socket)."""
+        sock = self.listeners.get(listener_key(lst))
+        if sock is not None:
+            return sock
+        try:
+            host, port = lst.bind_address
+        except (AttributeError, ValueError):
+            return None
+        if not port:
+            return None
+        for (_bind, mode), sock in self.listeners.items():
+            if mode == lst.mode and sock.family in (socket.AF_INET, socket.AF_INET6):
+                if tuple(sock.getsockname()[:2]) == (host, port):
+                    return sock
+        return None
 
     def _close_unused_listeners(self) -> None:
         used = {id(s) for gen in self.generations for s in gen.sockets.values()}
