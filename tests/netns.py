@@ -602,16 +602,16 @@ def syn_counters(slices: Sequence[tuple[str, int, int]]) -> str:
     )
 
 
-def lab_config(
-    lab: Lab,
+def relay_config(
     slice_: tuple[int, int] = (40000, 40007),
     allow: Sequence[str] = ("198.51.100.0/24", "2001:db8:100::/48"),
     deny: Sequence[str] = (),
     connect_timeout: float = 2.0,
-    egress4: str | None = None,
+    egress4: str = Lab.egress4,
+    egress6: str = Lab.egress6,
 ) -> str:
-    """A relay config for the lab: TPROXY listeners (IPv4 and IPv6, on loopback), the
-    soft-unicast addresses with one slice, JSON logs (the tests read the flow log)."""
+    """A relay config for the network tests: TPROXY listeners (IPv4 and IPv6, on loopback),
+    the soft-unicast addresses with one slice, JSON logs (the tests read the flow log)."""
     lo, hi = slice_
 
     def toml_list(items: Sequence[str]) -> str:
@@ -636,11 +636,11 @@ bind = "[::1]:7000"
 mode = "tproxy"
 
 [[egress]]
-address = "{egress4 or lab.egress4}"
+address = "{egress4}"
 ports = "{lo}-{hi}"
 
 [[egress]]
-address = "{lab.egress6}"
+address = "{egress6}"
 ports = "{lo}-{hi}"
 
 [policy]

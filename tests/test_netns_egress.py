@@ -19,8 +19,8 @@ from netns import (
     RelayProcess,
     Topology,
     connect_refused,
-    lab_config,
     open_flow,
+    relay_config,
     require_netns,
     split_hostport,
     start_relay,
@@ -53,7 +53,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         topo.nft(lab.origin, syn_counters([(lab.egress4, *SLICE), (lab.egress6, *SLICE)]))
         binds = [(d, p) for d in (*lab.dests4, *lab.dests6) for p in (*PORTS, EXHAUST_PORT)]
         with Origin(topo, lab.origin, binds) as origin:
-            config = lab_config(lab, SLICE, connect_timeout=1.0)
+            config = relay_config(SLICE, connect_timeout=1.0)
             relay = start_relay(topo, lab.relay, config, workdir, ingress=lab.relay_ingress)
             yield Env(topo, lab, relay, origin)
 
@@ -179,7 +179,7 @@ def test_unusable_slice_is_refused_at_start_with_the_reason(
     with Topology() as topo:
         lab = three_hosts(topo)
         topo.sysctl(lab.relay, sysctl, value)
-        path = write_config(workdir, "bad", lab_config(lab, slice_))
+        path = write_config(workdir, "bad", relay_config(slice_))
         relay = RelayProcess(topo, lab.relay, path)
         code = relay.wait_exit(20)
         assert code != 0

@@ -19,8 +19,8 @@ from netns import (
     RelayProcess,
     Topology,
     connect_refused,
-    lab_config,
     open_flow,
+    relay_config,
     require_netns,
     split_hostport,
     start_relay,
@@ -53,8 +53,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         binds += [(d, p) for d in lab.dests6 for p in PORTS6]
         binds.append(METADATA)
         with Origin(topo, lab.origin, binds) as origin:
-            config = lab_config(
-                lab,
+            config = relay_config(
                 SLICE,
                 # 169.254.0.0/16 is listed on purpose: link-local must stay refused anyway.
                 allow=("198.51.100.0/24:80,443,8080", "2001:db8:100::/48", "169.254.0.0/16"),
