@@ -61,15 +61,17 @@ def _start_haproxy(backend_port: int, tmp: Path) -> procs.Service:
 RELAY_MODE: dict[str, str] = {}
 
 
-def _relay_cli(engine: str, backend_port: int) -> procs.Service:
-    def make(port: int) -> procs.Service:
-        argv = [
-            sys.executable, "-m", "relay", "run", "--listen", f"127.0.0.1:{port}",
-            "--backend", f"127.0.0.1:{backend_port}", "--workers", "1", "--engine", engine,
-        ]
-        return procs.Service(f"relay-{engine}", argv, cwd=ROOT)
+# Competitors do not log per connection, so neither does the relay here.
+RELAY_ARGS = ("--workers", "1", "--no-flow-log", "--drain-timeout", "1")
 
-    return procs.start_retrying(make, ready_line=True, timeout=30.0)
+
+def _relay_cli(engine: str, backend_port: int) -> procs.Service:
+    """`relay run` on port 0; its READY line ('READY pid=.. listeners=name=127.0.0.1:PORT') names the port."""
+    argv = [
+        sys.executable, "-m", "relay", "run", "--listen", "127.0.0.1:0",
+        "--backend", f"127.0.0.1:{backend_port}", "--engine", engine, *RELAY_ARGS,
+    ]
+    return procs.start_reporting_port(f"relay-{engine}", argv, timeout=30.0, cwd=ROOT)
 
 
 def _relay_server(engine: str, backend_port: int) -> procs.Service:
@@ -120,7 +122,8 @@ def select(only: list[str] | None) -> list[Contender]:
     """Contenders named in `only` (engine names like 'uring' mean 'relay-uring'); all if None."""
     if not only:
         return list(ALL)
-    wanted = {f"relay-{n}" if n in RELAY_ENGINES else n for n in only}
+    aliases = {"uvloop": "uvloop-protocol", "streams": STREAMS, **{e: f"relay-{e}" for e in RELAY_ENGINES}}
+    wanted = {aliases.get(n, n) for n in only}
     unknown = wanted - {c.name for c in ALL}
     if unknown:
         raise SystemExit(f"unknown contender(s): {', '.join(sorted(unknown))}; "

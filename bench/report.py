@@ -145,6 +145,22 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _ratio_range(ratio: dict[str, Any]) -> str:
+    """Median of the per-round ratios, with their range when there are several rounds."""
+    text = _ratio(ratio["median"])
+    rounds = _finite(ratio["rounds"])
+    if len(rounds) > 1 and ratio["median"] is not None and max(rounds) - min(rounds) >= 0.005:
+        text += f" ({min(rounds):.2f}-{max(rounds):.2f})"
+    return text
+
+
+def _modes(modes: dict[str, str]) -> str:
+    if not modes:
+        return "not started"
+    names = {"cli": "relay run", "server": "relay.server.Server fallback"}
+    return ", ".join(f"{engine}: {names.get(mode, mode)}" for engine, mode in sorted(modes.items()))
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m, batch, summary = doc["machine"], doc["batch"], doc["summary"]
     opts = batch["options"]
@@ -155,10 +171,12 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Python {m['python']}; {m['haproxy']}; {m['iperf3']}.",
         f"Batch: {opts['rounds']} interleaved rounds (contenders shuffled per metric and round, "
         f"seed {opts['seed']}), {opts['duration']:g} s per run, request/response {opts['rr_conns']} "
-        f"connections x {opts['rr_size']} B, {batch['seconds']:.0f} s in all. Values are medians over "
-        "rounds; ratios are medians of per-round ratios (only ratios within one batch mean anything "
+        f"connections x {opts['rr_size']} B, {batch['seconds']:.0f} s in all, CPU steal "
+        f"{batch.get('steal_pct', 0):.1f} %. Values are medians over "
+        "rounds; ratios are medians of per-round ratios (range in parentheses; only ratios within one batch mean anything "
         "on a shared VM). CPU = proxy process tree (all threads, children), GB = 1e9 bytes. "
-        f"Relay started via: {batch['relay_mode'] or 'n/a'}.",
+        f"Relay: `relay run --workers 1 --no-flow-log` per engine ({_modes(batch['relay_mode'])}); "
+        "HAProxy: `nbthread 1`, `option splice-auto`.",
         "",
     ]
     order = list(batch["contenders"])
@@ -177,11 +195,11 @@ def markdown(doc: dict[str, Any]) -> str:
             if entry is None:
                 continue
             head = entry[head_key]
-            cells = [_fmt(head["median"])] + [_ratio(head["ratio"][ref]["median"]) for ref in REFERENCES]
+            cells = [_fmt(head["median"])] + [_ratio_range(head["ratio"][ref]) for ref in REFERENCES]
             for key, _, _ in values[1:]:
                 cells.append(_fmt(entry[key]["median"]))
                 if key == "p99_us":
-                    cells.append(_ratio(entry[key]["ratio"][HAPROXY]["median"]))
+                    cells.append(_ratio_range(entry[key]["ratio"][HAPROXY]))
             if entry["errors"]:
                 cells[-1] += f" ({len(entry['errors'])} failed runs: {entry['errors'][0][:80]})"
             out.append(f"| {name} | " + " | ".join(cells) + " |")

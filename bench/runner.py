@@ -13,7 +13,7 @@ from typing import Any
 
 from bench import contenders, procs
 from bench.contenders import Contender
-from bench.drivers import echo_origin, idle, iperf, rr
+from bench.drivers import echo_origin, idle, iperf, procstat, rr
 
 METRICS = ("stream1", "stream8", "rr")
 
@@ -176,6 +176,7 @@ class Batch:
 
     def run(self) -> dict[str, Any]:
         started = time.time()
+        cpu_start = procstat.system_cpu_ticks()
         try:
             for index in range(self.opts.rounds):
                 self.run_round(index)
@@ -187,7 +188,10 @@ class Batch:
             for svc in self.origins.values():
                 svc.stop()
             shutil.rmtree(self.tmp, ignore_errors=True)
+        cpu_end = procstat.system_cpu_ticks()
+        total = cpu_end["total"] - cpu_start["total"]
         return {
+            "steal_pct": 100.0 * (cpu_end["steal"] - cpu_start["steal"]) / total if total else 0.0,
             "options": asdict(self.opts),
             "started": started,
             "seconds": time.time() - started,

@@ -112,3 +112,11 @@ def fd_count(pid: int) -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except FileNotFoundError:
         return 0
+
+
+def system_cpu_ticks() -> dict[str, int]:
+    """Machine-wide CPU ticks from /proc/stat: total and steal (time the hypervisor took away)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    steal = fields[7] if len(fields) > 7 else 0
+    return {"total": sum(fields[:8]), "steal": steal}
