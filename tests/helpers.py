@@ -285,13 +285,17 @@ def reset_after(n: int) -> Callable[[socket.socket, Seen], None]:
 def connect(address: tuple[str, int], rcvbuf: int | None = None, nodelay: bool = False,
             timeout: float = 10.0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:
-        # Before connect(): the window scale is negotiated in the handshake.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if nodelay:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(timeout)
-    sock.connect(address)
+    try:
+        if rcvbuf is not None:
+            # Before connect(): the window scale is negotiated in the handshake.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

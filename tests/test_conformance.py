@@ -155,13 +155,19 @@ def test_refused_upstream_resets_client_promptly(relay_server, client) -> None:
     try:
         holder.bind(("127.0.0.1", 0))
         relay = relay_server(holder.getsockname())
-        c = client(relay.address)
         t0 = time.monotonic()
-        got = read_all(c)
+        try:
+            c = client(relay.address)
+        except ConnectionResetError:
+            # The relay's RST can beat connect() returning (its SO_ERROR check): as prompt as
+            # it gets.
+            end = "reset"
+        else:
+            end = read_all(c).end
         elapsed = time.monotonic() - t0
     finally:
         holder.close()
-    assert got.end == "reset", f"client saw {got.end!r}, expected a reset"
+    assert end == "reset", f"client saw {end!r}, expected a reset"
     assert elapsed < 2.0, f"client reset after {elapsed:.2f}s, not promptly"
     relay.wait_closed("refused")
 
