@@ -470,7 +470,7 @@ class RelayProcess:
         self._ready = threading.Event()
         env = dict(os.environ, PYTHONPATH=REPO)
         self.proc = topo.popen(
-            ns, [sys.executable, *os.environ.get("RELAY_TEST_LAUNCHER", "-m relay run").split(), "-c", self.path, "--workers", "1"],
+            ns, [sys.executable, "-m", "relay", "run", "-c", self.path, "--workers", "1"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=REPO, env=env,
         )

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from netns import Topology, require_netns
+from netns import Topology, relay_nft, require_netns
 
 from relay import nft
 from relay.config import loads
-
-REPO = Path(__file__).resolve().parent.parent
 
 TPROXY_CONFIG = """
 [[listener]]
@@ -104,9 +101,7 @@ def test_render_refuses_tproxy_listener_on_port_zero() -> None:
 
 
 def _relay_nft(topo: Topology, ns: str, *args: str) -> tuple[int, str, str]:
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from relay.nft import main; " \
-           "raise SystemExit(main(sys.argv[1:]))"
-    res = topo.run(ns, [sys.executable, "-c", code, *args], check=False)
+    res = relay_nft(topo, ns, *args)
     return res.returncode, res.stdout, res.stderr
 
 
