@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -74,9 +74,9 @@ def describe_status(status: int) -> str:
     return f"status {status:#x}"
 
 
-def listener_key(lst: Any) -> tuple[str, str]:
-    """What identifies a kernel listening socket across configs: its address and its mode."""
-    return (str(lst.bind), str(lst.mode))
+def listener_key(lst: Any) -> tuple[str, str, str]:
+    """A listener's identity across configs: name, address text and mode."""
+    return (str(lst.name), str(lst.bind), str(lst.mode))
 
 
 def format_address(sock: socket.socket) -> str:
@@ -133,7 +133,7 @@ class Supervisor:
         self.started = time.monotonic()
         self.selector = selectors.DefaultSelector()
         self.signal_queue: deque[int] = deque()
-        self.listeners: dict[tuple[str, str], socket.socket] = {}
+        self.listeners: dict[tuple[str, str, str], socket.socket] = {}
         self.generations: list[Generation] = []
         self.workers: dict[int, Worker] = {}
         self.next_generation = 1
@@ -255,15 +255,14 @@ class Supervisor:
         """
         from relay.sock import open_listener
 
-        fresh: list[tuple[tuple[str, str], socket.socket]] = []
+        fresh: list[tuple[tuple[str, str, str], socket.socket]] = []
         out: dict[str, socket.socket] = {}
         try:
             for lst in cfg.listener:
-                key = listener_key(lst)
-                sock = self._existing_listener(lst)
+                sock = self._existing_listener(lst, taken=out.values())
                 if sock is None:
                     sock = open_listener(lst)
-                    fresh.append((key, sock))
+                    fresh.append((listener_key(lst), sock))
                 out[lst.name] = sock
         except BaseException:
             for _key, sock in fresh:
@@ -273,11 +272,15 @@ class Supervisor:
             self.listeners[key] = sock
         return out
 
-    def _existing_listener(self, lst: Any) -> socket.socket | None:
-        """The bound socket serving `lst` already: same bind text and mode, or same mode and the
-        address it is bound to ("127.0.0.1:0" then "127.0.0.1:40519" is the same socket)."""
+    def _existing_listener(self, lst: Any, taken: Iterable[socket.socket]
+                           ) -> socket.socket | None:
+        """The bound socket that already serves `lst`, if any: the one of the same name, address
+        text and mode, or, for a fixed port, one bound to that very address in the same mode
+        (so "127.0.0.1:0" then "127.0.0.1:40519", or a renamed listener, keep their socket).
+        Port-0 listeners of different names are different sockets."""
+        busy = {id(s) for s in taken}
         sock = self.listeners.get(listener_key(lst))
-        if sock is not None:
+        if sock is not None and id(sock) not in busy:
             return sock
         try:
             host, port = lst.bind_address
@@ -285,8 +288,10 @@ class Supervisor:
             return None
         if not port:
             return None
-        for (_bind, mode), sock in self.listeners.items():
-            if mode == lst.mode and sock.family in (socket.AF_INET, socket.AF_INET6):
+        for (_name, _bind, mode), sock in self.listeners.items():
+            if id(sock) in busy or mode != lst.mode:
+                continue
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
                 if tuple(sock.getsockname()[:2]) == (host, port):
                     return sock
         return None
@@ -295,7 +300,7 @@ class Supervisor:
         used = {id(s) for gen in self.generations for s in gen.sockets.values()}
         for key, sock in list(self.listeners.items()):
             if id(sock) not in used:
-                log.info("listener %s %s closed (not in the config any more)", *key)
+                log.info("listener %s (%s, %s) closed: not in the config any more", *key)
                 sock.close()
                 del self.listeners[key]
 

@@ -241,13 +241,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: floa
 
 def relay_config(backend_port: int, admin_socket: str, *, workers: int = 2,
                  extra_relay: str = "", extra: str = "", engine: str = "auto",
-                 bind: str = "127.0.0.1:0") -> str:
+                 bind: str = "127.0.0.1:0", drain: float = 10.0) -> str:
     return f"""\
 [relay]
 engine = "{engine}"
 workers = {workers}
 admin_socket = "{admin_socket}"
-drain_timeout = 10.0
+drain_timeout = {drain}
 flow_log = true
 {extra_relay}
 
