@@ -7,6 +7,8 @@ counts SYNs with nft: from the slice vs from anywhere else.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,6 +159,26 @@ def test_without_the_return_path_the_failure_is_a_clear_connect_timeout(env: Env
                              "handle", handle])
     flow = open_flow(topo, lab.client, (lab.dests4[0], 443))
     assert flow.seen.peer[0] == lab.egress4 and flow.finish(b"z") == 1
+
+
+def test_unusable_slice_is_refused_at_reload_and_the_old_config_keeps_serving(env: Env) -> None:
+    lab, topo = env.lab, env.topo
+    # Reserving a port inside the slice makes the very same config file invalid on this host.
+    topo.sysctl(lab.relay, "net.ipv4.ip_local_reserved_ports", str(SLICE[0] + 3))
+    try:
+        os.kill(env.relay.proc.pid, signal.SIGHUP)  # `ip netns exec` exec'd: this is the relay
+        deadline = time.monotonic() + 10
+        while "reload refused" not in env.relay.output():
+            assert time.monotonic() < deadline, env.relay.output()
+            time.sleep(0.05)
+        refusal = next(line for line in env.relay.stderr if "reload refused" in line)
+        assert "ip_local_reserved_ports" in refusal
+        assert env.relay.proc.poll() is None
+        flow = open_flow(topo, lab.client, (lab.dests4[1], 443))
+        assert flow.seen.peer[0] == lab.egress4 and SLICE[0] <= flow.seen.peer[1] <= SLICE[1]
+        assert flow.finish(b"still serving") == len(b"still serving")
+    finally:
+        topo.sysctl(lab.relay, "net.ipv4.ip_local_reserved_ports", "")
 
 
 @pytest.mark.parametrize(
