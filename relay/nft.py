@@ -26,7 +26,10 @@ import sys
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-__all__ = ["FWMARK", "ROUTE_TABLE", "RULE_PRIORITY", "TABLE", "Plan", "render", "main"]
+__all__ = [
+    "FWMARK", "ROUTE_TABLE", "RULE_PRIORITY", "TABLE", "Plan", "PlumbingError", "apply",
+    "check_ruleset", "main", "remove", "render",
+]
 
 TABLE = "relay"  # nft table (family inet) that holds everything this module installs
 FWMARK = 1  # packet mark that selects the local-delivery routing table
@@ -54,15 +57,6 @@ class Plan:
     route_commands: tuple[IpCommand, ...]  # `ip` argv to add the policy routing
     families: tuple[int, ...]  # IP versions (4, 6) that need the policy routing
     notes: tuple[str, ...]  # what each part is for, for humans
-
-    def remove_commands(self) -> tuple[IpCommand, ...]:
-        """`ip` argv that take the policy routing away again (reverse order)."""
-        out: list[IpCommand] = []
-        for version in reversed(self.families):
-            fam = _family_flag(version)
-            out.append((fam, "rule", "del", *_rule_selector()))
-            out.append((fam, "route", "del", *_local_route(version)))
-        return tuple(out)
 
     def text(self) -> str:
         """The plan as a shell-readable script: comments, the ruleset, the ip commands."""
@@ -229,9 +223,7 @@ def check_ruleset(ruleset: str) -> None:
 
 def _rule_present(version: int) -> bool:
     res = _run(["ip", _family_flag(version), "rule", "show", "priority", str(RULE_PRIORITY)])
-    return f"fwmark {FWMARK:#x} lookup {ROUTE_TABLE}" in res.stdout or (
-        f"fwmark {FWMARK} lookup {ROUTE_TABLE}" in res.stdout
-    )
+    return f"fwmark {FWMARK:#x} lookup {ROUTE_TABLE}" in res.stdout  # ip prints marks in hex
 
 
 def apply(plan: Plan) -> None:
@@ -248,20 +240,20 @@ def apply(plan: Plan) -> None:
             raise PlumbingError(f"ip {' '.join(cmd)} failed: {res.stderr.strip()}")
 
 
-def remove(plan: Plan) -> None:
-    """Take away what ``apply`` installed; what is already gone is not an error."""
+def remove() -> None:
+    """Take away what ``apply`` installs, for both families whatever the config says now (the
+    table name, rule priority, mark and route table identify it); what is gone is no error."""
     # "table; delete table" in one transaction: succeeds whether or not the table exists.
     res = _run(["nft", "-f", "-"], f"table inet {TABLE}\ndelete table inet {TABLE}\n")
     if res.returncode != 0:
         raise PlumbingError(f"nft delete table inet {TABLE} failed: {res.stderr.strip()}")
-    for cmd in plan.remove_commands():
-        if cmd[1] == "rule":
-            while _rule_present(6 if cmd[0] == "-6" else 4):
-                res = _run(["ip", *cmd])
-                if res.returncode != 0:
-                    raise PlumbingError(f"ip {' '.join(cmd)} failed: {res.stderr.strip()}")
-        else:
-            _run(["ip", *cmd])  # "No such process" when the route is already gone
+    for version in (4, 6):
+        fam = _family_flag(version)
+        while _rule_present(version):
+            res = _run(["ip", fam, "rule", "del", *_rule_selector()])
+            if res.returncode != 0:
+                raise PlumbingError(f"ip {fam} rule del failed: {res.stderr.strip()}")
+        _run(["ip", fam, "route", "del", *_local_route(version)])  # fails if already gone
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -295,11 +287,11 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"relay nft: {exc}", file=sys.stderr)
         return 2
     try:
-        plan = render(cfg, ingress=opts.ingress)
         if opts.remove:
-            remove(plan)
+            remove()
             print(f"relay nft: removed table inet {TABLE} and the fwmark {FWMARK} routing")
             return 0
+        plan = render(cfg, ingress=opts.ingress)
         sys.stdout.write(plan.text())
         if opts.apply:
             apply(plan)
@@ -313,10 +305,7 @@ def main(args: Sequence[str] | None = None) -> int:
             return 1
         print(f"# not validated: {exc}")
         return 0
-    except PlumbingError as exc:
-        print(f"relay nft: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (PlumbingError, OSError, subprocess.SubprocessError) as exc:
         print(f"relay nft: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -10,6 +10,13 @@ a leftover is easy to attribute.  Only pids this harness started are ever signal
         topo.link(client, relay, ["192.0.2.2/24"], ["192.0.2.1/24"])
         topo.run(client, ["ip", "route", "add", "default", "via", "192.0.2.1"])
         proc = topo.popen(relay, [sys.executable, "-m", "relay", "run", "-c", path])
+        sock = topo.connect(client, ("192.0.2.1", 80))   # a socket that lives in `client`
+
+The second half holds what the relay's network tests share: a threaded ``Origin`` that tells
+each client what its kernel saw (source and destination), ``RelayProcess`` (`relay run` in a
+namespace, flow log read back as JSON), ``three_hosts`` (client <-> relay <-> origin with the
+documentation-range addressing), ``relay_config``, ``start_relay`` (rules via `relay nft`,
+then the relay) and ``syn_counters`` (origin-side nft counters of SYNs inside/outside a slice).
 """
 
 from __future__ import annotations
