@@ -264,13 +264,17 @@ _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncIterator[Non
     weakref.WeakKeyDictionary())
 
 
-async def _close_at_shutdown(relay: Relay) -> AsyncIterator[None]:
+async def _close_at_shutdown(aloop: asyncio.AbstractEventLoop, relay: Relay
+                             ) -> AsyncIterator[None]:
     # An async generator parked at its yield: asyncio.run() (and uvloop) call
     # loop.shutdown_asyncgens() before closing the loop, which runs this finally clause inside the
     # loop, so the default Relay is released cleanly with its event loop.
     try:
         yield
     finally:
+        if _defaults.get(aloop) is relay:
+            del _defaults[aloop]
+        _closers.pop(aloop, None)
         await relay.aclose()
 
 
@@ -283,7 +287,7 @@ async def splice(client: Any, upstream: Any) -> SpliceResult:
         relay = Relay()
         relay.open()
         _defaults[aloop] = relay
-        closer = _close_at_shutdown(relay)
+        closer = _close_at_shutdown(aloop, relay)
         await closer.__anext__()
         _closers[aloop] = closer
     return await relay.splice(client, upstream)
