@@ -1,0 +1,213 @@
+"""Connection limits and fd exhaustion with real relay processes (TEST_MATRIX C)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+import tests.test_supervisor as harness
+from tests.test_supervisor import (
+    Transfer,
+    cpu_seconds,
+    echo_handler,
+    echo_roundtrip,
+    hash_handler,
+    relay_config,
+    wait_for,
+)
+
+origins = harness.origins  # the shared fixtures
+relays = harness.relays
+
+
+def _open_relayed(addr: tuple[str, int], source: str | None = None) -> socket.socket:
+    """A connection that went through the relay to the echo origin (proved by a round trip)."""
+    s = socket.create_connection(addr, timeout=5, source_address=(source, 0) if source else None)
+    s.sendall(b"hello")
+    got = b""
+    while len(got) < 5:
+        data = s.recv(16)
+        if not data:
+            s.close()
+            raise ConnectionError("closed before the echo")
+        got += data
+    return s
+
+
+def _is_refused_at_once(addr: tuple[str, int], source: str | None = None) -> bool:
+    """True when the relay accepts and resets/closes the client without relaying a byte."""
+    try:
+        s = socket.create_connection(addr, timeout=5,
+                                     source_address=(source, 0) if source else None)
+    except ConnectionError:
+        return True
+    with s:
+        s.settimeout(3)
+        try:
+            s.sendall(b"hello")
+            return s.recv(16) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+
+def _rejected(rp: Any, limit: str) -> int:
+    return sum(w["stats"].get("rejected", {}).get(limit, 0) for w in rp.workers())
+
+
+@pytest.mark.timeout(60)
+def test_global_maxconn_admits_exactly_the_limit(origins: Any, relays: Any) -> None:
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1,
+                                         extra_relay="maxconn = 5"))
+    addr = rp.wait_ready()["main"]
+    held = [_open_relayed(addr) for _ in range(5)]
+    try:
+        assert _is_refused_at_once(addr)
+        assert _is_refused_at_once(addr)
+        wait_for(lambda: _rejected(rp, "maxconn") == 2, 5, "2 rejections counted")
+        held.pop().close()
+        wait_for(lambda: rp.workers()[0]["stats"]["flows_open"] == 4, 5, "one slot free")
+        held.append(_open_relayed(addr))  # exactly one fits again
+        assert _is_refused_at_once(addr)
+        wait_for(lambda: _rejected(rp, "maxconn") == 3, 5, "3 rejections counted")
+    finally:
+        for s in held:
+            s.close()
+
+
+@pytest.mark.timeout(60)
+def test_per_source_maxconn_admits_exactly_the_limit(origins: Any, relays: Any) -> None:
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1,
+                                         extra_relay="maxconn_per_source = 3"))
+    addr = rp.wait_ready()["main"]
+    held = []
+    try:
+        for source in ("127.0.0.1", "127.0.0.2"):
+            held += [_open_relayed(addr, source) for _ in range(3)]
+            assert _is_refused_at_once(addr, source), f"4th connection from {source} admitted"
+        wait_for(lambda: _rejected(rp, "maxconn_per_source") == 2, 5, "2 rejections counted")
+        assert _rejected(rp, "maxconn") == 0
+        held.pop(0).close()  # one from 127.0.0.1 leaves: one more from it fits
+        wait_for(lambda: rp.workers()[0]["stats"]["flows_open"] == 5, 5, "one slot free")
+        held.append(_open_relayed(addr, "127.0.0.1"))
+    finally:
+        for s in held:
+            s.close()
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    n = 0
+    while n in used:
+        n += 1
+    return n
+
+
+def _prlimit_nofile(pid: int, soft: int, hard: int) -> None:
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True,
+                   timeout=10)
+
+
+def _engines() -> list[str]:
+    from relay.engines import available
+
+    return [name for name in ("uring", "epoll") if available().get(name) is None] or ["asyncio"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("engine", _engines())
+def test_emfile_in_a_worker_recovers_without_spinning(origins: Any, relays: Any,
+                                                      engine: str) -> None:
+    """prlimit drops a worker's RLIMIT_NOFILE below the fds it holds.
+
+    epoll: accept(2) fails with EMFILE, the listener pauses (one log line), the client waits in
+    the accept queue and is served once the limit is back. io_uring: a multishot accept keeps the
+    RLIMIT_NOFILE it read when it was armed (io_accept_prep), so the accept succeeds and the
+    upstream socket(2) fails instead: the client is reset at once and the close counted. Either
+    way the running transfer completes, the worker does not spin and recovers by itself.
+    """
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    echo, sink = origins(echo_handler), origins(hash_handler)
+    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1, engine=engine, extra=f"""
+[[listener]]
+name = "bulk"
+bind = "127.0.0.1:0"
+backend = "127.0.0.1:{sink.port}"
+"""))
+    rp.wait_ready()
+    worker = rp.workers()[0]["pid"]
+    transfer = Transfer(rp.address("bulk"), 4 << 20, 3.0)
+    transfer.start()
+    transfer.connected.wait(5)
+    time.sleep(0.3)
+    with open(f"/proc/{worker}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files")).split()
+        soft, hard = int(line[3]), int(line[4])
+    # Every fd number below the new limit is taken: the next new fd gets EMFILE.
+    _prlimit_nofile(worker, _lowest_free_fd(worker), hard)
+    pending = socket.create_connection(rp.address("main"), timeout=10)
+    try:
+        pending.sendall(b"waiting")
+        pending.settimeout(2.0)
+        cpu0, t0 = cpu_seconds(worker), time.monotonic()
+        try:
+            early = pending.recv(16)
+        except ConnectionResetError:
+            early = b""
+        except TimeoutError:
+            early = None  # still queued
+        time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
+        cpu = cpu_seconds(worker) - cpu0
+        assert cpu < 0.5 * (time.monotonic() - t0), f"worker spun: {cpu:.2f} CPU-s in 2 s"
+        stats = wait_for(lambda: (s := rp.workers()[0]["stats"])["accept_errors"]
+                         + s["closed"]["error"] > 0 and s, 5, "the failure counted")
+        _prlimit_nofile(worker, soft, hard)
+        if early is None:
+            # Queued in the kernel while accepting was paused: served once fds are back.
+            assert stats["accept_paused"] >= 1
+            pending.settimeout(5)
+            assert pending.recv(16) == b"waiting", "the queued client is served after recovery"
+            lines = [x for x in rp.stderr().splitlines() if "accept failed" in x]
+            assert 1 <= len(lines) <= 2, lines
+            assert "EMFILE" in lines[0]
+        else:
+            assert early == b"", f"a client was relayed without fds: {early!r}"
+            assert stats["closed"]["error"] >= 1
+    finally:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            _prlimit_nofile(worker, soft, hard)
+        pending.close()
+    transfer.join(20)
+    assert transfer.ok, f"the transfer running during EMFILE failed: {transfer.error}"
+    assert echo_roundtrip(rp.address("main"))
+    assert rp.workers()[0]["pid"] == worker, "the worker recovered by itself, no restart"
+
+
+@pytest.mark.timeout(60)
+def test_fd_and_pipe_budgets_are_reported(origins: Any, relays: Any) -> None:
+    from relay.config import load
+    from relay.limits import nofile_needed_for
+
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, adm, workers=2,
+                                         extra_relay="maxconn = 1000"))
+    rp.wait_ready()
+    cfg = load(rp.config_path)
+    needed = nofile_needed_for(cfg.relay, len(cfg.listener), 2)
+    budget = rp.stats()["budget"]
+    assert f"{needed} needed per worker" in budget, budget
+    per_worker_pipes = cfg.relay.pipes_per_worker(2)
+    assert f"pipes: {per_worker_pipes} pipes of" in budget, budget
+    text = rp.stderr()
+    assert "budget: fds:" in text
