@@ -57,6 +57,7 @@ cdef struct Conn:
     uint64_t start_ns
     uint64_t last_ns        # last byte moved either way
     uint64_t connect_us
+    uint32_t outq_seen      # send-queue bytes at the last timeout check (progress detector)
 
 cdef enum:
     POLL_BIT_IN = 1

@@ -812,6 +812,12 @@ cdef class Loop:
                     self._close_conn(c, R_CONNECT_TIMEOUT, ETIMEDOUT, True)
                 continue
             idle = now - c.last_ns if now > c.last_ns else 0
+            if (idle >= self.idle_timeout_ns or idle >= self.half_close_timeout_ns) \
+                    and self._kernel_still_sending(c):
+                # Everything we read was handed to the kernel, but a slow peer is still
+                # draining our socket's send queue: that is progress, not idleness.
+                c.last_ns = now
+                continue
             if idle >= self.idle_timeout_ns:
                 self._close_conn(c, R_IDLE_TIMEOUT, ETIMEDOUT, True)
                 continue
@@ -824,6 +830,18 @@ cdef class Loop:
                 self.listeners[i].resume_at = 0
                 if not self.listeners[i].user_paused:
                     self._listener_arm(i)
+
+    cdef bint _kernel_still_sending(self, Conn* c) noexcept nogil:
+        cdef int q0 = 0, q1 = 0
+        cdef uint32_t total
+        ioctl(c.fd[0], SIOCOUTQ, &q0)
+        ioctl(c.fd[1], SIOCOUTQ, &q1)
+        total = <uint32_t>(q0 + q1)
+        if total == 0 or total == c.outq_seen:
+            c.outq_seen = total
+            return False
+        c.outq_seen = total
+        return True
 
     cdef void _accept_error(self, int slot, int err) noexcept nogil:
         cdef Listener* l = &self.listeners[slot]
