@@ -23,11 +23,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 __all__ = ["AdminServer", "client_main", "format_stats", "request"]
 
 MAX_REQUEST = 1024
+# The classic text exposition format: what generate_latest() writes for our plain ASCII names,
+# and the content type every Prometheus version (2.x included) parses.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_TIMEOUT = 5.0  # seconds an admin client may take to send its request / read the answer
 RELOAD_TIMEOUT = 120.0  # `relay reload` waits this long for the new generation to serve
 
@@ -43,7 +46,7 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             body = generate_latest(self.registry)
-            self._answer(200, CONTENT_TYPE_LATEST, body)
+            self._answer(200, METRICS_CONTENT_TYPE, body)
         elif path == "/":
             self._answer(200, "text/plain; charset=utf-8", b"relay: see /metrics\n")
         else:
