@@ -304,17 +304,15 @@ class Topology:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def default_engine() -> str:
-    """The engine the network tests run the relay with: $RELAY_TEST_ENGINE, else the default
-    ("auto") once the core is built, else the pure-asyncio reference engine."""
-    chosen = os.environ.get("RELAY_TEST_ENGINE")
-    if chosen:
-        return chosen
-    try:
-        import relay_ext._core  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "auto"
+ENGINES = ("uring", "epoll", "asyncio")  # every engine the network tests run the relay with
+
+
+def engine_or_skip(name: str, availability: dict[str, str | None]) -> str:
+    """``name`` if that engine can run here (conftest's ``engine_availability``), else skip."""
+    reason = availability.get(name, "unknown engine")
+    if reason is not None:
+        pytest.skip(f"engine {name} not available: {reason}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -610,6 +608,7 @@ def syn_counters(slices: Sequence[tuple[str, int, int]]) -> str:
 
 
 def relay_config(
+    engine: str = "auto",
     slice_: tuple[int, int] = (40000, 40007),
     allow: Sequence[str] = ("198.51.100.0/24", "2001:db8:100::/48"),
     deny: Sequence[str] = (),
@@ -626,7 +625,7 @@ def relay_config(
 
     return f"""
 [relay]
-engine = "{default_engine()}"
+engine = "{engine}"
 workers = 1
 connect_timeout = {connect_timeout}
 log_format = "json"

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import pytest
 from netns import (
+    ENGINES,
     Flow,
     Lab,
     Origin,
     RelayProcess,
     Topology,
     connect_refused,
+    engine_or_skip,
     open_flow,
     relay_config,
     require_netns,
@@ -46,16 +48,21 @@ class Env:
     origin: Origin
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+@pytest.fixture(scope="module", params=ENGINES)
+def env(
+    request: pytest.FixtureRequest,
+    engine_availability: dict[str, str | None],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Env]:
     require_netns()
+    engine = engine_or_skip(request.param, engine_availability)
     workdir = str(tmp_path_factory.mktemp("egress"))
     with Topology() as topo:
         lab = three_hosts(topo)
         topo.nft(lab.origin, syn_counters([(lab.egress4, *SLICE), (lab.egress6, *SLICE)]))
         binds = [(d, p) for d in (*lab.dests4, *lab.dests6) for p in (*PORTS, EXHAUST_PORT)]
         with Origin(topo, lab.origin, binds) as origin:
-            config = relay_config(SLICE, connect_timeout=1.0)
+            config = relay_config(engine, SLICE, connect_timeout=1.0)
             relay = start_relay(topo, lab.relay, config, workdir, ingress=lab.relay_ingress)
             yield Env(topo, lab, relay, origin)
 
@@ -201,7 +208,7 @@ def test_unusable_slice_is_refused_at_start_with_the_reason(
     with Topology() as topo:
         lab = three_hosts(topo)
         topo.sysctl(lab.relay, sysctl, value)
-        path = write_config(workdir, "bad", relay_config(slice_))
+        path = write_config(workdir, "bad", relay_config("auto", slice_))
         relay = RelayProcess(topo, lab.relay, path)
         code = relay.wait_exit(20)
         assert code != 0

@@ -78,14 +78,14 @@ def _build(topo: Topology) -> dict[str, str]:
 
 
 @pytest.mark.netns
-def test_two_relays_share_one_address_with_disjoint_slices(tmp_path: Path) -> None:
+def test_two_relays_share_one_address_with_disjoint_slices(tmp_path: Path, engine: str) -> None:
     require_netns()
     with Topology() as topo:
         hosts = _build(topo)
         with Origin(topo, hosts["o"], [(d, 80) for d in DESTS]):
             relays = {
                 name: start_relay(
-                    topo, hosts[name], relay_config(SLICES[name], egress4=SHARED),
+                    topo, hosts[name], relay_config(engine, SLICES[name], egress4=SHARED),
                     str(tmp_path), ingress=hosts[f"{name}_in"],
                 )
                 for name in ("r1", "r2")

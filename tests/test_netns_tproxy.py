@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import pytest
 from netns import (
+    ENGINES,
     Lab,
     Origin,
     RelayProcess,
     Topology,
     connect_refused,
+    engine_or_skip,
     open_flow,
     relay_config,
     require_netns,
@@ -43,9 +45,14 @@ class Env:
     origin: Origin
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+@pytest.fixture(scope="module", params=ENGINES)
+def env(
+    request: pytest.FixtureRequest,
+    engine_availability: dict[str, str | None],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Env]:
     require_netns()
+    engine = engine_or_skip(request.param, engine_availability)
     workdir = str(tmp_path_factory.mktemp("tproxy"))
     with Topology() as topo:
         lab = three_hosts(topo)
@@ -54,6 +61,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         binds.append(METADATA)
         with Origin(topo, lab.origin, binds) as origin:
             config = relay_config(
+                engine,
                 SLICE,
                 # 169.254.0.0/16 is listed on purpose: link-local must stay refused anyway.
                 allow=("198.51.100.0/24:80,443,8080", "2001:db8:100::/48", "169.254.0.0/16"),
