@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -172,3 +173,33 @@ def test_refused_by_the_origin_resets_the_client_promptly(env: Env) -> None:
         time.sleep(0.05)
     else:
         pytest.fail(f"no `refused` flow for {dest}:\n{env.relay.output()}")
+
+
+@pytest.mark.timeout(60)
+def test_egress_routed_back_into_the_relay_is_stopped_at_the_first_hop(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A destination whose route leads back to the relay host: the relay's own egress SYN
+    arrives there again and TPROXY (intercepting on every interface) hands it to the relay. The
+    relay recognises its own egress address and slice port as the client ("loop") and refuses
+    at once: one refusal, not a connection storm."""
+    require_netns()
+    looped = "198.51.100.99"
+    with Topology() as topo:
+        lab = three_hosts(topo)
+        topo.sysctl(lab.origin, "net.ipv4.ip_forward", "1")
+        topo.route(lab.origin, f"{looped}/32", "via", "192.0.2.17")  # misroute: back to relay
+        workdir = str(tmp_path_factory.mktemp("loop"))
+        relay = start_relay(topo, lab.relay, relay_config("auto", SLICE), workdir)  # all ifaces
+        end = connect_refused(topo, lab.client, lab.client_address, (looped, 80))
+        assert end.outcome in ("reset", "eof") and end.seconds < 2.0
+        records = relay.wait_flows(2)
+        time.sleep(0.5)  # a loop would keep producing records
+        reasons = Counter(str(r["reason"]) for r in relay.flows())
+        assert reasons["denied_loop"] == 1, reasons
+        (loop_record,) = [r for r in records if r["reason"] == "denied_loop"]
+        address, port = split_hostport(str(loop_record["client"]))
+        assert address == lab.egress4 and SLICE[0] <= port <= SLICE[1]
+        # The client's own flow ended when the relay refused its own looped connection.
+        assert reasons["reset_origin"] + reasons["refused"] == 1
+        assert sum(reasons.values()) == 2
