@@ -128,6 +128,26 @@ class _Reporter(threading.Thread):
         self._stop_event.set()
 
 
+def _import_while_privileged() -> None:
+    """Import what the worker needs before it drops privileges.
+
+    After setuid the interpreter may no longer be able to read its own library (a Python
+    installed under /root, a 0700 virtualenv): every module the worker will import lazily must be
+    loaded now. `encodings.idna` is the classic one: socket.getaddrinfo() imports it on first
+    use with a str host.
+    """
+    import encodings.idna  # noqa: F401
+
+    import relay.engines.aio  # noqa: F401
+    import relay.log  # noqa: F401
+    import relay.server  # noqa: F401
+
+    try:
+        import relay_ext._core  # noqa: F401  (importing creates no ring; Server does, later)
+    except ImportError:
+        pass  # not built: the engine selection explains it when the Server starts
+
+
 def run_worker(
     cfg: Any,
     sockets: dict[str, socket.socket],
@@ -148,10 +168,11 @@ def run_worker(
     try:
         from relay import privs
 
-        target, caps = privileges
-        privs.drop_privileges(target, caps)
+        _import_while_privileged()
         from relay.server import Server
 
+        target, caps = privileges
+        privs.drop_privileges(target, caps)
         srv = Server(cfg, engine=cfg.relay.engine, sockets=sockets)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"

@@ -301,7 +301,9 @@ class RelayProcess:
                 line = self.lines.get(timeout=left)
             except queue.Empty:
                 continue
-            if line == "" and self.proc.poll() is not None:
+            if line == "":
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
                 raise AssertionError(
                     f"relay exited ({self.proc.returncode}) before READY; stderr:\n"
                     f"{self.stderr()}")
