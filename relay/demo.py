@@ -410,8 +410,30 @@ def _namespaces(prefix: str) -> Iterator[dict[str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
+def _syn_counters(egress: Sequence[Any]) -> str:
+    """nft for the origin host: count SYNs from a configured (address, slice) vs all others."""
+    rules = "".join(
+        f"        tcp flags & (syn | ack) == syn {'ip6' if ':' in e.address else 'ip'} saddr "
+        f'{e.address} tcp sport {e.ports} counter name "from_slice" accept\n'
+        for e in egress
+    )
+    return ("table inet origin {\n    counter from_slice { }\n    counter elsewhere { }\n"
+            "    chain input {\n        type filter hook input priority filter; policy accept;\n"
+            f'{rules}        tcp flags & (syn | ack) == syn counter name "elsewhere"\n    }}\n}}\n')
+
+
+def _counter(ns: str, name: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "counter", "inet", "origin",
+                          name], capture_output=True, text=True, timeout=10, check=True).stdout
+    words = out.split()
+    return int(words[words.index("packets") + 1])
+
+
 def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
+    from relay.config import load
+
     config = str(resources.files("relay") / "data" / "demo.toml")
+    egress = load(config, environ={}).egress
     log_path = os.path.join(workdir, "relay-part2.log")
     env = dict(os.environ, RELAY_LOG_FILE=log_path, PYTHONPATH=_REPO)
     procs: list[Proc] = []
@@ -420,6 +442,10 @@ def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
             return ["ip", "netns", "exec", ns[role], *argv]
 
         try:
+            counters = subprocess.run(inside("origin", "nft", "-f", "-"), input=_syn_counters(egress),
+                                      capture_output=True, text=True, timeout=10)
+            if counters.returncode != 0:
+                raise RuntimeError(f"origin nft counters: {counters.stderr.strip()}")
             procs.append(Proc(inside("origin", *_python("relay.demo", "--serve-origin",
                                                         *DESTINATIONS)), "origin", env=env))
             rules = subprocess.run(
@@ -439,6 +465,7 @@ def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
             report = json.loads(client.stdout)
             results, wall = report["results"], report["wall"]
             procs[-1].stop()  # the relay: drain and log every flow
+            syns = {name: _counter(ns["origin"], name) for name in ("from_slice", "elsewhere")}
         finally:
             for proc in reversed(procs):
                 proc.stop()
@@ -458,7 +485,10 @@ def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
             "reason": flow.get("reason", "?"),
         })
     return {
+        "egress": [f"{e.address} ports {e.ports}" for e in egress],
         "flows": table,
+        "syns_from_slice": syns["from_slice"],
+        "syns_from_elsewhere": syns["elsewhere"],
         "gbit_s": sum(r["origin_got"] for r in results) * 8 / wall / 1e9,
         "connections": len(results),
         "spliced_bytes": sum(int(f["spliced_bytes"]) for f in flows),
@@ -467,8 +497,8 @@ def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
 
 
 def print_part2(s: dict[str, Any]) -> None:
-    print("part 2: client -> relay host (TPROXY) -> origin, egress from soft-unicast "
-          "203.0.113.7 / 2001:db8:7::7, slice 40000-40063 (addresses on no interface)")
+    print("part 2: client -> relay host (TPROXY) -> origin; egress from soft-unicast "
+          f"{' and '.join(s['egress'])} (on no interface of the relay host)")
     print(f"  {'original destination':<24} {'soft-unicast source':<26} {'origin saw':<26} "
           f"{'bytes':>10}  end")
     for row in s["flows"]:
@@ -478,6 +508,8 @@ def print_part2(s: dict[str, Any]) -> None:
               f"{row['origin_saw_source']:<26} {row['bytes']:>10}  {row['reason']}{ok}")
     print(f"  {s['connections']} connections at once, {s['gbit_s']:.2f} Gbit/s together; "
           f"{s['spliced_bytes']} bytes spliced, {s['copied_bytes']} copied")
+    print(f"  SYNs at the origin (nft counters): {s['syns_from_slice']} from the slice, "
+          f"{s['syns_from_elsewhere']} from anywhere else")
 
 
 # -- entry point ----------------------------------------------------------------------------

@@ -79,6 +79,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert str(ipaddress.ip_address(host.strip("[]"))) in SOFT_UNICAST
         assert int(port) in SLICE
     assert two["gbit_s"] > 0
+    assert two["syns_from_slice"] >= len(rows) and two["syns_from_elsewhere"] == 0
     assert "MISMATCH" not in proc.stdout
     assert _leftover_namespaces() == before  # every namespace it made is gone
 
