@@ -24,7 +24,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 s runs, 2,000 idle connections")
     p.add_argument("--only", help="comma-separated contenders (uring,epoll,asyncio,haproxy,socat,"
                                   "uvloop-protocol,asyncio-protocol,asyncio-streams,direct)")
-    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 2)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 4, quick 2)")
     p.add_argument("--duration", type=float, help="seconds per run (default 3, quick 1)")
     p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)}")
     p.add_argument("--idle-conns", type=int, help="idle connections (default 10000, quick 2000; 0 = skip)")
@@ -37,7 +37,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options(args: argparse.Namespace) -> Options:
     opts = Options(
-        rounds=args.rounds or (2 if args.quick else 3),
+        rounds=args.rounds or (2 if args.quick else 4),
         duration=args.duration or (1.0 if args.quick else 3.0),
         rr_conns=args.rr_conns,
         idle_conns=args.idle_conns if args.idle_conns is not None else (2000 if args.quick else 10_000),

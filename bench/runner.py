@@ -20,7 +20,7 @@ METRICS = ("stream1", "stream8", "rr")
 
 @dataclass
 class Options:
-    rounds: int = 3
+    rounds: int = 4
     duration: float = 3.0  # seconds per iperf3 run and per request/response run
     rr_conns: int = 16
     rr_size: int = 64

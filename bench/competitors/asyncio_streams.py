@@ -1,18 +1,22 @@
 """The plain asyncio streams proxy most Python users write: read(64 KiB), write, drain.
 
 Run: python -m bench.competitors.asyncio_streams --listen 127.0.0.1:0 --backend HOST:PORT
+(set READ_SIZE in the environment to try another read size: many examples use 4096)
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from bench.competitors.cli import announce, parse
+
+READ_SIZE = int(os.environ.get("READ_SIZE", "65536"))
 
 
 async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        while data := await reader.read(65536):
+        while data := await reader.read(READ_SIZE):
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
