@@ -434,7 +434,7 @@ class Server:
             return
         lst.paused = True
         # One line per pause episode, and episodes themselves at most one line per interval.
-        log_every(log, f"accept paused {lst.name}", _LIMIT_LOG_INTERVAL_S,
+        log_every(log, f"accept paused {id(self)} {lst.name}", _LIMIT_LOG_INTERVAL_S,
                   "listener %s: accept failed: %s; accepting paused, the engine resumes it "
                   "after a backoff (100 ms to 1 s)", lst.name, _strerror(err),
                   listener=lst.name, errno=err)

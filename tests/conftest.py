@@ -111,8 +111,9 @@ def origin(fd_baseline: None) -> Iterator[Callable[..., Origin]]:
     """Factory: ``origin(handler)`` starts an Origin; all are closed after the test."""
     started: list[Origin] = []
 
-    def start(handler: Callable[..., None], backlog: int = 4096) -> Origin:
-        o = Origin(handler, backlog)
+    def start(handler: Callable[..., None], backlog: int = 4096,
+              unix_path: str | None = None) -> Origin:
+        o = Origin(handler, backlog, unix_path)
         started.append(o)
         return o
 

@@ -117,13 +117,18 @@ class Origin:
     """A listening socket on 127.0.0.1:0 and a thread per accepted connection running
     ``handler(conn, seen)``. ``close()`` stops it and joins every thread."""
 
-    def __init__(self, handler: Callable[[socket.socket, Seen], None], backlog: int = 4096
-                 ) -> None:
+    def __init__(self, handler: Callable[[socket.socket, Seen], None], backlog: int = 4096,
+                 unix_path: str | None = None) -> None:
         self.handler = handler
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.unix_path = unix_path
+        if unix_path is None:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.bind(("127.0.0.1", 0))
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(unix_path)
         self.sock.listen(backlog)
-        self.address: tuple[str, int] = self.sock.getsockname()
+        self.address: Any = self.sock.getsockname()
         self.results: list[Seen] = []
         self._conns: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -179,6 +184,11 @@ class Origin:
         except OSError:
             pass
         self.sock.close()
+        if self.unix_path is not None:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
         self._acceptor.join(5)
         with self._lock:
             conns, threads = list(self._conns), list(self._threads)
@@ -283,9 +293,11 @@ def reset_after(n: int) -> Callable[[socket.socket, Seen], None]:
 # -- clients -------------------------------------------------------------------------------------
 
 def connect(address: tuple[str, int], rcvbuf: int | None = None, nodelay: bool = False,
-            timeout: float = 10.0) -> socket.socket:
+            timeout: float = 10.0, source_ip: str | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        if source_ip is not None:
+            sock.bind((source_ip, 0))  # any 127/8 address is local on loopback
         if rcvbuf is not None:
             # Before connect(): the window scale is negotiated in the handshake.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -382,3 +394,14 @@ def relay_config(engine: str, backend: tuple[str, int] | str, **relay_settings: 
         "relay": settings,
         "listener": [{"name": "main", "bind": "127.0.0.1:0", "backend": backend_text}],
     }, "<test>")
+
+
+def lowest_free_fd() -> int:
+    """The fd number the next open() would get (fstat allocates nothing, unlike listdir)."""
+    fd = 0
+    while True:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return fd
+        fd += 1

@@ -9,6 +9,8 @@ skipped with the reason ``relay.engines.available()`` gives.
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import threading
 import time
@@ -17,6 +19,7 @@ import pytest
 from helpers import (
     bidirectional,
     echo,
+    lowest_free_fd,
     pattern,
     read_all,
     reset,
@@ -279,3 +282,154 @@ def test_many_small_writes_then_silence(relay_server, origin, client) -> None:
     c.shutdown(socket.SHUT_WR)
     assert read_all(c).end == "eof"
     relay.wait_closed("eof")
+
+
+# -- server duties, on every engine ---------------------------------------------------------------
+
+def _is_reset_soon(client, address: tuple[str, int], timeout: float = 2.0, **kwargs) -> bool:
+    """Connect and expect an RST (which may even beat connect() returning)."""
+    try:
+        sock = client(address, **kwargs)
+    except ConnectionResetError:
+        return True
+    sock.settimeout(timeout)
+    try:
+        sock.recv(1)  # b"" would be a clean close: not what a refused client must see
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        pass
+    return False
+
+
+def test_unix_backend(relay_server, origin, client, tmp_path) -> None:
+    up = origin(echo, unix_path=str(tmp_path / "origin.sock"))
+    relay = relay_server("unix:" + up.address)
+    n = 1 * MiB + 1
+    data = pattern(n, seed=51)
+    c = client(relay.address)
+    writer = send_in_thread(c, data)
+    got = read_all(c)
+    writer.join(30)
+    assert (got.end, got.nbytes, got.sha256) == ("eof", n, sha(data))
+    relay.wait_closed("eof")
+
+
+def test_global_maxconn_admits_exactly_the_limit(relay_server, origin, client) -> None:
+    up = origin(sink)
+    relay = relay_server(up.address, maxconn=3)
+    held = [client(relay.address) for _ in range(3)]
+    for s in held:
+        s.sendall(b"a")
+    assert wait_until(lambda: relay.stats()["flows_open"] == 3, 5)
+    assert _is_reset_soon(client, relay.address), "connection over maxconn was not reset"
+    assert relay.stats()["rejected"]["maxconn"] == 1
+    held[0].close()
+    assert wait_until(lambda: relay.stats()["flows_open"] == 2, 5)
+    again = client(relay.address)
+    again.sendall(b"b")
+    assert wait_until(lambda: relay.stats()["flows_open"] == 3, 5), "freed slot not reused"
+    assert relay.stats()["rejected"]["maxconn"] == 1
+
+
+def test_per_source_maxconn(relay_server, origin, client) -> None:
+    up = origin(sink)
+    relay = relay_server(up.address, maxconn_per_source=2)
+    a = [client(relay.address, source_ip="127.0.0.1") for _ in range(2)]
+    for s in a:
+        s.sendall(b"a")
+    assert wait_until(lambda: relay.stats()["flows_open"] == 2, 5)
+    assert _is_reset_soon(client, relay.address, source_ip="127.0.0.1"), (
+        "third connection from one source was not reset")
+    other = client(relay.address, source_ip="127.0.0.2")
+    other.sendall(b"b")
+    assert wait_until(lambda: relay.stats()["flows_open"] == 3, 5), "another source was refused"
+    stats = relay.stats()
+    assert stats["rejected"] == {"maxconn": 0, "maxconn_per_source": 1}
+
+
+def test_stop_drains_then_aborts(relay_server, origin, client) -> None:
+    up = origin(echo)
+    relay = relay_server(up.address)
+    c = client(relay.address)
+    c.sendall(b"before")
+    assert c.recv(100) == b"before"
+    stopper = threading.Thread(target=relay.server.stop, kwargs={"drain_timeout": 1.0})
+    t0 = time.monotonic()
+    stopper.start()
+    try:
+        # Listener gone at once: new clients are refused, the open pair keeps working.
+        assert wait_until(lambda: relay.stats()["draining"] == 1, 2)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(relay.address, timeout=2).close()
+        c.sendall(b"during")
+        assert c.recv(100) == b"during"
+        got = read_all(c)  # until the drain deadline aborts the pair
+    finally:
+        stopper.join(15)
+    elapsed = time.monotonic() - t0
+    assert got.end == "reset"
+    assert 0.8 <= elapsed < 5.0, f"drain ended after {elapsed:.2f}s with drain_timeout 1s"
+    assert relay.stats()["closed"]["aborted"] == 1
+
+
+def test_flow_log_record(relay_server, origin, client, caplog) -> None:
+    up = origin(echo)
+    relay = relay_server(up.address)
+    with caplog.at_level("INFO", logger="relay.flow"):
+        c = client(relay.address)
+        c.sendall(b"12345")
+        c.shutdown(socket.SHUT_WR)
+        assert read_all(c).nbytes == 5
+        relay.wait_closed("eof")
+        assert wait_until(lambda: any(r.name == "relay.flow" for r in caplog.records), 2)
+    [rec] = [r for r in caplog.records if r.name == "relay.flow"]
+    assert rec.client == "{}:{}".format(*c.getsockname())
+    assert rec.dest == "{}:{}".format(*up.address)
+    assert (rec.c2s_bytes, rec.s2c_bytes, rec.reason, rec.listener) == (5, 5, "eof", "main")
+    assert rec.spliced_bytes + rec.copied_bytes == 10
+    assert rec.duration >= 0 and rec.egress == "" and rec.errno == ""
+
+
+def test_emfile_pauses_accept_without_spinning(relay_server, origin, client, caplog) -> None:
+    up = origin(echo)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    waiting: socket.socket | None = None
+    try:
+        # A low limit set before the relay starts (io_uring snapshots RLIMIT_NOFILE when an
+        # accept is prepared), then every descriptor left taken: accept() really gets EMFILE.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd() + 64, hard))
+        relay = relay_server(up.address)
+        waiting = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        waiting.settimeout(5)
+        with caplog.at_level("INFO", logger="relay.server"):
+            while True:
+                try:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+                except OSError:
+                    break
+            waiting.connect(relay.address)  # the kernel completes the handshake
+            assert wait_until(lambda: relay.stats()["accept_paused_listeners"] == 1, 5)
+            cpu0 = time.process_time()
+            time.sleep(1.0)
+            paused_cpu = time.process_time() - cpu0
+            errors = relay.stats()["accept_errors"]
+            for fd in fillers:
+                os.close(fd)
+            fillers.clear()
+            # Descriptors are back: accepting resumes by itself and the waiting client is served.
+            waiting.sendall(b"ping")
+            assert waiting.recv(10) == b"ping"
+            assert wait_until(lambda: relay.stats()["accept_paused_listeners"] == 0, 5)
+        pause_lines = [r for r in caplog.records
+                       if r.name == "relay.server" and "accept failed" in r.getMessage()]
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        if waiting is not None:
+            waiting.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert paused_cpu < 0.5, f"{paused_cpu:.2f}s CPU in 1s of EMFILE: accept loop spins"
+    assert 1 <= errors <= 20, f"{errors} accept errors in ~1s: no backoff"
+    assert len(pause_lines) == 1, [r.getMessage() for r in pause_lines]
