@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import IO
 
 from bench.drivers import procstat
 
@@ -94,10 +95,10 @@ class Service:
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True).start()
 
-    def _pump(self, stream: object, sink: collections.deque[str], watch_ready: bool) -> None:
-        assert hasattr(stream, "readline")
-        for line in iter(stream.readline, ""):  # type: ignore[attr-defined]
-            line = line.rstrip("\n")
+    def _pump(self, stream: IO[str] | None, sink: collections.deque[str], watch_ready: bool) -> None:
+        assert stream is not None
+        for raw in iter(stream.readline, ""):
+            line = raw.rstrip("\n")
             sink.append(line)
             if watch_ready and not self._ready.is_set() and line.startswith("READY"):
                 self.ready_line = line

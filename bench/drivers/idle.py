@@ -12,6 +12,7 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
+from typing import cast
 
 from bench.drivers import procstat
 from bench.procs import raise_nofile
@@ -48,8 +49,7 @@ def _open_batch(port: int, count: int, timeout: float) -> list[socket.socket]:
             if left <= 0:
                 raise TimeoutError(f"{waiting} of {count} connections not echoed within {timeout:.0f}s")
             for key, events in sel.select(min(left, 1.0)):
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
+                s = cast(socket.socket, key.fileobj)
                 if events & selectors.EVENT_WRITE:
                     err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err:

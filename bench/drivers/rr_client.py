@@ -14,6 +14,7 @@ import json
 import socket
 import time
 from array import array
+from collections.abc import Callable
 from typing import cast
 
 from bench.competitors.cli import hostport
@@ -67,6 +68,10 @@ class Pinger(asyncio.Protocol):
                 self.done.set_result(None)
 
 
+def _factory(pinger: Pinger) -> Callable[[], Pinger]:
+    return lambda: pinger
+
+
 def percentile(sorted_values: list[int], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -74,7 +79,8 @@ def percentile(sorted_values: list[int], q: float) -> float:
     return float(sorted_values[index])
 
 
-async def run(target: tuple[str, int], conns: int, size: int, duration: float, warmup: float) -> dict[str, float]:
+async def run(target: tuple[str, int], conns: int, size: int, duration: float,
+              warmup: float) -> dict[str, float | str]:
     loop = asyncio.get_running_loop()
     start = time.perf_counter() + 0.05
     record_from = start + warmup
@@ -87,7 +93,7 @@ async def run(target: tuple[str, int], conns: int, size: int, duration: float, w
         done: asyncio.Future[None] = loop.create_future()
         futures.append(done)
         pingers.append(Pinger(message, record_from, stop_at, samples, done))
-        await loop.create_connection(lambda p=pingers[-1]: p, *target)
+        await loop.create_connection(_factory(pingers[-1]), *target)
     results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), duration + warmup + 30)
     errors = [r for r in results if isinstance(r, BaseException)]
     ordered = sorted(samples)
