@@ -144,8 +144,8 @@ def _import_while_privileged() -> None:
 
     try:
         import relay_ext._core  # noqa: F401  (importing creates no ring; Server does, later)
-    except ImportError:
-        pass  # not built: the engine selection explains it when the Server starts
+    except (ImportError, OSError):
+        pass  # not built or unreadable: the engine selection explains it when the Server starts
 
 
 def run_worker(
