@@ -251,6 +251,21 @@ def test_idle_timeout_resets_both(relay_server, origin, client) -> None:
     relay.wait_closed("idle_timeout")
 
 
+def test_half_close_timeout_reaps_a_half_closed_pair(relay_server, origin, client) -> None:
+    up = origin(send_then_read(1000, seed=61))  # sends, half-closes, then waits for our FIN
+    relay = relay_server(up.address, half_close_timeout=0.5, idle_timeout=30.0)
+    c = client(relay.address)
+    got = read_all(c)  # the origin's bytes and FIN; we never send ours
+    assert (got.end, got.nbytes) == ("eof", 1000)
+    t0 = time.monotonic()
+    [seen] = up.wait_results(1)
+    elapsed = time.monotonic() - t0
+    # Nothing may stay in FIN-WAIT-2 / CLOSE-WAIT forever: the relay resets the idle half.
+    assert seen.end == "reset", f"origin saw {seen.end!r}, expected a reset"
+    assert elapsed < 3.0, f"half-closed pair reaped after {elapsed:.2f}s (timeout 0.5s)"
+    relay.wait_closed("half_close_timeout")
+
+
 def test_many_small_writes_then_silence(relay_server, origin, client) -> None:
     up = origin(echo)
     relay = relay_server(up.address, idle_timeout=30.0)
@@ -389,6 +404,8 @@ def test_flow_log_record(relay_server, origin, client, caplog) -> None:
     assert (rec.c2s_bytes, rec.s2c_bytes, rec.reason, rec.listener) == (5, 5, "eof", "main")
     assert rec.spliced_bytes + rec.copied_bytes == 10
     assert rec.duration >= 0 and rec.egress == "" and rec.errno == ""
+    hist = relay.stats()["connect_seconds"]  # EV_CONNECTED fed the connect-latency histogram
+    assert hist["count"] == 1 and hist["buckets"][-1] == ("+Inf", 1)
 
 
 def test_emfile_pauses_accept_without_spinning(relay_server, origin, client, caplog) -> None:
