@@ -121,6 +121,7 @@ def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str,
             ("1 stream x asyncio-streams", ratio("stream1", name, "gbit_s", STREAMS), ">=", 3.0),
             ("8 streams x HAProxy", ratio("stream8", name, "gbit_s", HAPROXY), ">=", 1.05),
             ("CPU-s/GB (1 stream)", median("stream1", name, "cpu_s_per_gb"), "<=", 0.30),
+            ("CPU-s/GB (8 streams)", median("stream8", name, "cpu_s_per_gb"), "<=", 0.30),
             ("req/s x HAProxy", ratio("rr", name, "rps", HAPROXY), ">=", 1.0),
             ("p99 x HAProxy", ratio("rr", name, "p99_us", HAPROXY), "<=", 1.0),
             ("idle: thread growth", idle_row.get("thread_growth"), "<=", 0),
@@ -228,11 +229,22 @@ def markdown(doc: dict[str, Any]) -> str:
         out += [f"- {n}: {i['status']}: {i['reason']}" for n, i in problems]
         out.append("")
     if doc["targets"]:
-        out += ["## Goals (relay engines, this batch)", "", "| engine | goal | value | limit | met |",
-                "|---|---|---|---|---|"]
-        for t in doc["targets"]:
-            met = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
-            out.append(f"| {t['contender']} | {t['goal']} | {_fmt(t['value'])} | {t['op']} {_fmt(t['limit'])} | {met} |")
+        engines = list(dict.fromkeys(t["contender"] for t in doc["targets"]))
+        out += ["## Goals (relay engines, this batch; **bold** = not met)", "",
+                "| goal | limit | " + " | ".join(engines) + " |", "|---" * (len(engines) + 2) + "|"]
+        for goal in dict.fromkeys(t["goal"] for t in doc["targets"]):
+            row = {t["contender"]: t for t in doc["targets"] if t["goal"] == goal}
+            first = next(iter(row.values()))
+            cells = []
+            for engine in engines:
+                t = row.get(engine)
+                if t is None or t["ok"] is None:
+                    cells.append("not measured")
+                else:
+                    text = _ratio(t["value"]) if " x " in goal else _fmt(t["value"])
+                    cells.append(text if t["ok"] else f"**{text}**")
+            limit = _ratio(first["limit"]) if " x " in goal else _fmt(first["limit"])
+            out.append(f"| {goal} | {first['op']} {limit} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 
