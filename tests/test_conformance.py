@@ -450,3 +450,96 @@ def test_emfile_pauses_accept_without_spinning(relay_server, origin, client, cap
     assert paused_cpu < 0.5, f"{paused_cpu:.2f}s CPU in 1s of EMFILE: accept loop spins"
     assert 1 <= errors <= 20, f"{errors} accept errors in ~1s: no backoff"
     assert len(pause_lines) == 1, [r.getMessage() for r in pause_lines]
+
+
+# -- the Loop contract itself (docs/architecture.md), driven directly ------------------------------
+
+def _run_until(loop, predicate, timeout: float = 5.0) -> list[tuple]:
+    """Collect events from loop.run() until predicate(events) holds."""
+    events: list[tuple] = []
+    deadline = time.monotonic() + timeout
+    while not predicate(events):
+        assert time.monotonic() < deadline, f"events so far: {events}"
+        events.extend(loop.run(50))
+    return events
+
+
+@pytest.fixture
+def engine_loop(engine, fd_baseline):
+    from relay import engines
+
+    loop, reason = engines.create(engine, connect_timeout_ms=2000, idle_timeout_ms=10_000)
+    assert loop.backend == engine and reason
+    try:
+        yield loop
+    finally:
+        loop.close()
+        loop.close()  # idempotent
+
+
+def test_loop_events_prefix_and_accept_pause(engine_loop, origin) -> None:
+    from relay.engines import EV_ACCEPT, EV_CONNECTED, EV_DONE, REASONS
+
+    loop = engine_loop
+    up = origin(sink)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    c = upstream = None
+    try:
+        loop.add_listener(listener.fileno(), 7)
+        loop.pause_accept(7)
+        c = socket.create_connection(listener.getsockname(), timeout=5)
+        assert not [e for e in loop.run(300) if e[0] == EV_ACCEPT], "accepted while paused"
+        loop.resume_accept(7)
+        events = _run_until(loop, lambda evs: any(e[0] == EV_ACCEPT for e in evs))
+        [(kind, tag, fd)] = [e for e in events if e[0] == EV_ACCEPT]
+        assert (kind, tag) == (EV_ACCEPT, 7) and fd >= 0
+
+        upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        upstream.setblocking(False)
+        upstream.connect_ex(up.address)
+        cid = loop.add_pair(fd, upstream.detach(), tag=3, connecting=True, prefix=b"HEADER\n")
+        c.sendall(b"payload")
+        c.shutdown(socket.SHUT_WR)
+        events = _run_until(loop, lambda evs: any(e[0] == EV_DONE for e in evs))
+        [connected] = [e for e in events if e[0] == EV_CONNECTED]
+        assert connected[:3] == (EV_CONNECTED, cid, 3) and connected[3] >= 0
+        [done] = [e for e in events if e[0] == EV_DONE]
+        assert len(done) == 10 and done[:3] == (EV_DONE, cid, 3)
+        assert REASONS[done[3]] == "eof"
+        assert done[4] >= len(b"payload") and done[5] == 0
+        [seen] = up.wait_results(1)
+        assert seen.sha256 == sha(b"HEADER\npayload"), "prefix must precede the client's bytes"
+        assert c.recv(10) == b""  # the origin's FIN came through after ours
+        loop.remove_listener(7)
+        stats = loop.stats()
+        assert stats["conns_open"] == 0 and stats["pipes_in_use"] == 0
+    finally:
+        if c is not None:
+            c.close()
+        if upstream is not None:
+            upstream.close()
+        listener.close()
+
+
+def test_loop_abort_resets_both(engine_loop, origin) -> None:
+    from relay.engines import EV_DONE, REASONS
+
+    loop = engine_loop
+    up = origin(sink)
+    a, b = socket.socketpair()  # unix stream pair as the client side: any stream socket works
+    upstream = socket.create_connection(up.address, timeout=5)
+    try:
+        cid = loop.add_pair(b.detach(), upstream.detach())
+        a.sendall(b"x" * 100)
+        assert wait_until(lambda: (loop.run(10) or True) and bool(up.results)
+                          and up.results[0].nbytes == 100, 5)
+        loop.abort(cid)
+        events = _run_until(loop, lambda evs: any(e[0] == EV_DONE for e in evs))
+        [done] = [e for e in events if e[0] == EV_DONE]
+        assert REASONS[done[3]] == "aborted" and done[4] == 100
+        [seen] = up.wait_results(1)
+        assert seen.end == "reset", f"origin saw {seen.end!r} after abort"
+    finally:
+        a.close()
+        upstream.close()
