@@ -16,12 +16,14 @@ from typing import Any
 
 from bench.contenders import DIRECT, HAPROXY, STREAMS
 
-# metric -> (value key, unit label, higher is better)
+# metric -> (value key, unit label, higher is better); the last column is the load of other
+# processes during the run (bench/drivers/foreign.py): a lucky or unlucky contender shows there.
+OTHER_LOAD = ("foreign_cpus", "other load, CPUs", False)
 VALUES: dict[str, list[tuple[str, str, bool]]] = {
-    "stream1": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False)],
-    "stream8": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False)],
+    "stream1": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False), OTHER_LOAD],
+    "stream8": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False), OTHER_LOAD],
     "rr": [("rps", "req/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
-           ("cpu_us_per_req", "CPU-us/req", False)],
+           ("cpu_us_per_req", "CPU-us/req", False), OTHER_LOAD],
 }
 REFERENCES = (DIRECT, HAPROXY, STREAMS)
 METRIC_TITLES = {"stream1": "single stream (iperf3)", "stream8": "8 streams (iperf3 -P 8)",
@@ -155,6 +157,16 @@ def _ratio_range(ratio: dict[str, Any]) -> str:
     return text
 
 
+def _foreign(batch: dict[str, Any]) -> str:
+    """Other processes' CPU during the runs (other people's tests share this VM)."""
+    loads = [row["foreign_cpus"] for r in batch["rounds"] for res in r["results"].values()
+             for row in res.values() if "foreign_cpus" in row]
+    if not loads:
+        return "foreign load not measured"
+    return (f"foreign load during runs (CPUs busy outside this harness, kernel threads included) "
+            f"median {statistics.median(loads):.2f}, max {max(loads):.2f}")
+
+
 def _modes(modes: dict[str, str]) -> str:
     if not modes:
         return "not started"
@@ -173,7 +185,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Batch: {opts['rounds']} interleaved rounds (contenders shuffled per metric and round, "
         f"seed {opts['seed']}), {opts['duration']:g} s per run, request/response {opts['rr_conns']} "
         f"connections x {opts['rr_size']} B, {batch['seconds']:.0f} s in all, CPU steal "
-        f"{batch.get('steal_pct', 0):.1f} %. Values are medians over "
+        f"{batch.get('steal_pct', 0):.1f} %, {_foreign(batch)}. Values are medians over "
         "rounds; ratios are medians of per-round ratios (range in parentheses; only ratios within one batch mean anything "
         "on a shared VM). CPU = proxy process tree (all threads, children), GB = 1e9 bytes. "
         f"Relay: `relay run --workers 1 --no-flow-log` per engine ({_modes(batch['relay_mode'])}); "
@@ -198,7 +210,7 @@ def markdown(doc: dict[str, Any]) -> str:
             head = entry[head_key]
             cells = [_fmt(head["median"])] + [_ratio_range(head["ratio"][ref]) for ref in REFERENCES]
             for key, _, _ in values[1:]:
-                cells.append(_fmt(entry[key]["median"]))
+                cells.append(_fmt(entry[key]["median"], 2 if key == "foreign_cpus" else 3))
                 if key == "p99_us":
                     cells.append(_ratio_range(entry[key]["ratio"][HAPROXY]))
             if entry["errors"]:

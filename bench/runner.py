@@ -14,6 +14,7 @@ from typing import Any
 from bench import contenders, procs
 from bench.contenders import Contender
 from bench.drivers import echo_origin, idle, iperf, procstat, rr
+from bench.drivers.foreign import ForeignLoad, wait_quiet
 
 METRICS = ("stream1", "stream8", "rr")
 
@@ -28,6 +29,7 @@ class Options:
     only: list[str] | None = None
     metrics: tuple[str, ...] = METRICS
     idle: bool = True
+    quiet_wait: float = 0.0  # before each run, wait up to this long for other load to calm down
     seed: int = field(default_factory=lambda: random.randrange(1 << 30))
 
 
@@ -139,7 +141,12 @@ class Batch:
                 if self.status[c.name]["status"] != "ok":
                     continue
                 try:
-                    results[c.name] = self.measure(c, metric)
+                    self.instance(c, "echo" if metric == "rr" else "iperf")  # start outside the probe
+                    waited = wait_quiet(self.opts.quiet_wait) if self.opts.quiet_wait else 0.0
+                    with ForeignLoad() as load:
+                        results[c.name] = self.measure(c, metric)
+                    results[c.name]["foreign_cpus"] = load.cpus
+                    results[c.name]["quiet_wait_s"] = waited
                 except procs.StartError as exc:
                     self.status[c.name].update(status="failed", reason=str(exc))
                     log(f"{c.name}: failed to start: {exc}")
@@ -207,5 +214,6 @@ class Batch:
 def _short(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"error: {result['error'][:120]}"
-    keys = ("gbit_s", "cpu_s_per_gb", "rps", "p99_us", "rss_per_conn", "thread_growth", "pipes_held")
+    keys = ("gbit_s", "cpu_s_per_gb", "rps", "p99_us", "rss_per_conn", "thread_growth", "pipes_held",
+            "foreign_cpus")
     return " ".join(f"{k}={result[k]:.3g}" for k in keys if k in result)
