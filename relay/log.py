@@ -32,6 +32,7 @@ __all__ = [
     "flush",
     "log_every",
     "reopen",
+    "reset_logging",
     "setup_from_settings",
     "setup_logging",
 ]
@@ -163,6 +164,16 @@ def setup_logging(
         root.setLevel(numeric)
         _handler = handler
     return handler
+
+
+def reset_logging() -> None:
+    """Remove the handler ``setup_logging`` installed and close its file (tests, embedding)."""
+    global _handler
+    with _state_lock:
+        if _handler is not None:
+            logging.getLogger().removeHandler(_handler)
+            _handler.close()
+            _handler = None
 
 
 def setup_from_settings(settings: Any) -> logging.Handler:
