@@ -167,6 +167,15 @@ def _foreign(batch: dict[str, Any]) -> str:
             f"median {statistics.median(loads):.2f}, max {max(loads):.2f}")
 
 
+def _client_cpu(batch: dict[str, Any]) -> str:
+    loads = [row["client_cpu"] for r in batch["rounds"] for row in r["results"].get("rr", {}).values()
+             if "client_cpu" in row]
+    if not loads:
+        return ""
+    return (f"The request/response generator (one process) used median {statistics.median(loads):.2f}, "
+            f"max {max(loads):.2f} of one CPU.")
+
+
 def _modes(modes: dict[str, str]) -> str:
     if not modes:
         return "not started"
@@ -189,7 +198,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "rounds; ratios are medians of per-round ratios (range in parentheses; only ratios within one batch mean anything "
         "on a shared VM). CPU = proxy process tree (all threads, children), GB = 1e9 bytes. "
         f"Relay: `relay run --workers 1 --no-flow-log` per engine ({_modes(batch['relay_mode'])}); "
-        "HAProxy: `nbthread 1`, `option splice-auto`.",
+        "HAProxy: `nbthread 1`, `option splice-auto`. " + _client_cpu(batch),
         "",
     ]
     order = list(batch["contenders"])

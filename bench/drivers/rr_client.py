@@ -94,13 +94,16 @@ async def run(target: tuple[str, int], conns: int, size: int, duration: float,
         futures.append(done)
         pingers.append(Pinger(message, record_from, stop_at, samples, done))
         await loop.create_connection(_factory(pingers[-1]), *target)
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), duration + warmup + 30)
+    client_cpu = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
     errors = [r for r in results if isinstance(r, BaseException)]
     ordered = sorted(samples)
     return {
         "requests": len(ordered),
         "requests_total": sum(p.completed for p in pingers),
         "seconds": duration,
+        "client_cpu": client_cpu,  # CPUs used by this generator: near 1.0 would make it the bottleneck
         "rps": len(ordered) / duration,
         "p50_us": percentile(ordered, 0.50) / 1000,
         "p99_us": percentile(ordered, 0.99) / 1000,
