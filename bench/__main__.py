@@ -8,8 +8,10 @@ micro-benchmarks of the core instead.
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench import report
@@ -58,16 +60,20 @@ def options(args: argparse.Namespace) -> Options:
     return opts
 
 
-def micro() -> int:
+def micro(out_dir: Path) -> int:
+    """Run bench/micro with pytest-benchmark; its JSON goes to <out>/<date>-<host>-micro.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = time.strftime("%Y-%m-%dT%H%M", time.gmtime()) + "-" + socket.gethostname()
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "micro"),
-            "--benchmark-columns=min,median,mean,ops,rounds", "--benchmark-sort=name"]
+            "--benchmark-columns=min,median,mean,ops,rounds", "--benchmark-sort=name",
+            f"--benchmark-json={out_dir / (stem + '-micro.json')}"]
     return subprocess.run(argv, cwd=HERE.parent, timeout=600).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.micro:
-        return micro()
+        return micro(args.out)
     opts = options(args)
     log(f"batch: {opts.rounds} rounds x {','.join(opts.metrics)}, {opts.duration:g} s runs, "
         f"idle {opts.idle_conns}, seed {opts.seed}")
