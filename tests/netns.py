@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -517,6 +517,20 @@ class RelayProcess:
                     out.append(record)
         return out
 
+    def flows_where(self, match: Callable[[dict[str, Any]], bool],
+                    timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The flow records ``match`` accepts, once there is at least one."""
+        deadline = time.monotonic() + timeout
+        while not (found := [r for r in self.flows() if match(r)]):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching flow log line:\n{self.output()}")
+            time.sleep(0.05)
+        return found
+
+    def flows_of_client_port(self, port: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The flow records of the client connection from local port ``port``."""
+        return self.flows_where(lambda r: split_hostport(str(r["client"]))[1] == port, timeout)
+
     def wait_flows(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while len(found := self.flows()) < count:
@@ -684,3 +698,30 @@ def start_relay(
     relay = RelayProcess(topo, ns, path)
     relay.wait_ready()
     return relay
+
+
+@dataclasses.dataclass(frozen=True)
+class LabEnv:
+    """A running lab: hosts, the relay process in the relay host, the origin's servers."""
+
+    topo: Topology
+    lab: Lab
+    relay: RelayProcess
+    origin: Origin
+
+
+@contextlib.contextmanager
+def running_lab(
+    workdir: str, config: str, binds: Sequence[tuple[str, int]], origin_nft: str = ""
+) -> Iterator[LabEnv]:
+    """``three_hosts``, an Origin on ``binds``, ``origin_nft`` loaded in the origin host, and
+    the relay started with its rules (TCP intercepted on the client-facing interface).
+    Everything is removed on exit."""
+    require_netns()
+    with Topology() as topo:
+        lab = three_hosts(topo)
+        if origin_nft:
+            topo.nft(lab.origin, origin_nft)
+        with Origin(topo, lab.origin, binds) as origin:
+            relay = start_relay(topo, lab.relay, config, workdir, ingress=lab.relay_ingress)
+            yield LabEnv(topo, lab, relay, origin)

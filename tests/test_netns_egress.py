@@ -11,14 +11,13 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from netns import (
     ENGINES,
     Flow,
     Lab,
-    Origin,
+    LabEnv,
     RelayProcess,
     Topology,
     connect_refused,
@@ -26,8 +25,8 @@ from netns import (
     open_flow,
     relay_config,
     require_netns,
+    running_lab,
     split_hostport,
-    start_relay,
     syn_counters,
     three_hosts,
     write_config,
@@ -40,50 +39,27 @@ PORTS = (80, 443)
 EXHAUST_PORT = 8080  # only the exhaustion test uses it: its ports start free
 
 
-@dataclass
-class Env:
-    topo: Topology
-    lab: Lab
-    relay: RelayProcess
-    origin: Origin
-
-
 @pytest.fixture(scope="module", params=ENGINES)
 def env(
     request: pytest.FixtureRequest,
     engine_availability: dict[str, str | None],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Env]:
-    require_netns()
+) -> Iterator[LabEnv]:
     engine = engine_or_skip(request.param, engine_availability)
-    workdir = str(tmp_path_factory.mktemp("egress"))
-    with Topology() as topo:
-        lab = three_hosts(topo)
-        topo.nft(lab.origin, syn_counters([(lab.egress4, *SLICE), (lab.egress6, *SLICE)]))
-        binds = [(d, p) for d in (*lab.dests4, *lab.dests6) for p in (*PORTS, EXHAUST_PORT)]
-        with Origin(topo, lab.origin, binds) as origin:
-            config = relay_config(engine, SLICE, connect_timeout=1.0)
-            relay = start_relay(topo, lab.relay, config, workdir, ingress=lab.relay_ingress)
-            yield Env(topo, lab, relay, origin)
+    binds = [(d, p) for d in (*Lab.dests4, *Lab.dests6) for p in (*PORTS, EXHAUST_PORT)]
+    counters = syn_counters([(Lab.egress4, *SLICE), (Lab.egress6, *SLICE)])
+    config = relay_config(engine, SLICE, connect_timeout=1.0)
+    with running_lab(str(tmp_path_factory.mktemp("egress")), config, binds, counters) as lab_env:
+        yield lab_env
 
 
-def _counters(env: Env) -> tuple[int, int]:
+def _counters(env: LabEnv) -> tuple[int, int]:
     inside = env.topo.nft_counter(env.lab.origin, "inet", "origin", "in_slice")[0]
     outside = env.topo.nft_counter(env.lab.origin, "inet", "origin", "outside")[0]
     return inside, outside
 
 
-def _flows_for_client_port(env: Env, port: int, timeout: float = 5.0) -> list[dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        mine = [r for r in env.relay.flows() if split_hostport(str(r["client"]))[1] == port]
-        if mine:
-            return mine
-        time.sleep(0.05)
-    raise AssertionError(f"no flow log line for client port {port}:\n{env.relay.output()}")
-
-
-def test_origin_sees_exactly_the_reported_source_and_only_slice_syns(env: Env) -> None:
+def test_origin_sees_exactly_the_reported_source_and_only_slice_syns(env: LabEnv) -> None:
     lab = env.lab
     inside_before, outside_before = _counters(env)
     done = []
@@ -93,7 +69,7 @@ def test_origin_sees_exactly_the_reported_source_and_only_slice_syns(env: Env) -
         assert flow.finish(b"d" * 1000) == 1000
         done.append((client_port, flow.seen.peer))
     for client_port, origin_saw in done:
-        (record,) = _flows_for_client_port(env, client_port)
+        (record,) = env.relay.flows_of_client_port(client_port)
         # What the relay's upstream socket reported (getsockname after connect) is exactly what
         # the origin's kernel saw: nothing between them rewrote address or port.
         assert split_hostport(str(record["egress"])) == origin_saw
@@ -103,7 +79,7 @@ def test_origin_sees_exactly_the_reported_source_and_only_slice_syns(env: Env) -
     assert outside == outside_before == 0
 
 
-def test_slice_of_8_serves_8_per_destination_and_refuses_the_9th_fast(env: Env) -> None:
+def test_slice_of_8_serves_8_per_destination_and_refuses_the_9th_fast(env: LabEnv) -> None:
     lab = env.lab
     dests = [(d, EXHAUST_PORT) for d in lab.dests4]
     held: list[Flow] = []
@@ -122,7 +98,7 @@ def test_slice_of_8_serves_8_per_destination_and_refuses_the_9th_fast(env: Env) 
         # once, the origin never sees a SYN from another port or address.
         end = connect_refused(env.topo, lab.client, lab.client_address, dests[0])
         assert end.outcome == "reset" and end.seconds < 1.0
-        assert [r["reason"] for r in _flows_for_client_port(env, end.client_port)] == [
+        assert [r["reason"] for r in env.relay.flows_of_client_port(end.client_port)] == [
             "denied_slice_exhausted"
         ]
         assert _counters(env)[1] == 0
@@ -142,7 +118,7 @@ def test_slice_of_8_serves_8_per_destination_and_refuses_the_9th_fast(env: Env) 
     assert again.finish(b"y") == 1
 
 
-def test_without_the_return_path_the_failure_is_a_clear_connect_timeout(env: Env) -> None:
+def test_without_the_return_path_the_failure_is_a_clear_connect_timeout(env: LabEnv) -> None:
     """Replies to the non-local egress address that are not routed locally (no socket mark:
     the return path missing) are dropped; the relay gives up at connect_timeout (1 s) and says
     so. With the return path back, traffic flows again."""
@@ -153,7 +129,7 @@ def test_without_the_return_path_the_failure_is_a_clear_connect_timeout(env: Env
         end = connect_refused(topo, lab.client, lab.client_address, (lab.dests4[0], 443))
         assert end.outcome in ("reset", "eof")
         assert 0.8 <= end.seconds < 3.0
-        (record,) = _flows_for_client_port(env, end.client_port)
+        (record,) = env.relay.flows_of_client_port(end.client_port)
         assert record["reason"] == "connect_timeout"
     finally:
         handle = next(
@@ -168,7 +144,7 @@ def test_without_the_return_path_the_failure_is_a_clear_connect_timeout(env: Env
     assert flow.seen.peer[0] == lab.egress4 and flow.finish(b"z") == 1
 
 
-def test_unusable_slice_is_refused_at_reload_and_the_old_config_keeps_serving(env: Env) -> None:
+def test_unusable_slice_is_refused_at_reload_and_the_old_config_keeps_serving(env: LabEnv) -> None:
     lab, topo = env.lab, env.topo
     # Reserving a port inside the slice makes the very same config file invalid on this host.
     topo.sysctl(lab.relay, "net.ipv4.ip_local_reserved_ports", str(SLICE[0] + 3))

@@ -11,20 +11,19 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from netns import (
     ENGINES,
     Lab,
-    Origin,
-    RelayProcess,
+    LabEnv,
     Topology,
     connect_refused,
     engine_or_skip,
     open_flow,
     relay_config,
     require_netns,
+    running_lab,
     split_hostport,
     start_relay,
     three_hosts,
@@ -38,38 +37,24 @@ PORTS6 = (80, 443)
 METADATA = ("169.254.169.254", 80)
 
 
-@dataclass
-class Env:
-    topo: Topology
-    lab: Lab
-    relay: RelayProcess
-    origin: Origin
-
-
 @pytest.fixture(scope="module", params=ENGINES)
 def env(
     request: pytest.FixtureRequest,
     engine_availability: dict[str, str | None],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Env]:
-    require_netns()
+) -> Iterator[LabEnv]:
     engine = engine_or_skip(request.param, engine_availability)
-    workdir = str(tmp_path_factory.mktemp("tproxy"))
-    with Topology() as topo:
-        lab = three_hosts(topo)
-        binds = [(d, p) for d in lab.dests4 for p in PORTS4]
-        binds += [(d, p) for d in lab.dests6 for p in PORTS6]
-        binds.append(METADATA)
-        with Origin(topo, lab.origin, binds) as origin:
-            config = relay_config(
-                engine,
-                SLICE,
-                # 169.254.0.0/16 is listed on purpose: link-local must stay refused anyway.
-                allow=("198.51.100.0/24:80,443,8080", "2001:db8:100::/48", "169.254.0.0/16"),
-                deny=("198.51.100.12/32:8080",),
-            )
-            relay = start_relay(topo, lab.relay, config, workdir, ingress=lab.relay_ingress)
-            yield Env(topo, lab, relay, origin)
+    config = relay_config(
+        engine,
+        SLICE,
+        # 169.254.0.0/16 is listed on purpose: link-local must stay refused anyway.
+        allow=("198.51.100.0/24:80,443,8080", "2001:db8:100::/48", "169.254.0.0/16"),
+        deny=("198.51.100.12/32:8080",),
+    )
+    binds = [(d, p) for d in Lab.dests4 for p in PORTS4]
+    binds += [(d, p) for d in Lab.dests6 for p in PORTS6]
+    with running_lab(str(tmp_path_factory.mktemp("tproxy")), config, [*binds, METADATA]) as lab_env:
+        yield lab_env
 
 
 def _egress_for(lab: Lab, dest: str) -> str:
@@ -80,7 +65,7 @@ def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def test_intercepts_many_destinations_and_ports_ipv4_and_ipv6(env: Env) -> None:
+def test_intercepts_many_destinations_and_ports_ipv4_and_ipv6(env: LabEnv) -> None:
     lab = env.lab
     targets = [(d, p) for d in lab.dests4 for p in (80, 443)]
     targets += [(d, p) for d in lab.dests6 for p in PORTS6]
@@ -106,7 +91,7 @@ def test_intercepts_many_destinations_and_ports_ipv4_and_ipv6(env: Env) -> None:
         assert split_hostport(record["egress"]) == peer
 
 
-def test_relay_hosts_own_address_is_not_intercepted(env: Env) -> None:
+def test_relay_hosts_own_address_is_not_intercepted(env: LabEnv) -> None:
     """TCP to an address of the relay host itself goes to that host's own socket (the tproxy
     rule skips `fib daddr type local`), never into the relay."""
     service = env.topo.new_socket(env.lab.relay)
@@ -135,44 +120,32 @@ def test_relay_hosts_own_address_is_not_intercepted(env: Env) -> None:
     ],
 )
 def test_policy_refuses_with_a_reset_and_a_log_line(
-    env: Env, dest: tuple[str, int], reason: str
+    env: LabEnv, dest: tuple[str, int], reason: str
 ) -> None:
     before = len(env.origin.seen)
     end = connect_refused(env.topo, env.lab.client, env.lab.client_address, dest)
     # An RST, not a clean EOF that could pass for an empty answer; at once.
     assert end.outcome == "reset" and end.seconds < 1.0
-    client_port = end.client_port
-    deadline = time.monotonic() + 5
-    mine: list[dict[str, object]] = []
-    while not mine and time.monotonic() < deadline:
-        mine = [r for r in env.relay.flows()
-                if split_hostport(str(r["client"]))[1] == client_port]
-        time.sleep(0.05)
+    mine = env.relay.flows_of_client_port(end.client_port)
     assert [r["reason"] for r in mine] == [reason]
     assert mine[0]["egress"] == "" and mine[0]["c2s_bytes"] == 0
     # Nothing reached the origin: refused before any upstream connect.
     assert [s for s in env.origin.seen[before:] if s.local == dest] == []
 
 
-def test_allowed_connection_still_works_after_refusals(env: Env) -> None:
+def test_allowed_connection_still_works_after_refusals(env: LabEnv) -> None:
     flow = open_flow(env.topo, env.lab.client, (env.lab.dests4[2], 443))
     assert flow.seen.local == (env.lab.dests4[2], 443)
     assert flow.finish(b"ok") == 2
 
 
-def test_refused_by_the_origin_resets_the_client_promptly(env: Env) -> None:
+def test_refused_by_the_origin_resets_the_client_promptly(env: LabEnv) -> None:
     """An IPv6 destination where the origin has no listener: the origin answers RST, the relay
     records `refused` and closes or resets the client at once (no hang, no retry)."""
     dest = (env.lab.dests6[0], 8443)
     end = connect_refused(env.topo, env.lab.client, "2001:db8:1::2", dest)
     assert end.outcome in ("reset", "eof") and end.seconds < 2.0
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if any(r["dest"] == _fmt(*dest) and r["reason"] == "refused" for r in env.relay.flows()):
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"no `refused` flow for {dest}:\n{env.relay.output()}")
+    env.relay.flows_where(lambda r: r["dest"] == _fmt(*dest) and r["reason"] == "refused")
 
 
 @pytest.mark.timeout(60)

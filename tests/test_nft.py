@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -100,70 +102,80 @@ def test_render_refuses_tproxy_listener_on_port_zero() -> None:
 # -- in a network namespace: the real nft and ip --------------------------------------------
 
 
-def _relay_nft(topo: Topology, ns: str, *args: str) -> tuple[int, str, str]:
-    res = relay_nft(topo, ns, *args)
-    return res.returncode, res.stdout, res.stderr
+@dataclass
+class Host:
+    """One fresh namespace, a tproxy config file, and the namespace's routing state before."""
 
+    topo: Topology
+    ns: str
+    conf: Path
+    before: tuple[str, ...]
 
-def _state(topo: Topology, ns: str) -> tuple[str, str, str, str, str]:
-    table = topo.run(ns, ["nft", "list", "ruleset"]).stdout
-    rules4 = topo.run(ns, ["ip", "-4", "rule", "show"]).stdout
-    rules6 = topo.run(ns, ["ip", "-6", "rule", "show"]).stdout
-    route4 = topo.run(ns, ["ip", "-4", "route", "show", "table", "all"]).stdout
-    route6 = topo.run(ns, ["ip", "-6", "route", "show", "table", "100"], check=False).stdout
-    return table, rules4, rules6, route4, route6
+    def relay_nft(self, *args: str) -> tuple[int, str, str]:
+        res = relay_nft(self.topo, self.ns, *args)
+        return res.returncode, res.stdout, res.stderr
 
-
-@pytest.mark.netns
-@pytest.mark.timeout(60)
-def test_apply_twice_then_remove_twice(tmp_path: Path) -> None:
-    require_netns()
-    conf = tmp_path / "relay.toml"
-    conf.write_text(TPROXY_CONFIG)
-    with Topology() as topo:
-        ns = topo.host("n")
-        before = _state(topo, ns)
-        rc, out, err = _relay_nft(topo, ns, "-c", str(conf))
-        assert rc == 0, err
-        assert "# nft -c: ruleset is valid" in out and "tproxy ip to 127.0.0.1:7000" in out
-        assert _state(topo, ns) == before  # printing changes nothing
-
-        for _ in range(2):
-            rc, _out, err = _relay_nft(topo, ns, "-c", str(conf), "--apply")
-            assert rc == 0, err
-        table, rules4, rules6, route4, route6 = _state(topo, ns)
-        assert table.count("tproxy ip to 127.0.0.1:7000") == 1
-        assert table.count("tproxy ip6 to :7001") == 1
-        assert rules4.count("fwmark 0x1 lookup 100") == 1
-        assert rules6.count("fwmark 0x1 lookup 100") == 1
-        assert "local default dev lo table 100" in route4
-        assert "local default dev lo" in route6
-
-        # Removal takes away what was applied even when the config changed in between.
-        changed = tmp_path / "changed.toml"
-        changed.write_text(BACKEND_ONLY)
-        for path in (changed, conf):
-            rc, out, err = _relay_nft(topo, ns, "-c", str(path), "--remove")
-            assert rc == 0, err
-            assert _state(topo, ns) == before
-
-
-@pytest.mark.netns
-@pytest.mark.timeout(60)
-def test_invalid_ruleset_is_refused_before_anything_changes(tmp_path: Path) -> None:
-    require_netns()
-    conf = tmp_path / "relay.toml"
-    conf.write_text(TPROXY_CONFIG)
-    with Topology() as topo:
-        ns = topo.host("n")
-        before = _state(topo, ns)
-        # Interface names are at most 15 bytes: the kernel-side check in `nft -c` rejects it.
-        rc, _out, err = _relay_nft(
-            topo, ns, "-c", str(conf), "--ingress", "a-very-long-interface-name", "--apply"
+    def state(self) -> tuple[str, ...]:
+        """nft ruleset, ip rules and the routes of both families."""
+        run = self.topo.run
+        return (
+            run(self.ns, ["nft", "list", "ruleset"]).stdout,
+            run(self.ns, ["ip", "-4", "rule", "show"]).stdout,
+            run(self.ns, ["ip", "-6", "rule", "show"]).stdout,
+            run(self.ns, ["ip", "-4", "route", "show", "table", "all"]).stdout,
+            run(self.ns, ["ip", "-6", "route", "show", "table", "100"], check=False).stdout,
         )
-        assert rc == 1
-        assert "nft -c rejected the ruleset" in err and "exceeds maximum length" in err
-        assert _state(topo, ns) == before
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    require_netns()
+    conf = tmp_path / "relay.toml"
+    conf.write_text(TPROXY_CONFIG)
+    with Topology() as topo:
+        made = Host(topo, topo.host("n"), conf, ())
+        made.before = made.state()
+        yield made
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(60)
+def test_apply_twice_then_remove_twice(host: Host, tmp_path: Path) -> None:
+    rc, out, err = host.relay_nft("-c", str(host.conf))
+    assert rc == 0, err
+    assert "# nft -c: ruleset is valid" in out and "tproxy ip to 127.0.0.1:7000" in out
+    assert host.state() == host.before  # printing changes nothing
+
+    for _ in range(2):
+        rc, _out, err = host.relay_nft("-c", str(host.conf), "--apply")
+        assert rc == 0, err
+    table, rules4, rules6, route4, route6 = host.state()
+    assert table.count("tproxy ip to 127.0.0.1:7000") == 1
+    assert table.count("tproxy ip6 to :7001") == 1
+    assert rules4.count("fwmark 0x1 lookup 100") == 1
+    assert rules6.count("fwmark 0x1 lookup 100") == 1
+    assert "local default dev lo table 100" in route4
+    assert "local default dev lo" in route6
+
+    # Removal takes away what was applied even when the config changed in between.
+    changed = tmp_path / "changed.toml"
+    changed.write_text(BACKEND_ONLY)
+    for path in (changed, host.conf):
+        rc, out, err = host.relay_nft("-c", str(path), "--remove")
+        assert rc == 0, err
+        assert host.state() == host.before
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(60)
+def test_invalid_ruleset_is_refused_before_anything_changes(host: Host) -> None:
+    # Interface names are at most 15 bytes: the kernel-side check in `nft -c` rejects it.
+    rc, _out, err = host.relay_nft(
+        "-c", str(host.conf), "--ingress", "a-very-long-interface-name", "--apply"
+    )
+    assert rc == 1
+    assert "nft -c rejected the ruleset" in err and "exceeds maximum length" in err
+    assert host.state() == host.before
 
 
 def test_bad_config_names_the_problem(tmp_path: Path) -> None:
