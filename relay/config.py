@@ -330,12 +330,17 @@ def _family(host: str) -> socket.AddressFamily:
 class _Problems:
     """Collects ``source: key.path: value: reason`` lines; overridden keys name their origin."""
 
-    def __init__(self, source: str, origins: Mapping[str, str]) -> None:
+    def __init__(
+        self, source: str, origins: Mapping[str, str], raw: Mapping[str, str] | None = None
+    ) -> None:
         self.source = source
         self.origins = origins
+        self.raw = raw or {}  # key path -> the text the user typed (environment variables)
         self.lines: list[str] = []
 
     def add(self, path: str, value: Any, reason: str) -> None:
+        if path in self.raw:
+            value = self.raw[path]
         shown = "(missing)" if value is _MISSING else _show(value)
         source = self.origins.get(path, self.source)
         self.lines.append(f"{source}: {path}: {shown}: {reason}")
@@ -518,7 +523,11 @@ def _tables(data: Any, path: str, table: str, p: _Problems) -> list[Any]:
 
 
 def _apply_environ(
-    data: dict[str, Any], environ: Mapping[str, str], origins: dict[str, str], lines: list[str]
+    data: dict[str, Any],
+    environ: Mapping[str, str],
+    origins: dict[str, str],
+    raw: dict[str, str],
+    lines: list[str],
 ) -> None:
     relay = data.setdefault("relay", {})
     if not isinstance(relay, dict):
@@ -533,10 +542,14 @@ def _apply_environ(
             lines.append(f"{setting.env}: {setting.key}: {_show(text)}: {exc}")
             relay.pop(setting.name, None)
         origins[setting.key] = setting.env
+        raw[setting.key] = text
 
 
 def _apply_overrides(
-    data: dict[str, Any], overrides: Mapping[str, Any], origins: dict[str, str]
+    data: dict[str, Any],
+    overrides: Mapping[str, Any],
+    origins: dict[str, str],
+    raw: dict[str, str],
 ) -> None:
     relay = data.setdefault("relay", {})
     if not isinstance(relay, dict):
@@ -545,6 +558,7 @@ def _apply_overrides(
         setting = SETTINGS_BY_NAME[name]
         relay[name] = value
         origins[setting.key] = setting.flag
+        raw.pop(setting.key, None)
 
 
 def from_dict(
@@ -564,12 +578,13 @@ def from_dict(
     if isinstance(data.get("relay"), dict):
         data["relay"] = dict(data["relay"])
     origins: dict[str, str] = {}
+    raw: dict[str, str] = {}
     env_lines: list[str] = []
     if environ is not None:
-        _apply_environ(data, environ, origins, env_lines)
+        _apply_environ(data, environ, origins, raw, env_lines)
     if overrides:
-        _apply_overrides(data, overrides, origins)
-    problems = _Problems(source, origins)
+        _apply_overrides(data, overrides, origins, raw)
+    problems = _Problems(source, origins, raw)
     problems.lines.extend(env_lines)
 
     known = {f.name for f in msgspec.structs.fields(Config)}
