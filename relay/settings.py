@@ -38,7 +38,9 @@ Engine = Literal["auto", "uring", "epoll", "asyncio"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
-Seconds = Annotated[float, Meta(gt=0)]
+# The core takes timeouts as a C int of milliseconds: at least 1 ms, at most 2**31 - 1 ms.
+MIN_SECONDS = 0.001
+MAX_SECONDS = 2_000_000.0  # about 23 days
 
 
 def _cpu_count() -> int:
@@ -71,22 +73,36 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         int, Meta(ge=0, description="connections open at once per client address; 0 = unlimited")
     ] = 0
     connect_timeout: Annotated[
-        float, Meta(gt=0, description="seconds to wait for the upstream connection")
+        float,
+        Meta(
+            ge=MIN_SECONDS,
+            le=MAX_SECONDS,
+            description="seconds to wait for the upstream connection",
+        ),
     ] = 5.0
     idle_timeout: Annotated[
         float,
-        Meta(gt=0, description="seconds without a byte either way before both sides are reset"),
+        Meta(
+            ge=MIN_SECONDS,
+            le=MAX_SECONDS,
+            description="seconds without a byte either way before both sides are reset",
+        ),
     ] = 300.0
     half_close_timeout: Annotated[
         float,
         Meta(
-            gt=0,
+            ge=MIN_SECONDS,
+            le=MAX_SECONDS,
             description="seconds a half-closed connection may stay idle before it is closed",
         ),
     ] = 60.0
     drain_timeout: Annotated[
         float,
-        Meta(gt=0, description="seconds old workers may keep serving after stop or reload"),
+        Meta(
+            ge=MIN_SECONDS,
+            le=MAX_SECONDS,
+            description="seconds old workers may keep serving after stop or reload",
+        ),
     ] = 30.0
     pipe_size: Annotated[
         int,

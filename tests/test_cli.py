@@ -104,7 +104,7 @@ USAGE_ERRORS = [
     ),
     (
         ["run", "--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--connect-timeout", "0"],
-        "argument --connect-timeout: invalid value '0': expected float > 0.0",
+        "argument --connect-timeout: invalid value '0': expected float >= 0.001",
     ),
     (["run", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["config"], "the following arguments are required: WHAT"),

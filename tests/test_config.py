@@ -99,8 +99,12 @@ BAD_CASES = [
     ("[relay]\nworkers = -1", "relay.workers: -1", ">= 0"),
     ('[relay]\nworkers = "two"', 'relay.workers: "two"', "expected int"),
     ('[relay]\nengine = "turbo"', 'relay.engine: "turbo"', 'one of "auto", "uring", "epoll"'),
-    ("[relay]\nconnect_timeout = 0", "relay.connect_timeout: 0", "> 0"),
-    ("[relay]\nidle_timeout = -5.0", "relay.idle_timeout: -5.0", "> 0"),
+    ("[relay]\nconnect_timeout = 0", "relay.connect_timeout: 0", ">= 0.001"),
+    ("[relay]\nidle_timeout = -5.0", "relay.idle_timeout: -5.0", ">= 0.001"),
+    ("[relay]\nidle_timeout = 3e6", "relay.idle_timeout: 3000000.0", "<= 2000000.0"),
+    ("[relay]\nmaxconn = 0", "relay.maxconn: 0", ">= 1"),
+    ("[relay]\npipe_size = 100", "relay.pipe_size: 100", ">= 4096"),
+    ('[relay]\nsplice = "yes"', 'relay.splice: "yes"', "expected bool"),
     ("[relay]\nwrokers = 3", "relay.wrokers: 3", "unknown key (did you mean 'workers'?)"),
     ('[relay]\nlog_format = "xml"', 'relay.log_format: "xml"', 'one of "text", "json"'),
     ('[relay]\nadmin_socket = "rel/a.sock"', "relay.admin_socket", "absolute path"),
@@ -291,7 +295,7 @@ def test_bad_environment_names_the_variable(tmp_path: Path) -> None:
         load(path, environ={"RELAY_MAXCONN": "lots", "RELAY_CONNECT_TIMEOUT": "-1"})
     assert info.value.problems == [
         'RELAY_MAXCONN: relay.maxconn: "lots": expected an integer',
-        'RELAY_CONNECT_TIMEOUT: relay.connect_timeout: "-1": expected float > 0.0',
+        'RELAY_CONNECT_TIMEOUT: relay.connect_timeout: "-1": expected float >= 0.001',
     ]
 
 
