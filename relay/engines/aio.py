@@ -652,10 +652,12 @@ class AioLoop:
     def stats(self) -> dict[str, int]:
         s = dict(self._stats)
         s["conns_open"] = len(self._pairs)
-        s["pipes_in_use"] = 0
-        s["pipes_free"] = 0
-        s["pipes_created"] = 0
-        s["pipe_refused"] = 0
+        s["conn_slots_used"] = len(self._pairs)
+        # The core's pipe and ring counters, all 0 here: same keys whatever the engine.
+        for key in ("pipes_in_use", "pipes_free", "pipes_max", "pipes_created", "pipes_killed",
+                    "pipe_refused", "pipe_resize_denied", "sqe_starved", "submit_errors",
+                    "events_dropped"):
+            s[key] = 0
         # No pipes here: the write-buffer high-water mark plays the pipe's role.
         s["pipe_size_granted"] = self._buffer_size
         s["pipe_size_requested"] = self._buffer_size
