@@ -510,6 +510,8 @@ class Server:
         except BaseException:
             log.exception("server thread crashed")
             raise
+        finally:
+            self._finished.set()  # even if serve_forever refused to start: stop() must return
 
 
 def _strerror(err: int) -> str:
