@@ -395,8 +395,11 @@ class AioLoop:
 
     def abort(self, cid: int) -> None:
         pair = self._pairs.get(cid)
-        if pair is None or pair.reason is not None:
-            return  # already finished or finishing: its EV_DONE is (or will be) reported
+        if pair is None or (pair.client.lost and pair.origin.lost):
+            return  # already closed: its EV_DONE is (or will be) reported
+        if pair.reason is not None and pair.reason != R_EOF:
+            return  # already being reset
+        # Also when both EOFs were seen and the last bytes are still flushing (slow reader).
         self._reset_pair(pair, R_ABORTED, 0)
         self._wakeup()
 
