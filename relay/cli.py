@@ -330,7 +330,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     supervisor = _import_optional("relay.supervisor", "relay run")
     if supervisor is None:
         return EXIT_FAIL
-    rc = supervisor.run(cfg, config_path, _overrides(args))
+    # An absolute path: reloads must find the same file whatever the working directory.
+    path = os.path.abspath(config_path) if config_path else None
+    rc = supervisor.run(cfg, path, _overrides(args))
     return rc if isinstance(rc, int) else EXIT_OK
 
 

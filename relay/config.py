@@ -337,8 +337,10 @@ class _Problems:
         self.origins = origins
         self.raw = raw or {}  # key path -> the text the user typed (environment variables)
         self.lines: list[str] = []
+        self.paths: set[str] = set()  # key paths that have a problem
 
     def add(self, path: str, value: Any, reason: str) -> None:
+        self.paths.add(path)
         if path in self.raw:
             value = self.raw[path]
         shown = "(missing)" if value is _MISSING else _show(value)
@@ -496,7 +498,7 @@ def _validate_policy(v: dict[str, Any], p: _Problems) -> None:
 def _validate_listener_set(
     listeners: list[dict[str, Any]], p: _Problems, require_listener: bool
 ) -> None:
-    if not listeners and require_listener:
+    if not listeners and require_listener and not any(k.startswith("listener") for k in p.paths):
         p.add("listener", _MISSING, "at least one [[listener]] is required")
     seen_names: dict[str, int] = {}
     seen_binds: dict[tuple[str, int], int] = {}

@@ -36,6 +36,7 @@ Status = Literal["PASS", "WARN", "FAIL"]
 IP_TRANSPARENT = 19
 IP_BIND_ADDRESS_NO_PORT = 24
 IP_LOCAL_PORT_RANGE = 51
+IPV6_TRANSPARENT = 75  # <linux/in6.h>, level SOL_IPV6
 _U32 = struct.Struct("=I")
 
 # Capability bits of /proc/self/status CapEff (<linux/capability.h>).
@@ -252,19 +253,29 @@ class Doctor:
     # ------------------------------------------------------------------ socket options
 
     def check_ip_transparent(self) -> Check:
-        with _tcp_socket() as s:
-            try:
-                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            except OSError as exc:
-                return Check(
-                    name="ip_transparent",
-                    status=self._severity(self.needs_transparent),
-                    detail=f"setsockopt(IP_TRANSPARENT): {os.strerror(exc.errno or 0)} "
-                    "(needed by tproxy listeners and non-local egress addresses)",
-                    fix="run as root or with CAP_NET_ADMIN (systemd: "
-                    "AmbientCapabilities=CAP_NET_ADMIN)",
-                )
-        return Check(name="ip_transparent", status="PASS", detail="IP_TRANSPARENT can be set")
+        probes = [(socket.AF_INET, socket.SOL_IP, IP_TRANSPARENT, "IP_TRANSPARENT")]
+        if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
+            probes.append(
+                (socket.AF_INET6, socket.IPPROTO_IPV6, IPV6_TRANSPARENT, "IPV6_TRANSPARENT")
+            )
+        done = []
+        for family, level, option, label in probes:
+            with _tcp_socket(family) as s:
+                try:
+                    s.setsockopt(level, option, 1)
+                except OSError as exc:
+                    return Check(
+                        name="ip_transparent",
+                        status=self._severity(self.needs_transparent),
+                        detail=f"setsockopt({label}): {os.strerror(exc.errno or 0)} "
+                        "(needed by tproxy listeners and non-local egress addresses)",
+                        fix="run as root or with CAP_NET_ADMIN (systemd: "
+                        "AmbientCapabilities=CAP_NET_ADMIN)",
+                    )
+            done.append(label)
+        return Check(
+            name="ip_transparent", status="PASS", detail=" and ".join(done) + " can be set"
+        )
 
     def check_ip_bind_address_no_port(self) -> Check:
         with _tcp_socket() as s:
