@@ -543,3 +543,36 @@ def test_loop_abort_resets_both(engine_loop, origin) -> None:
     finally:
         a.close()
         upstream.close()
+
+
+# -- engine selection ---------------------------------------------------------------------------
+
+def test_available_names_every_engine(engine_availability) -> None:
+    assert set(engine_availability) == {"uring", "epoll", "asyncio"}
+    assert engine_availability["asyncio"] is None
+    for name, reason in engine_availability.items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+
+
+def test_auto_prefers_uring_then_epoll_and_says_why(engine_availability, caplog,
+                                                    fd_baseline) -> None:
+    from relay import engines
+
+    if any("child process" in (r or "") for r in engine_availability.values()):
+        pytest.skip("the core crashes while starting here; not loading it in-process")
+    expected = next(n for n in ("uring", "epoll", "asyncio") if engine_availability[n] is None)
+    with caplog.at_level("INFO", logger="relay.engines"):
+        loop, reason = engines.create("auto", max_conns=16)
+    try:
+        assert loop.backend == expected
+        assert reason.startswith("auto: ") and expected in reason
+        assert any(reason in r.getMessage() for r in caplog.records), "auto did not log why"
+    finally:
+        loop.close()
+
+
+def test_unknown_engine_is_named_in_the_error() -> None:
+    from relay import engines
+
+    with pytest.raises(ValueError, match=r"engine 'iouring'.*auto, uring, epoll, asyncio"):
+        engines.create("iouring")
