@@ -292,8 +292,9 @@ def test_nft_dispatch(good_file: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 class EchoServer:
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, 0), family=family)
         self.address = self.sock.getsockname()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -363,24 +364,42 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 
 
 def _listen_address(ready: str) -> tuple[str, int]:
-    # READY pid=N listeners=listener0=127.0.0.1:PORT
+    # READY pid=N listeners=listener0=127.0.0.1:PORT (IPv6: [::1]:PORT)
     listeners = ready.split("listeners=", 1)[1].split()[0]
     host, port = listeners.split(",")[0].split("=", 1)[1].rsplit(":", 1)
-    return host, int(port)
+    return host.strip("[]"), int(port)
 
 
-def test_run_listen_backend_relays_bytes(echo: EchoServer) -> None:
-    host, port = echo.address
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("host", "listen", "engine"),
+    [("127.0.0.1", "127.0.0.1:0", "asyncio"), ("::1", "[::1]:0", "auto")],
+    ids=["ipv4-asyncio", "ipv6-auto"],
+)
+def test_run_listen_backend_relays_bytes(host: str, listen: str, engine: str) -> None:
+    if ":" in host and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    echo = EchoServer(host)
+    port = echo.address[1]
+    backend = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     proc = _start_relay(
         [
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--backend",
-            f"{host}:{port}",
+            backend,
             "--workers",
             "1",
             "--engine",
-            "asyncio",
+            engine,
             "--maxconn",
             "64",
         ]
@@ -397,6 +416,7 @@ def test_run_listen_backend_relays_bytes(echo: EchoServer) -> None:
         assert bytes(got) == payload
     finally:
         err = _stop(proc)
+        echo.close()
     assert proc.returncode == 0, err
 
 
