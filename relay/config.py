@@ -81,8 +81,8 @@ _HOSTNAME_RE = re.compile(
 
 
 def _parse_port(text: str, *, allow_zero: bool) -> int:
-    if not text.isdigit():
-        raise ValueError(f"port {text!r} is not a number")
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
+        raise ValueError(f"port {text!r} is not a number of at most 5 digits")
     port = int(text)
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
@@ -199,7 +199,10 @@ def parse_policy_rule(text: str) -> PolicyRule:
 class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """One ``[[listener]]``."""
 
-    name: Annotated[str, Meta(description='unique name; default "listener<N>"')] = ""
+    name: Annotated[
+        str,
+        Meta(description='unique name (letters, digits, "_.-"); default "listener<N>"'),
+    ] = ""
     bind: Annotated[
         str, Meta(description='address to listen on, "HOST:PORT" or "[IPv6]:PORT"; port 0 = any')
     ]
@@ -450,7 +453,15 @@ def _validate_relay(v: dict[str, Any], p: _Problems) -> None:
         p.add("relay.group", v["group"], "set relay.user too (a group alone is never dropped to)")
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> None:
+    name = v.get("name")
+    if name is not None and not _NAME_RE.match(name):
+        p.add(
+            f"{path}.name", name, "use 1-64 letters, digits, '_', '.', '-' (starting alphanumeric)"
+        )
     if "bind" in v:
         _check_call(p, f"{path}.bind", v["bind"], _bind_hostport)
     mode, backend = v.get("mode"), v.get("backend", "")

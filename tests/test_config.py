@@ -157,6 +157,11 @@ LISTENER_CASES = [
         "expected array",
     ),
     ('backend = "127.0.0.1:2"', "listener[0].bind: (missing)", "required key missing"),
+    (
+        'name = "a,b=c"\nbind = "127.0.0.1:1"\nbackend = "127.0.0.1:2"',
+        'listener[0].name: "a,b=c"',
+        "use 1-64 letters, digits",
+    ),
 ]
 EGRESS_CASES = [
     ('address = "203.0.113.7"\nports = "50-40"', 'egress[0].ports: "50-40"', "reversed"),
