@@ -355,6 +355,11 @@ _MISSING = object()
 
 
 def _show(value: Any) -> str:
+    text = _show_full(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _show_full(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
@@ -387,7 +392,11 @@ def _convert_fields(
         try:
             values[key] = msgspec.convert(value, type=field.type)
         except msgspec.ValidationError as exc:
-            problems.add(f"{path}.{key}", value, _reason(exc, field.type))
+            # msgspec names the failing element of a list as " - at `$[3]`": keep it in the path.
+            where = re.search(r" - at `\$(.*)`$", str(exc))
+            inner = where.group(1) if where else ""
+            shown = value[int(inner[1:-1])] if re.fullmatch(r"\[\d+\]", inner) else value
+            problems.add(f"{path}.{key}{inner}", shown, _reason(exc, field.type))
     for name, field in fields.items():
         if name in data:
             continue

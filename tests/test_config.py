@@ -158,6 +158,11 @@ LISTENER_CASES = [
     ),
     ('backend = "127.0.0.1:2"', "listener[0].bind: (missing)", "required key missing"),
     (
+        'bind = "127.0.0.1:1"\nmode = "tproxy"\ntrusted_proxies = ["10.0.0.0/8", 5]',
+        "listener[0].trusted_proxies[1]: 5",
+        "expected str, got int",
+    ),
+    (
         'name = "a,b=c"\nbind = "127.0.0.1:1"\nbackend = "127.0.0.1:2"',
         'listener[0].name: "a,b=c"',
         "use 1-64 letters, digits",
