@@ -120,7 +120,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
                 dest=_setting_dest(s),
                 type=_setting_type(s),
                 default=None,
-                metavar=s.base_type.__name__.upper(),
+                metavar=s.metavar,
                 help=help_text,
             )
 

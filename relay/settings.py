@@ -132,18 +132,25 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     log_format: Annotated[
         LogFormat, Meta(description="log line format: text or json (one JSON object a line)")
     ] = "text"
-    log_file: Annotated[str, Meta(description="log file path; empty = stderr")] = ""
+    log_file: Annotated[
+        str, Meta(description="log file path; empty = stderr", extra={"metavar": "PATH"})
+    ] = ""
     log_level: Annotated[
         LogLevel, Meta(description="lowest level logged: debug, info, warning, error, critical")
     ] = "info"
     flow_log: Annotated[bool, Meta(description="log one line per finished connection")] = True
     admin_socket: Annotated[
-        str, Meta(description="unix socket for `relay stats` and `relay reload`; empty = none")
+        str,
+        Meta(
+            description="unix socket for `relay stats` and `relay reload`; empty = none",
+            extra={"metavar": "PATH"},
+        ),
     ] = ""
     metrics_listen: Annotated[
         str,
         Meta(
-            description='HOST:PORT serving Prometheus /metrics, e.g. "127.0.0.1:9109"; empty = none'
+            description='HOST:PORT serving Prometheus /metrics, e.g. "127.0.0.1:9109"; empty = none',
+            extra={"metavar": "HOST:PORT"},
         ),
     ] = ""
 
@@ -185,6 +192,7 @@ class Setting:
     default: Any
     help: str
     choices: tuple[str, ...] | None
+    metavar: str  # placeholder in --help: Meta(extra={"metavar": ...}) or one by type
 
     @property
     def key(self) -> str:
@@ -214,16 +222,20 @@ def _derive_settings() -> tuple[Setting, ...]:
     for f in msgspec.structs.fields(RelaySettings):
         t = f.type
         help_text = ""
+        metavar = ""
         base = t
         if typing.get_origin(t) is Annotated:
             base, *extras = typing.get_args(t)
             for extra in extras:
-                if isinstance(extra, Meta) and extra.description:
-                    help_text = extra.description
+                if isinstance(extra, Meta):
+                    help_text = extra.description or help_text
+                    metavar = (extra.extra or {}).get("metavar", metavar)
         choices = None
         if typing.get_origin(base) is Literal:
             choices = tuple(str(a) for a in typing.get_args(base))
-        out.append(Setting(f.name, t, f.default, help_text, choices))
+        if not metavar:
+            metavar = {int: "N", float: "SECONDS", bool: ""}.get(base, f.name.upper())
+        out.append(Setting(f.name, t, f.default, help_text, choices, metavar))
     return tuple(out)
 
 
