@@ -298,10 +298,15 @@ def _config_from_args(
 
 
 def _print_problems(prog: str, exc: ConfigError) -> int:
+    """Every problem on stderr, then a count. Exit 2 when a command-line flag is to blame (a bad
+    argument, like argparse's own errors), else 1."""
     for line in exc.problems:
         print(line, file=sys.stderr)
     count = len(exc.problems)
     print(f"{prog}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+    flag_names = {s.flag for s in SETTINGS}
+    if any(line.split(": ", 1)[0] in flag_names for line in exc.problems):
+        return EXIT_USAGE
     return EXIT_FAIL
 
 

@@ -179,6 +179,17 @@ def test_check_missing_file_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "absent.toml: cannot read: No such file or directory" in capsys.readouterr().err
 
 
+def test_semantic_flag_error_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["check", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]
+    assert cli.main([*argv, "--metrics-listen", "nowhere"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        '--metrics-listen: relay.metrics_listen: "nowhere": expected "HOST:PORT" '
+        '(IPv6 as "[::1]:PORT")',
+        "relay check: 1 problem",
+    ]
+
+
 def test_check_blames_the_environment(
     good_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
