@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import errno as errno_mod
+import itertools
 import logging
 import os
 import socket
@@ -53,6 +54,7 @@ _STATS_REFRESH_S = 0.25  # loop.stats() snapshot age limit for stats() from othe
 _ABORT_GRACE_S = 2.0  # after aborting the rest at the drain deadline, wait this long for EV_DONE
 _LIMIT_LOG_INTERVAL_S = 10.0
 _LINGER_RST = struct.pack("ii", 1, 0)
+_server_ids = itertools.count(1)  # rate-limited log keys per Server (id() values get reused)
 
 
 def _reset_and_close(sock: socket.socket) -> None:
@@ -124,6 +126,7 @@ class Server:
     def __init__(self, cfg: Any, engine: str | None = None,
                  sockets: dict[str, socket.socket] | None = None) -> None:
         self.cfg = cfg
+        self._id = next(_server_ids)
         settings = cfg.relay
         workers = settings.resolved_workers
         self._maxconn: int = settings.maxconn_per_worker(workers)
@@ -434,7 +437,7 @@ class Server:
             return
         lst.paused = True
         # One line per pause episode, and episodes themselves at most one line per interval.
-        log_every(log, f"accept paused {id(self)} {lst.name}", _LIMIT_LOG_INTERVAL_S,
+        log_every(log, f"accept paused {self._id} {lst.name}", _LIMIT_LOG_INTERVAL_S,
                   "listener %s: accept failed: %s; accepting paused, the engine resumes it "
                   "after a backoff (100 ms to 1 s)", lst.name, _strerror(err),
                   listener=lst.name, errno=err)
