@@ -93,6 +93,62 @@ def test_io_uring_probe_agrees_with_the_kernel() -> None:
         assert ring.status == "WARN" and "epoll" in ring.fix
 
 
+def _block_io_uring() -> None:
+    """preexec_fn: a seccomp filter that fails io_uring_setup (425 on every architecture) with
+    EPERM, as Docker's default profile does. Inherited across exec (no_new_privs)."""
+    import ctypes
+    import struct
+
+    def insn(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    program = b"".join(
+        [
+            insn(0x20, 0, 0, 0),  # BPF_LD|BPF_W|BPF_ABS: seccomp_data.nr
+            insn(0x15, 0, 1, 425),  # BPF_JMP|BPF_JEQ|BPF_K: io_uring_setup?
+            insn(0x06, 0, 0, 0x00050000 | errno.EPERM),  # BPF_RET: SECCOMP_RET_ERRNO | EPERM
+            insn(0x06, 0, 0, 0x7FFF0000),  # BPF_RET: SECCOMP_RET_ALLOW
+        ]
+    )
+    buf = ctypes.create_string_buffer(program, len(program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    prog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+def test_io_uring_blocked_by_seccomp(tmp_path: Path) -> None:
+    if (
+        Path("/proc/sys/kernel/io_uring_disabled").exists()
+        and Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "0"
+    ):
+        pytest.skip("io_uring already disabled by sysctl")
+    path = tmp_path / "r.toml"
+    path.write_text('[relay]\nengine = "uring"\n' + LISTENER)
+    try:
+        res = relay_doctor("--json", "-c", str(path), preexec=_block_io_uring)
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"cannot install a seccomp filter here: {exc}")
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    ring = checks["io_uring"]
+    assert ring["status"] == "FAIL", ring  # engine = "uring" cannot work
+    assert "EPERM" in ring["detail"] and "seccomp" in ring["detail"]
+    assert "seccomp profile" in ring["fix"]
+    assert checks["io_uring_ops"]["status"] == "WARN"
+    assert res.returncode == 1
+    # with engine = "auto" the same host only WARNs: epoll takes over
+    res = relay_doctor("--json", preexec=_block_io_uring)
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    assert checks["io_uring"]["status"] == "WARN"
+    assert "epoll engine serves meanwhile" in checks["io_uring"]["fix"]
+
+
 def test_ring_failure_names_the_cause() -> None:
     assert "io_uring_disabled=2" in doctor._ring_failure(errno.EPERM, 2)
     assert "io_uring_group" in doctor._ring_failure(errno.EPERM, 1)
