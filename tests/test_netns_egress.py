@@ -140,7 +140,9 @@ def test_without_the_return_path_the_failure_is_a_clear_connect_timeout(env: Lab
         )
         topo.run(lab.relay, ["nft", "delete", "rule", "inet", "relay", "prerouting",
                              "handle", handle])
-    flow = open_flow(topo, lab.client, (lab.dests4[0], 443))
+    # Another destination: the origin still holds the unanswered attempt to dests4[0]:443 in
+    # SYN_RECV, and a new SYN from the same slice port would meet that stale state.
+    flow = open_flow(topo, lab.client, (lab.dests4[2], 80))
     assert flow.seen.peer[0] == lab.egress4 and flow.finish(b"z") == 1
 
 
