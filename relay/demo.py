@@ -40,7 +40,7 @@ from typing import Any
 
 from relay.flowlog import format_addr
 
-__all__ = ["main"]
+__all__ = ["main", "read_line", "serve_connection", "serve_origin", "transfer"]
 
 MIB = 1 << 20
 CHUNK = MIB  # one send()/recv_into() call moves up to this much
@@ -56,7 +56,8 @@ def _split(text: str) -> tuple[str, int]:
 # -- the origin: "SEEN <peer> <local>", read to EOF, "BYTES <n>" -----------------------------
 
 
-def _serve_connection(conn: socket.socket, reset: bool) -> None:
+def serve_connection(conn: socket.socket, reset: bool = False) -> None:
+    """The origin's side of one connection (the demo's and the network tests' origin)."""
     with conn:
         peer, local = conn.getpeername(), conn.getsockname()
         conn.sendall(f"SEEN {format_addr(peer)} {format_addr(local)}\n".encode())
@@ -87,7 +88,7 @@ def serve_origin(specs: Sequence[str]) -> None:
         def accept_loop(lsock: socket.socket = lsock, reset: bool = mode == "reset") -> None:
             while True:
                 conn, _ = lsock.accept()
-                threading.Thread(target=_serve_connection, args=(conn, reset), daemon=True).start()
+                threading.Thread(target=serve_connection, args=(conn, reset), daemon=True).start()
 
         threading.Thread(target=accept_loop, daemon=True).start()
     print("READY " + " ".join(bound), flush=True)
@@ -97,7 +98,8 @@ def serve_origin(specs: Sequence[str]) -> None:
 # -- the client ---------------------------------------------------------------------------------
 
 
-def _read_line(sock: socket.socket) -> list[str]:
+def read_line(sock: socket.socket) -> list[str]:
+    """One line from the origin, split in words."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = sock.recv(1)
@@ -111,13 +113,13 @@ def transfer(dest: tuple[str, int], nbytes: int, timeout: float = 20.0) -> dict[
     """Send ``nbytes`` to an origin through whatever is at ``dest``; what both ends saw."""
     payload = memoryview(bytes(CHUNK))
     with socket.create_connection(dest, timeout=timeout) as sock:
-        seen = _read_line(sock)
+        seen = read_line(sock)
         started = time.perf_counter()
         left = nbytes
         while left:
             left -= sock.send(payload[: min(left, CHUNK)])
         sock.shutdown(socket.SHUT_WR)
-        answer = _read_line(sock)
+        answer = read_line(sock)
         seconds = time.perf_counter() - started
     return {
         "dest": format_addr(dest),
@@ -265,7 +267,7 @@ def _streams_proxy(backend: tuple[str, int]) -> Proc | str:
 def _ending_badly(listeners: dict[str, tuple[str, int]]) -> None:
     """One connection per bad ending the flow log should name."""
     with socket.create_connection(listeners["main"], timeout=5) as sock:  # client aborts
-        _read_line(sock)
+        read_line(sock)
         sock.sendall(b"x" * 1000)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     for name in ("flaky", "dead"):  # the origin aborts; nobody listens at the backend

@@ -41,6 +41,8 @@ from typing import Any
 
 import pytest
 
+from relay.demo import read_line, serve_connection
+
 PREFIX = f"rlyt-{os.getpid()}-"
 _topology_ids = itertools.count()
 _CLONE_NEWNET = 0x40000000
@@ -328,11 +330,10 @@ def _addr(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
 
 
 class Origin:
-    """'Internet' servers inside a namespace, on threads with blocking sockets.
-
-    Each accepted connection first gets ``SEEN <peer-ip> <peer-port> <local-ip> <local-port>``
-    (what the origin's kernel says the connection is), then the origin reads to EOF and answers
-    ``BYTES <n>`` before closing. ``seen`` records every connection in accept order.
+    """'Internet' servers inside a namespace, on threads with blocking sockets, each connection
+    served like the demo's origin (relay.demo.serve_connection): first
+    ``SEEN <peer> <local>`` (what the origin's kernel says the connection is), then it reads to
+    EOF and answers ``BYTES <n>``. ``seen`` records every connection in accept order.
     """
 
     def __init__(self, topo: Topology, ns: str, binds: Sequence[tuple[str, int]]) -> None:
@@ -366,20 +367,14 @@ class Origin:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(20)
         try:
-            conn.settimeout(20)
-            peer, local = _addr(conn.getpeername()), _addr(conn.getsockname())
-            conn.sendall(f"SEEN {peer[0]} {peer[1]} {local[0]} {local[1]}\n".encode())
-            total = 0
-            while chunk := conn.recv(65536):
-                total += len(chunk)
-            conn.sendall(f"BYTES {total}\n".encode())
+            serve_connection(conn)
         except OSError:
-            pass
+            pass  # the client went away: what the test checks is on its side
         finally:
             with self._lock:
                 self._conns.discard(conn)
-            conn.close()
 
     def close(self) -> None:
         for lsock in self._listeners:
@@ -393,32 +388,22 @@ class Origin:
                 conn.shutdown(socket.SHUT_RDWR)
 
 
-def _read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"connection closed before a full line (got {data!r})")
-        data += chunk
-    return data.decode().strip()
-
-
 class Flow:
     """A client connection to an Origin (possibly through the relay), held open."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        words = _read_line(sock).split()
+        words = read_line(sock)
         if words[:1] != ["SEEN"]:
             raise ConnectionError(f"unexpected greeting {words!r}")
-        self.seen = Seen((words[1], int(words[2])), (words[3], int(words[4])))
+        self.seen = Seen(split_hostport(words[1]), split_hostport(words[2]))
 
     def finish(self, payload: bytes = b"x" * 4096) -> int:
         """Send ``payload``, half-close, return the byte count the origin reports."""
         try:
             self.sock.sendall(payload)
             self.sock.shutdown(socket.SHUT_WR)
-            words = _read_line(self.sock).split()
+            words = read_line(self.sock)
         finally:
             self.sock.close()
         if words[:1] != ["BYTES"]:
