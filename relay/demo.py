@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import queue
@@ -250,15 +249,14 @@ def _listeners(ready: str) -> dict[str, tuple[str, int]]:
 # -- part 1: loopback ---------------------------------------------------------------------------
 
 
-def _gbit(res: list[dict[str, Any]], wall: float | None = None) -> float:
-    total = sum(r["origin_got"] for r in res)
-    seconds = wall if wall is not None else sum(r["seconds"] for r in res)
-    return total * 8 / seconds / 1e9
+def _gbit(res: dict[str, Any]) -> float:
+    return float(res["origin_got"]) * 8 / res["seconds"] / 1e9
 
 
 def _streams_proxy(backend: tuple[str, int]) -> Proc | str:
     """The baseline: bench's plain asyncio streams proxy, or why it can't run."""
-    if importlib.util.find_spec("bench.competitors.asyncio_streams") is None:
+    # Started with cwd=_REPO, so `-m bench...` finds it exactly when the source tree is there.
+    if not os.path.exists(os.path.join(_REPO, "bench", "competitors", "asyncio_streams.py")):
         return "bench/ (the source tree) not found"
     return Proc(_python("bench.competitors.asyncio_streams", "--listen", "127.0.0.1:0",
                         "--backend", format_addr(backend)), "asyncio streams proxy")
@@ -316,7 +314,7 @@ def part1(workdir: str, nbytes: int, rounds: int) -> dict[str, Any]:
                     res = transfer(dest, nbytes)
                     if res["origin_got"] != nbytes:
                         raise RuntimeError(f"{name}: origin got {res['origin_got']} of {nbytes}")
-                    best[name] = max(best.get(name, 0.0), _gbit([res]))
+                    best[name] = max(best.get(name, 0.0), _gbit(res))
             _ending_badly(listeners)
             relay.stop()  # SIGTERM: drains, every flow is logged before it exits
         flows = _flows(log_path)
