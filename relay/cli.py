@@ -42,7 +42,7 @@ __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("relay.cli")
 
-DEFAULT_ADMIN_SOCKET = "/run/relay/admin.sock"
+SYSTEM_CONFIG = "/etc/relay/relay.toml"  # what `relay gen systemd` runs with by default
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--socket",
             metavar="PATH",
-            help=f"admin socket (default: relay.admin_socket of -c, else {DEFAULT_ADMIN_SOCKET})",
+            help="admin socket (default: relay.admin_socket of -c FILE, else of "
+            f"{SYSTEM_CONFIG} if present, else $RELAY_ADMIN_SOCKET)",
         )
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(handler=cmd_admin, parser=p)
@@ -407,17 +408,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
+    """`relay stats|reload`: find the running relay's admin socket the way it was configured:
+    --socket, else relay.admin_socket of -c FILE (or of the systemd default config when it
+    exists; RELAY_ADMIN_SOCKET applies as for `relay run`), else RELAY_ADMIN_SOCKET."""
     prog = f"relay {args.command}"
     if not args.socket:
-        admin_socket = ""
-        if args.config:
+        config_path = args.config
+        if config_path is None and os.path.exists(SYSTEM_CONFIG):
+            config_path = SYSTEM_CONFIG
+        if config_path is not None:
             try:
-                admin_socket = load(args.config).relay.admin_socket
+                args.socket = load(config_path).relay.admin_socket
             except ConfigError as exc:
                 return _print_problems(prog, exc)
-            if not admin_socket:
-                args.parser.error(f"{args.config} sets no relay.admin_socket; give --socket PATH")
-        args.socket = admin_socket or os.environ.get("RELAY_ADMIN_SOCKET") or DEFAULT_ADMIN_SOCKET
+            if not args.socket:
+                args.parser.error(f"{config_path} sets no relay.admin_socket; give --socket PATH")
+        else:
+            args.socket = os.environ.get("RELAY_ADMIN_SOCKET", "")
+        if not args.socket:
+            args.parser.error("no admin socket: give --socket PATH or -c FILE")
     admin = _import_optional("relay.admin", prog)
     if admin is None:
         return EXIT_FAIL

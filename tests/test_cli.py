@@ -473,6 +473,39 @@ def _nofile_of(pid: int) -> int:
     raise AssertionError("no open-file limit in /proc/PID/limits")
 
 
+def test_stats_and_reload_reach_a_running_relay(tmp_path: Path, echo: EchoServer) -> None:
+    sock = tmp_path / "admin.sock"
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[relay]\nworkers = 1\nengine = "asyncio"\nadmin_socket = "{sock}"\n'
+        f'[[listener]]\nname = "main"\nbind = "127.0.0.1:0"\n'
+        f'backend = "127.0.0.1:{echo.address[1]}"\n'
+    )
+    proc = _start_relay(["-c", str(path)])
+    try:
+        _wait_ready(proc)
+        stats = relay_cmd("stats", "--json", "-c", str(path))
+        assert stats.returncode == 0, stats.stderr
+        assert isinstance(json.loads(stats.stdout), dict)
+        reload = relay_cmd("reload", "--socket", str(sock))
+        assert reload.returncode == 0, reload.stderr
+    finally:
+        err = _stop(proc)
+    assert proc.returncode == 0, err
+
+
+def test_admin_socket_from_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if os.path.exists(cli.SYSTEM_CONFIG):
+        pytest.skip(f"{cli.SYSTEM_CONFIG} exists and would be used first")
+    assert cli.main(["stats"]) == 2
+    assert "no admin socket: give --socket PATH or -c FILE" in capsys.readouterr().err
+    monkeypatch.setenv("RELAY_ADMIN_SOCKET", str(tmp_path / "gone.sock"))
+    assert cli.main(["stats"]) == 1  # tried the socket the environment names
+    assert "relay stats: " in capsys.readouterr().err
+
+
 def test_run_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(GOOD + "\n[relay.extra]\n")
