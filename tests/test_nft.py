@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netns import Topology, relay_nft, require_netns
+from netns import REPO, Topology, relay_nft, require_netns
 
 from relay import nft
 from relay.config import loads
@@ -183,3 +187,20 @@ def test_bad_config_names_the_problem(tmp_path: Path) -> None:
     conf.write_text('[[listener]]\nbind = "127.0.0.1:7000"\nmode = "tproxi"\n')
     rc = nft.main(["-c", str(conf)])
     assert rc == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
+                    or shutil.which("nft") is None,
+                    reason="needs root, setpriv and nft to run `relay nft` as an unprivileged user")
+def test_printing_without_cap_net_admin_says_it_could_not_validate() -> None:
+    code = f"import sys; sys.path.insert(0, {REPO!r}); from relay.nft import main; " \
+           "raise SystemExit(main(sys.argv[1:]))"
+    demo_config = os.path.join(REPO, "relay", "data", "demo.toml")
+    res = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         code, "-c", demo_config],
+        capture_output=True, text=True, timeout=30, cwd="/",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "tproxy ip to 127.0.0.1:7000" in res.stdout
+    assert "# not validated: nft -c needs CAP_NET_ADMIN" in res.stdout
