@@ -455,10 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return int(handler(args))
-    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
-        return (
-            exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
-        )
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2); sys.exit(...) anywhere
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or EXIT_OK
+        print(exc.code, file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
