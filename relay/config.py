@@ -762,8 +762,9 @@ def load(
 
 
 def validate_host(cfg: Config, source: str = "<config>") -> list[str]:
-    """Checks against this machine: egress slices (``relay.egress.validate_slices``, when that
-    module exists) and that ``relay.user`` / ``relay.group`` exist."""
+    """Checks against this machine: egress slices (``relay.egress.validate_slices``: inside
+    net.ipv4.ip_local_port_range, clear of reserved ports, not overlapping) and that
+    ``relay.user`` / ``relay.group`` exist."""
     problems = _Problems(source, {})
     if cfg.relay.user:
         try:
@@ -777,13 +778,9 @@ def validate_host(cfg: Config, source: str = "<config>") -> list[str]:
             problems.add("relay.group", cfg.relay.group, "no such group on this host")
     lines = problems.lines
     if cfg.egress:
-        try:
-            from relay import egress as egress_mod
-        except ImportError:
-            egress_mod = None  # type: ignore[assignment]
-        validate_slices = getattr(egress_mod, "validate_slices", None)
-        if validate_slices is not None:
-            lines.extend(
-                p if p.startswith(source + ":") else f"{source}: {p}" for p in validate_slices(cfg)
-            )
+        from relay.egress import validate_slices  # imported here: relay.egress imports us
+
+        lines.extend(
+            p if p.startswith(source + ":") else f"{source}: {p}" for p in validate_slices(cfg)
+        )
     return lines
