@@ -205,6 +205,7 @@ class AdminServer:
 def _bind_unix(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

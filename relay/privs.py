@@ -38,12 +38,14 @@ __all__ = [
     "pipe_budget",
     "proc_status",
     "resolve_target",
+    "set_parent_death_signal",
 ]
 
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 CAP_SETPCAP = 8
 
+PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
@@ -123,6 +125,14 @@ def needed_capabilities(cfg: Any) -> frozenset[int]:
     tproxy = any(getattr(lst, "mode", "") == "tproxy" for lst in getattr(cfg, "listener", ()))
     egress = bool(getattr(cfg, "egress", ()))
     return frozenset({CAP_NET_RAW}) if (tproxy or egress) else frozenset()
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (PR_SET_PDEATHSIG).
+
+    The setting is cleared by any change of credentials, so call it after drop_privileges.
+    """
+    _prctl(PR_SET_PDEATHSIG, sig, f"prctl(PR_SET_PDEATHSIG, {sig})")
 
 
 def _last_cap() -> int:

@@ -411,6 +411,7 @@ class Supervisor:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sys.stdout.flush()
         sys.stderr.flush()
+        supervisor_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = EXIT_FAILED
@@ -420,6 +421,7 @@ class Supervisor:
                     gen.cfg, gen.sockets, child_end, heartbeat,
                     (gen.target, gen.capabilities),
                     lambda: self._close_in_child(gen),
+                    supervisor_pid,
                 )
             finally:
                 os._exit(code)

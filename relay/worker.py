@@ -155,6 +155,7 @@ def run_worker(
     heartbeat: Heartbeat,
     privileges: tuple[Any, frozenset[int]],
     close_parent: Callable[[], None],
+    supervisor_pid: int,
 ) -> int:
     """Body of a forked worker; returns its exit code (the caller must os._exit with it).
 
@@ -173,6 +174,10 @@ def run_worker(
 
         target, caps = privileges
         privs.drop_privileges(target, caps)
+        # An orphaned worker would keep serving forever: drain and leave with the supervisor.
+        privs.set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != supervisor_pid:
+            raise RuntimeError(f"supervisor {supervisor_pid} died while this worker started")
         srv = Server(cfg, engine=cfg.relay.engine, sockets=sockets)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"

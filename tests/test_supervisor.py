@@ -668,3 +668,16 @@ def test_gen_systemd_unit_is_hardened_and_allows_io_uring(tmp_path: Path) -> Non
         res = subprocess.run([analyze, "verify", str(unit_path)], capture_output=True,
                              text=True, timeout=30)
         assert "Unknown key" not in res.stderr and "Invalid" not in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_workers_leave_when_the_supervisor_is_killed(origins: Any, relays: Any) -> None:
+    """PR_SET_PDEATHSIG: a SIGKILLed supervisor leaves no orphan worker serving forever."""
+    origin = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2))
+    rp.wait_ready()
+    workers = rp.children()
+    assert len(workers) == 2
+    rp.signal(signal.SIGKILL)
+    rp.wait_exit(10)
+    wait_for(lambda: not any(alive(p) for p in workers), 10, "the orphaned workers to exit")
