@@ -447,7 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one `relay` command; returns the exit status (2 for bad arguments)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+        argv_list = sys.argv[1:] if argv is None else list(argv)
+        if argv_list[:1] == ["demo"]:
+            # argparse.REMAINDER drops options ("--part 1"): hand them to the demo as they are.
+            return cmd_demo(argparse.Namespace(demo_args=argv_list[1:]))
+        args = parser.parse_args(argv_list)
         if args.version:
             return cmd_version(args)
         handler = getattr(args, "handler", None)
