@@ -251,7 +251,8 @@ class Supervisor:
             os.getpid(), gen.size, self.cfg.relay.engine, self._listener_text(gen),
         )
         for slot in range(gen.size):
-            self._spawn(gen, slot)
+            if gen.state == "starting" and not self.stopping:
+                self._spawn(gen, slot)
 
     def _install_signals(self) -> None:
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -407,12 +408,28 @@ class Supervisor:
         return gen
 
     def _spawn(self, gen: Generation, slot: int) -> None:
-        heartbeat = Heartbeat("/dev/shm" if os.path.isdir("/dev/shm") else None)
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            heartbeat = Heartbeat("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        except OSError as exc:
+            self._boot_failed(gen, slot, 0, f"cannot create the heartbeat file: {exc}")
+            return
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            heartbeat.close()
+            self._boot_failed(gen, slot, 0, f"cannot create the worker channel: {exc}")
+            return
         sys.stdout.flush()
         sys.stderr.flush()
         supervisor_pid = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            heartbeat.close()
+            parent_end.close()
+            child_end.close()
+            self._boot_failed(gen, slot, 0, f"fork failed: {exc}")
+            return
         if pid == 0:
             code = EXIT_FAILED
             try:
@@ -513,26 +530,25 @@ class Supervisor:
         if self.stopping or worker.state == "draining":
             log.info("worker %d (generation %d) %s", worker.pid, gen.number, how)
         elif worker.state == "booting":
-            error = worker.boot_error or how
-            self._boot_failed(worker, error)
+            self._boot_failed(gen, worker.slot, worker.pid, worker.boot_error or how)
         else:
             self._crashed(worker, how)
         self._retire_finished_generations()
 
-    def _boot_failed(self, worker: Worker, error: str) -> None:
-        gen = worker.generation
-        log.error("worker %d (generation %d) failed to boot: %s", worker.pid, gen.number, error)
+    def _boot_failed(self, gen: Generation, slot: int, pid: int, error: str) -> None:
+        log.error("worker %s (generation %d, slot %d) failed to boot: %s",
+                  pid or "(not forked)", gen.number, slot, error)
         if gen.state == "starting" and not self.ready:
             self._fatal(f"worker failed to boot: {error}")
         elif gen.state == "starting":
             self._abort_generation(gen, f"new worker failed to boot: {error}")
         else:
-            n = gen.boot_failures.get(worker.slot, 0) + 1
-            gen.boot_failures[worker.slot] = n
+            n = gen.boot_failures.get(slot, 0) + 1
+            gen.boot_failures[slot] = n
             if n >= MAX_BOOT_FAILURES:
                 self._fatal(f"worker failed to boot {n} times in a row: {error}")
             else:
-                self._schedule_restart(gen, worker.slot, n)
+                self._schedule_restart(gen, slot, n)
 
     def _crashed(self, worker: Worker, how: str) -> None:
         gen = worker.generation
@@ -600,9 +616,10 @@ class Supervisor:
             systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving, "
                            f"{gen.size} workers")
         else:
-            self._apply_config(gen)
             for g in old:
                 self._retire(g)
+            old_cfg, self.cfg = self.cfg, gen.cfg
+            self._apply_logging(old_cfg)
             text = (f"generation {gen.number} serving with {gen.size} workers; "
                     f"generation(s) {', '.join(str(g.number) for g in old) or 'none'} draining")
             log.info("reload done: %s", text)
@@ -611,21 +628,37 @@ class Supervisor:
             for reply in gen.replies:
                 reply(True, text)
             gen.replies.clear()
+            self._apply_admin(old_cfg)
 
-    def _apply_config(self, gen: Generation) -> None:
-        """The new generation serves: the supervisor's own settings follow its config."""
+    def _apply_logging(self, old: Any) -> None:
+        """The supervisor's own log settings follow the new config; on error the old ones stay."""
         from relay import log as relay_log
 
-        old = self.cfg
-        self.cfg = gen.cfg
-        relay_log.setup_from_settings(self.cfg.relay)
-        if (old.relay.admin_socket, old.relay.metrics_listen) != (
-            self.cfg.relay.admin_socket, self.cfg.relay.metrics_listen
-        ):
-            self.admin.close()
+        r_old, r_new = old.relay, self.cfg.relay
+        if (r_old.log_format, r_old.log_level, r_old.log_file) == (
+                r_new.log_format, r_new.log_level, r_new.log_file):
+            return
+        try:
+            relay_log.setup_from_settings(r_new)
+        except (OSError, ValueError) as exc:
+            log.error("reload: cannot switch logging (%s); keeping the previous log settings",
+                      exc)
+
+    def _apply_admin(self, old: Any) -> None:
+        """Rebind the admin socket / metrics listener if the new config moved them."""
+        if (old.relay.admin_socket, old.relay.metrics_listen) == (
+                self.cfg.relay.admin_socket, self.cfg.relay.metrics_listen):
+            return
+        self.admin.close()
+        try:
             self.admin.open(self.cfg)
-        if (old.relay.user, old.relay.group) != (self.cfg.relay.user, self.cfg.relay.group):
-            log.info("workers of generation %d run as %r", gen.number, self.cfg.relay.user)
+        except OSError as exc:
+            log.error("reload: admin endpoints not moved (%s); reopening the previous ones", exc)
+            self.admin.close()
+            try:
+                self.admin.open(old)
+            except OSError as exc2:
+                log.error("admin endpoints unavailable: %s", exc2)
 
     def _retire(self, gen: Generation) -> None:
         self.accept_watch.arm()
@@ -709,7 +742,8 @@ class Supervisor:
             gen.replies.append(reply)
         log.info("reload: starting generation %d (%d workers)", gen.number, gen.size)
         for slot in range(gen.size):
-            self._spawn(gen, slot)
+            if gen.state == "starting" and not self.stopping:
+                self._spawn(gen, slot)
 
     # ------------------------------------------------------------------ stop
 

@@ -165,6 +165,11 @@ def run_worker(
     """
     _reset_signals()
     close_parent()
+    # stdout carries the supervisor's READY line to whoever started relay: a worker must not
+    # write there, nor keep that pipe open after the supervisor is gone.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
     pid = os.getpid()
     try:
         from relay import privs
