@@ -245,9 +245,11 @@ def markdown(doc: dict[str, Any]) -> str:
             )
         out.append("")
     problems = [(n, i) for n, i in batch["contenders"].items() if i["status"] != "ok"]
-    if problems:
+    skipped = batch.get("skipped_metrics", {})
+    if problems or skipped:
         out += ["## Not measured", ""]
         out += [f"- {n}: {i['status']}: {i['reason']}" for n, i in problems]
+        out += [f"- metric {m} ({METRIC_TITLES[m]}): {reason}" for m, reason in skipped.items()]
         out.append("")
     if doc["targets"]:
         engines = list(dict.fromkeys(t["contender"] for t in doc["targets"]))

@@ -51,6 +51,10 @@ class Batch:
         self.rounds: list[dict[str, Any]] = []
         self.idle: dict[str, dict[str, Any]] = {}
         self.idle_count = 0
+        self.skipped_metrics: dict[str, str] = {}
+        reason = iperf.available()
+        if reason:
+            self.skipped_metrics.update(stream1=reason, stream8=reason)
         for c in self.contenders:
             reason = c.available()
             self.status[c.name] = {"kind": c.kind, "status": "skipped" if reason else "ok", "reason": reason}
@@ -133,6 +137,14 @@ class Batch:
     def run_round(self, index: int) -> None:
         record: dict[str, Any] = {"round": index, "order": {}, "results": {}}
         for metric in self.opts.metrics:
+            if metric in self.skipped_metrics:
+                continue
+            try:
+                self.origin("echo" if metric == "rr" else "iperf")  # an origin failure is no proxy's fault
+            except procs.StartError as exc:
+                self.skipped_metrics[metric] = f"origin failed to start: {exc}"
+                log(f"{metric}: skipped: {exc}")
+                continue
             names = [c for c in self.contenders if self.status[c.name]["status"] == "ok"]
             self.rng.shuffle(names)
             record["order"][metric] = [c.name for c in names]
@@ -207,6 +219,7 @@ class Batch:
             "rounds": self.rounds,
             "idle": self.idle,
             "idle_connections": self.idle_count,
+            "skipped_metrics": self.skipped_metrics,
             "nofile_hard": procs.nofile_hard(),
         }
 
