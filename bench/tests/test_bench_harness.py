@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from bench import procs, report
+from bench import procs, report, summary
 from bench.contenders import select
 from bench.drivers import procstat
+from bench.machine import machine
 
 
 def test_parse_ready_port() -> None:
@@ -71,19 +72,19 @@ def _batch() -> dict[str, Any]:
 
 
 def test_summary_ratios_are_per_round_medians() -> None:
-    summary = report.summarize(_batch())
-    uring = summary["stream1"]["relay-uring"]
+    result = summary.summarize(_batch())
+    uring = result["stream1"]["relay-uring"]
     assert uring["errors"] == ["boom"]
     assert uring["gbit_s"]["median"] == pytest.approx(12.0)  # rounds 1.5x and 0.5x: 18 and 6
     assert uring["gbit_s"]["ratio"]["haproxy"]["rounds"] == pytest.approx([1.2, 1.2])
-    assert summary["stream1"]["haproxy"]["gbit_s"]["ratio"]["direct"]["median"] == pytest.approx(0.5)
+    assert result["stream1"]["haproxy"]["gbit_s"]["ratio"]["direct"]["median"] == pytest.approx(0.5)
 
 
 def test_report_files(tmp_path: Path) -> None:
     batch = _batch()
-    summary = report.summarize(batch)
-    doc = {"date": "today", "machine": report.machine(), "batch": batch, "summary": summary,
-           "targets": report.targets(summary, batch["idle"], batch["contenders"])}
+    medians = summary.summarize(batch)
+    doc = {"date": "today", "machine": machine(), "batch": batch, "summary": medians,
+           "targets": summary.targets(medians, batch["idle"], batch["contenders"])}
     json_path, md_path = report.write(doc, tmp_path)
     text = md_path.read_text()
     assert json_path.exists() and (tmp_path / "LATEST.md").read_text() == text

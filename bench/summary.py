@@ -1,0 +1,100 @@
+"""Medians over rounds, per-round ratios against the references, and the issue's goals."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from bench.contenders import DIRECT, HAPROXY, STREAMS
+
+# metric -> (value key, unit label, higher is better); the last column is the load of other
+# processes during the run (bench/drivers/foreign.py): a lucky or unlucky contender shows there.
+OTHER_LOAD = ("foreign_cpus", "other load, CPUs", False)
+VALUES: dict[str, list[tuple[str, str, bool]]] = {
+    "stream1": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False), OTHER_LOAD],
+    "stream8": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False), OTHER_LOAD],
+    "rr": [("rps", "req/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
+           ("cpu_us_per_req", "CPU-us/req", False), OTHER_LOAD],
+}
+REFERENCES = (DIRECT, HAPROXY, STREAMS)
+METRIC_TITLES = {"stream1": "single stream (iperf3)", "stream8": "8 streams (iperf3 -P 8)",
+                 "rr": "request/response"}
+
+
+def finite(values: list[float]) -> list[float]:
+    return [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+
+
+def _median(values: list[float]) -> float | None:
+    good = finite(values)
+    return statistics.median(good) if good else None
+
+
+def summarize(batch: dict[str, Any]) -> dict[str, Any]:
+    """metric -> contender -> {key: {median, rounds, errors, ratio: {ref: {median, rounds}}}}."""
+    summary: dict[str, Any] = {}
+    for metric, values in VALUES.items():
+        per_contender: dict[str, Any] = {}
+        for name in batch["contenders"]:
+            rows = [r["results"].get(metric, {}).get(name) for r in batch["rounds"]]
+            rows = [row for row in rows if row is not None]
+            if not rows:
+                continue
+            entry: dict[str, Any] = {"errors": [row["error"] for row in rows if "error" in row]}
+            for key, _, _ in values:
+                series = [row.get(key, math.nan) for row in rows if "error" not in row]
+                ratios: dict[str, Any] = {}
+                for ref in REFERENCES:
+                    per_round = []
+                    for r in batch["rounds"]:
+                        mine = r["results"].get(metric, {}).get(name, {})
+                        theirs = r["results"].get(metric, {}).get(ref, {})
+                        a, b = mine.get(key), theirs.get(key)
+                        if finite([a, b]) == [a, b] and b:
+                            per_round.append(a / b)
+                    ratios[ref] = {"median": _median(per_round), "rounds": per_round}
+                entry[key] = {"median": _median(series), "rounds": series, "ratio": ratios}
+            per_contender[name] = entry
+        summary[metric] = per_contender
+    return summary
+
+
+def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals, checked for every relay engine from this batch's medians."""
+
+    def ratio(metric: str, name: str, key: str, ref: str) -> float | None:
+        try:
+            value = summary[metric][name][key]["ratio"][ref]["median"]
+        except KeyError:
+            return None
+        return float(value) if value is not None else None
+
+    def median(metric: str, name: str, key: str) -> float | None:
+        try:
+            value = summary[metric][name][key]["median"]
+        except KeyError:
+            return None
+        return float(value) if value is not None else None
+
+    checks: list[dict[str, Any]] = []
+    for name, info in contenders.items():
+        if info["kind"] != "relay":
+            continue
+        idle_row = idle.get(name, {})
+        goals: list[tuple[str, float | None, str, float]] = [
+            ("1 stream x HAProxy", ratio("stream1", name, "gbit_s", HAPROXY), ">=", 1.0),
+            ("1 stream x asyncio-streams", ratio("stream1", name, "gbit_s", STREAMS), ">=", 3.0),
+            ("8 streams x HAProxy", ratio("stream8", name, "gbit_s", HAPROXY), ">=", 1.05),
+            ("CPU-s/GB (1 stream)", median("stream1", name, "cpu_s_per_gb"), "<=", 0.30),
+            ("CPU-s/GB (8 streams)", median("stream8", name, "cpu_s_per_gb"), "<=", 0.30),
+            ("req/s x HAProxy", ratio("rr", name, "rps", HAPROXY), ">=", 1.0),
+            ("p99 x HAProxy", ratio("rr", name, "p99_us", HAPROXY), "<=", 1.0),
+            ("idle: thread growth", idle_row.get("thread_growth"), "<=", 0),
+            ("idle: pipes held", idle_row.get("pipes_held"), "<=", 0),
+            ("idle: RSS B/conn", idle_row.get("rss_per_conn"), "<=", 4096),
+        ]
+        for goal, value, op, limit in goals:
+            ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+            checks.append({"contender": name, "goal": goal, "value": value, "op": op, "limit": limit, "ok": ok})
+    return checks
