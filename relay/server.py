@@ -29,6 +29,7 @@ from typing import Any
 
 from relay import engines
 from relay.engines.constants import (
+    ACCEPT_PAUSE_ERRNOS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
@@ -371,6 +372,13 @@ class Server:
             reason = REASONS[connect_failure_reason(err)]
             self._closed_by_reason[reason] += 1
             _reset_and_close(client)
+            if err in ACCEPT_PAUSE_ERRNOS:
+                # Out of descriptors/memory after accept() worked (io_uring's accept keeps the
+                # RLIMIT_NOFILE it read when armed): new clients are refused fast, logged once.
+                log_every(log, f"upstream resources {self._id}", _LIMIT_LOG_INTERVAL_S,
+                          "listener %s: cannot open an upstream socket: %s; clients are reset "
+                          "until resources are back", lst.name, _strerror(err),
+                          listener=lst.name, errno=err)
             self._log_unrelayed(lst, peer, None, reason, err)
             return
         client_fd = client.detach()
