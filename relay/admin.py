@@ -247,7 +247,8 @@ def format_stats(snap: dict[str, Any]) -> str:
 
     lines = [
         f"relay supervisor pid {snap['pid']}, generation {snap['generation']}, "
-        f"engine {snap['engine']}, up {snap['uptime']:.0f}s"
+        f"engine {', '.join(snap.get('engines') or []) or '-'} (configured {snap['engine']}), "
+        f"up {snap['uptime']:.0f}s"
         + (f", stopping ({snap['stopping']})" if snap.get("stopping") else ""),
         "listeners: " + (", ".join(f"{k}={v}" for k, v in snap["listeners"].items()) or "none"),
     ]

@@ -48,6 +48,9 @@ log = logging.getLogger("relay.supervisor")
 BOOT_TIMEOUT = 30.0  # seconds a new worker may take to report it serves
 HEARTBEAT_TIMEOUT = 10.0  # a serving worker silent this long is hung: SIGKILL, then replaced
 FAST_STOP_TIMEOUT = 5.0  # SIGINT/SIGQUIT: seconds before leftover workers get SIGKILL
+# A draining worker aborts what is left at drain_timeout itself and then exits; SIGKILL comes
+# this much later, only for a worker that cannot.
+DRAIN_GRACE = 3.0
 STABLE_AFTER = 10.0  # a worker serving this long resets its slot's crash count
 BACKOFF_MAX = 30.0
 MAX_BOOT_FAILURES = 5
@@ -664,7 +667,7 @@ class Supervisor:
         self.accept_watch.arm()
         gen.state = "retiring"
         gen.restart_at.clear()
-        deadline = time.monotonic() + gen.cfg.relay.drain_timeout
+        deadline = time.monotonic() + gen.cfg.relay.drain_timeout + DRAIN_GRACE
         for w in gen.workers.values():
             if w.state != "draining":
                 w.state = "draining"
@@ -757,7 +760,7 @@ class Supervisor:
         for sock in self.listeners.values():
             sock.close()
         self.listeners.clear()
-        timeout = self.cfg.relay.drain_timeout if drain else FAST_STOP_TIMEOUT
+        timeout = self.cfg.relay.drain_timeout + DRAIN_GRACE if drain else FAST_STOP_TIMEOUT
         deadline = time.monotonic() + timeout
         for gen in self.generations:
             gen.restart_at.clear()
@@ -817,6 +820,7 @@ class Supervisor:
             "config": self.config_path or "",
             "generation": current.number if current else 0,
             "engine": self.cfg.relay.engine,
+            "engines": sorted({w["engine"] for w in workers if w["engine"]}),
             "listeners": (
                 {name: format_address(s) for name, s in current.sockets.items()
                  if s.fileno() >= 0} if current else {}

@@ -83,6 +83,28 @@ def test_reload_under_load_loses_nothing(origins: Any, relays: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_old_workers_are_gone_by_the_drain_deadline(origins: Any, relays: Any) -> None:
+    """A transfer longer than drain_timeout is cut at the deadline; the old worker leaves."""
+    echo, sink = _two_origins(origins)
+    rp = relays(lambda adm: _config(echo.port, sink.port, adm, drain=1.5, workers=1))
+    rp.wait_ready()
+    (old,) = rp.children()
+    t = Transfer(rp.address("bulk"), 16 << 20, 8.0)
+    t.start()
+    t.connected.wait(5)
+    time.sleep(0.3)
+    hup_at = time.monotonic()
+    rp.signal(signal.SIGHUP)
+    wait_for(lambda: not alive(old), 1.5 + 3, "the old worker gone")
+    gone = time.monotonic() - hup_at
+    t.join(15)
+    assert t.ok is False, "the transfer outlived drain_timeout"
+    assert 1.2 <= gone < 1.5 + 1.0, f"old worker left {gone:.1f}s after SIGHUP"
+    assert "still running at its stop deadline" not in rp.stderr(), "it needed a SIGKILL"
+    assert echo_roundtrip(rp.address("main"))
+
+
+@pytest.mark.timeout(60)
 def test_reload_command_reports_success(origins: Any, relays: Any) -> None:
     echo, sink = _two_origins(origins)
     rp = relays(lambda adm: _config(echo.port, sink.port, adm, workers=1))

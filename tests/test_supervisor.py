@@ -411,6 +411,15 @@ def cpu_seconds(pid: int) -> float:
 # --------------------------------------------------------------------------- tests
 
 
+def _has_ring(pid: int) -> bool:
+    """True when `pid` holds an io_uring instance (an anon inode named [io_uring])."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[io_uring]":
+                return True
+    return False
+
+
 @pytest.mark.timeout(60)
 def test_ready_line_workers_and_stats(origins: Any, relays: Any) -> None:
     origin = origins(echo_handler)
@@ -423,6 +432,10 @@ def test_ready_line_workers_and_stats(origins: Any, relays: Any) -> None:
     assert pids == rp.children(), "the workers stats names are the supervisor's children"
     assert all(w["state"] == "serving" and w["engine"] for w in snap["workers"])
     assert snap["listeners"]["main"].endswith(f":{listeners['main'][1]}")
+    # The supervisor never loads the core nor owns a ring; the workers do.
+    assert not _has_ring(rp.pid) and "relay_ext" not in Path(f"/proc/{rp.pid}/maps").read_text()
+    if "uring" in {w["engine"] for w in snap["workers"]}:
+        assert all(_has_ring(p) for p in pids)
 
     text = subprocess.run(
         [PYTHON, "-m", "relay", "stats", "--socket", rp.admin_socket],
@@ -507,7 +520,8 @@ def test_sigterm_drains_transfers_then_exits(origins: Any, relays: Any) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_sigint_stops_fast(origins: Any, relays: Any) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["INT", "QUIT"])
+def test_fast_stop(origins: Any, relays: Any, sig: int) -> None:
     origin = origins(hash_handler)
     rp = relays(lambda adm: relay_config(origin.port, adm, workers=2))
     rp.wait_ready()
@@ -517,12 +531,23 @@ def test_sigint_stops_fast(origins: Any, relays: Any) -> None:
     t.connected.wait(5)
     time.sleep(0.3)
     started = time.monotonic()
-    rp.signal(signal.SIGINT)
+    rp.signal(sig)
     assert rp.wait_exit(10) == 0, rp.stderr()
     assert time.monotonic() - started < 4
     t.join(10)
     assert t.ok is False, "a fast stop must cut the 8 s transfer"
     assert not any(alive(p) for p in workers)
+
+
+@pytest.mark.timeout(60)
+def test_default_is_one_worker_per_cpu(origins: Any, relays: Any) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    if cpus > 16:
+        pytest.skip(f"{cpus} CPUs: too many workers for a quick test")
+    origin = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(origin.port, adm, workers=0))
+    rp.wait_ready()
+    assert len(rp.children()) == cpus
 
 
 @pytest.mark.timeout(60)
