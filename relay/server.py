@@ -361,11 +361,13 @@ class Server:
         router = lst.router
         assert router is not None
         try:
-            up = router.open_upstream(client)
+            up = router.open_upstream(client, peer)
         except Denied as exc:
             self._denied[exc.reason] = self._denied.get(exc.reason, 0) + 1
+            # In tproxy mode the local address is where the client was going: log it.
+            dest = _local_address(client) if router.mode == "tproxy" else None
             _reset_and_close(client)
-            self._log_unrelayed(lst, peer, None, "denied_" + exc.reason, 0)
+            self._log_unrelayed(lst, peer, dest, "denied_" + exc.reason, 0)
             return
         except OSError as exc:
             err = exc.errno or 0
@@ -536,3 +538,10 @@ def _unlink_unix_listener(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _local_address(sock: socket.socket) -> tuple | None:
+    try:
+        return tuple(sock.getsockname())
+    except OSError:
+        return None
