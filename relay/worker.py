@@ -6,7 +6,7 @@ Forked by the supervisor before any core Loop or io_uring exists in it. The chil
    afterwards, so pipe accounting applies to the unprivileged user),
 3. builds `relay.server.Server(cfg, engine, sockets=inherited)`,
 4. tells the supervisor it serves (or why it could not boot) over its SOCK_SEQPACKET channel,
-5. beats its heartbeat and sends stats snapshots once a second from a reporter thread,
+5. beats its heartbeat and sends stats snapshots once a second (SIGALRM, main thread),
 6. runs `serve_forever()`; SIGTERM drains, SIGINT/SIGQUIT stop fast, SIGUSR1 reopens logs.
 
 Exit codes: 0 stopped, EXIT_BOOT_FAILED (3) could not boot, EXIT_CRASHED (1) died while serving.
@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -101,15 +100,20 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-class _Reporter(threading.Thread):
-    """Beats the heartbeat and ships stats snapshots until stopped."""
+class _Reporter:
+    """Beats the heartbeat and ships a stats snapshot on every SIGALRM (setitimer, 1 s).
+
+    The handler runs in the main thread, the one in serve_forever(): Python runs a signal handler
+    only once that thread is back in the interpreter, i.e. once loop.run() returned (the SIGALRM
+    itself ends a wait in epoll_wait/io_uring_enter with EINTR). A loop stuck inside the core or
+    a main thread blocked anywhere stops the beats, which is exactly what the supervisor's
+    heartbeat check has to notice; a reporter thread would go on beating for a dead loop.
+    """
 
     def __init__(self, srv: Any, channel: socket.socket, heartbeat: Heartbeat) -> None:
-        super().__init__(name="relay-reporter", daemon=True)
         self._srv = srv
         self._channel = channel
         self._heartbeat = heartbeat
-        self._stop_event = threading.Event()
 
     def report(self, final: bool = False) -> None:
         self._heartbeat.beat()
@@ -120,12 +124,16 @@ class _Reporter(threading.Thread):
             return
         _send(self._channel, StatsReport(os.getpid(), stats, final))
 
-    def run(self) -> None:
-        while not self._stop_event.wait(REPORT_INTERVAL):
-            self.report()
+    def _on_alarm(self, _signum: int, _frame: Any) -> None:
+        self.report()
+
+    def start(self) -> None:
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, REPORT_INTERVAL, REPORT_INTERVAL)
 
     def stop(self) -> None:
-        self._stop_event.set()
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
 
 
 def _import_while_privileged() -> None:

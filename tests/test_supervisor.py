@@ -263,7 +263,8 @@ class RelayProcess:
     """`python -m relay run -c FILE` in its own session; stdout parsed for READY."""
 
     def __init__(self, directory: Path, config: str, *, name: str = "relay",
-                 prefix: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 prefix: list[str] | None = None,
+                 env: dict[str, str | None] | None = None) -> None:
         self.dir = directory
         self.config_path = directory / f"{name}.toml"
         self.config_path.write_text(config)
@@ -272,7 +273,11 @@ class RelayProcess:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(ROOT)
         full_env.pop("NOTIFY_SOCKET", None)
-        full_env.update(env or {})
+        for key, val in (env or {}).items():  # None removes a variable
+            if val is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = val
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [*(prefix or []), PYTHON, "-m", "relay", "run", "-c", str(self.config_path)],
