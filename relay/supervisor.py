@@ -76,7 +76,8 @@ class AcceptQueueWatch:
     own copies of the listening sockets (a plain poll is a non-exclusive waiter: it steals no
     wakeup); one readable for STALL_AFTER gets a wake-up connection: connect, then close with an
     RST. Its arrival wakes a serving worker, whose multishot accept drains the whole queue; the
-    reset connection itself is dropped at accept (getpeername fails), never relayed.
+    reset connection itself is dropped at accept (getpeername fails). In the rare case a worker
+    accepts it between the handshake and the RST, it ends like any client that resets at once.
     """
 
     def __init__(self) -> None:
@@ -116,9 +117,10 @@ class AcceptQueueWatch:
             host = "127.0.0.1" if sock.family == socket.AF_INET else "::1"
         try:
             with socket.socket(sock.family, socket.SOCK_STREAM) as probe:
+                # Linger {1, 0}: close() answers with an RST, right after the handshake.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 probe.settimeout(0.2)
                 probe.connect((host, port))
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError as exc:
             log.warning("accept queue of %s:%d stalled %.1fs; wake-up failed: %s",
                         host, port, stalled, exc)
@@ -244,6 +246,9 @@ class Supervisor:
 
         self.metrics = Aggregator()
         target = privs.resolve_target(self.cfg.relay.user, self.cfg.relay.group)
+        if target is None and os.geteuid() == 0:
+            log.warning("workers will run as root: set relay.user to drop privileges once the "
+                        "listeners are bound")
         self._install_signals()
         sockets = self._bind_listeners(self.cfg)
         gen = self._new_generation(self.cfg, sockets, target)
