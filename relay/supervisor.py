@@ -101,9 +101,12 @@ class AcceptQueueWatch:
                 if s.fileno() >= 0 and s.family in (socket.AF_INET, socket.AF_INET6)]
         if not inet:
             return
-        readable = {id(s) for s in select.select(inet, [], [], 0)[0]}
+        poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
         for sock in inet:
-            if id(sock) not in readable:
+            poller.register(sock, select.POLLIN)
+        readable = {fd for fd, _ in poller.poll(0)}
+        for sock in inet:
+            if sock.fileno() not in readable:
                 self.since.pop(id(sock), None)
                 continue
             first = self.since.setdefault(id(sock), now)
