@@ -19,6 +19,7 @@ import json
 import os
 import selectors
 import socket
+import socketserver
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +71,14 @@ class _MetricsServer(http.server.HTTPServer):
         handler = type("MetricsHandler", (_MetricsHandler,), {"registry": registry})
         super().__init__(address, handler)
         self.timeout = 0
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would call socket.getfqdn(): a reverse DNS lookup, possibly
+        # slow, in the supervisor's main loop. The name is only used in CGI environments.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = host if isinstance(host, str) else host.decode()
+        self.server_port = port
 
 
 class AdminServer:

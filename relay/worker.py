@@ -88,6 +88,11 @@ def _send(channel: socket.socket, msg: Message) -> None:
         channel.send(encode(msg), socket.MSG_DONTWAIT)
     except (BlockingIOError, BrokenPipeError, ConnectionResetError):
         pass
+    except OSError as exc:  # EMSGSIZE: a snapshot larger than the socket buffer
+        from relay.log import log_every
+
+        log_every(log, "worker channel", 60.0, "worker %d: cannot report to the supervisor: %s",
+                  os.getpid(), exc)
 
 
 def _reset_signals() -> None:
