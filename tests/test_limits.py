@@ -156,15 +156,15 @@ backend = "127.0.0.1:{sink.port}"
         soft, hard = int(line[3]), int(line[4])
     # Every fd number below the new limit is taken: the next new fd gets EMFILE.
     _prlimit_nofile(worker, _lowest_free_fd(worker), hard)
+    cpu0, t0 = cpu_seconds(worker), time.monotonic()
     pending = socket.create_connection(rp.address("main"), timeout=10)
     try:
-        pending.sendall(b"waiting")
         pending.settimeout(2.0)
-        cpu0, t0 = cpu_seconds(worker), time.monotonic()
         try:
+            pending.sendall(b"waiting")
             early = pending.recv(16)
-        except ConnectionResetError:
-            early = b""
+        except (ConnectionResetError, BrokenPipeError):
+            early = b""  # reset at once (io_uring: the upstream socket got EMFILE)
         except TimeoutError:
             early = None  # still queued
         time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
