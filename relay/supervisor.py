@@ -403,9 +403,13 @@ class Supervisor:
         wanted = cfg.relay.pipes_per_worker(size)
         budget = privs.pipe_budget(target, cfg.relay.pipe_size, wanted, size)
         if budget.per_worker < wanted:
-            cfg = msgspec.structs.replace(
-                cfg, relay=msgspec.structs.replace(cfg.relay, max_pipes=max(1, budget.per_worker))
-            )
+            # max_pipes = 0 means "maxconn / 4", not "none": no pipe at all is splice = false.
+            capped = (msgspec.structs.replace(cfg.relay, max_pipes=budget.per_worker)
+                      if budget.per_worker else msgspec.structs.replace(cfg.relay, splice=False))
+            cfg = msgspec.structs.replace(cfg, relay=capped)
+            if not budget.per_worker:
+                log.warning("no full-size splice pipe fits the worker user's budget: workers "
+                            "copy instead of splicing")
         text = (
             f"fds: {nofile.message} (soft limit {nofile.soft}, {nofile.needed} needed per worker); "
             f"pipes: {budget.message}"

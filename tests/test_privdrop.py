@@ -181,3 +181,27 @@ def test_pipe_budget_holds_for_the_unprivileged_user(
         assert st.get("pipes_max", per_worker) <= per_worker, st.get("pipes_max")
         assert st["pipe_size_granted"] == 1 << 20, st["pipe_size_granted"]
         assert st.get("pipe_resize_denied", 0) == 0, "pipes shrank: the user budget overflowed"
+
+
+@pytest.mark.timeout(10)
+def test_pipe_budget_follows_the_kernel_limits(unprivileged_user: pwd.struct_passwd) -> None:
+    """The per-user budget from fs.pipe-user-pages-soft/hard and fs.pipe-max-size, shared by
+    the workers; root workers are exempt."""
+    with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+        soft = int(f.read())
+    with open("/proc/sys/fs/pipe-user-pages-hard") as f:
+        hard = int(f.read())
+    limits = [x for x in (soft, hard) if x > 0]
+    if not limits:
+        pytest.skip("no per-user pipe limit on this host")
+    target = privs.resolve_target(USER)
+    assert target is not None
+    page = os.sysconf("SC_PAGE_SIZE")
+    user_pipes = min(limits) // ((1 << 20) // page)
+    b = privs.pipe_budget(target, 1 << 20, wanted=10_000, workers=2)
+    assert b.per_worker == user_pipes // 2 and b.pipe_bytes == 1 << 20
+    assert privs.pipe_budget(target, 1 << 20, wanted=3, workers=2).per_worker == 3
+    assert privs.pipe_budget(target, 1 << 20, wanted=10, workers=user_pipes + 1).per_worker == 0
+    assert privs.pipe_budget(None, 1 << 20, wanted=10_000, workers=2).per_worker == 10_000
+    # A 5000-byte request is rounded up to a power-of-two number of pages, as fs/pipe.c does.
+    assert privs.pipe_budget(target, 5000, wanted=1, workers=1).pipe_bytes == 2 * page
