@@ -205,3 +205,21 @@ def test_pipe_budget_follows_the_kernel_limits(unprivileged_user: pwd.struct_pas
     assert privs.pipe_budget(None, 1 << 20, wanted=10_000, workers=2).per_worker == 10_000
     # A 5000-byte request is rounded up to a power-of-two number of pages, as fs/pipe.c does.
     assert privs.pipe_budget(target, 5000, wanted=1, workers=1).pipe_bytes == 2 * page
+
+
+@pytest.mark.timeout(60)
+def test_reload_switches_the_worker_user(
+        origins: Any, relays: Any, unprivileged_user: pwd.struct_passwd) -> None:
+    """The supervisor keeps root, so a reload may change relay.user: new workers use it."""
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1))
+    rp.wait_ready()
+    (old,) = rp.children()
+    assert _status(old)["Uid"].split()[0] == "0"
+    text = rp.config_path.read_text()
+    rp.config_path.write_text(text.replace("[relay]\n", f'[relay]\nuser = "{USER}"\n', 1))
+    assert "ok " in rp.admin("reload", timeout=30)
+    wait_for(lambda: old not in rp.children() and len(rp.children()) == 1, 15, "new worker")
+    (new,) = rp.children()
+    assert _status(new)["Uid"].split() == [str(unprivileged_user.pw_uid)] * 4
+    assert echo_roundtrip(rp.address())

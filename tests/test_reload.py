@@ -109,10 +109,14 @@ def test_reload_command_reports_success(origins: Any, relays: Any) -> None:
     echo, sink = _two_origins(origins)
     rp = relays(lambda adm: _config(echo.port, sink.port, adm, workers=1))
     rp.wait_ready()
+    (old,) = rp.children()
+    rp.config_path.write_text(rp.config_path.read_text().replace("workers = 1", "workers = 2"))
     res = _reload_cli(rp)
     assert res.returncode == 0, res.stderr
-    assert "generation 2 serving" in res.stdout
+    assert "generation 2 serving with 2 workers" in res.stdout
     assert rp.stats()["reloads"]["ok"] == 1
+    wait_for(lambda: not alive(old), 10, "the old worker gone")
+    assert len(rp.children()) == 2
     assert echo_roundtrip(rp.address("main"))
 
 
