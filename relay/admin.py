@@ -292,9 +292,14 @@ def format_stats(snap: dict[str, Any]) -> str:
         f"pipes: in use {t.get('pipes_in_use', 0)}, free {t.get('pipes_free', 0)}; "
         f"accept pauses {t.get('accept_paused', 0)}"
     )
-    closes = {k: v for k, v in t.get("closed", {}).items() if v}
-    if closes:
-        lines.append("closes: " + ", ".join(f"{k}={v}" for k, v in sorted(closes.items())))
+    for name, total in sorted(t.get("listener_total", {}).items()):
+        lines.append(f"listener {name}: open {t.get('listener_open', {}).get(name, 0)}, "
+                     f"total {total}")
+    for title, key in (("closes", "closed"), ("denied", "denied"),
+                       ("egress ports in use", "egress_ports_in_use")):
+        values = {k: v for k, v in t.get(key, {}).items() if v}
+        if values:
+            lines.append(f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
     return "\n".join(lines) + "\n"
 
 
