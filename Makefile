@@ -30,8 +30,12 @@ $(VENV)/.installed: pyproject.toml
 
 build: $(VENV)/.installed relay_ext/.built
 
+# Build outside the tree, then rename into place: overwriting the .so in place would crash
+# every process that has the old one mapped (tests, a running relay).
 relay_ext/.built: $(CORE_SRC)
-	$(PY) setup.py -q build_ext --inplace
+	$(PY) setup.py -q build_ext --build-lib build/ext --build-temp build/tmp
+	@for so in build/ext/relay_ext/_core*.so; do \
+	  cp "$$so" "relay_ext/.$${so##*/}.new" && mv -f "relay_ext/.$${so##*/}.new" "relay_ext/$${so##*/}"; done
 	touch $@
 
 test: setup

@@ -70,14 +70,6 @@ cdef inline void half_reset(Half* h) noexcept nogil:
     h.pipe_w = -1
 
 
-cdef inline bint half_pending(Half* h) noexcept nogil:
-    return h.pipe_len > 0 or h.buf_off < h.buf_len
-
-
-cdef inline bint half_done(Half* h) noexcept nogil:
-    return (h.flags & HF_SHUT) != 0
-
-
 # Events handed back to Python by run(): filled without the GIL, turned into tuples after.
 cdef enum:
     EV_ACCEPT_ = 1

@@ -451,6 +451,7 @@ cdef class Loop:
                 timeout_ms = <int>until_scan
         if self.backend_id == BACKEND_URING:
             _uring_wait(self, timeout_ms)
+            self.now = now_ns()         # the wait may have blocked: bytes move at this time
             with nogil:
                 _uring_reap(self)
         else:
@@ -508,7 +509,8 @@ cdef class Loop:
 
     # ---------------------------------------------------------------- events out
 
-    cdef void _push_event(self, int kind, int64_t a, int64_t b) noexcept nogil:
+    cdef Event* _push_event(self, int kind, int64_t a, int64_t b) noexcept nogil:
+        """Queue an event for Python; NULL (and counted) when memory ran out."""
         cdef Event* grown
         if self.evq_len == self.evq_cap:
             grown = <Event*>realloc(self.evq, self.evq_cap * 2 * sizeof(Event))
@@ -516,7 +518,7 @@ cdef class Loop:
                 self.st_events_dropped += 1
                 if kind == EV_ACCEPT_:
                     close(<int>b)       # nobody could own it: don't leak it
-                return
+                return NULL
             self.evq = grown
             self.evq_cap *= 2
         cdef Event* ev = &self.evq[self.evq_len]
@@ -524,6 +526,7 @@ cdef class Loop:
         ev.kind = kind
         ev.a = a
         ev.b = b
+        return ev
 
     cdef list _take_events(self):
         cdef list out = []
@@ -755,8 +758,9 @@ cdef class Loop:
         c.state = ST_RELAY
         c.connect_us = (self.now - c.start_ns) // 1000
         c.last_ns = self.now
-        self._push_event(EV_CONNECTED_, self._cid(c), c.tag)
-        self.evq[self.evq_len - 1].v[0] = <int64_t>c.connect_us
+        cdef Event* ev = self._push_event(EV_CONNECTED_, self._cid(c), c.tag)
+        if ev != NULL:
+            ev.v[0] = <int64_t>c.connect_us
         self._start_relay(c)
 
     cdef inline int64_t _cid(self, Conn* c) noexcept nogil:
@@ -778,9 +782,8 @@ cdef class Loop:
                 free(c.half[i].buf)
                 c.half[i].buf = NULL
         self.st_closes[reason] += 1
-        self._push_event(EV_DONE_, self._cid(c), c.tag)
-        cdef Event* ev = &self.evq[self.evq_len - 1]
-        if ev.kind == EV_DONE_ and ev.a == self._cid(c):
+        cdef Event* ev = self._push_event(EV_DONE_, self._cid(c), c.tag)
+        if ev != NULL:
             ev.v[0] = reason
             ev.v[1] = <int64_t>c.half[0].nbytes
             ev.v[2] = <int64_t>c.half[1].nbytes

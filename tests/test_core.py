@@ -356,7 +356,7 @@ def test_abort_resets_both(make_loop, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_slow_reader_gets_every_byte_before_eof(make_loop, backend: str) -> None:
-    drv = make_loop(backend, half_close_timeout_ms=400)
+    drv = make_loop(backend, half_close_timeout_ms=1500)
     client, relay_c = tcp_pair()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     relay_u, origin = tcp_pair()
