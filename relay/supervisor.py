@@ -767,9 +767,13 @@ class Supervisor:
             return
         self.stopping = "drain" if drain else "fast"
         systemd.notify("STOPPING=1")
-        # Our copies of the listening sockets go first: once the workers close theirs (when they
-        # stop accepting) the kernel refuses new connections instead of queueing them.
+        # Stop accepting for everyone at once: shutdown(SHUT_RD) on a listening socket acts on
+        # the socket itself, not on this descriptor (inet_shutdown -> tcp_disconnect -> listen
+        # stop), so the workers' inherited copies stop listening too. New connections are refused
+        # at once (RST), instead of waiting in an accept queue that nobody drains any more.
         for sock in self.listeners.values():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
             sock.close()
         self.listeners.clear()
         timeout = self.cfg.relay.drain_timeout + DRAIN_GRACE if drain else FAST_STOP_TIMEOUT

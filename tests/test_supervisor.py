@@ -515,6 +515,9 @@ def test_sigterm_drains_transfers_then_exits(origins: Any, relays: Any) -> None:
     time.sleep(0.3)
     started = time.monotonic()
     rp.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    with pytest.raises(ConnectionRefusedError):  # stopped accepting, for every worker at once
+        socket.create_connection(rp.address(), timeout=2).close()
     assert rp.wait_exit(20) == 0, rp.stderr()
     elapsed = time.monotonic() - started
     for t in transfers:
