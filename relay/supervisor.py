@@ -15,6 +15,11 @@ its workers serve does it SIGTERM (drain) the old generation, SIGKILLing what is
 A worker that fails before serving is a boot failure: at start it stops the service with the
 worker's error (no fork loop); during a reload it aborts the reload (the old generation keeps
 serving); for a restarted worker it backs off and gives up after MAX_BOOT_FAILURES in a row.
+A worker that dies while serving is restarted at once, then after 1, 2, 4... s (BACKOFF_MAX);
+one whose heartbeat stops for HEARTBEAT_TIMEOUT is killed and replaced the same way.
+
+Stop: SIGTERM drains (workers finish their transfers up to drain_timeout), SIGINT/SIGQUIT abort;
+either way the listening sockets are shut down first so new clients are refused at once.
 """
 
 from __future__ import annotations
