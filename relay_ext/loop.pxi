@@ -30,6 +30,7 @@ cdef struct Listener:
     uint8_t active
     uint8_t user_paused
     uint8_t armed               # uring: a multishot accept is in flight; epoll: registered
+    uint8_t removing            # uring: removed, but its cancelled accept has not ended yet
     uint64_t resume_at          # paused after EMFILE & co until this time (0 = not paused)
     uint32_t backoff_ms
 
@@ -321,7 +322,7 @@ cdef class Loop:
         for i in range(self.n_listener_slots):
             if self.listeners[i].active and self.listeners[i].tag == tag:
                 raise ValueError(f"relay core: listener tag {tag} already added")
-            if not self.listeners[i].active and slot < 0:
+            if not self.listeners[i].active and not self.listeners[i].removing and slot < 0:
                 slot = i
         if slot < 0:
             if self.n_listener_slots >= MAX_LISTENERS:
@@ -345,7 +346,13 @@ cdef class Loop:
         cdef int slot = self._listener_slot(tag)
         self._listener_disarm(slot)
         self.listeners[slot].active = 0
-        self.listeners[slot].gen += 1
+        if self.listeners[slot].armed and self.backend_id == BACKEND_URING:
+            # The cancel is asynchronous: the kernel may complete accepts until it lands.
+            # Those clients are real (their handshake is done): deliver them under this
+            # tag; the slot is retired when the final completion arrives.
+            self.listeners[slot].removing = 1
+        else:
+            self.listeners[slot].gen += 1
         self._flush()
 
     def pause_accept(self, int64_t tag):

@@ -88,9 +88,19 @@ cdef void _uring_on_accept(Loop self, uint32_t slot, uint32_t gen, int res,
             close(res)
         return
     l = &self.listeners[slot]
+    if l.removing and (l.gen & 0xFFFFFF) == gen:
+        # Completed after remove_listener, before its cancel landed: a real client.
+        if res >= 0:
+            self.st_accepts += 1
+            self._push_event(EV_ACCEPT_, l.tag, res)
+        if not (flags & __IORING_CQE_F_MORE):
+            l.armed = 0
+            l.removing = 0
+            l.gen += 1
+        return
     if not l.active or (l.gen & 0xFFFFFF) != gen:
         if res >= 0:
-            close(res)          # accepted just before the listener went away
+            close(res)          # a listener slot that was re-used: nobody owns this one
         return
     if not (flags & __IORING_CQE_F_MORE):
         l.armed = 0
