@@ -104,6 +104,15 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             description="seconds old workers may keep serving after stop or reload",
         ),
     ] = 30.0
+    heartbeat_timeout: Annotated[
+        float,
+        Meta(
+            ge=MIN_SECONDS,
+            le=MAX_SECONDS,
+            description="seconds a worker may go without a heartbeat before it is killed "
+            "and replaced",
+        ),
+    ] = 10.0
     pipe_size: Annotated[
         int,
         Meta(

@@ -16,7 +16,7 @@ A worker that fails before serving is a boot failure: at start it stops the serv
 worker's error (no fork loop); during a reload it aborts the reload (the old generation keeps
 serving); for a restarted worker it backs off and gives up after MAX_BOOT_FAILURES in a row.
 A worker that dies while serving is restarted at once, then after 1, 2, 4... s (BACKOFF_MAX);
-one whose heartbeat stops for HEARTBEAT_TIMEOUT is killed and replaced the same way.
+one whose heartbeat stops for relay.heartbeat_timeout is killed and replaced the same way.
 
 Stop: SIGTERM drains (workers finish their transfers up to drain_timeout), SIGINT/SIGQUIT abort;
 either way the listening sockets are shut down first so new clients are refused at once.
@@ -51,7 +51,6 @@ __all__ = ["Supervisor", "run"]
 log = logging.getLogger("relay.supervisor")
 
 BOOT_TIMEOUT = 30.0  # seconds a new worker may take to report it serves
-HEARTBEAT_TIMEOUT = 10.0  # a serving worker silent this long is hung: SIGKILL, then replaced
 FAST_STOP_TIMEOUT = 5.0  # SIGINT/SIGQUIT: seconds before leftover workers get SIGKILL
 # A draining worker aborts what is left at drain_timeout itself and then exits; SIGKILL comes
 # this much later, only for a worker that cannot.
@@ -606,7 +605,7 @@ class Supervisor:
                 self._signal_workers(signal.SIGKILL, [w])
             elif w.state != "booting" and not w.hung:
                 age = w.heartbeat.age()
-                if age > HEARTBEAT_TIMEOUT:
+                if age > self.cfg.relay.heartbeat_timeout:
                     log.error("worker %d hung: no heartbeat for %.1fs: SIGKILL", w.pid, age)
                     w.hung = True
                     self._signal_workers(signal.SIGKILL, [w])

@@ -113,6 +113,7 @@ cdef class Loop:
     cdef uint64_t st_conns_total
     cdef uint64_t st_bytes_spliced
     cdef uint64_t st_bytes_copied
+    cdef uint64_t st_bytes_dir[2]     # bytes delivered: [0] client->upstream, [1] back
     cdef uint64_t st_accepts
     cdef uint64_t st_accept_errors
     cdef uint64_t st_accept_paused
@@ -480,6 +481,8 @@ cdef class Loop:
             "conns_total": self.st_conns_total,
             "bytes_spliced": self.st_bytes_spliced,
             "bytes_copied": self.st_bytes_copied,
+            "bytes_c2s": self.st_bytes_dir[0],
+            "bytes_s2c": self.st_bytes_dir[1],
             "pipes_in_use": self.pipes.n_in_use,
             "pipes_free": self.pipes.n_free,
             "pipes_max": self.pipes.max_pipes,
@@ -596,6 +599,7 @@ cdef class Loop:
                     return self._fail_write(c, d, errno)
                 h.buf_off += n
                 h.nbytes += n
+                self.st_bytes_dir[d] += n
                 c.last_ns = self.now
                 if h.buf_off < h.buf_len:
                     h.flags |= HF_WANT_WRITE
@@ -617,6 +621,7 @@ cdef class Loop:
                     return self._fail_write(c, d, errno)
                 h.pipe_len -= n
                 h.nbytes += n
+                self.st_bytes_dir[d] += n
                 c.last_ns = self.now
                 if h.pipe_len:
                     h.flags |= HF_WANT_WRITE
@@ -679,6 +684,7 @@ cdef class Loop:
                         return self._fail_write(c, d, errno)
                     m = 0
                 h.nbytes += m
+                self.st_bytes_dir[d] += m
                 if m < n:
                     h.buf = <char*>malloc(n - m)
                     if h.buf == NULL:

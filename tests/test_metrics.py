@@ -122,4 +122,5 @@ def test_metrics_endpoint_answers_404_elsewhere(origins: Any, relays: Any) -> No
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://{address}/nope", timeout=5)
     assert err.value.code == 404
+    err.value.close()   # the error holds the response's socket: close it, don't leave it to GC
     assert "relay_workers" in scrape(address)

@@ -560,14 +560,16 @@ def test_default_is_one_worker_per_cpu(origins: Any, relays: Any) -> None:
 
 @pytest.mark.timeout(60)
 def test_hung_worker_is_replaced(origins: Any, relays: Any) -> None:
-    from relay.supervisor import HEARTBEAT_TIMEOUT
-
+    heartbeat_timeout = 2.5
     origin = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2))
+    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2,
+                                         extra_relay=f"heartbeat_timeout = {heartbeat_timeout}"))
     rp.wait_ready()
     victim = min(rp.children())
+    t0 = time.monotonic()
     os.kill(victim, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
-    wait_for(lambda: not alive(victim), HEARTBEAT_TIMEOUT + 10, "the hung worker to be killed")
+    wait_for(lambda: not alive(victim), heartbeat_timeout + 10, "the hung worker to be killed")
+    assert time.monotonic() - t0 >= heartbeat_timeout - 1.1   # not before its heartbeat lapsed
     wait_for(lambda: len(rp.children()) == 2, 10, "a replacement worker")
     assert "hung: no heartbeat" in rp.stderr()
     assert echo_roundtrip(rp.address())

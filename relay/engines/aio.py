@@ -232,6 +232,8 @@ class AioLoop:
             "conns_total": 0,
             "bytes_spliced": 0,
             "bytes_copied": 0,
+            "bytes_c2s": 0,
+            "bytes_s2c": 0,
             "accepts": 0,
             "accept_errors": 0,
             "accept_paused": 0,
@@ -537,6 +539,8 @@ class AioLoop:
         del self._pairs[pair.cid]
         copied = pair.c2s + pair.s2c
         self._stats["bytes_copied"] += copied
+        self._stats["bytes_c2s"] += pair.c2s
+        self._stats["bytes_s2c"] += pair.s2c
         reason = R_ERROR if pair.reason is None else pair.reason
         self._stats[_CLOSED_KEYS[reason]] += 1
         duration_us = (time.monotonic_ns() - pair.started) // 1000
