@@ -11,9 +11,8 @@ import time
 from typing import Any
 
 import pytest
-
-import tests.test_supervisor as harness
-from tests.test_supervisor import (
+import relayproc
+from relayproc import (
     Transfer,
     cpu_seconds,
     echo_handler,
@@ -23,8 +22,8 @@ from tests.test_supervisor import (
     wait_for,
 )
 
-origins = harness.origins  # the shared fixtures
-relays = harness.relays
+origins = relayproc.origins  # the shared fixtures
+relays = relayproc.relays
 
 
 def _open_relayed(addr: tuple[str, int], source: str | None = None) -> socket.socket:

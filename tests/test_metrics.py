@@ -10,13 +10,12 @@ import urllib.request
 from typing import Any
 
 import pytest
+import relayproc
 from prometheus_client.parser import text_string_to_metric_families
+from relayproc import echo_handler, echo_roundtrip, relay_config, wait_for
 
-import tests.test_supervisor as harness
-from tests.test_supervisor import echo_handler, echo_roundtrip, relay_config, wait_for
-
-origins = harness.origins  # the shared fixtures
-relays = harness.relays
+origins = relayproc.origins  # the shared fixtures
+relays = relayproc.relays
 
 
 def scrape(address: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

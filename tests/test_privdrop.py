@@ -10,13 +10,13 @@ import threading
 from typing import Any
 
 import pytest
+import relayproc
+from relayproc import echo_handler, echo_roundtrip, relay_config, wait_for
 
-import tests.test_supervisor as harness
 from relay import privs
-from tests.test_supervisor import echo_handler, echo_roundtrip, relay_config, wait_for
 
-origins = harness.origins  # the shared fixtures
-relays = harness.relays
+origins = relayproc.origins  # the shared fixtures
+relays = relayproc.relays
 
 USER = "relaytest"
 IP_TRANSPARENT = 19
@@ -113,9 +113,9 @@ print(",".join(result))
 
 def _after_drop(caps: frozenset[int]) -> str:
     """Drop to USER keeping `caps` in a fresh interpreter, then try IP_TRANSPARENT."""
-    out = subprocess.run([harness.PYTHON, "-c", _PROBE, USER, *map(str, sorted(caps))],
-                         cwd=harness.ROOT, capture_output=True, text=True, timeout=20,
-                         env={**os.environ, "PYTHONPATH": str(harness.ROOT)})
+    out = subprocess.run([relayproc.PYTHON, "-c", _PROBE, USER, *map(str, sorted(caps))],
+                         cwd=relayproc.ROOT, capture_output=True, text=True, timeout=20,
+                         env={**os.environ, "PYTHONPATH": str(relayproc.ROOT)})
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 

@@ -9,9 +9,8 @@ import time
 from typing import Any
 
 import pytest
-
-import tests.test_supervisor as harness
-from tests.test_supervisor import (
+import relayproc
+from relayproc import (
     PYTHON,
     ROOT,
     ConnectionStream,
@@ -24,8 +23,8 @@ from tests.test_supervisor import (
     wait_for,
 )
 
-origins = harness.origins  # the shared fixtures
-relays = harness.relays
+origins = relayproc.origins  # the shared fixtures
+relays = relayproc.relays
 
 
 def _two_origins(origins: Any) -> tuple[Any, Any]:
@@ -57,10 +56,7 @@ def test_reload_under_load_loses_nothing(origins: Any, relays: Any) -> None:
     assert len(old) == 2
     stream = ConnectionStream(rp.address("main"), interval=0.005)
     stream.start()
-    transfers = [Transfer(rp.address("bulk"), 3 << 20, 3.0) for _ in range(4)]
-    for t in transfers:
-        t.start()
-        t.connected.wait(5)
+    transfers = [Transfer(rp.address("bulk"), 3 << 20, 3.0).begin() for _ in range(4)]
     time.sleep(0.5)
     hup_at = time.monotonic()
     rp.signal(signal.SIGHUP)
@@ -89,9 +85,7 @@ def test_old_workers_are_gone_by_the_drain_deadline(origins: Any, relays: Any) -
     rp = relays(lambda adm: _config(echo.port, sink.port, adm, drain=1.5, workers=1))
     rp.wait_ready()
     (old,) = rp.children()
-    t = Transfer(rp.address("bulk"), 16 << 20, 8.0)
-    t.start()
-    t.connected.wait(5)
+    t = Transfer(rp.address("bulk"), 16 << 20, 8.0).begin()
     time.sleep(0.3)
     hup_at = time.monotonic()
     rp.signal(signal.SIGHUP)
