@@ -12,11 +12,12 @@ overrides).  Shape (see docs/architecture.md)::
 
 Checks that depend on this host (egress slices against the kernel's port ranges, users and groups
 that must exist) run only with ``check_kernel=True`` (``relay check`` and ``relay run``).
+The value parsers (HOST:PORT, port ranges, CIDRs, policy rules) live in relay.addr and are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import grp
 import ipaddress
@@ -33,6 +34,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from relay.addr import (
+    IPAddress,
+    IPNetwork,
+    PolicyRule,
+    family_of,
+    parse_hostport,
+    parse_network,
+    parse_policy_rule,
+    parse_port_range,
+)
 from relay.settings import SETTINGS, SETTINGS_BY_NAME, RelaySettings, parse_setting_text
 
 __all__ = [
@@ -56,9 +67,6 @@ __all__ = [
     "validate_host",
 ]
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 Mode = Literal["backend", "tproxy", "redirect"]
 ProxyProtocol = Literal["", "v2"]
 
@@ -69,128 +77,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
-
-
-# --------------------------------------------------------------------------- value parsers
-# Each raises ValueError whose message is the reason shown to the user.
-
-_HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
-    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
-)
-
-
-def _parse_port(text: str, *, allow_zero: bool) -> int:
-    if not (text.isascii() and text.isdigit()) or len(text) > 5:
-        raise ValueError(f"port {text!r} is not a number of at most 5 digits")
-    port = int(text)
-    low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        raise ValueError(f"port {port} is outside {low}-65535")
-    return port
-
-
-def parse_hostport(
-    text: str, *, allow_port_zero: bool = False, allow_hostname: bool = False
-) -> tuple[str, int]:
-    """``"1.2.3.4:80"``, ``"[::1]:80"`` (and, if allowed, ``"name.example:80"``) -> (host, port).
-
-    The host comes back without brackets; IP literals are normalised (``"[::0001]"`` -> ``"::1"``).
-    """
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or not text[close + 1 :].startswith(":"):
-            raise ValueError('expected "[IPv6]:PORT"')
-        host, port_text = text[1:close], text[close + 2 :]
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-        if addr.version != 6:
-            raise ValueError(f"{host!r} in brackets must be IPv6")
-        return str(addr), _parse_port(port_text, allow_zero=allow_port_zero)
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError('expected "HOST:PORT" (IPv6 as "[::1]:PORT")')
-    if ":" in host:
-        raise ValueError('IPv6 addresses need brackets: "[::1]:PORT"')
-    port = _parse_port(port_text, allow_zero=allow_port_zero)
-    try:
-        return str(ipaddress.ip_address(host)), port
-    except ValueError:
-        pass
-    if allow_hostname and _HOSTNAME_RE.match(host) and not host.replace(".", "").isdigit():
-        return host, port
-    what = "an IP address or host name" if allow_hostname else "an IP address"
-    raise ValueError(f"{host!r} is not {what}")
-
-
-def parse_port_range(text: str) -> tuple[int, int]:
-    """``"40000-40999"`` (or one port ``"40000"``) -> (40000, 40999), inside 1-65535, lo <= hi."""
-    lo_text, sep, hi_text = text.partition("-")
-    lo = _parse_port(lo_text.strip(), allow_zero=False)
-    hi = _parse_port(hi_text.strip(), allow_zero=False) if sep else lo
-    if lo > hi:
-        raise ValueError(f"range {lo}-{hi} is reversed (low end must be <= high end)")
-    return lo, hi
-
-
-def parse_network(text: str) -> IPNetwork:
-    """A CIDR (``"10.0.0.0/8"``, ``"2001:db8::/32"``) or one address (a /32 or /128)."""
-    try:
-        return ipaddress.ip_network(text.strip(), strict=True)
-    except ValueError as exc:
-        raise ValueError(f"not a CIDR ({exc})") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyRule:
-    """One allow/deny entry: a network and the port ranges it covers (empty = every port)."""
-
-    network: IPNetwork
-    ports: tuple[tuple[int, int], ...] = ()
-
-    def matches(self, address: str | IPAddress, port: int) -> bool:
-        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            if self.network.version == 4:
-                ip = ip.ipv4_mapped
-        if ip.version != self.network.version or ip not in self.network:
-            return False
-        return not self.ports or any(lo <= port <= hi for lo, hi in self.ports)
-
-
-def _parse_port_list(text: str) -> tuple[tuple[int, int], ...]:
-    if not text.strip():
-        raise ValueError("empty port list after ':'")
-    return tuple(parse_port_range(part) for part in text.split(","))
-
-
-def parse_policy_rule(text: str) -> PolicyRule:
-    """``"CIDR"``, ``"CIDR:80,443,8000-8999"`` or ``"[IPv6-CIDR]:443"`` -> PolicyRule."""
-    text = text.strip()
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise ValueError('missing "]" in "[IPv6-CIDR]:PORTS"')
-        rest = text[close + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError('expected "[IPv6-CIDR]:PORTS"')
-        net = parse_network(text[1:close])
-        return PolicyRule(net, _parse_port_list(rest[1:]) if rest else ())
-    slash = text.find("/")
-    if slash >= 0:
-        prefix, sep, ports = text[slash:].partition(":")
-        net = parse_network(text[:slash] + prefix)
-        return PolicyRule(net, _parse_port_list(ports) if sep else ())
-    try:
-        return PolicyRule(parse_network(text))
-    except ValueError:
-        pass
-    host, sep, ports = text.rpartition(":")
-    if sep and ":" not in host:
-        return PolicyRule(parse_network(host), _parse_port_list(ports))
-    raise ValueError('expected "CIDR", "CIDR:PORTS" or "[IPv6-CIDR]:PORTS"')
 
 
 # --------------------------------------------------------------------------- the structs
@@ -230,7 +116,7 @@ class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
 
     @property
     def bind_family(self) -> socket.AddressFamily:
-        return _family(self.bind_address[0])
+        return family_of(self.bind_address[0])
 
     @property
     def backend_address(self) -> tuple[str, int] | str | None:
@@ -250,7 +136,7 @@ class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
         if isinstance(addr, str):
             return socket.AF_UNIX
         try:
-            return _family(addr[0])
+            return family_of(addr[0])
         except ValueError:
             return socket.AF_UNSPEC
 
@@ -277,7 +163,7 @@ class EgressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
 
     @property
     def family(self) -> socket.AddressFamily:
-        return _family(self.address)
+        return family_of(self.address)
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -321,10 +207,6 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
             if lst.name == name:
                 return lst
         raise KeyError(f"no listener named {name!r}")
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
 # --------------------------------------------------------------------------- validation

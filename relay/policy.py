@@ -9,7 +9,7 @@ Order of checks (first hit wins, the reason is returned):
   4. no `allow` rule matches: "not_allowed" (an empty allow list allows nothing: fail closed).
 IPv4-mapped IPv6 destinations (::ffff:a.b.c.d) are checked as the IPv4 address they reach.
 
-Rules are parsed by relay.config.parse_policy_rule: "CIDR" or "CIDR:PORTS" with PORTS like
+Rules are parsed by relay.addr.parse_policy_rule: "CIDR" or "CIDR:PORTS" with PORTS like
 "80,443,8000-8999", IPv6 with ports as "[2001:db8::/32]:443".
 A check costs one inet_pton and a dict lookup per distinct prefix length in use.
 """
@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from relay.config import PolicyRule, parse_network, parse_policy_rule
+from relay.addr import PolicyRule, parse_network, parse_policy_rule
 
 __all__ = ["NetworkSet", "Policy", "PortRanges", "Rule", "REASONS"]
 

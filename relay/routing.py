@@ -45,6 +45,7 @@ from typing import Any
 from relay import proxyproto
 from relay.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
 from relay.log import log_every
+from relay.policy import REASONS as POLICY_REASONS
 from relay.policy import NetworkSet, Policy
 from relay.sock import UNIX_PREFIX, original_destination, parse_hostport
 
@@ -54,14 +55,7 @@ log = logging.getLogger("relay.routing")
 
 # Every Denied.reason: the relay.policy reasons, then the router's own.
 REASONS = (
-    "loopback",
-    "link_local",
-    "unspecified",
-    "multicast",
-    "broadcast",
-    "own_address",
-    "not_allowed",
-    "denied_by_rule",
+    *POLICY_REASONS,
     "loop",  # the client is this relay's own egress (address and slice port): a routing loop
     "slice_exhausted",  # no free port in the slice for this destination (EADDRNOTAVAIL)
     "slice_violation",  # the kernel picked a local address/port outside the slice

@@ -7,14 +7,14 @@ Everything here runs at start (listeners) or once per accepted connection
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import socket
 import stat
 import struct
 from typing import Any
 
-from relay.config import parse_hostport as _config_parse_hostport
+from relay.addr import family_of
+from relay.addr import parse_hostport as _addr_parse_hostport
 
 __all__ = [
     "IP_TRANSPARENT",
@@ -58,15 +58,10 @@ _SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # family, port, flowinfo, addr, scop
 def parse_hostport(text: str, *, allow_hostname: bool = False) -> tuple[str, int]:
     """ "HOST:PORT" or "[V6]:PORT" -> (host, port), port 0 allowed (a listener on any port).
 
-    Same grammar as the config (relay.config.parse_hostport); IP literals come back normalised,
+    Same grammar as the config (relay.addr.parse_hostport); IP literals come back normalised,
     host names only with allow_hostname (never resolved here). ValueError names what is wrong.
     """
-    return _config_parse_hostport(text, allow_port_zero=True, allow_hostname=allow_hostname)
-
-
-def family_of(host: str) -> socket.AddressFamily:
-    """AF_INET or AF_INET6 for an IP literal; ValueError for anything else (no DNS here)."""
-    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    return _addr_parse_hostport(text, allow_port_zero=True, allow_hostname=allow_hostname)
 
 
 def _listener_attr(listener_cfg: Any, name: str, default: Any = None) -> Any:
@@ -108,8 +103,7 @@ def open_listener(listener_cfg: Any) -> socket.socket:
             sock.bind((host, port))
         except OSError as exc:
             raise OSError(exc.errno, f"listener {bind}: bind failed: {exc.strerror}") from None
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
+        _listen(sock)
     except BaseException:
         sock.close()
         raise
@@ -127,12 +121,17 @@ def _open_unix_listener(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
+        _listen(sock)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _listen(sock: socket.socket) -> None:
+    """The last step of every listener: listen with our backlog, then non-blocking."""
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
 
 
 def original_destination(sock: socket.socket, mode: str) -> tuple[str, int]:
