@@ -2,7 +2,8 @@
 
 Every check probes the feature itself (never a kernel version number) and returns PASS, WARN
 (works, but degraded or only needed by features not configured) or FAIL (the configuration cannot
-work here), with the fix.  ``versions()`` feeds ``relay --version``.
+work here), with the fix.  The probes themselves are relay.probes (re-exported here, with
+``versions()``, which feeds ``relay --version``).
 """
 
 from __future__ import annotations
@@ -11,39 +12,52 @@ import contextlib
 import errno
 import fcntl
 import os
-import platform
-import re
 import shutil
 import socket
 import struct
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import msgspec
 
 from relay import limits
-from relay._version import __version__
 from relay.config import Config, ConfigError, load
+from relay.probes import (
+    CAP_SYS_ADMIN,
+    CAP_SYS_RESOURCE,
+    PAGE,
+    format_versions,
+    has_capability,
+    port_range_sysctl,
+    read_int,
+    read_proc,
+    splice_roundtrip,
+    tcp_socket,
+    versions,
+)
+from relay.sock import (
+    IP_BIND_ADDRESS_NO_PORT,
+    IP_LOCAL_PORT_RANGE,
+    IP_TRANSPARENT,
+    IPV6_TRANSPARENT,
+)
 
-__all__ = ["CHECK_NAMES", "Check", "Doctor", "format_report", "run_checks", "versions"]
+__all__ = [
+    "CHECK_NAMES",
+    "Check",
+    "Doctor",
+    "format_report",
+    "format_versions",
+    "has_capability",
+    "run_checks",
+    "versions",
+]
 
 Status = Literal["PASS", "WARN", "FAIL"]
 
-# <linux/in.h> options Python 3.11's socket module does not name.
-IP_TRANSPARENT = 19
-IP_BIND_ADDRESS_NO_PORT = 24
-IP_LOCAL_PORT_RANGE = 51
-IPV6_TRANSPARENT = 75  # <linux/in6.h>, level SOL_IPV6
 _U32 = struct.Struct("=I")
-
-# Capability bits of /proc/self/status CapEff (<linux/capability.h>).
-CAP_NET_ADMIN = 12
-CAP_NET_RAW = 13
-CAP_SYS_ADMIN = 21
-CAP_SYS_RESOURCE = 24
 
 URING_OPS_NEEDED = (
     "ACCEPT",
@@ -55,7 +69,6 @@ URING_OPS_NEEDED = (
     "RECV",
     "SEND",
 )
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Check(msgspec.Struct, kw_only=True):
@@ -67,40 +80,16 @@ class Check(msgspec.Struct, kw_only=True):
     fix: str = ""
 
 
-def _read_proc(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
-def _read_int(path: str) -> int | None:
-    text = _read_proc(path)
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
 
 
-def _capabilities() -> int:
-    status = _read_proc("/proc/self/status") or ""
-    match = re.search(r"^CapEff:\s*([0-9a-f]+)$", status, re.MULTILINE)
-    return int(match.group(1), 16) if match else 0
 
 
-def has_capability(cap: int) -> bool:
-    """True if this process holds ``cap`` in its effective set."""
-    return bool(_capabilities() >> cap & 1)
 
 
-@contextlib.contextmanager
-def _tcp_socket(family: socket.AddressFamily = socket.AF_INET) -> Iterator[socket.socket]:
-    s = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        yield s
-    finally:
-        s.close()
+
+
 
 
 class Doctor:
@@ -127,7 +116,7 @@ class Doctor:
     # ------------------------------------------------------------------ io_uring
 
     def check_io_uring(self) -> Check:
-        disabled = _read_int("/proc/sys/kernel/io_uring_disabled")
+        disabled = read_int("/proc/sys/kernel/io_uring_disabled")
         sysctl = f"kernel.io_uring_disabled={disabled}" if disabled is not None else ""
         want_uring = self.cfg.relay.engine == "uring"
         try:
@@ -184,7 +173,7 @@ class Doctor:
 
     def check_splice(self) -> Check:
         try:
-            moved = _splice_roundtrip(64 * 1024)
+            moved = splice_roundtrip(64 * 1024)
         except OSError as exc:
             return Check(
                 name="splice",
@@ -198,7 +187,7 @@ class Doctor:
 
     def check_pipe_size(self) -> Check:
         requested = self.cfg.relay.pipe_size
-        max_size = _read_int("/proc/sys/fs/pipe-max-size")
+        max_size = read_int("/proc/sys/fs/pipe-max-size")
         r, w = os.pipe()
         try:
             try:
@@ -221,8 +210,8 @@ class Doctor:
         )
 
     def check_pipe_budget(self) -> Check:
-        soft = _read_int("/proc/sys/fs/pipe-user-pages-soft")
-        hard = _read_int("/proc/sys/fs/pipe-user-pages-hard")
+        soft = read_int("/proc/sys/fs/pipe-user-pages-soft")
+        hard = read_int("/proc/sys/fs/pipe-user-pages-hard")
         rs = self.cfg.relay
         pipes = rs.pipes_per_worker() * rs.resolved_workers
         pages = pipes * max(1, rs.pipe_size // PAGE)
@@ -260,7 +249,7 @@ class Doctor:
             )
         done = []
         for family, level, option, label in probes:
-            with _tcp_socket(family) as s:
+            with tcp_socket(family) as s:
                 try:
                     s.setsockopt(level, option, 1)
                 except OSError as exc:
@@ -278,7 +267,7 @@ class Doctor:
         )
 
     def check_ip_bind_address_no_port(self) -> Check:
-        with _tcp_socket() as s:
+        with tcp_socket() as s:
             try:
                 s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 value = s.getsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT)
@@ -294,14 +283,14 @@ class Doctor:
 
     def check_ip_local_port_range_option(self) -> Check:
         """Set IP_LOCAL_PORT_RANGE, read it back, and see a real connect pick a port inside it."""
-        sys_range = _port_range_sysctl()
+        sys_range = port_range_sysctl()
         lo, hi = (sys_range[0], sys_range[0] + 63) if sys_range else (40000, 40063)
         needed = bool(self.cfg.egress)
         with contextlib.ExitStack() as stack:
-            server = stack.enter_context(_tcp_socket())
+            server = stack.enter_context(tcp_socket())
             server.bind(("127.0.0.1", 0))
             server.listen(4)
-            client = stack.enter_context(_tcp_socket())
+            client = stack.enter_context(tcp_socket())
             try:
                 client.setsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, _U32.pack(hi << 16 | lo))
                 value = _U32.unpack(client.getsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, 4))[0]
@@ -336,8 +325,8 @@ class Doctor:
         )
 
     def check_ip_local_port_range(self) -> Check:
-        sys_range = _port_range_sysctl()
-        reserved = _read_proc("/proc/sys/net/ipv4/ip_local_reserved_ports") or ""
+        sys_range = port_range_sysctl()
+        reserved = read_proc("/proc/sys/net/ipv4/ip_local_reserved_ports") or ""
         detail = (
             f"net.ipv4.ip_local_port_range={sys_range[0]}-{sys_range[1]}"
             if sys_range
@@ -603,7 +592,7 @@ def main(config_path: str | None = None, as_json: bool = False) -> int:
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 
-# ---------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------- explanations
 
 
 def _ring_failure(code: int | None, disabled: int | None) -> str:
@@ -611,7 +600,7 @@ def _ring_failure(code: int | None, disabled: int | None) -> str:
         if disabled == 2:
             return "EPERM: kernel.io_uring_disabled=2 turns io_uring off for every process"
         if disabled == 1:
-            group = _read_proc("/proc/sys/kernel/io_uring_group")
+            group = read_proc("/proc/sys/kernel/io_uring_group")
             return (
                 "EPERM: kernel.io_uring_disabled=1 allows only CAP_SYS_ADMIN and members of "
                 f"kernel.io_uring_group ({group})"
@@ -642,117 +631,3 @@ def _ring_fix(code: int | None, disabled: int | None) -> str:
     if code == errno.ENOMEM:
         return "raise RLIMIT_MEMLOCK (LimitMEMLOCK=)" + fallback
     return 'use engine = "epoll"' + fallback
-
-
-def _port_range_sysctl() -> tuple[int, int] | None:
-    text = _read_proc("/proc/sys/net/ipv4/ip_local_port_range")
-    try:
-        lo, hi = (int(x) for x in (text or "").split())
-    except ValueError:
-        return None
-    return lo, hi
-
-
-def _splice_roundtrip(size: int) -> int:
-    """Move ``size`` bytes TCP socket -> pipe -> TCP socket with os.splice on loopback."""
-    payload = os.urandom(size)
-    received = bytearray()
-    with contextlib.ExitStack() as stack:
-        server = stack.enter_context(_tcp_socket())
-        server.bind(("127.0.0.1", 0))
-        server.listen(4)
-        server.settimeout(5)
-        src_client = stack.enter_context(socket.create_connection(server.getsockname(), 5))
-        src = stack.enter_context(server.accept()[0])
-        dst = stack.enter_context(socket.create_connection(server.getsockname(), 5))
-        dst_peer = stack.enter_context(server.accept()[0])
-        src.setblocking(True)
-        dst.setblocking(True)
-        dst_peer.settimeout(5)
-
-        def reader() -> None:
-            with contextlib.suppress(OSError):
-                while chunk := dst_peer.recv(65536):
-                    received.extend(chunk)
-
-        def writer() -> None:
-            with contextlib.suppress(OSError):
-                src_client.sendall(payload)
-                src_client.shutdown(socket.SHUT_WR)
-
-        threads = [threading.Thread(target=f, daemon=True) for f in (reader, writer)]
-        for t in threads:
-            t.start()
-        r, w = os.pipe()
-        stack.callback(os.close, r)
-        stack.callback(os.close, w)
-        while True:
-            n = os.splice(src.fileno(), w, 65536)
-            if n == 0:
-                break
-            while n:
-                n -= os.splice(r, dst.fileno(), n)
-        dst.shutdown(socket.SHUT_WR)
-        for t in threads:
-            t.join(5)
-    if bytes(received) != payload:
-        raise OSError(errno.EIO, f"data differs after splice ({len(received)} of {size} bytes)")
-    return size
-
-
-def _header_liburing_version() -> str | None:
-    try:
-        import liburing
-    except ImportError:
-        return None
-    path = os.path.join(
-        os.path.dirname(liburing.__file__), "include", "liburing", "io_uring_version.h"
-    )
-    text = _read_proc(path) or ""
-    major = re.search(r"IO_URING_VERSION_MAJOR\s+(\d+)", text)
-    minor = re.search(r"IO_URING_VERSION_MINOR\s+(\d+)", text)
-    return f"{major.group(1)}.{minor.group(1)}" if major and minor else None
-
-
-def versions() -> dict[str, Any]:
-    """What `relay --version` prints: relay, Python, Cython, liburing, kernel, engines."""
-    out: dict[str, Any] = {
-        "relay": __version__,
-        "python": f"{platform.python_version()} ({sys.executable})",
-    }
-    try:
-        from relay_ext import _core
-
-        out["cython"] = f"{_core.CYTHON_VERSION} (built the core)"
-    except (ImportError, AttributeError):
-        try:
-            import Cython
-
-            out["cython"] = f"{Cython.__version__} (installed; core not built)"
-        except ImportError:
-            out["cython"] = "not installed (core not built)"
-    try:
-        import liburing
-
-        header = _header_liburing_version()
-        out["liburing"] = f"python-liburing {liburing.__version__}, liburing headers {header}"
-    except ImportError as exc:
-        out["liburing"] = f"not installed ({exc})"
-    out["kernel"] = platform.release()
-    try:
-        from relay.engines import available
-
-        out["engines"] = {k: (v or "usable") for k, v in available().items()}
-    except ImportError as exc:
-        out["engines"] = {"error": f"relay.engines: {exc}"}
-    return out
-
-
-def format_versions(info: dict[str, Any]) -> str:
-    lines = [f"relay {info['relay']}"]
-    for key in ("python", "cython", "liburing", "kernel"):
-        lines.append(f"  {key}: {info[key]}")
-    lines.append("  engines:")
-    for name, why in info["engines"].items():
-        lines.append(f"    {name}: {why}")
-    return "\n".join(lines) + "\n"

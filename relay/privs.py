@@ -27,6 +27,8 @@ import os
 import pwd
 from typing import Any
 
+from relay.probes import read_int
+
 __all__ = [
     "CAP_NET_ADMIN",
     "CAP_NET_RAW",
@@ -238,14 +240,6 @@ class PipeBudget:
     message: str
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def pipe_budget(target: Target | None, pipe_size: int, wanted: int, workers: int) -> PipeBudget:
     """Cap each worker's pipe pool to what the kernel lets the worker user hold at full size.
 
@@ -258,7 +252,7 @@ def pipe_budget(target: Target | None, pipe_size: int, wanted: int, workers: int
     if target is None or target.uid == 0:
         return PipeBudget(wanted, pipe_size, f"{wanted} pipes of {pipe_size // 1024} KiB per "
                           "worker (workers keep root: no per-user pipe limit)")
-    max_size = _read_int("/proc/sys/fs/pipe-max-size") or pipe_size
+    max_size = read_int("/proc/sys/fs/pipe-max-size") or pipe_size
     granted = min(pipe_size, max_size)
     # The kernel rounds a pipe up to a power-of-two number of pages.
     pages = 1
@@ -268,8 +262,8 @@ def pipe_budget(target: Target | None, pipe_size: int, wanted: int, workers: int
     if granted < pipe_size:
         notes.append(f"pipe_size {pipe_size} exceeds fs.pipe-max-size {max_size} for "
                      f"user {target.user}")
-    soft = _read_int("/proc/sys/fs/pipe-user-pages-soft") or 0
-    hard = _read_int("/proc/sys/fs/pipe-user-pages-hard") or 0
+    soft = read_int("/proc/sys/fs/pipe-user-pages-soft") or 0
+    hard = read_int("/proc/sys/fs/pipe-user-pages-hard") or 0
     limits = [x for x in (soft, hard) if x > 0]
     per_worker = wanted
     if limits:
