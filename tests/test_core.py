@@ -134,6 +134,18 @@ def relay_pair(drv: Driver, **kw) -> tuple[socket.socket, socket.socket, int]:
     return client, origin, cid
 
 
+def relay_pairs(drv: Driver, count: int) -> list[tuple[socket.socket, socket.socket, int]]:
+    """`count` pairs handed to the loop in one call (one loop-thread round trip)."""
+    ends = [(tcp_pair(), tcp_pair()) for _ in range(count)]
+
+    def add_all() -> list[int]:
+        return [drv.loop.add_pair(rc.detach(), ru.detach(), 5, False, b"")
+                for (_c, rc), (ru, _o) in ends]
+
+    cids = drv.call(add_all)
+    return [(c, o, cid) for ((c, _rc), (_ru, o)), cid in zip(ends, cids, strict=True)]
+
+
 def recv_all(sock: socket.socket) -> bytes:
     chunks = []
     while True:
@@ -457,7 +469,7 @@ def test_fileno_turns_readable_for_embedding(backend: str) -> None:
 def test_many_pairs_and_table_reuse(make_loop, backend: str) -> None:
     drv = make_loop(backend, max_conns=64)
     for _round in range(3):
-        pairs = [relay_pair(drv) for _ in range(50)]
+        pairs = relay_pairs(drv, 50)
         for client, origin, _ in pairs:
             client.sendall(b"x")
             client.shutdown(socket.SHUT_WR)
@@ -526,3 +538,28 @@ def test_emfile_pauses_accept_without_spinning(backend: str) -> None:
     assert int(errors) >= 1 and int(paused) >= 1          # it noticed EMFILE and paused
     assert int(accepted) == int(clients)                  # and recovered by itself
     assert float(cpu) < 0.8                               # no accept spin while paused
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_idle_pairs_hold_no_pipe_and_no_kernel_thread(make_loop, backend: str) -> None:
+    drv = make_loop(backend)
+    client, origin, _ = relay_pair(drv)
+    client.sendall(os.urandom(1 << 20))          # a bulk burst takes a pipe ...
+    got = 0
+    while got < 1 << 20:
+        got += len(origin.recv(1 << 20))
+    threads_before = len(os.listdir("/proc/self/task"))
+    pairs = relay_pairs(drv, 300)
+    for c, o, _ in pairs:
+        c.sendall(b"hello")
+        assert o.recv(5) == b"hello"
+    time.sleep(0.3)
+    stats = drv.call(drv.loop.stats)
+    assert stats["pipes_in_use"] == 0            # ... and gives it back once idle
+    assert stats["conns_open"] == 301
+    # one-shot polls and multishot accept complete inline: no io-wq worker threads appear
+    assert len(os.listdir("/proc/self/task")) == threads_before
+    for c, o, _ in pairs + [(client, origin, 0)]:
+        c.close()
+        o.close()
+    drv.wait_done(301)
