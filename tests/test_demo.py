@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from netns import REPO, netns_unavailable_reason
+from netns import netns_unavailable_reason
+from netns_lab import REPO
 
 from relay import demo
 

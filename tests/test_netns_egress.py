@@ -13,18 +13,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from netns import (
+from netns import Topology, require_netns
+from netns_lab import (
     ENGINES,
     Flow,
     Lab,
     LabEnv,
     RelayProcess,
-    Topology,
     connect_refused,
     engine_or_skip,
     open_flow,
     relay_config,
-    require_netns,
     running_lab,
     split_hostport,
     syn_counters,

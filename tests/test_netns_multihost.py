@@ -14,14 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from netns import (
+from netns import Topology, require_netns
+from netns_lab import (
     Flow,
     Lab,
     Origin,
-    Topology,
     open_flow,
     relay_config,
-    require_netns,
     split_hostport,
     start_relay,
     syn_counters,

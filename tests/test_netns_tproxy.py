@@ -13,16 +13,15 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from netns import (
+from netns import Topology, require_netns
+from netns_lab import (
     ENGINES,
     Lab,
     LabEnv,
-    Topology,
     connect_refused,
     engine_or_skip,
     open_flow,
     relay_config,
-    require_netns,
     running_lab,
     split_hostport,
     start_relay,

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netns import REPO, Topology, relay_nft, require_netns
+from netns import Topology, require_netns
+from netns_lab import REPO, relay_nft
 
 from relay import nft
 from relay.config import loads
