@@ -205,36 +205,32 @@ POLICY_CASES = [
 LISTENER_OK = '\n[[listener]]\nbind = "127.0.0.1:1"\nbackend = "127.0.0.1:2"\n'
 
 
-@pytest.mark.parametrize(("fragment", "where", "reason"), BAD_CASES)
-def test_bad_relay_settings(fragment: str, where: str, reason: str) -> None:
-    problems = problems_of(fragment + "\n" + LISTENER_OK)
+def assert_one_problem(text: str, where: str, reason: str) -> None:
+    """``text`` has exactly one problem, at key path ``where``, whose reason contains ``reason``."""
+    problems = problems_of(text)
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"t.toml: {where}"), problems
     assert reason in problems[0]
+
+
+@pytest.mark.parametrize(("fragment", "where", "reason"), BAD_CASES)
+def test_bad_relay_settings(fragment: str, where: str, reason: str) -> None:
+    assert_one_problem(fragment + "\n" + LISTENER_OK, where, reason)
 
 
 @pytest.mark.parametrize(("fragment", "where", "reason"), LISTENER_CASES)
 def test_bad_listener(fragment: str, where: str, reason: str) -> None:
-    problems = problems_of("[[listener]]\n" + fragment)
-    assert len(problems) == 1, problems
-    assert problems[0].startswith(f"t.toml: {where}"), problems
-    assert reason in problems[0]
+    assert_one_problem("[[listener]]\n" + fragment, where, reason)
 
 
 @pytest.mark.parametrize(("fragment", "where", "reason"), EGRESS_CASES)
 def test_bad_egress(fragment: str, where: str, reason: str) -> None:
-    problems = problems_of(LISTENER_OK + "[[egress]]\n" + fragment)
-    assert len(problems) == 1, problems
-    assert problems[0].startswith(f"t.toml: {where}"), problems
-    assert reason in problems[0]
+    assert_one_problem(LISTENER_OK + "[[egress]]\n" + fragment, where, reason)
 
 
 @pytest.mark.parametrize(("fragment", "where", "reason"), POLICY_CASES)
 def test_bad_policy(fragment: str, where: str, reason: str) -> None:
-    problems = problems_of(LISTENER_OK + "[policy]\n" + fragment)
-    assert len(problems) == 1, problems
-    assert problems[0].startswith(f"t.toml: {where}"), problems
-    assert reason in problems[0]
+    assert_one_problem(LISTENER_OK + "[policy]\n" + fragment, where, reason)
 
 
 def test_every_problem_reported_at_once() -> None:

@@ -161,6 +161,16 @@ class _Pair:
         self.pending_seen = 0
 
 
+def _reset_raw_sockets(pair: _Pair) -> None:
+    """Before any transport exists: RST-close both raw sockets and mark both halves lost."""
+    for sock in (pair.client_sock, pair.upstream_sock):
+        if sock is not None:
+            _set_rst_on_close(sock)
+            sock.close()
+    pair.client_sock = pair.upstream_sock = None
+    pair.client.lost = pair.origin.lost = True
+
+
 class _Listener:
     __slots__ = ("tag", "sock", "fd", "user_paused", "error_paused", "backoff", "resume_handle",
                  "reading")
@@ -437,12 +447,7 @@ class AioLoop:
         # The upstream never carried a byte: close it; the client gets an RST, promptly.
         pair.reason = reason
         pair.errno = err
-        for sock in (pair.client_sock, pair.upstream_sock):
-            if sock is not None:
-                _set_rst_on_close(sock)
-                sock.close()
-        pair.client_sock = pair.upstream_sock = None
-        pair.client.lost = pair.origin.lost = True
+        _reset_raw_sockets(pair)
         self._finish(pair)
 
     def _start_relay(self, pair: _Pair) -> None:
@@ -517,12 +522,7 @@ class AioLoop:
             if pair.connecting and pair.upstream_sock is not None:
                 self._loop.remove_writer(pair.upstream_sock.fileno())
             pair.connecting = False
-            for sock in (pair.client_sock, pair.upstream_sock):
-                if sock is not None:
-                    _set_rst_on_close(sock)
-                    sock.close()
-            pair.client_sock = pair.upstream_sock = None
-            pair.client.lost = pair.origin.lost = True
+            _reset_raw_sockets(pair)
             self._loop.call_soon(self._finish, pair)
             return
         for h in (pair.client, pair.origin):
