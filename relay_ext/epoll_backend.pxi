@@ -86,6 +86,8 @@ cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
     cdef Conn* c
     cdef int side
     if n <= 0:
+        if n < 0 and errno == EINTR:
+            self.interrupted = True
         return
     self.st_wakeups += 1
     self.now = now_ns()

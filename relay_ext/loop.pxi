@@ -105,6 +105,7 @@ cdef class Loop:
     cdef uint64_t scan_interval_ns
     cdef uint64_t next_scan
     cdef uint64_t now
+    cdef bint interrupted       # a signal cut the wait short: return so Python can run it
     # events for Python
     cdef Event* evq
     cdef uint32_t evq_len
@@ -444,34 +445,46 @@ cdef class Loop:
         return True
 
     def run(self, int timeout_ms=0):
-        """Wait up to timeout_ms (0: don't wait), move bytes, return the events (tuples)."""
+        """Wait up to timeout_ms (0: don't wait), move bytes, return the events (tuples).
+
+        While there is nothing for Python (no accept, no finished pair) it keeps relaying
+        without returning, until the timeout passes or a signal interrupts the wait: a busy
+        relay pays no interpreter round trip per wakeup.
+        """
         self._ensure_alive()
         if timeout_ms < 0:
             timeout_ms = 0
-        cdef uint64_t until_scan
-        self.now = now_ns()
-        if self.evq_len:
-            timeout_ms = 0
-        elif timeout_ms:
-            until_scan = (self.next_scan - self.now) // 1000000ULL + 1 \
-                if self.next_scan > self.now else 0
-            if until_scan < <uint64_t>timeout_ms:
-                timeout_ms = <int>until_scan
-        if self.backend_id == BACKEND_URING:
-            _uring_wait(self, timeout_ms)
-            self.now = now_ns()         # the wait may have blocked: bytes move at this time
-            with nogil:
-                _uring_reap(self)
-        else:
-            with nogil:
-                _epoll_poll(self, timeout_ms)
-        if self.efd >= 0:
-            self._drain_eventfd()
-        self.now = now_ns()
-        if self.now >= self.next_scan:
-            with nogil:
-                self._scan_timers()
-        self._flush()
+        cdef uint64_t deadline = now_ns() + <uint64_t>timeout_ms * 1000000ULL
+        cdef uint64_t wait_ns
+        cdef int wait_ms
+        self.interrupted = False
+        while True:
+            self.now = now_ns()
+            wait_ns = 0
+            if not self.evq_len and self.now < deadline:
+                wait_ns = deadline - self.now
+                if self.next_scan <= self.now:
+                    wait_ns = 0
+                elif self.next_scan - self.now < wait_ns:
+                    wait_ns = self.next_scan - self.now
+            wait_ms = <int>((wait_ns + 999999ULL) // 1000000ULL)
+            if self.backend_id == BACKEND_URING:
+                _uring_wait(self, wait_ms)
+                self.now = now_ns()     # the wait may have blocked: bytes move at this time
+                with nogil:
+                    _uring_reap(self)
+            else:
+                with nogil:
+                    _epoll_poll(self, wait_ms)
+            if self.efd >= 0:
+                self._drain_eventfd()
+            self.now = now_ns()
+            if self.now >= self.next_scan:
+                with nogil:
+                    self._scan_timers()
+            self._flush()
+            if self.evq_len or self.interrupted or self.now >= deadline:
+                break
         return self._take_events()
 
     def stats(self):

@@ -161,7 +161,7 @@ cdef void _uring_wait(Loop self, int timeout_ms):
             with nogil:
                 io_uring_submit_and_get_events(self.ring)
         except InterruptedError:
-            pass
+            self.interrupted = True
         except OSError as exc:
             self.st_submit_errors += 1
             self.last_submit_errno = exc.errno or 0
@@ -175,6 +175,8 @@ cdef void _uring_wait(Loop self, int timeout_ms):
     except OSError as exc:
         # -ETIME: nothing happened in time; -EINTR: a signal for Python to handle;
         # -EAGAIN: liburing entered the kernel but no completion was there to return.
-        if exc.errno != ETIME and exc.errno != EINTR and exc.errno != EAGAIN:
+        if exc.errno == EINTR:
+            self.interrupted = True
+        elif exc.errno != ETIME and exc.errno != EAGAIN:
             self.st_submit_errors += 1
             self.last_submit_errno = exc.errno or 0
