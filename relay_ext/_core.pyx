@@ -6,9 +6,11 @@ Table of contents (one compilation unit, fragments in dependency order):
   includes/system.pxi    the system calls and constants we use
   conn.pxi               connection = two halves; close reasons; events for Python
   pipes.pxi              the bounded pipe pool
-  loop.pxi               class Loop: Python API, the data path (_pump), timers
-    uring_backend.pxi    io_uring: polls, multishot accept, reaping completions
-    epoll_backend.pxi    epoll: the same readiness contract without io_uring
+  loop.pxi               class Loop: setup, the Python API, events out, backend dispatch
+  datapath.pxi           _pump per direction; FIN, reset and close decisions
+  timers.pxi             connect / idle / half-close timeouts, accept back-off
+  uring_backend.pxi      io_uring: polls, multishot accept, reaping completions
+  epoll_backend.pxi      epoll: the same readiness contract without io_uring
 """
 
 import os
@@ -45,6 +47,8 @@ include "includes/system.pxi"
 include "conn.pxi"
 include "pipes.pxi"
 include "loop.pxi"
+include "datapath.pxi"
+include "timers.pxi"
 include "uring_backend.pxi"
 include "epoll_backend.pxi"
 

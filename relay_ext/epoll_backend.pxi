@@ -46,7 +46,7 @@ cdef void _epoll_listener_arm(Loop self, int slot) noexcept nogil:
     if epoll_ctl(self.epfd, EPOLL_CTL_ADD, l.fd, &ev) == 0:
         l.armed = 1
     else:
-        self._accept_error(slot, errno)
+        _accept_error(self, slot, errno)
 
 cdef void _epoll_listener_disarm(Loop self, int slot) noexcept nogil:
     cdef Listener* l = &self.listeners[slot]
@@ -75,7 +75,7 @@ cdef void _epoll_on_accept(Loop self, uint32_t slot, uint32_t gen) noexcept nogi
         if err == EINTR or err == ECONNABORTED:
             continue
         _epoll_listener_disarm(self, slot)
-        self._accept_error(slot, err)
+        _accept_error(self, slot, err)
         break
 
 cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
@@ -106,7 +106,7 @@ cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
         if c.state == ST_FREE or (c.gen & 0xFFFFFF) != gen:
             continue
         side = op - OP_POLL
-        self._on_ready(c, side,
+        _on_ready(self, c, side,
                        (evs & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0
                        and (c.polled[side] & POLL_BIT_IN) != 0,
                        (evs & (EPOLLOUT | EPOLLERR | EPOLLHUP)) != 0

@@ -261,7 +261,7 @@ cdef class Loop:
         for i in range(self.high_water):
             c = &self.conns[i]
             if c.state != ST_FREE:
-                self._close_conn(c, R_ABORTED, 0, True)
+                _close_conn(self, c, R_ABORTED, 0, True)
         self.evq_len = 0        # nobody will read them; accepted fds were closed below
         for i in range(self.n_listener_slots):
             self.listeners[i].active = 0
@@ -426,7 +426,7 @@ cdef class Loop:
                 self._arm_side(c, SIDE_UPSTREAM, POLL_BIT_OUT)
             else:
                 c.state = ST_RELAY
-                self._start_relay(c)
+                _start_relay(self, c)
         self._flush()
         return cid
 
@@ -440,7 +440,7 @@ cdef class Loop:
         cdef Conn* c = &self.conns[idx]
         if c.state == ST_FREE or (c.gen & 0xFFFFFF) != gen:
             return False
-        self._close_conn(c, R_ABORTED, 0, True)
+        _close_conn(self, c, R_ABORTED, 0, True)
         self._flush()
         return True
 
@@ -481,7 +481,7 @@ cdef class Loop:
             self.now = now_ns()
             if self.now >= self.next_scan:
                 with nogil:
-                    self._scan_timers()
+                    _scan_timers(self)
             self._flush()
             if self.evq_len or self.interrupted or self.now >= deadline:
                 break
@@ -577,312 +577,6 @@ cdef class Loop:
     cdef void _drain_eventfd(self) noexcept:
         cdef uint64_t value
         read(self.efd, &value, sizeof(value))
-
-    # ---------------------------------------------------------------- the data path
-
-    cdef void _start_relay(self, Conn* c) noexcept nogil:
-        if self._pump(c, 0) < 0:
-            return
-        if self._pump(c, 1) < 0:
-            return
-        self._after_pump(c)
-
-    cdef int _pump(self, Conn* c, int d) noexcept nogil:
-        """Move what can move in direction d without blocking.  -1: the pair was closed."""
-        cdef Half* h = &c.half[d]
-        cdef int src = c.fd[d]
-        cdef int dst = c.fd[1 - d]
-        cdef ssize_t n, m
-        cdef int rounds = PUMP_ROUNDS
-        cdef size_t cap
-        h.flags &= ~(HF_WANT_READ | HF_WANT_WRITE)
-        if h.flags & HF_SHUT:
-            return 0
-        while True:
-            # 1. Bytes already read go out first, in order: the copy buffer, then the pipe.
-            if h.buf_off < h.buf_len:
-                n = send(dst, h.buf + h.buf_off, h.buf_len - h.buf_off,
-                         MSG_DONTWAIT | MSG_NOSIGNAL)
-                if n < 0:
-                    if errno == EAGAIN:
-                        h.flags |= HF_WANT_WRITE
-                        return 0
-                    if errno == EINTR:
-                        continue
-                    return self._fail_write(c, d, errno)
-                h.buf_off += n
-                h.nbytes += n
-                self.st_bytes_dir[d] += n
-                c.last_ns = self.now
-                if h.buf_off < h.buf_len:
-                    h.flags |= HF_WANT_WRITE
-                    return 0
-                free(h.buf)
-                h.buf = NULL
-                h.buf_off = 0
-                h.buf_len = 0
-            if h.pipe_len:
-                n = splice(h.pipe_r, NULL, dst, NULL, h.pipe_len,
-                           SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
-                if n < 0:
-                    if errno == EAGAIN:
-                        # Never read more while the pipe holds bytes: wait for dst to drain.
-                        h.flags |= HF_WANT_WRITE
-                        return 0
-                    if errno == EINTR:
-                        continue
-                    return self._fail_write(c, d, errno)
-                h.pipe_len -= n
-                h.nbytes += n
-                self.st_bytes_dir[d] += n
-                c.last_ns = self.now
-                if h.pipe_len:
-                    h.flags |= HF_WANT_WRITE
-                    return 0
-            # 2. Nothing pending for dst.  Forward the FIN only now: read side at EOF *and*
-            #    the pipe/buffer empty, or the last bytes would be cut off.
-            if h.flags & HF_EOF:
-                if h.pipe_r >= 0:
-                    pipe_put(&self.pipes, h)
-                shutdown(dst, SHUT_WR)
-                h.flags |= HF_SHUT
-                return 0
-            if rounds == 0:
-                # Fairness: let other pairs run; the level-triggered poll fires again at once.
-                h.flags |= HF_WANT_READ
-                return 0
-            rounds -= 1
-            # 3. Read more: splice for bulk flows, copy for small or interactive ones.
-            if (h.flags & HF_STREAM) and (h.pipe_r >= 0
-                                          or pipe_get(&self.pipes, h, self.now) == 0):
-                cap = <size_t>self.pipes.size_granted
-                n = splice(src, NULL, h.pipe_w, NULL, cap, SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
-                if n > 0:
-                    h.pipe_len += n
-                    h.spliced += n
-                    self.st_bytes_spliced += n
-                    c.last_ns = self.now
-                    if <size_t>n < self.splice_min:
-                        h.flags &= ~HF_STREAM       # the flow slowed down: copy again
-                    continue
-                if n == 0:
-                    h.flags |= HF_EOF
-                    continue
-                if errno == EAGAIN:
-                    # EAGAIN from splice(socket -> pipe) means "socket empty" *or* "pipe
-                    # full" (16+ skb fragments can fill it far below its byte size).  The
-                    # pipe was flushed to empty above, so here it means the socket is empty.
-                    # Give the pipe back: an idle connection holds no pipe.
-                    pipe_put(&self.pipes, h)
-                    h.flags |= HF_WANT_READ
-                    return 0
-                if errno == EINTR:
-                    continue
-                if errno == EINVAL or errno == ENOSYS:
-                    # splice unsupported for this socket type: copy from now on.
-                    h.flags &= ~HF_STREAM
-                    pipe_put(&self.pipes, h)
-                    continue
-                return self._fail_read(c, d, errno)
-            n = recv(src, self.scratch, SCRATCH_SIZE, MSG_DONTWAIT)
-            if n > 0:
-                h.copied += n
-                self.st_bytes_copied += n
-                c.last_ns = self.now
-                if self.splice_enabled and n >= STREAM_MIN and <size_t>n >= self.splice_min:
-                    h.flags |= HF_STREAM
-                m = send(dst, self.scratch, n, MSG_DONTWAIT | MSG_NOSIGNAL)
-                if m < 0:
-                    if errno != EAGAIN and errno != EINTR:
-                        return self._fail_write(c, d, errno)
-                    m = 0
-                h.nbytes += m
-                self.st_bytes_dir[d] += m
-                if m < n:
-                    h.buf = <char*>malloc(n - m)
-                    if h.buf == NULL:
-                        self._close_conn(c, R_ERROR, ENOMEM, True)
-                        return -1
-                    memcpy(h.buf, self.scratch + m, n - m)
-                    h.buf_off = 0
-                    h.buf_len = <uint32_t>(n - m)
-                    h.flags |= HF_WANT_WRITE
-                    return 0
-                continue
-            if n == 0:
-                h.flags |= HF_EOF
-                continue
-            if errno == EAGAIN:
-                h.flags |= HF_WANT_READ
-                return 0
-            if errno == EINTR:
-                continue
-            return self._fail_read(c, d, errno)
-
-    cdef int _fail_read(self, Conn* c, int d, int err) noexcept nogil:
-        # Reading side d failed: ECONNRESET means that peer reset us; pass the reset on.
-        cdef int reason
-        if err == ECONNRESET or err == EPIPE or err == ECONNABORTED:
-            reason = R_RESET_CLIENT if d == SIDE_CLIENT else R_RESET_ORIGIN
-        else:
-            reason = R_ERROR
-        self._close_conn(c, reason, err, True)
-        return -1
-
-    cdef int _fail_write(self, Conn* c, int d, int err) noexcept nogil:
-        # Writing to side 1-d failed: EPIPE/ECONNRESET mean that peer is gone.
-        cdef int reason
-        if err == ECONNRESET or err == EPIPE or err == ECONNABORTED:
-            reason = R_RESET_ORIGIN if d == SIDE_CLIENT else R_RESET_CLIENT
-        else:
-            reason = R_ERROR
-        self._close_conn(c, reason, err, True)
-        return -1
-
-    cdef void _after_pump(self, Conn* c) noexcept nogil:
-        if (c.half[0].flags & HF_SHUT) and (c.half[1].flags & HF_SHUT):
-            self._close_conn(c, R_EOF, 0, False)
-            return
-        self._arm_side(c, SIDE_CLIENT, self._wanted(c, SIDE_CLIENT))
-        self._arm_side(c, SIDE_UPSTREAM, self._wanted(c, SIDE_UPSTREAM))
-
-    cdef inline uint8_t _wanted(self, Conn* c, int side) noexcept nogil:
-        cdef uint8_t want = 0
-        if c.half[side].flags & HF_WANT_READ:
-            want |= POLL_BIT_IN
-        if c.half[1 - side].flags & HF_WANT_WRITE:
-            want |= POLL_BIT_OUT
-        return want
-
-    cdef void _on_ready(self, Conn* c, int side, bint readable, bint writable) noexcept nogil:
-        cdef uint32_t gen = c.gen
-        if c.state == ST_CONNECTING:
-            if side == SIDE_UPSTREAM and writable:
-                self._finish_connect(c)
-            return
-        if c.state != ST_RELAY:
-            return
-        if readable and (c.half[side].flags & HF_WANT_READ):
-            if self._pump(c, side) < 0:
-                return
-        if writable and (c.half[1 - side].flags & HF_WANT_WRITE):
-            if self._pump(c, 1 - side) < 0:
-                return
-        self._after_pump(c)
-
-    cdef void _finish_connect(self, Conn* c) noexcept nogil:
-        cdef int err = 0
-        cdef sock_len errlen = sizeof(err)
-        if getsockopt(c.fd[SIDE_UPSTREAM], SOL_SOCKET, SO_ERROR, &err, &errlen) < 0:
-            err = errno
-        if err == EINPROGRESS or err == EALREADY:
-            self._arm_side(c, SIDE_UPSTREAM, POLL_BIT_OUT)
-            return
-        if err != 0:
-            self._close_conn(c, connect_reason(err), err, True)
-            return
-        c.state = ST_RELAY
-        c.connect_us = (self.now - c.start_ns) // 1000
-        c.last_ns = self.now
-        cdef Event* ev = self._push_event(EV_CONNECTED_, self._cid(c), c.tag)
-        if ev != NULL:
-            ev.v[0] = <int64_t>c.connect_us
-        self._start_relay(c)
-
-    cdef inline int64_t _cid(self, Conn* c) noexcept nogil:
-        return (<int64_t>(c.gen & 0xFFFFFF) << 32) | <int64_t>(c - self.conns)
-
-    cdef void _close_conn(self, Conn* c, int reason, int err, bint reset) noexcept nogil:
-        cdef int side, i
-        cdef uint32_t idx = <uint32_t>(c - self.conns)
-        self._disarm_all(c)
-        for side in range(2):
-            if reset:
-                set_linger_zero(c.fd[side])
-            close(c.fd[side])
-        if reset:
-            self.st_resets_sent += 1
-        for i in range(2):
-            pipe_put(&self.pipes, &c.half[i])
-            if c.half[i].buf != NULL:
-                free(c.half[i].buf)
-                c.half[i].buf = NULL
-        self.st_closes[reason] += 1
-        cdef Event* ev = self._push_event(EV_DONE_, self._cid(c), c.tag)
-        if ev != NULL:
-            ev.v[0] = reason
-            ev.v[1] = <int64_t>c.half[0].nbytes
-            ev.v[2] = <int64_t>c.half[1].nbytes
-            ev.v[3] = <int64_t>(c.half[0].spliced + c.half[1].spliced)
-            ev.v[4] = <int64_t>(c.half[0].copied + c.half[1].copied)
-            ev.v[5] = <int64_t>((self.now - c.start_ns) // 1000)
-            ev.v[6] = err
-        c.state = ST_FREE
-        c.gen += 1
-        self.free_slots[self.n_free_slots] = idx
-        self.n_free_slots += 1
-        self.n_open -= 1
-
-    # ---------------------------------------------------------------- timers
-
-    cdef void _scan_timers(self) noexcept nogil:
-        cdef uint32_t i
-        cdef Conn* c
-        cdef uint64_t now = self.now
-        cdef uint64_t idle
-        cdef bint one_done
-        self.next_scan = now + self.scan_interval_ns
-        for i in range(self.high_water):
-            c = &self.conns[i]
-            if c.state == ST_FREE:
-                continue
-            if c.state == ST_CONNECTING:
-                if now - c.start_ns >= self.connect_timeout_ns:
-                    self._close_conn(c, R_CONNECT_TIMEOUT, ETIMEDOUT, True)
-                continue
-            idle = now - c.last_ns if now > c.last_ns else 0
-            if (idle >= self.idle_timeout_ns or idle >= self.half_close_timeout_ns) \
-                    and self._kernel_still_sending(c):
-                # Everything we read was handed to the kernel, but a slow peer is still
-                # draining our socket's send queue: that is progress, not idleness.
-                c.last_ns = now
-                continue
-            if idle >= self.idle_timeout_ns:
-                self._close_conn(c, R_IDLE_TIMEOUT, ETIMEDOUT, True)
-                continue
-            one_done = ((c.half[0].flags & HF_SHUT) != 0) != ((c.half[1].flags & HF_SHUT) != 0)
-            if one_done and idle >= self.half_close_timeout_ns:
-                self._close_conn(c, R_HALF_CLOSE_TIMEOUT, ETIMEDOUT, True)
-        for i in range(self.n_listener_slots):
-            if (self.listeners[i].active and self.listeners[i].resume_at
-                    and now >= self.listeners[i].resume_at):
-                self.listeners[i].resume_at = 0
-                if not self.listeners[i].user_paused:
-                    self._listener_arm(i)
-
-    cdef bint _kernel_still_sending(self, Conn* c) noexcept nogil:
-        cdef int q0 = 0, q1 = 0
-        cdef uint32_t total
-        ioctl(c.fd[0], SIOCOUTQ, &q0)
-        ioctl(c.fd[1], SIOCOUTQ, &q1)
-        total = <uint32_t>(q0 + q1)
-        if total == 0 or total == c.outq_seen:
-            c.outq_seen = total
-            return False
-        c.outq_seen = total
-        return True
-
-    cdef void _accept_error(self, int slot, int err) noexcept nogil:
-        cdef Listener* l = &self.listeners[slot]
-        self.st_accept_errors += 1
-        if is_accept_pause_errno(err):
-            self.st_accept_paused += 1
-            l.resume_at = self.now + <uint64_t>l.backoff_ms * 1000000ULL
-            if l.backoff_ms < 1000:
-                l.backoff_ms = l.backoff_ms * 2 if l.backoff_ms * 2 < 1000 else 1000
-            if self.next_scan > l.resume_at:
-                self.next_scan = l.resume_at
-            self._push_event(EV_ACCEPT_ERROR_, l.tag, err)
 
     # ---------------------------------------------------------------- backend dispatch
 

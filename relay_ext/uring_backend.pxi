@@ -109,7 +109,7 @@ cdef void _uring_on_accept(Loop self, uint32_t slot, uint32_t gen, int res,
         l.backoff_ms = 100
         self._push_event(EV_ACCEPT_, l.tag, res)
     elif res != -ECANCELED and res != -ECONNABORTED and res != -EINTR:
-        self._accept_error(slot, -res)
+        _accept_error(self, slot, -res)
     if not l.armed and not l.user_paused and l.resume_at == 0:
         _uring_listener_arm(self, slot)
 
@@ -135,7 +135,7 @@ cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexc
     c.polled[side] &= ~(POLL_BIT_OUT if out else POLL_BIT_IN)
     if res == -ECANCELED:
         return
-    self._on_ready(c, side, not out, out)
+    _on_ready(self, c, side, not out, out)
 
 cdef void _uring_reap(Loop self) noexcept nogil:
     cdef __io_uring* r = &self.ring.ptr

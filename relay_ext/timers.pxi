@@ -1,0 +1,62 @@
+# Timers: one coarse scan over the table (connect, idle and half-close timeouts) and the
+# accept back-off.  Module-level functions over Loop, included after it.
+
+
+cdef void _scan_timers(Loop self) noexcept nogil:
+    cdef uint32_t i
+    cdef Conn* c
+    cdef uint64_t now = self.now
+    cdef uint64_t idle
+    cdef bint one_done
+    self.next_scan = now + self.scan_interval_ns
+    for i in range(self.high_water):
+        c = &self.conns[i]
+        if c.state == ST_FREE:
+            continue
+        if c.state == ST_CONNECTING:
+            if now - c.start_ns >= self.connect_timeout_ns:
+                _close_conn(self, c, R_CONNECT_TIMEOUT, ETIMEDOUT, True)
+            continue
+        idle = now - c.last_ns if now > c.last_ns else 0
+        if (idle >= self.idle_timeout_ns or idle >= self.half_close_timeout_ns) \
+                and _kernel_still_sending(self, c):
+            # Everything we read was handed to the kernel, but a slow peer is still
+            # draining our socket's send queue: that is progress, not idleness.
+            c.last_ns = now
+            continue
+        if idle >= self.idle_timeout_ns:
+            _close_conn(self, c, R_IDLE_TIMEOUT, ETIMEDOUT, True)
+            continue
+        one_done = ((c.half[0].flags & HF_SHUT) != 0) != ((c.half[1].flags & HF_SHUT) != 0)
+        if one_done and idle >= self.half_close_timeout_ns:
+            _close_conn(self, c, R_HALF_CLOSE_TIMEOUT, ETIMEDOUT, True)
+    for i in range(self.n_listener_slots):
+        if (self.listeners[i].active and self.listeners[i].resume_at
+                and now >= self.listeners[i].resume_at):
+            self.listeners[i].resume_at = 0
+            if not self.listeners[i].user_paused:
+                self._listener_arm(i)
+
+cdef bint _kernel_still_sending(Loop self, Conn* c) noexcept nogil:
+    cdef int q0 = 0, q1 = 0
+    cdef uint32_t total
+    ioctl(c.fd[0], SIOCOUTQ, &q0)
+    ioctl(c.fd[1], SIOCOUTQ, &q1)
+    total = <uint32_t>(q0 + q1)
+    if total == 0 or total == c.outq_seen:
+        c.outq_seen = total
+        return False
+    c.outq_seen = total
+    return True
+
+cdef void _accept_error(Loop self, int slot, int err) noexcept nogil:
+    cdef Listener* l = &self.listeners[slot]
+    self.st_accept_errors += 1
+    if is_accept_pause_errno(err):
+        self.st_accept_paused += 1
+        l.resume_at = self.now + <uint64_t>l.backoff_ms * 1000000ULL
+        if l.backoff_ms < 1000:
+            l.backoff_ms = l.backoff_ms * 2 if l.backoff_ms * 2 < 1000 else 1000
+        if self.next_scan > l.resume_at:
+            self.next_scan = l.resume_at
+        self._push_event(EV_ACCEPT_ERROR_, l.tag, err)
