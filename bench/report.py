@@ -97,7 +97,11 @@ def markdown(doc: dict[str, Any]) -> str:
             head = entry[head_key]
             cells = [_fmt(head["median"])] + [_ratio_range(head["ratio"][ref]) for ref in REFERENCES]
             for key, _, _ in values[1:]:
-                cells.append(_fmt(entry[key]["median"], 2 if key == "foreign_cpus" else 3))
+                value = entry[key]["median"]
+                if key == "foreign_cpus":
+                    cells.append("-" if value is None else f"{value:.2f}")
+                else:
+                    cells.append(_fmt(value))
                 if key == "p99_us":
                     cells.append(_ratio_range(entry[key]["ratio"][HAPROXY]))
             if entry["errors"]:
