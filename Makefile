@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 DEB_PACKAGES := nftables iproute2 iperf3 haproxy socat procps util-linux libcap2-bin
 CORE_SRC := $(wildcard relay_ext/*.pyx relay_ext/*.pxd relay_ext/*.pxi relay_ext/includes/*) setup.py
 
-.PHONY: setup build test lint bench demo clean system-packages
+.PHONY: setup build test lint bench bench-quick demo clean system-packages
 
 setup: $(VENV)/.installed build
 
@@ -44,9 +44,13 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check relay bench tests
 	$(VENV)/bin/mypy
+	$(PY) -m pytest -q bench/tests
 
 bench: setup
 	$(PY) -m bench
+
+bench-quick: setup
+	$(PY) -m bench --quick
 
 demo: setup
 	$(PY) -m relay demo
