@@ -22,9 +22,8 @@ def main() -> None:
     parser.add_argument("--maxconn", type=int, default=20000)
     args = parser.parse_args()
     raise_nofile()
-    from relay.server import Server
-
     from relay import config
+    from relay.server import Server
 
     cfg = config.from_dict({
         "relay": {"engine": args.engine, "workers": 1, "maxconn": args.maxconn, "flow_log": False,
