@@ -8,6 +8,7 @@ micro-benchmarks of the core instead.
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import subprocess
 import sys
@@ -64,10 +65,22 @@ def micro(out_dir: Path) -> int:
     """Run bench/micro with pytest-benchmark; its JSON goes to <out>/<date>-<host>-micro.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = time.strftime("%Y-%m-%dT%H%M", time.gmtime()) + "-" + socket.gethostname()
+    json_path = out_dir / (stem + "-micro.json")
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "micro"),
             "--benchmark-columns=min,median,mean,ops,rounds", "--benchmark-sort=name",
-            f"--benchmark-json={out_dir / (stem + '-micro.json')}"]
-    return subprocess.run(argv, cwd=HERE.parent, timeout=600).returncode
+            f"--benchmark-json={json_path}"]
+    rc = subprocess.run(argv, cwd=HERE.parent, timeout=600).returncode
+    if json_path.exists():
+        drop_raw_timings(json_path)
+    return rc
+
+
+def drop_raw_timings(path: Path) -> None:
+    """Keep pytest-benchmark's summary statistics, not every timing (tens of MB of numbers)."""
+    doc = json.loads(path.read_text())
+    for bench in doc.get("benchmarks", []):
+        bench.get("stats", {}).pop("data", None)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
