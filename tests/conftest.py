@@ -23,6 +23,7 @@ from helpers import (
     count_pipes,
     describe_fds,
     relay_config,
+    require_engine,
     wait_until,
 )
 
@@ -61,8 +62,8 @@ def _exit_description(proc: subprocess.CompletedProcess[str]) -> str:
 
 def probe_engines() -> dict[str, str | None]:
     """``relay.engines.available()``, computed in a child process so that a core that crashes
-    while starting (a segfault in a fresh build) becomes a skip reason instead of killing the
-    test run."""
+    while starting (a segfault in a fresh build) fails the engine's tests (helpers.require_engine)
+    instead of killing the whole test run."""
     proc = _run_probe("import json; from relay.engines import available; "
                       "print(json.dumps(available()))")
     if proc.returncode == 0:
@@ -84,11 +85,7 @@ def engine_availability() -> dict[str, str | None]:
 
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest, engine_availability: dict[str, str | None]) -> str:
-    name: str = request.param
-    reason = engine_availability.get(name, "unknown engine")
-    if reason is not None:
-        pytest.skip(f"engine {name} not available: {reason}")
-    return name
+    return require_engine(request.param, engine_availability)
 
 
 @pytest.fixture

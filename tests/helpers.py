@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 LINGER_RST = struct.pack("ii", 1, 0)
 CHUNK = 256 * 1024
 
@@ -405,3 +407,25 @@ def lowest_free_fd() -> int:
         except OSError:
             return fd
         fd += 1
+
+
+# -- engines -------------------------------------------------------------------------------------
+
+# Reasons that mean our own build is broken, not that this kernel lacks a feature: the core
+# does not import, or crashed while starting (conftest.probe_engines, relay.engines.available).
+_BROKEN_CORE = ("relay_ext._core is not importable", "failed in a child process")
+
+
+def require_engine(name: str, availability: dict[str, str | None]) -> str:
+    """``name`` if that engine runs here; skip when the kernel lacks what it needs (io_uring
+    disabled, seccomp), fail when the core itself is broken: that is a bug, not a host limit."""
+    reason = availability.get(name, "unknown engine")
+    if reason is None:
+        return name
+    if core_broken(reason):
+        pytest.fail(f"engine {name} is broken: {reason}")
+    pytest.skip(f"engine {name} not available: {reason}")
+
+
+def core_broken(reason: str | None) -> bool:
+    return reason is not None and any(marker in reason for marker in _BROKEN_CORE)

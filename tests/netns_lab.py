@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import pytest
 from netns import CommandFailed, Topology, require_netns
 
 from relay.demo import read_line, serve_connection
@@ -30,14 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 ENGINES = ("uring", "epoll", "asyncio")  # every engine the network tests run the relay with
-
-
-def engine_or_skip(name: str, availability: dict[str, str | None]) -> str:
-    """``name`` if that engine can run here (conftest's ``engine_availability``), else skip."""
-    reason = availability.get(name, "unknown engine")
-    if reason is not None:
-        pytest.skip(f"engine {name} not available: {reason}")
-    return name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import require_engine
 from netns import Topology, require_netns
 from netns_lab import (
     ENGINES,
@@ -21,7 +22,6 @@ from netns_lab import (
     LabEnv,
     RelayProcess,
     connect_refused,
-    engine_or_skip,
     open_flow,
     relay_config,
     running_lab,
@@ -44,7 +44,7 @@ def env(
     engine_availability: dict[str, str | None],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LabEnv]:
-    engine = engine_or_skip(request.param, engine_availability)
+    engine = require_engine(request.param, engine_availability)
     binds = [(d, p) for d in (*Lab.dests4, *Lab.dests6) for p in (*PORTS, EXHAUST_PORT)]
     counters = syn_counters([(Lab.egress4, *SLICE), (Lab.egress6, *SLICE)])
     config = relay_config(engine, SLICE, connect_timeout=1.0)

@@ -13,13 +13,13 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from helpers import require_engine
 from netns import Topology, require_netns
 from netns_lab import (
     ENGINES,
     Lab,
     LabEnv,
     connect_refused,
-    engine_or_skip,
     open_flow,
     relay_config,
     running_lab,
@@ -42,7 +42,7 @@ def env(
     engine_availability: dict[str, str | None],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LabEnv]:
-    engine = engine_or_skip(request.param, engine_availability)
+    engine = require_engine(request.param, engine_availability)
     config = relay_config(
         engine,
         SLICE,
