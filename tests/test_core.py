@@ -11,7 +11,6 @@ import hashlib
 import os
 import select
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from helpers import count_fds, reset, unanswered_backend
 
 import relay_ext._core as core  # built by `make test`: a missing core is a failure, not a skip
 
@@ -49,10 +49,6 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
         outer = socket.create_connection(srv.getsockname())
         inner, _ = srv.accept()
     return outer, inner
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @dataclass
@@ -109,7 +105,7 @@ class Driver:
 @pytest.fixture
 def make_loop() -> Iterator:
     drivers: list[Driver] = []
-    base = open_fds()
+    base = count_fds()
 
     def factory(backend: str, **kw) -> Driver:
         d = Driver(Loop(backend, **kw))
@@ -122,9 +118,9 @@ def make_loop() -> Iterator:
         d.close()
     # every fd the loops owned (ring, pipes, sockets) is gone
     deadline = time.monotonic() + 2
-    while open_fds() > base and time.monotonic() < deadline:
+    while count_fds() > base and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert open_fds() <= base
+    assert count_fds() <= base
 
 
 def relay_pair(drv: Driver, **kw) -> tuple[socket.socket, socket.socket, int]:
@@ -223,11 +219,6 @@ def test_half_close_origin_first(make_loop, backend: str) -> None:
     origin.close()
 
 
-def hard_reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 def sees_reset(sock: socket.socket, timeout: float = 5.0) -> bool:
     sock.settimeout(timeout)
     try:
@@ -246,7 +237,7 @@ def test_reset_reaches_the_other_side_as_reset(make_loop, backend: str, who: str
     resetter, other = (client, origin) if who == "client" else (origin, client)
     resetter.sendall(b"partial")
     assert other.recv(100) == b"partial"
-    hard_reset(resetter)
+    reset(resetter)
     assert sees_reset(other), "a truncated stream must not look like a clean close"
     assert REASONS[drv.wait_done()[0][3]] == f"reset_{who}"
     other.close()
@@ -287,30 +278,18 @@ def test_refused_upstream_resets_client(make_loop, backend: str) -> None:
     client.close()
 
 
-def blackhole_upstream() -> tuple[socket.socket, list[socket.socket]]:
-    """A connect that never completes: a listener whose accept queue is full drops SYNs."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
-    fillers = []
-    for _ in range(3):
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(srv.getsockname())
-        fillers.append(f)
-    time.sleep(0.1)
-    up = socket.socket()
-    up.setblocking(False)
-    up.connect_ex(srv.getsockname())
-    fillers.append(srv)
-    return up, fillers
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_connect_timeout(make_loop, backend: str) -> None:
     drv = make_loop(backend, connect_timeout_ms=300)
     client, relay_c = tcp_pair()
-    up, keep = blackhole_upstream()
+    blackhole = unanswered_backend()
+    if blackhole is None:
+        pytest.skip("cannot make a loopback backend that drops SYNs (accept queue overflow)")
+    listener, fillers = blackhole
+    keep = [listener, *fillers]
+    up = socket.socket()
+    up.setblocking(False)
+    up.connect_ex(listener.getsockname())
     t0 = time.monotonic()
     drv.call(drv.loop.add_pair, relay_c.detach(), up.detach(), 0, True, b"")
     ev = drv.wait_done(timeout=5)[0]
