@@ -16,6 +16,7 @@ cdef enum:
     HF_STREAM = 4       # a bulk flow: move it with splice through a pipe
     HF_WANT_READ = 8    # waiting for the source to become readable
     HF_WANT_WRITE = 16  # bytes pending for the destination, waiting for it to drain
+    HF_NO_SPLICE = 32   # splice(2) refused these sockets (EINVAL/ENOSYS): always copy
 
 # Close reasons: the index into REASONS.
 cdef enum:

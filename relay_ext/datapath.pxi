@@ -10,6 +10,13 @@ cdef void _start_relay(Loop self, Conn* c) noexcept nogil:
         return
     _after_pump(self, c)
 
+cdef inline void _delivered(Loop self, Conn* c, int d, ssize_t n) noexcept nogil:
+    """n bytes of direction d reached the destination socket."""
+    c.half[d].nbytes += n
+    self.st_bytes_dir[d] += n
+    c.last_ns = self.now
+
+
 cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
     """Move what can move in direction d without blocking.  -1: the pair was closed."""
     cdef Half* h = &c.half[d]
@@ -34,9 +41,7 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
                     continue
                 return _fail_write(self, c, d, errno)
             h.buf_off += n
-            h.nbytes += n
-            self.st_bytes_dir[d] += n
-            c.last_ns = self.now
+            _delivered(self, c, d, n)
             if h.buf_off < h.buf_len:
                 h.flags |= HF_WANT_WRITE
                 return 0
@@ -56,9 +61,7 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
                     continue
                 return _fail_write(self, c, d, errno)
             h.pipe_len -= n
-            h.nbytes += n
-            self.st_bytes_dir[d] += n
-            c.last_ns = self.now
+            _delivered(self, c, d, n)
             if h.pipe_len:
                 h.flags |= HF_WANT_WRITE
                 return 0
@@ -102,8 +105,8 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
             if errno == EINTR:
                 continue
             if errno == EINVAL or errno == ENOSYS:
-                # splice unsupported for this socket type: copy from now on.
-                h.flags &= ~HF_STREAM
+                # splice unsupported for this socket type: copy for the rest of this flow.
+                h.flags = (h.flags & ~HF_STREAM) | HF_NO_SPLICE
                 pipe_put(&self.pipes, h)
                 continue
             return _fail_read(self, c, d, errno)
@@ -112,15 +115,15 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
             h.copied += n
             self.st_bytes_copied += n
             c.last_ns = self.now
-            if self.splice_enabled and n >= STREAM_MIN and <size_t>n >= self.splice_min:
+            if (self.splice_enabled and not (h.flags & HF_NO_SPLICE) and n >= STREAM_MIN
+                    and <size_t>n >= self.splice_min):
                 h.flags |= HF_STREAM
             m = send(dst, self.scratch, n, MSG_DONTWAIT | MSG_NOSIGNAL)
             if m < 0:
                 if errno != EAGAIN and errno != EINTR:
                     return _fail_write(self, c, d, errno)
                 m = 0
-            h.nbytes += m
-            self.st_bytes_dir[d] += m
+            _delivered(self, c, d, m)
             if m < n:
                 h.buf = <char*>malloc(n - m)
                 if h.buf == NULL:
