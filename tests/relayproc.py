@@ -237,7 +237,8 @@ class RelayProcess:
 
     def __init__(self, directory: Path, config: str, *, name: str = "relay",
                  prefix: list[str] | None = None,
-                 env: dict[str, str | None] | None = None) -> None:
+                 env: dict[str, str | None] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.dir = directory
         self.config_path = directory / f"{name}.toml"
         self.config_path.write_text(config)
@@ -255,7 +256,7 @@ class RelayProcess:
             self.proc = subprocess.Popen(
                 [*(prefix or []), PYTHON, "-m", "relay", "run", "-c", str(self.config_path)],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=full_env,
+                start_new_session=True, env=full_env, preexec_fn=preexec,
             )
         self.pid = self.proc.pid
         self.lines: queue.Queue[str] = queue.Queue()
