@@ -26,7 +26,6 @@ import queue
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -38,12 +37,12 @@ from importlib import resources
 from typing import Any
 
 from relay.flowlog import format_addr
+from relay.sock import arm_reset
 
 __all__ = ["main", "read_line", "serve_connection", "serve_origin", "transfer"]
 
 MIB = 1 << 20
 CHUNK = MIB  # one send()/recv_into() call moves up to this much
-_LINGER_RST = struct.pack("ii", 1, 0)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,7 +62,7 @@ def serve_connection(conn: socket.socket, reset: bool = False) -> None:
         buf = bytearray(CHUNK)
         if reset:  # read something, then abort: the relay must pass the RST on
             conn.recv_into(buf)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            arm_reset(conn)
             return
         total = 0
         while n := conn.recv_into(buf):
@@ -267,7 +266,7 @@ def _ending_badly(listeners: dict[str, tuple[str, int]]) -> None:
     with socket.create_connection(listeners["main"], timeout=5) as sock:  # client aborts
         read_line(sock)
         sock.sendall(b"x" * 1000)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        arm_reset(sock)
     for name in ("flaky", "dead"):  # the origin aborts; nobody listens at the backend
         with contextlib.suppress(OSError), socket.create_connection(listeners[name], 5) as sock:
             sock.sendall(b"x" * 1000)

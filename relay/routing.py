@@ -37,7 +37,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,7 @@ from relay.egress import Egress, EgressTable, SliceViolation, bind_upstream, che
 from relay.log import log_every
 from relay.policy import REASONS as POLICY_REASONS
 from relay.policy import NetworkSet, Policy
-from relay.sock import UNIX_PREFIX, original_destination, parse_hostport
+from relay.sock import UNIX_PREFIX, original_destination, parse_hostport, reset_and_close
 
 __all__ = ["REASONS", "Denied", "Router", "SliceExhausted", "Upstream"]
 
@@ -67,7 +66,6 @@ REASONS = (
 _EXHAUSTED_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 _CONNECT_PENDING = frozenset({0, errno.EINPROGRESS})
 _MAPPED_V4_PREFIX = "::ffff:"
-_LINGER_RST = struct.pack("ii", 1, 0)
 _LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind (relay.log.log_every)
 
 
@@ -105,12 +103,6 @@ class Upstream:
     dest: tuple
     egress: tuple | None = None
     egress_address: str | None = None
-
-
-def _abort(sock: socket.socket) -> None:
-    """Close with SO_LINGER {1, 0}: a connection already under way ends with an RST."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    sock.close()
 
 
 def _unmap(ip: str) -> str:
@@ -329,13 +321,13 @@ class Router:
                         log, f"slice_violation {egress.address}", _LOG_INTERVAL,
                         "egress slice violation: %s; client reset", exc,
                     )
-                    _abort(sock)
+                    reset_and_close(sock)
                     raise Denied("slice_violation", str(exc)) from None
             elif sock.getsockname()[0] == ip:
                 # The kernel sources a connection to one of this host's own addresses from
                 # that same address (its local route's preferred source): the destination is
                 # this host, e.g. a wildcard listener's port. Relaying would loop.
-                _abort(sock)
+                reset_and_close(sock)
                 raise Denied("own_address", f"destination {ip}:{port} is this host")
         except BaseException:
             sock.close()

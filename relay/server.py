@@ -21,7 +21,6 @@ import itertools
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from relay.engines.constants import (
 from relay.flowlog import log_flow
 from relay.log import log_every
 from relay.routing import Denied, Router
-from relay.sock import UNIX_PREFIX, open_listener
+from relay.sock import UNIX_PREFIX, open_listener, reset_and_close
 
 __all__ = ["CONNECT_BUCKETS", "Server"]
 
@@ -54,17 +53,7 @@ _POLL_MS = 100  # longest wait in loop.run(): bounds how late a stop request is 
 _STATS_REFRESH_S = 0.25  # loop.stats() snapshot age limit for stats() from other threads
 _ABORT_GRACE_S = 2.0  # after aborting the rest at the drain deadline, wait this long for EV_DONE
 _LIMIT_LOG_INTERVAL_S = 10.0
-_LINGER_RST = struct.pack("ii", 1, 0)
 _server_ids = itertools.count(1)  # rate-limited log keys per Server (id() values get reused)
-
-
-def _reset_and_close(sock: socket.socket) -> None:
-    """Close with SO_LINGER {1, 0}: the kernel answers with an RST, not a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    except OSError:
-        pass
-    sock.close()
 
 
 @dataclass(slots=True, eq=False)
@@ -366,14 +355,14 @@ class Server:
             self._denied[exc.reason] = self._denied.get(exc.reason, 0) + 1
             # In tproxy mode the local address is where the client was going: log it.
             dest = _local_address(client) if router.mode == "tproxy" else None
-            _reset_and_close(client)
+            reset_and_close(client)
             self._log_unrelayed(lst, peer, dest, "denied_" + exc.reason, 0)
             return
         except OSError as exc:
             err = exc.errno or 0
             reason = REASONS[connect_failure_reason(err)]
             self._closed_by_reason[reason] += 1
-            _reset_and_close(client)
+            reset_and_close(client)
             if err in ACCEPT_PAUSE_ERRNOS:
                 # Out of descriptors/memory after accept() worked (io_uring's accept keeps the
                 # RLIMIT_NOFILE it read when armed): new clients are refused fast, logged once.
@@ -388,8 +377,8 @@ class Server:
             cid = self._loop.add_pair(client_fd, up.fd, tag, up.connecting, up.prefix)
         except (OSError, ValueError) as exc:
             # The pair was refused (table full...): the fds are still ours.
-            _reset_and_close(socket.socket(fileno=client_fd))
-            _reset_and_close(socket.socket(fileno=up.fd))
+            reset_and_close(socket.socket(fileno=client_fd))
+            reset_and_close(socket.socket(fileno=up.fd))
             log_every(log, "add_pair failed", _LIMIT_LOG_INTERVAL_S,
                       "listener %s: engine refused a pair: %s; client reset", lst.name, exc)
             self._closed_by_reason["error"] += 1
@@ -406,7 +395,7 @@ class Server:
 
     def _reject(self, client: socket.socket, lst: _Listener, limit: str, peer: Any) -> None:
         self._rejected[limit] += 1
-        _reset_and_close(client)
+        reset_and_close(client)
         log_every(log, f"rejected {limit}", _LIMIT_LOG_INTERVAL_S,
                   "listener %s: %s reached (%d); client %s reset", lst.name, limit,
                   self._maxconn if limit == "maxconn" else self._maxconn_per_source, peer)

@@ -55,6 +55,25 @@ _SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port (net order
 _SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # family, port, flowinfo, addr, scope id
 
 
+LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER {on, 0 s}: close() sends an RST, not a FIN
+
+
+def arm_reset(sock: socket.socket) -> bool:
+    """Make the next close() of `sock` send an RST: the peer must see a truncated stream as
+    a reset, never as a clean end of data. False when the socket is already gone."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    except OSError:
+        return False
+    return True
+
+
+def reset_and_close(sock: socket.socket) -> None:
+    """Close `sock` with an RST (SO_LINGER {1, 0})."""
+    arm_reset(sock)
+    sock.close()
+
+
 def parse_hostport(text: str, *, allow_hostname: bool = False) -> tuple[str, int]:
     """ "HOST:PORT" or "[V6]:PORT" -> (host, port), port 0 allowed (a listener on any port).
 

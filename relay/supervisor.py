@@ -33,7 +33,6 @@ import select
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 from collections import deque
@@ -44,6 +43,7 @@ import msgspec
 
 from relay import privs, systemd
 from relay.heartbeat import Heartbeat
+from relay.sock import arm_reset
 from relay.worker import BootFailed, Serving, StatsReport, decode, run_worker
 
 __all__ = ["Supervisor", "run"]
@@ -125,7 +125,7 @@ class AcceptQueueWatch:
         try:
             with socket.socket(sock.family, socket.SOCK_STREAM) as probe:
                 # Linger {1, 0}: close() answers with an RST, right after the handshake.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                arm_reset(probe)
                 probe.settimeout(0.2)
                 probe.connect((host, port))
         except OSError as exc:

@@ -27,7 +27,6 @@ import logging
 import os
 import selectors
 import socket
-import struct
 import time
 from typing import Any
 
@@ -50,25 +49,16 @@ from relay.engines.constants import (
     REASONS,
     connect_failure_reason,
 )
+from relay.sock import arm_reset
 
 __all__ = ["AioLoop", "REASONS"]
 
 log = logging.getLogger("relay.engines.aio")
 
-# SO_LINGER {on, 0 s}: close() discards unsent data and sends an RST.
-_LINGER_RST = struct.pack("ii", 1, 0)
 # Errors on an established socket that mean "the peer reset the connection".
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 _CLOSED_KEYS = tuple(f"closed_{name}" for name in REASONS)  # per-reason counters, as the core
 _ACCEPT_BATCH = 64  # accepts per readiness callback: fairness with the established pairs
-
-
-def _set_rst_on_close(sock: Any) -> bool:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    except OSError:
-        return False  # already closed or not a socket any more: nothing to reset
-    return True
 
 
 class _PrivateEventLoop(asyncio.SelectorEventLoop):
@@ -165,7 +155,7 @@ def _reset_raw_sockets(pair: _Pair) -> None:
     """Before any transport exists: RST-close both raw sockets and mark both halves lost."""
     for sock in (pair.client_sock, pair.upstream_sock):
         if sock is not None:
-            _set_rst_on_close(sock)
+            arm_reset(sock)
             sock.close()
     pair.client_sock = pair.upstream_sock = None
     pair.client.lost = pair.origin.lost = True
@@ -527,7 +517,7 @@ class AioLoop:
             return
         for h in (pair.client, pair.origin):
             if not h.lost:
-                if _set_rst_on_close(h.transport.get_extra_info("socket")):
+                if arm_reset(h.transport.get_extra_info("socket")):
                     self._stats["resets_sent"] += 1
                 h.transport.abort()
 
