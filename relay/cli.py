@@ -390,14 +390,7 @@ def cmd_nft(args: argparse.Namespace) -> int:
     nft = _import_optional("relay.nft", "relay nft")
     if nft is None:
         return EXIT_FAIL
-    argv = ["-c", args.config]
-    for iface in args.ingress:
-        argv += ["--ingress", iface]
-    if args.apply:
-        argv.append("--apply")
-    if args.remove:
-        argv.append("--remove")
-    return int(nft.main(argv))
+    return int(nft.main(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -276,11 +276,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: Sequence[str] | None = None) -> int:
-    """`relay nft -c FILE [--ingress IFACE]... [--apply | --remove]`; returns the exit status."""
+def main(args: Sequence[str] | argparse.Namespace | None = None) -> int:
+    """`relay nft -c FILE [--ingress IFACE]... [--apply | --remove]`; returns the exit status.
+
+    `args`: the argument strings, or the namespace `relay nft` (relay.cli) already parsed."""
     from relay.config import ConfigError, load
 
-    opts = _parser().parse_args(args)
+    opts = args if isinstance(args, argparse.Namespace) else _parser().parse_args(args)
     try:
         cfg = load(opts.config)
     except (ConfigError, OSError) as exc:
