@@ -22,9 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import queue
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,79 +29,31 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 from relay.flowlog import format_addr
+from relay.lab.netlab import syn_counters, three_hosts
+from relay.lab.netns import Topology, netns_unavailable_reason
+from relay.lab.origins import read_line, serve_origin, split_hostport
+from relay.lab.process import (
+    PYTHON,
+    SOURCE_ROOT,
+    ReadyProcess,
+    RelayProcess,
+    child_env,
+    flow_records,
+)
 from relay.sock import arm_reset
 
-__all__ = ["main", "read_line", "serve_connection", "serve_origin", "transfer"]
+__all__ = ["main", "run_client", "transfer"]
 
 MIB = 1 << 20
 CHUNK = MIB  # one send()/recv_into() call moves up to this much
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _split(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-# -- the origin: "SEEN <peer> <local>", read to EOF, "BYTES <n>" -----------------------------
-
-
-def serve_connection(conn: socket.socket, reset: bool = False) -> None:
-    """The origin's side of one connection (the demo's and the network tests' origin)."""
-    with conn:
-        peer, local = conn.getpeername(), conn.getsockname()
-        conn.sendall(f"SEEN {format_addr(peer)} {format_addr(local)}\n".encode())
-        buf = bytearray(CHUNK)
-        if reset:  # read something, then abort: the relay must pass the RST on
-            conn.recv_into(buf)
-            arm_reset(conn)
-            return
-        total = 0
-        while n := conn.recv_into(buf):
-            total += n
-        conn.sendall(f"BYTES {total}\n".encode())
-
-
-def serve_origin(specs: Sequence[str]) -> None:
-    """Listen on each "HOST:PORT" (port 0: any; suffix "/reset": abort every connection),
-    print "READY addr..." and serve until killed."""
-    bound = []
-    for spec in specs:
-        text, _, mode = spec.partition("/")
-        host, port = _split(text)
-        lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind((host, port))
-        lsock.listen(256)
-        bound.append(format_addr(lsock.getsockname()))
-
-        def accept_loop(lsock: socket.socket = lsock, reset: bool = mode == "reset") -> None:
-            while True:
-                conn, _ = lsock.accept()
-                threading.Thread(target=serve_connection, args=(conn, reset), daemon=True).start()
-
-        threading.Thread(target=accept_loop, daemon=True).start()
-    print("READY " + " ".join(bound), flush=True)
-    threading.Event().wait()
 
 
 # -- the client ---------------------------------------------------------------------------------
-
-
-def read_line(sock: socket.socket) -> list[str]:
-    """One line from the origin, split in words."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"closed before a full line ({data!r})")
-        data += chunk
-    return data.decode().split()
 
 
 def transfer(dest: tuple[str, int], nbytes: int, timeout: float = 20.0) -> dict[str, Any]:
@@ -146,7 +95,7 @@ def run_client(dests: Sequence[str], nbytes: int, per_dest: int) -> dict[str, An
         with lock:
             results.append(res)
 
-    threads = [threading.Thread(target=one, args=(_split(d),)) for d in dests
+    threads = [threading.Thread(target=one, args=(split_hostport(d),)) for d in dests
                for _ in range(per_dest)]
     started = time.perf_counter()
     for t in threads:
@@ -161,72 +110,16 @@ def run_client(dests: Sequence[str], nbytes: int, per_dest: int) -> dict[str, An
 # -- processes ----------------------------------------------------------------------------------
 
 
-class Proc:
-    """A child process in its own session; ``ready`` is its first stdout line starting with
-    READY. ``stop()`` ends it and everything it forked (its session), never anything else."""
-
-    def __init__(self, argv: Sequence[str], name: str, timeout: float = 20.0,
-                 env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
-            env=env, cwd=_REPO,
-        )
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump_err, daemon=True).start()
-        threading.Thread(target=self._pump_out, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    tail = " | ".join(self.stderr[-3:]) or "no output"
-                    raise RuntimeError(f"{name} did not start: {tail}") from None
-                continue
-            if line.startswith("READY"):
-                self.ready = line
-                return
-
-    def _pump_out(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def _pump_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line.rstrip("\n"))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind in its session
-        self.proc.wait(5)
-
-
 def _python(*args: str) -> list[str]:
-    return [sys.executable, "-m", *args]
+    return [PYTHON, "-m", *args]
 
 
 def _flows(log_path: str) -> list[dict[str, Any]]:
-    out = []
-    with contextlib.suppress(FileNotFoundError), open(log_path) as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                rec = json.loads(line)
-                if rec.get("logger") == "relay.flow":
-                    out.append(rec)
-    return out
+    try:
+        with open(log_path) as f:
+            return flow_records(f)
+    except FileNotFoundError:
+        return []
 
 
 def _engine_line(log_path: str) -> str:
@@ -239,10 +132,11 @@ def _engine_line(log_path: str) -> str:
     return "?"
 
 
-def _listeners(ready: str) -> dict[str, tuple[str, int]]:
-    """'READY pid=1 listeners=main=127.0.0.1:4000,b=...' -> {"main": ("127.0.0.1", 4000)}."""
-    text = ready.split("listeners=", 1)[1].split()[0]
-    return {name: _split(addr) for name, addr in (p.split("=", 1) for p in text.split(","))}
+def _started(procs: list[Any], proc: Any) -> Any:
+    """``proc`` once it printed READY; it is in ``procs`` (stopped by the caller) either way."""
+    procs.append(proc)
+    proc.wait_ready(20)
+    return proc
 
 
 # -- part 1: loopback ---------------------------------------------------------------------------
@@ -252,13 +146,16 @@ def _gbit(res: dict[str, Any]) -> float:
     return float(res["origin_got"]) * 8 / res["seconds"] / 1e9
 
 
-def _streams_proxy(backend: tuple[str, int]) -> Proc | str:
+def _streams_proxy(procs: list[Any], backend: tuple[str, int]) -> ReadyProcess | str:
     """The baseline: bench's plain asyncio streams proxy, or why it can't run."""
-    # Started with cwd=_REPO, so `-m bench...` finds it exactly when the source tree is there.
-    if not os.path.exists(os.path.join(_REPO, "bench", "competitors", "asyncio_streams.py")):
+    # Started in SOURCE_ROOT, so `-m bench...` finds it exactly when the source tree is there.
+    if not os.path.exists(os.path.join(SOURCE_ROOT, "bench", "competitors",
+                                       "asyncio_streams.py")):
         return "bench/ (the source tree) not found"
-    return Proc(_python("bench.competitors.asyncio_streams", "--listen", "127.0.0.1:0",
-                        "--backend", format_addr(backend)), "asyncio streams proxy")
+    proxy: ReadyProcess = _started(procs, ReadyProcess(
+        _python("bench.competitors.asyncio_streams", "--listen", "127.0.0.1:0", "--backend",
+                format_addr(backend)), name="asyncio streams proxy"))
+    return proxy
 
 
 def _ending_badly(listeners: dict[str, tuple[str, int]]) -> None:
@@ -277,12 +174,12 @@ def _ending_badly(listeners: dict[str, tuple[str, int]]) -> None:
 def part1(workdir: str, nbytes: int, rounds: int) -> dict[str, Any]:
     from relay.config import dumps, from_dict
 
-    procs: list[Proc] = []
+    procs: list[Any] = []
     try:
-        origin = Proc(_python("relay.demo", "--serve-origin", "127.0.0.1:0", "127.0.0.1:0/reset"),
-                      "origin")
-        procs.append(origin)
-        sink, flaky = (_split(a) for a in origin.ready.split()[1:])
+        origin = _started(procs, ReadyProcess(
+            _python("relay.demo", "--serve-origin", "127.0.0.1:0", "127.0.0.1:0/reset"),
+            name="origin"))
+        sink, flaky = (split_hostport(a) for a in origin.ready.split()[1:])
         with socket.socket() as hole:  # bound, never listening: connecting to it is refused
             hole.bind(("127.0.0.1", 0))
             dead = hole.getsockname()
@@ -298,14 +195,12 @@ def part1(workdir: str, nbytes: int, rounds: int) -> dict[str, Any]:
             path = os.path.join(workdir, "part1.toml")
             with open(path, "w") as f:
                 f.write(dumps(cfg, comments=False))
-            relay = Proc(_python("relay", "run", "-c", path), "relay")
+            relay = RelayProcess(path)
             procs.append(relay)
-            listeners = _listeners(relay.ready)
-            baseline = _streams_proxy(sink)
-            if isinstance(baseline, Proc):
-                procs.append(baseline)
+            listeners = relay.wait_ready(20)
+            baseline = _streams_proxy(procs, sink)
             paths = {"direct": sink, "relay": listeners["main"]}
-            if isinstance(baseline, Proc):
+            if isinstance(baseline, ReadyProcess):
                 paths["asyncio streams proxy"] = ("127.0.0.1", int(baseline.ready.split()[1]))
             best: dict[str, float] = {}
             for _ in range(rounds):  # interleaved: machine noise hits every path alike
@@ -356,115 +251,42 @@ DESTINATIONS = ("198.51.100.10:80", "198.51.100.11:443", "198.51.100.12:8080",
                 "[2001:db8:100::10]:443")
 
 
-def netns_unavailable() -> str | None:
-    """Why part 2 cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, nftables TPROXY); run `sudo make demo`"
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (Debian: apt-get install iproute2 nftables)"
-    return None
-
-
-def _ip(*args: str) -> None:
-    res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
-    if res.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {res.stderr.strip()}")
-
-
-@contextlib.contextmanager
-def _namespaces(prefix: str) -> Iterator[dict[str, str]]:
-    """client <-> relay <-> origin, the same addressing as the tests (documentation ranges)."""
-    names = {role: f"{prefix}{role}" for role in ("client", "relay", "origin")}
-    made: list[str] = []
-    try:
-        for ns in names.values():
-            _ip("netns", "add", ns)
-            made.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0", "net.ipv4.tcp_tw_reuse=1")
-        c, r, o = names["client"], names["relay"], names["origin"]
-        _ip("-n", c, "link", "add", "eth0", "type", "veth", "peer", "name", "in0", "netns", r)
-        _ip("-n", r, "link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns", o)
-        for ns, dev, addrs in ((c, "eth0", ("192.0.2.2/28", "2001:db8:1::2/64")),
-                               (r, "in0", ("192.0.2.1/28", "2001:db8:1::1/64")),
-                               (r, "out0", ("192.0.2.17/28", "2001:db8:2::1/64")),
-                               (o, "eth0", ("192.0.2.18/28", "2001:db8:2::2/64"))):
-            for addr in addrs:
-                _ip("-n", ns, "addr", "add", addr, "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-        for ns, via in ((c, "192.0.2.1"), (c, "2001:db8:1::1"), (r, "192.0.2.18"),
-                        (r, "2001:db8:2::2")):
-            _ip("-n", ns, "route", "add", "default", "via", via)
-        # Replies to the soft-unicast addresses go back to the relay host.
-        _ip("-n", o, "route", "add", "203.0.113.0/24", "via", "192.0.2.17")
-        _ip("-n", o, "route", "add", "2001:db8:7::/48", "via", "2001:db8:2::1")
-        for dest in DESTINATIONS:
-            host = _split(dest)[0]
-            _ip("-n", o, "addr", "add", host + ("/128" if ":" in host else "/32"), "dev", "lo")
-        yield names
-    finally:
-        for ns in reversed(made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-
-
-def _syn_counters(egress: Sequence[Any]) -> str:
-    """nft for the origin host: count SYNs from a configured (address, slice) vs all others."""
-    rules = "".join(
-        f"        tcp flags & (syn | ack) == syn {'ip6' if ':' in e.address else 'ip'} saddr "
-        f'{e.address} tcp sport {e.ports} counter name "from_slice" accept\n'
-        for e in egress
-    )
-    return ("table inet origin {\n    counter from_slice { }\n    counter elsewhere { }\n"
-            "    chain input {\n        type filter hook input priority filter; policy accept;\n"
-            f'{rules}        tcp flags & (syn | ack) == syn counter name "elsewhere"\n    }}\n}}\n')
-
-
-def _counter(ns: str, name: str) -> int:
-    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "counter", "inet", "origin",
-                          name], capture_output=True, text=True, timeout=10, check=True).stdout
-    words = out.split()
-    return int(words[words.index("packets") + 1])
-
-
 def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
     from relay.config import load
 
     config = str(resources.files("relay") / "data" / "demo.toml")
     egress = load(config, environ={}).egress
+    slices = [(e.address, int(e.ports.split("-")[0]), int(e.ports.split("-")[-1]))
+              for e in egress]
     log_path = os.path.join(workdir, "relay-part2.log")
-    env = dict(os.environ, RELAY_LOG_FILE=log_path, PYTHONPATH=_REPO)
-    procs: list[Proc] = []
-    with _namespaces(f"rlyd-{os.getpid()}-") as ns:
-        def inside(role: str, *argv: str) -> list[str]:
-            return ["ip", "netns", "exec", ns[role], *argv]
-
+    env: dict[str, str | None] = {"RELAY_LOG_FILE": log_path}
+    procs: list[Any] = []
+    # The lab of the network tests (relay/lab/netlab.py), under the demo's own prefix.
+    with Topology(prefix=f"rlyd-{os.getpid()}-") as topo:
+        lab = three_hosts(topo)
         try:
-            counters = subprocess.run(inside("origin", "nft", "-f", "-"), input=_syn_counters(egress),
-                                      capture_output=True, text=True, timeout=10)
-            if counters.returncode != 0:
-                raise RuntimeError(f"origin nft counters: {counters.stderr.strip()}")
-            procs.append(Proc(inside("origin", *_python("relay.demo", "--serve-origin",
-                                                        *DESTINATIONS)), "origin", env=env))
-            rules = subprocess.run(
-                inside("relay", *_python("relay", "nft", "-c", config, "--ingress", "in0",
-                                         "--apply")),
-                capture_output=True, text=True, timeout=30, env=env, cwd=_REPO)
+            topo.nft(lab.origin, syn_counters(slices))
+            _started(procs, ReadyProcess(_python("relay.demo", "--serve-origin", *DESTINATIONS),
+                                         name="origin", netns=lab.origin, env=env))
+            rules = topo.run(lab.relay, _python("relay", "nft", "-c", config, "--ingress",
+                                                lab.relay_ingress, "--apply"), check=False)
             if rules.returncode != 0:
                 raise RuntimeError(f"relay nft --apply: {rules.stderr.strip()}")
-            procs.append(Proc(inside("relay", *_python("relay", "run", "-c", config)), "relay",
-                              env=env))
+            relay = RelayProcess(config, netns=lab.relay, env=env)
+            procs.append(relay)
+            relay.wait_ready(20)
             client = subprocess.run(
-                inside("client", *_python("relay.demo", "--bytes", str(nbytes), "--per-dest",
-                                          str(per_dest), "--run-client", *DESTINATIONS)),
-                capture_output=True, text=True, timeout=60, env=env, cwd=_REPO)
+                ["ip", "netns", "exec", lab.client,
+                 *_python("relay.demo", "--bytes", str(nbytes), "--per-dest", str(per_dest),
+                          "--run-client", *DESTINATIONS)],
+                capture_output=True, text=True, timeout=60, env=child_env(env), cwd=SOURCE_ROOT)
             if client.returncode != 0:
                 raise RuntimeError(f"client: {client.stderr.strip()[-500:]}")
             report = json.loads(client.stdout)
             results, wall = report["results"], report["wall"]
-            procs[-1].stop()  # the relay: drain and log every flow
-            syns = {name: _counter(ns["origin"], name) for name in ("from_slice", "elsewhere")}
+            relay.stop()  # SIGTERM: drain and log every flow
+            syns = {name: topo.nft_counter(lab.origin, "inet", "origin", name)[0]
+                    for name in ("in_slice", "outside")}
         finally:
             for proc in reversed(procs):
                 proc.stop()
@@ -486,8 +308,8 @@ def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
     return {
         "egress": [f"{e.address} ports {e.ports}" for e in egress],
         "flows": table,
-        "syns_from_slice": syns["from_slice"],
-        "syns_from_elsewhere": syns["elsewhere"],
+        "syns_from_slice": syns["in_slice"],
+        "syns_from_elsewhere": syns["outside"],
         "gbit_s": sum(r["origin_got"] for r in results) * 8 / wall / 1e9,
         "connections": len(results),
         "spliced_bytes": sum(int(f["spliced_bytes"]) for f in flows),
@@ -544,7 +366,7 @@ def main(args: Sequence[str] | None = None) -> int:
                 summary["part1"] = part1(workdir, opts.mib * MIB, opts.rounds)
                 print_part1(summary["part1"])
             if opts.part in ("2", "all"):
-                reason = netns_unavailable()
+                reason = netns_unavailable_reason()
                 if reason is not None:
                     summary["part2_skipped"] = reason
                     print(f"part 2 (network namespaces) skipped: {reason}")

@@ -1,4 +1,6 @@
-"""Test helpers: origin servers on threads (blocking sockets bound to port 0), clients, fd counts.
+"""Test-only helpers (the harness shared with the demo is relay.lab): origin behaviours
+(``handler(conn, seen)`` for ``relay.lab.origins.Origin``), clients, fd counts, the in-process
+relay, and the skip helpers that wrap relay.lab's "why can't this run here" probes.
 
 Every origin records what it saw in ``Origin.results`` (one ``Seen`` per connection) so a test
 can assert on the far side of the relay: bytes and sha256 received, and how the stream ended
@@ -7,6 +9,7 @@ can assert on the far side of the relay: bytes and sha256 received, and how the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -14,11 +17,22 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from relay.lab.netns import netns_unavailable_reason
+from relay.lab.origins import Origin, Seen
+from relay.lab.process import PYTHON, SOURCE_ROOT, alive
+
+__all__ = ["PYTHON", "REPO_ROOT", "Origin", "Seen", "alive"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+assert os.path.samefile(REPO_ROOT, SOURCE_ROOT), (
+    f"tests of {REPO_ROOT} import relay from {SOURCE_ROOT}: set PYTHONPATH to this tree")
+ENGINES = ("uring", "epoll", "asyncio")
+CORE_ENGINES = ("uring", "epoll")
 LINGER_RST = struct.pack("ii", 1, 0)
 CHUNK = 256 * 1024
 
@@ -81,16 +95,6 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-@dataclass
-class Seen:
-    """What one side read from one connection."""
-
-    nbytes: int = 0
-    sha256: str = ""
-    end: str = ""  # "eof" | "reset" | "error:<name>"
-    done: threading.Event = field(default_factory=threading.Event)
-
-
 def read_all(sock: socket.socket, seen: Seen | None = None, chunk: int = CHUNK,
              pause: float = 0.0) -> Seen:
     """Read until EOF or error, hashing; ``pause`` seconds between reads (a slow reader)."""
@@ -115,94 +119,6 @@ def read_all(sock: socket.socket, seen: Seen | None = None, chunk: int = CHUNK,
     return seen
 
 
-class Origin:
-    """A listening socket on 127.0.0.1:0 and a thread per accepted connection running
-    ``handler(conn, seen)``. ``close()`` stops it and joins every thread."""
-
-    def __init__(self, handler: Callable[[socket.socket, Seen], None], backlog: int = 4096,
-                 unix_path: str | None = None) -> None:
-        self.handler = handler
-        self.unix_path = unix_path
-        if unix_path is None:
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.sock.bind(("127.0.0.1", 0))
-        else:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(unix_path)
-        self.sock.listen(backlog)
-        self.address: Any = self.sock.getsockname()
-        self.results: list[Seen] = []
-        self._conns: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._closing = False
-        self._acceptor = threading.Thread(target=self._accept_loop, name="origin-accept",
-                                          daemon=True)
-        self._acceptor.start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            if self._closing:
-                conn.close()
-                return
-            seen = Seen()
-            t = threading.Thread(target=self._serve, args=(conn, seen), daemon=True)
-            with self._lock:
-                self.results.append(seen)
-                self._conns.append(conn)
-                self._threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket, seen: Seen) -> None:
-        try:
-            self.handler(conn, seen)
-        except OSError as exc:
-            if not seen.end:
-                seen.end = f"error:{type(exc).__name__}"
-        finally:
-            seen.done.set()
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def wait_results(self, n: int, timeout: float = 10.0) -> list[Seen]:
-        """The first ``n`` connections' results, once each handler finished."""
-        assert wait_until(lambda: len(self.results) >= n, timeout), (
-            f"origin saw {len(self.results)} connections, expected {n}")
-        for seen in self.results[:n]:
-            assert seen.done.wait(timeout), "origin handler did not finish"
-        return self.results[:n]
-
-    def close(self) -> None:
-        self._closing = True
-        # shutdown() wakes the thread blocked in accept(); close() alone would not.
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        if self.unix_path is not None:
-            try:
-                os.unlink(self.unix_path)
-            except OSError:
-                pass
-        self._acceptor.join(5)
-        with self._lock:
-            conns, threads = list(self._conns), list(self._threads)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in threads:
-            t.join(5)
-
-
 # -- origin behaviours: handler(conn, seen) ----------------------------------------------------
 
 def echo(conn: socket.socket, seen: Seen) -> None:
@@ -215,6 +131,19 @@ def echo(conn: socket.socket, seen: Seen) -> None:
         seen.nbytes += len(data)
         conn.sendall(data)
     conn.shutdown(socket.SHUT_WR)
+
+
+def hash_reply(conn: socket.socket, seen: Seen) -> None:
+    """Read to EOF, answer with the SHA-256 (32 raw bytes) of everything read."""
+    h = hashlib.sha256()
+    while True:
+        data = conn.recv(CHUNK)
+        if not data:
+            break
+        h.update(data)
+        seen.nbytes += len(data)
+    seen.end = "eof"
+    conn.sendall(h.digest())
 
 
 def sink(conn: socket.socket, seen: Seen) -> None:
@@ -386,18 +315,6 @@ class RunningRelay:
         return value
 
 
-def relay_config(engine: str, backend: tuple[str, int] | str, **relay_settings: Any) -> Any:
-    from relay import config
-
-    backend_text = backend if isinstance(backend, str) else f"{backend[0]}:{backend[1]}"
-    settings: dict[str, Any] = {"engine": engine, "workers": 1}
-    settings.update(relay_settings)
-    return config.from_dict({
-        "relay": settings,
-        "listener": [{"name": "main", "bind": "127.0.0.1:0", "backend": backend_text}],
-    }, "<test>")
-
-
 def lowest_free_fd() -> int:
     """The fd number the next open() would get (fstat allocates nothing, unlike listdir)."""
     fd = 0
@@ -429,3 +346,171 @@ def require_engine(name: str, availability: dict[str, str | None]) -> str:
 
 def core_broken(reason: str | None) -> bool:
     return reason is not None and any(marker in reason for marker in _BROKEN_CORE)
+
+
+# -- network namespaces --------------------------------------------------------------------------
+
+def require_netns() -> None:
+    """Skip the calling test with the reason when network-namespace tests cannot run here."""
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+# -- clients of relay processes ------------------------------------------------------------
+
+
+def echo_roundtrip(addr: tuple[str, int], payload: bytes = b"ping", timeout: float = 5.0,
+                   source: str | None = None) -> bool:
+    """Connect, send `payload`, read it back whole; False on any failure."""
+    try:
+        with socket.create_connection(addr, timeout=timeout,
+                                      source_address=(source, 0) if source else None) as s:
+            s.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                data = s.recv(65536)
+                if not data:
+                    return False
+                got += data
+            return got == payload
+    except OSError:
+        return False
+
+
+class Transfer(threading.Thread):
+    """Send `total` random bytes paced over `duration` s to a hash origin; check its digest."""
+
+    def __init__(self, addr: tuple[str, int], total: int, duration: float) -> None:
+        super().__init__(daemon=True)
+        self.addr, self.total, self.duration = addr, total, duration
+        self.connected = threading.Event()
+        self.ok: bool | None = None
+        self.error = ""
+
+    def begin(self, timeout: float = 5.0) -> Transfer:
+        """Start, and wait (up to `timeout` s) until connected; returns self."""
+        self.start()
+        self.connected.wait(timeout)
+        return self
+
+    def run(self) -> None:
+        chunk_count = max(1, int(self.duration / 0.05))
+        chunk = max(1, self.total // chunk_count)
+        want = hashlib.sha256()
+        try:
+            with socket.create_connection(self.addr, timeout=30) as s:
+                self.connected.set()
+                sent = 0
+                start = time.monotonic()
+                i = 0
+                while sent < self.total:
+                    n = min(chunk, self.total - sent)
+                    data = os.urandom(n)
+                    s.sendall(data)
+                    want.update(data)
+                    sent += n
+                    i += 1
+                    delay = start + i * self.duration / chunk_count - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while len(got) < 32:
+                    data = s.recv(64)
+                    if not data:
+                        break
+                    got += data
+            self.ok = got == want.digest()
+            if not self.ok:
+                self.error = f"digest mismatch: got {len(got)} bytes"
+        except OSError as exc:
+            self.connected.set()
+            self.ok = False
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
+class ConnectionStream(threading.Thread):
+    """New connections one after another (echo round trips) until stopped; counts failures."""
+
+    def __init__(self, addr: tuple[str, int], interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.addr, self.interval = addr, interval
+        self.ok = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while not self._stop_event.is_set():
+            n += 1
+            payload = f"hello {n}".encode()
+            try:
+                with socket.create_connection(self.addr, timeout=5) as s:
+                    s.sendall(payload)
+                    got = b""
+                    while len(got) < len(payload):
+                        data = s.recv(4096)
+                        if not data:
+                            raise ConnectionError("closed before the echo")
+                        got += data
+                    if got != payload:
+                        raise ConnectionError("wrong echo")
+                self.ok += 1
+            except OSError as exc:
+                self.failed += 1
+                self.errors.append(f"{time.monotonic():.3f} {type(exc).__name__}: {exc}")
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(15)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- seccomp -------------------------------------------------------------------------------------
+
+def block_io_uring() -> None:
+    """preexec_fn: a seccomp filter that fails io_uring_setup (425 on every architecture) with
+    EPERM, as Docker's default profile does. Inherited across exec (no_new_privs)."""
+    import ctypes
+
+    def insn(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    program = b"".join(
+        [
+            insn(0x20, 0, 0, 0),  # BPF_LD|BPF_W|BPF_ABS: seccomp_data.nr
+            insn(0x15, 0, 1, 425),  # BPF_JMP|BPF_JEQ|BPF_K: io_uring_setup?
+            insn(0x06, 0, 0, 0x00050000 | errno.EPERM),  # BPF_RET: SECCOMP_RET_ERRNO | EPERM
+            insn(0x06, 0, 0, 0x7FFF0000),  # BPF_RET: SECCOMP_RET_ALLOW
+        ]
+    )
+    buf = ctypes.create_string_buffer(program, len(program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    prog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")

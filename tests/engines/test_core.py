@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from helpers import count_fds, reset, unanswered_backend
+from helpers import REPO_ROOT, count_fds, reset, unanswered_backend
 
 import relay_ext._core as core  # built by `make test`: a missing core is a failure, not a skip
 
@@ -501,7 +501,7 @@ EMFILE_SCRIPT = textwrap.dedent(
 def test_emfile_pauses_accept_without_spinning(backend: str) -> None:
     out = subprocess.run(
         [sys.executable, "-c", EMFILE_SCRIPT, backend], capture_output=True, text=True,
-        timeout=30, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        timeout=30, cwd=REPO_ROOT,
     )
     assert out.returncode == 0, out.stderr
     clients, accepted, errors, paused, cpu = out.stdout.split()

@@ -10,22 +10,14 @@ import time
 from typing import Any
 
 import pytest
-import relayproc
-from helpers import Origin, pattern, read_all, respond_after_eof, sha
-from test_doctor import _block_io_uring
+from helpers import Origin, block_io_uring, pattern, read_all, respond_after_eof, sha
 
-relays = relayproc.relays  # the shared fixture
-
-
-def config(engine: str, backend: tuple[str, int]) -> str:
-    return (f'[relay]\nengine = "{engine}"\nworkers = 1\nflow_log = true\n\n'
-            f'[[listener]]\nname = "main"\nbind = "127.0.0.1:0"\n'
-            f'backend = "{backend[0]}:{backend[1]}"\n')
+from relay.lab.process import relay_config
 
 
 def blocked_relay(relays: Any, engine: str, backend: tuple[str, int]) -> Any:
     try:
-        return relays(lambda _admin: config(engine, backend), preexec=_block_io_uring)
+        return relays(lambda _admin: relay_config(backend, engine=engine), preexec=block_io_uring)
     except Exception as exc:  # SubprocessError from the preexec hook
         pytest.skip(f"cannot install a seccomp filter here: {exc}")
 

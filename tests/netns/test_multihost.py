@@ -14,17 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from netns import Topology, require_netns
-from netns_lab import (
-    Flow,
-    Lab,
-    Origin,
-    open_flow,
-    relay_config,
-    split_hostport,
-    start_relay,
-    syn_counters,
-)
+from helpers import require_netns
+
+from relay.lab.netlab import Flow, Lab, lab_config, open_flow, start_relay, syn_counters
+from relay.lab.netns import Topology
+from relay.lab.origins import Origin, split_hostport
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
@@ -81,10 +75,10 @@ def test_two_relays_share_one_address_with_disjoint_slices(tmp_path: Path, engin
     require_netns()
     with Topology() as topo:
         hosts = _build(topo)
-        with Origin(topo, hosts["o"], [(d, 80) for d in DESTS]):
+        with Origin(binds=[(d, 80) for d in DESTS], netns=hosts["o"]):
             relays = {
                 name: start_relay(
-                    topo, hosts[name], relay_config(engine, SLICES[name], egress4=SHARED),
+                    topo, hosts[name], lab_config(engine, SLICES[name], egress4=SHARED),
                     str(tmp_path), ingress=hosts[f"{name}_in"],
                 )
                 for name in ("r1", "r2")

@@ -13,23 +13,23 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import require_engine
-from netns import Topology, require_netns
-from netns_lab import (
-    ENGINES,
+from helpers import ENGINES, require_engine, require_netns
+
+from relay.lab.netlab import (
     Flow,
     Lab,
     LabEnv,
-    RelayProcess,
     connect_refused,
+    lab_config,
     open_flow,
-    relay_config,
+    relay_in,
     running_lab,
-    split_hostport,
     syn_counters,
     three_hosts,
-    write_config,
 )
+from relay.lab.netns import Topology
+from relay.lab.origins import split_hostport
+from relay.lab.process import write_config
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
@@ -47,7 +47,7 @@ def env(
     engine = require_engine(request.param, engine_availability)
     binds = [(d, p) for d in (*Lab.dests4, *Lab.dests6) for p in (*PORTS, EXHAUST_PORT)]
     counters = syn_counters([(Lab.egress4, *SLICE), (Lab.egress6, *SLICE)])
-    config = relay_config(engine, SLICE, connect_timeout=1.0)
+    config = lab_config(engine, SLICE, connect_timeout=1.0)
     with running_lab(str(tmp_path_factory.mktemp("egress")), config, binds, counters) as lab_env:
         yield lab_env
 
@@ -185,8 +185,8 @@ def test_unusable_slice_is_refused_at_start_with_the_reason(
     with Topology() as topo:
         lab = three_hosts(topo)
         topo.sysctl(lab.relay, sysctl, value)
-        path = write_config(workdir, "bad", relay_config("auto", slice_))
-        relay = RelayProcess(topo, lab.relay, path)
+        path = write_config(workdir, "bad", lab_config("auto", slice_))
+        relay = relay_in(topo, lab.relay, path)
         code = relay.wait_exit(20)
         assert code != 0
         assert problem in relay.output()

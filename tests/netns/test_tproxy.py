@@ -13,20 +13,20 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from helpers import require_engine
-from netns import Topology, require_netns
-from netns_lab import (
-    ENGINES,
+from helpers import ENGINES, require_engine, require_netns
+
+from relay.lab.netlab import (
     Lab,
     LabEnv,
     connect_refused,
+    lab_config,
     open_flow,
-    relay_config,
     running_lab,
-    split_hostport,
     start_relay,
     three_hosts,
 )
+from relay.lab.netns import Topology
+from relay.lab.origins import split_hostport
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
@@ -43,7 +43,7 @@ def env(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LabEnv]:
     engine = require_engine(request.param, engine_availability)
-    config = relay_config(
+    config = lab_config(
         engine,
         SLICE,
         # 169.254.0.0/16 is listed on purpose: link-local must stay refused anyway.
@@ -162,7 +162,7 @@ def test_egress_routed_back_into_the_relay_is_stopped_at_the_first_hop(
         topo.sysctl(lab.origin, "net.ipv4.ip_forward", "1")
         topo.route(lab.origin, f"{looped}/32", "via", "192.0.2.17")  # misroute: back to relay
         workdir = str(tmp_path_factory.mktemp("loop"))
-        relay = start_relay(topo, lab.relay, relay_config("auto", SLICE), workdir)  # all ifaces
+        relay = start_relay(topo, lab.relay, lab_config("auto", SLICE), workdir)  # all ifaces
         end = connect_refused(topo, lab.client, lab.client_address, (looped, 80))
         assert end.outcome in ("reset", "eof") and end.seconds < 2.0
         records = relay.wait_flows(2)

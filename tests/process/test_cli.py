@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
 from relay import cli, config
 from relay import log as relay_log
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 GOOD = """
 [relay]
 workers = 1

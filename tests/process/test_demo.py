@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from netns import netns_unavailable_reason
-from netns_lab import REPO
+from helpers import REPO_ROOT
 
 from relay import demo
+from relay.lab.netns import netns_unavailable_reason
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -28,8 +28,8 @@ def _run_demo(*args: str, user: int | None = None) -> subprocess.CompletedProces
                                       "--clear-groups"]
     proc = subprocess.run(
         [*prefix, sys.executable, "-m", "relay.demo", *args],
-        capture_output=True, text=True, timeout=140, cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True, text=True, timeout=140, cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc

@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT, block_io_uring
 
 from relay import doctor, limits
 from relay.config import loads
 from relay.doctor import CHECK_NAMES, Doctor, run_checks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 LISTENER = '[[listener]]\nbind = "127.0.0.1:0"\nbackend = "127.0.0.1:9"\n'
 
 
@@ -93,36 +94,6 @@ def test_io_uring_probe_agrees_with_the_kernel() -> None:
         assert ring.status == "WARN" and "epoll" in ring.fix
 
 
-def _block_io_uring() -> None:
-    """preexec_fn: a seccomp filter that fails io_uring_setup (425 on every architecture) with
-    EPERM, as Docker's default profile does. Inherited across exec (no_new_privs)."""
-    import ctypes
-    import struct
-
-    def insn(code: int, jt: int, jf: int, k: int) -> bytes:
-        return struct.pack("=HBBI", code, jt, jf, k)
-
-    program = b"".join(
-        [
-            insn(0x20, 0, 0, 0),  # BPF_LD|BPF_W|BPF_ABS: seccomp_data.nr
-            insn(0x15, 0, 1, 425),  # BPF_JMP|BPF_JEQ|BPF_K: io_uring_setup?
-            insn(0x06, 0, 0, 0x00050000 | errno.EPERM),  # BPF_RET: SECCOMP_RET_ERRNO | EPERM
-            insn(0x06, 0, 0, 0x7FFF0000),  # BPF_RET: SECCOMP_RET_ALLOW
-        ]
-    )
-    buf = ctypes.create_string_buffer(program, len(program))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    prog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
-        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
-    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
-
-
 def test_io_uring_blocked_by_seccomp(tmp_path: Path) -> None:
     if (
         Path("/proc/sys/kernel/io_uring_disabled").exists()
@@ -132,7 +103,7 @@ def test_io_uring_blocked_by_seccomp(tmp_path: Path) -> None:
     path = tmp_path / "r.toml"
     path.write_text('[relay]\nengine = "uring"\n' + LISTENER)
     try:
-        res = relay_doctor("--json", "-c", str(path), preexec=_block_io_uring)
+        res = relay_doctor("--json", "-c", str(path), preexec=block_io_uring)
     except subprocess.SubprocessError as exc:
         pytest.skip(f"cannot install a seccomp filter here: {exc}")
     checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
@@ -143,7 +114,7 @@ def test_io_uring_blocked_by_seccomp(tmp_path: Path) -> None:
     assert checks["io_uring_ops"]["status"] == "WARN"
     assert res.returncode == 1
     # with engine = "auto" the same host only WARNs: epoll takes over
-    res = relay_doctor("--json", preexec=_block_io_uring)
+    res = relay_doctor("--json", preexec=block_io_uring)
     checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
     assert checks["io_uring"]["status"] == "WARN"
     assert "epoll engine serves meanwhile" in checks["io_uring"]["fix"]

@@ -11,19 +11,10 @@ import time
 from typing import Any
 
 import pytest
-import relayproc
-from relayproc import (
-    Transfer,
-    cpu_seconds,
-    echo_handler,
-    echo_roundtrip,
-    hash_handler,
-    relay_config,
-    wait_for,
-)
+from helpers import Transfer, cpu_seconds, echo_roundtrip, hash_reply, wait_for
+from helpers import echo as echo_handler
 
-origins = relayproc.origins  # the shared fixtures
-relays = relayproc.relays
+from relay.lab.process import relay_config
 
 
 def _open_relayed(addr: tuple[str, int], source: str | None = None) -> socket.socket:
@@ -65,7 +56,7 @@ def _rejected(rp: Any, limit: str) -> int:
 @pytest.mark.timeout(60)
 def test_global_maxconn_admits_exactly_the_limit(origins: Any, relays: Any) -> None:
     echo = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1,
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=1,
                                          extra_relay="maxconn = 5"))
     addr = rp.wait_ready()["main"]
     held = [_open_relayed(addr) for _ in range(5)]
@@ -86,7 +77,7 @@ def test_global_maxconn_admits_exactly_the_limit(origins: Any, relays: Any) -> N
 @pytest.mark.timeout(60)
 def test_per_source_maxconn_admits_exactly_the_limit(origins: Any, relays: Any) -> None:
     echo = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1,
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=1,
                                          extra_relay="maxconn_per_source = 3"))
     addr = rp.wait_ready()["main"]
     held = []
@@ -137,8 +128,8 @@ def test_emfile_in_a_worker_recovers_without_spinning(origins: Any, relays: Any,
     """
     if shutil.which("prlimit") is None:
         pytest.skip("prlimit (util-linux) is not installed")
-    echo, sink = origins(echo_handler), origins(hash_handler)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1, engine=engine, extra=f"""
+    echo, sink = origins(echo_handler), origins(hash_reply)
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=1, engine=engine, extra=f"""
 [[listener]]
 name = "bulk"
 bind = "127.0.0.1:0"
@@ -203,7 +194,7 @@ def test_fd_and_pipe_budgets_are_reported(origins: Any, relays: Any) -> None:
     from relay.limits import nofile_needed_for
 
     echo = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=2,
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2,
                                          extra_relay="maxconn = 1000"))
     rp.wait_ready()
     cfg = load(rp.config_path)

@@ -10,12 +10,11 @@ import urllib.request
 from typing import Any
 
 import pytest
-import relayproc
+from helpers import echo as echo_handler
+from helpers import echo_roundtrip, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from relayproc import echo_handler, echo_roundtrip, relay_config, wait_for
 
-origins = relayproc.origins  # the shared fixtures
-relays = relayproc.relays
+from relay.lab.process import relay_config
 
 
 def scrape(address: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -36,7 +35,7 @@ def value(metrics: dict[str, Any], name: str, **labels: str) -> float:
 
 
 def _metrics_relay(relays: Any, port: int, workers: int = 2) -> tuple[Any, str]:
-    rp = relays(lambda adm: relay_config(port, adm, workers=workers,
+    rp = relays(lambda adm: relay_config(port, admin_socket=adm, drain=10.0, workers=workers,
                                          extra_relay='metrics_listen = "127.0.0.1:0"'))
     rp.wait_ready()
     address = rp.stats()["admin"]["metrics"]

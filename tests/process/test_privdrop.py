@@ -10,13 +10,11 @@ import threading
 from typing import Any
 
 import pytest
-import relayproc
-from relayproc import echo_handler, echo_roundtrip, relay_config, wait_for
+from helpers import PYTHON, REPO_ROOT, echo_roundtrip, wait_for
+from helpers import echo as echo_handler
 
 from relay import privs
-
-origins = relayproc.origins  # the shared fixtures
-relays = relayproc.relays
+from relay.lab.process import relay_config
 
 USER = "relaytest"
 IP_TRANSPARENT = 19
@@ -45,7 +43,7 @@ def _status(pid: int) -> dict[str, str]:
 def test_workers_run_unprivileged_without_capabilities(
         origins: Any, relays: Any, unprivileged_user: pwd.struct_passwd) -> None:
     echo = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=2,
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2,
                                          extra_relay=f'user = "{USER}"'))
     rp.wait_ready()
     assert echo_roundtrip(rp.address(), b"y" * 300_000)
@@ -69,7 +67,7 @@ def test_workers_run_unprivileged_without_capabilities(
 def test_tproxy_worker_keeps_only_cap_net_raw(
         origins: Any, relays: Any, unprivileged_user: pwd.struct_passwd) -> None:
     echo = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1,
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=1,
                                          extra_relay=f'user = "{USER}"', extra="""
 [[listener]]
 name = "transparent"
@@ -113,9 +111,9 @@ print(",".join(result))
 
 def _after_drop(caps: frozenset[int]) -> str:
     """Drop to USER keeping `caps` in a fresh interpreter, then try IP_TRANSPARENT."""
-    out = subprocess.run([relayproc.PYTHON, "-c", _PROBE, USER, *map(str, sorted(caps))],
-                         cwd=relayproc.ROOT, capture_output=True, text=True, timeout=20,
-                         env={**os.environ, "PYTHONPATH": str(relayproc.ROOT)})
+    out = subprocess.run([PYTHON, "-c", _PROBE, USER, *map(str, sorted(caps))],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=20,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -147,7 +145,7 @@ def test_pipe_budget_holds_for_the_unprivileged_user(
     pipe_pages = (1 << 20) // os.sysconf("SC_PAGE_SIZE")
     per_worker = soft // pipe_pages // 2
     echo = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=2, engine=engine,
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2, engine=engine,
                                          extra_relay=f'user = "{USER}"\npipe_size = 1048576'),
                 env={"RELAY_ENGINE": None})  # pipes exist in the core engines only
     rp.wait_ready()
@@ -212,7 +210,7 @@ def test_reload_switches_the_worker_user(
         origins: Any, relays: Any, unprivileged_user: pwd.struct_passwd) -> None:
     """The supervisor keeps root, so a reload may change relay.user: new workers use it."""
     echo = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1))
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=1))
     rp.wait_ready()
     (old,) = rp.children()
     assert _status(old)["Uid"].split()[0] == "0"

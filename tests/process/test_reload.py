@@ -9,31 +9,28 @@ import time
 from typing import Any
 
 import pytest
-import relayproc
-from relayproc import (
+from helpers import (
     PYTHON,
-    ROOT,
+    REPO_ROOT,
     ConnectionStream,
     Transfer,
     alive,
-    echo_handler,
     echo_roundtrip,
-    hash_handler,
-    relay_config,
+    hash_reply,
     wait_for,
 )
+from helpers import echo as echo_handler
 
-origins = relayproc.origins  # the shared fixtures
-relays = relayproc.relays
+from relay.lab.process import relay_config
 
 
 def _two_origins(origins: Any) -> tuple[Any, Any]:
-    return origins(echo_handler), origins(hash_handler)
+    return origins(echo_handler), origins(hash_reply)
 
 
 def _config(echo_port: int, hash_port: int, adm: str, *, drain: float = 8.0,
             workers: int = 2, extra: str = "") -> str:
-    return relay_config(echo_port, adm, workers=workers, drain=drain, extra=f"""
+    return relay_config(echo_port, admin_socket=adm, workers=workers, drain=drain, extra=f"""
 [[listener]]
 name = "bulk"
 bind = "127.0.0.1:0"
@@ -44,7 +41,7 @@ backend = "127.0.0.1:{hash_port}"
 
 def _reload_cli(rp: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "-m", "relay", "reload", "--socket", rp.admin_socket],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.timeout(90)
@@ -59,7 +56,7 @@ def test_reload_under_load_loses_nothing(origins: Any, relays: Any) -> None:
     transfers = [Transfer(rp.address("bulk"), 3 << 20, 3.0).begin() for _ in range(4)]
     time.sleep(0.5)
     hup_at = time.monotonic()
-    rp.signal(signal.SIGHUP)
+    rp.send_signal(signal.SIGHUP)
     # New generation serving, then the old workers drain their transfers and leave.
     wait_for(lambda: rp.stats()["generation"] == 2, 20, "generation 2 serving")
     new = {w["pid"] for w in rp.workers()}
@@ -88,7 +85,7 @@ def test_old_workers_are_gone_by_the_drain_deadline(origins: Any, relays: Any) -
     t = Transfer(rp.address("bulk"), 16 << 20, 8.0).begin()
     time.sleep(0.3)
     hup_at = time.monotonic()
-    rp.signal(signal.SIGHUP)
+    rp.send_signal(signal.SIGHUP)
     wait_for(lambda: not alive(old), 1.5 + 3, "the old worker gone")
     gone = time.monotonic() - hup_at
     t.join(15)
@@ -125,7 +122,7 @@ def test_bad_config_on_reload_keeps_the_old_one(origins: Any, relays: Any) -> No
     res = _reload_cli(rp)
     assert res.returncode == 1
     assert "relay.workers" in res.stderr and "maxconnn" in res.stderr, res.stderr
-    rp.signal(signal.SIGHUP)
+    rp.send_signal(signal.SIGHUP)
     wait_for(lambda: rp.stderr().count("reload refused") >= 2, 10, "the SIGHUP refusal logged")
     time.sleep(0.5)
     snap = rp.stats()
@@ -169,7 +166,7 @@ def test_reload_whose_workers_cannot_boot_is_aborted(origins: Any, relays: Any) 
 @pytest.mark.timeout(60)
 def test_reload_adds_and_removes_listeners(origins: Any, relays: Any) -> None:
     echo, sink = _two_origins(origins)
-    rp = relays(lambda adm: relay_config(echo.port, adm, workers=1, drain=3.0))
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, workers=1, drain=3.0))
     rp.wait_ready()
     base = rp.config_path.read_text()
     rp.config_path.write_text(base + f"""

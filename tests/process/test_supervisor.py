@@ -20,22 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import relayproc
-from relayproc import (
-    PYTHON,
-    ROOT,
-    RelayProcess,
-    Transfer,
-    alive,
-    echo_handler,
-    echo_roundtrip,
-    hash_handler,
-    relay_config,
-    wait_for,
-)
+from helpers import PYTHON, REPO_ROOT, Transfer, alive, echo_roundtrip, hash_reply, wait_for
+from helpers import echo as echo_handler
 
-origins = relayproc.origins  # the shared fixtures
-relays = relayproc.relays
+from relay.lab.process import RelayProcess, relay_config, write_config
 
 # --------------------------------------------------------------------------- tests
 
@@ -52,7 +40,7 @@ def _has_ring(pid: int) -> bool:
 @pytest.mark.timeout(60)
 def test_ready_line_workers_and_stats(origins: Any, relays: Any) -> None:
     origin = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2))
+    rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=2))
     listeners = rp.wait_ready()
     assert set(listeners) == {"main"}
     assert echo_roundtrip(rp.address(), b"x" * 100_000)
@@ -68,13 +56,13 @@ def test_ready_line_workers_and_stats(origins: Any, relays: Any) -> None:
 
     text = subprocess.run(
         [PYTHON, "-m", "relay", "stats", "--socket", rp.admin_socket],
-        cwd=ROOT, capture_output=True, text=True, timeout=20,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=20,
     )
     assert text.returncode == 0, text.stderr
     assert "workers: 2" in text.stdout and "listeners: main=" in text.stdout
     js = subprocess.run(
         [PYTHON, "-m", "relay", "stats", "--json", "--socket", rp.admin_socket],
-        cwd=ROOT, capture_output=True, text=True, timeout=20,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=20,
     )
     assert js.returncode == 0, js.stderr
     assert {w["pid"] for w in json.loads(js.stdout)["workers"]} == pids
@@ -82,8 +70,8 @@ def test_ready_line_workers_and_stats(origins: Any, relays: Any) -> None:
 
 @pytest.mark.timeout(90)
 def test_worker_sigkill_during_transfers(origins: Any, relays: Any) -> None:
-    origin = origins(hash_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2))
+    origin = origins(hash_reply)
+    rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=2))
     rp.wait_ready()
     transfers = [Transfer(rp.address(), 4 << 20, 3.0) for _ in range(8)]
     for t in transfers:
@@ -128,14 +116,14 @@ def transfer_ok(addr: tuple[str, int]) -> bool:
 
 @pytest.mark.timeout(60)
 def test_sigterm_drains_transfers_then_exits(origins: Any, relays: Any) -> None:
-    origin = origins(hash_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2))
+    origin = origins(hash_reply)
+    rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=2))
     rp.wait_ready()
     workers = rp.children()
     transfers = [Transfer(rp.address(), 2 << 20, 2.0).begin() for _ in range(3)]
     time.sleep(0.3)
     started = time.monotonic()
-    rp.signal(signal.SIGTERM)
+    rp.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     with pytest.raises(ConnectionRefusedError):  # stopped accepting, for every worker at once
         socket.create_connection(rp.address(), timeout=2).close()
@@ -151,14 +139,14 @@ def test_sigterm_drains_transfers_then_exits(origins: Any, relays: Any) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["INT", "QUIT"])
 def test_fast_stop(origins: Any, relays: Any, sig: int) -> None:
-    origin = origins(hash_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2))
+    origin = origins(hash_reply)
+    rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=2))
     rp.wait_ready()
     workers = rp.children()
     t = Transfer(rp.address(), 8 << 20, 8.0).begin()
     time.sleep(0.3)
     started = time.monotonic()
-    rp.signal(sig)
+    rp.send_signal(sig)
     assert rp.wait_exit(10) == 0, rp.stderr()
     assert time.monotonic() - started < 4
     t.join(10)
@@ -172,7 +160,7 @@ def test_default_is_one_worker_per_cpu(origins: Any, relays: Any) -> None:
     if cpus > 16:
         pytest.skip(f"{cpus} CPUs: too many workers for a quick test")
     origin = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=0))
+    rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=0))
     rp.wait_ready()
     assert len(rp.children()) == cpus
 
@@ -181,7 +169,7 @@ def test_default_is_one_worker_per_cpu(origins: Any, relays: Any) -> None:
 def test_hung_worker_is_replaced(origins: Any, relays: Any) -> None:
     heartbeat_timeout = 2.5
     origin = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2,
+    rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=2,
                                          extra_relay=f"heartbeat_timeout = {heartbeat_timeout}"))
     rp.wait_ready()
     victim = min(rp.children())
@@ -198,7 +186,7 @@ def test_hung_worker_is_replaced(origins: Any, relays: Any) -> None:
 def test_crash_restarts_back_off(origins: Any, relays: Any) -> None:
     """A slot that keeps dying is restarted at once, then after 1 s, then 2 s."""
     origin = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=1))
+    rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=1))
     rp.wait_ready()
     times = []
     for _ in range(3):
@@ -223,8 +211,8 @@ def test_worker_boot_failure_stops_the_service(origins: Any) -> None:
     directory = Path(tempfile.mkdtemp(prefix="relay-boot-"))
     try:
         os.chmod(directory, 0o755)
-        config = relay_config(origin.port, "", workers=2, extra_relay='user = "root"')
-        rp = RelayProcess(directory, config,
+        config = relay_config(origin.port, workers=2, extra_relay='user = "root"')
+        rp = RelayProcess(write_config(directory, "relay", config),
                           prefix=["setpriv", "--reuid=nobody", "--regid=nogroup",
                                   "--clear-groups"])
         try:
@@ -257,12 +245,12 @@ def test_sd_notify_ready_and_stopping(origins: Any, relays: Any) -> None:
         path = str(directory / "notify")
         notify.bind(path)
         notify.settimeout(20)
-        rp = relays(lambda adm: relay_config(origin.port, adm, workers=1),
+        rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=1),
                     env={"NOTIFY_SOCKET": path})
         rp.wait_ready()
         first = notify.recv(4096).decode()
         assert "READY=1" in first and f"MAINPID={rp.pid}" in first
-        rp.signal(signal.SIGTERM)
+        rp.send_signal(signal.SIGTERM)
         assert "STOPPING=1" in notify.recv(4096).decode()
         assert rp.wait_exit(20) == 0
     finally:
@@ -276,14 +264,14 @@ def test_sigusr1_reopens_log_file(origins: Any, relays: Any) -> None:
     directory = Path(tempfile.mkdtemp(prefix="relay-logs-"))
     try:
         log_file = directory / "relay.log"
-        rp = relays(lambda adm: relay_config(origin.port, adm, workers=1,
+        rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=1,
                                              extra_relay=f'log_file = "{log_file}"'))
         rp.wait_ready()
         assert echo_roundtrip(rp.address())
         wait_for(lambda: "flow" in log_file.read_text(), 5, "a flow line in the log file")
         rotated = directory / "relay.log.1"
         log_file.rename(rotated)
-        rp.signal(signal.SIGUSR1)
+        rp.send_signal(signal.SIGUSR1)
         wait_for(log_file.exists, 5, "the log file to be reopened")
         wait_for(lambda: "log files reopened" in log_file.read_text(), 5, "supervisor line")
         time.sleep(0.3)  # the workers got their SIGUSR1 with the supervisor's
@@ -297,9 +285,9 @@ def test_sigusr1_reopens_log_file(origins: Any, relays: Any) -> None:
 @pytest.mark.timeout(30)
 def test_gen_systemd_unit_is_hardened_and_allows_io_uring(tmp_path: Path) -> None:
     cfg = tmp_path / "relay.toml"
-    cfg.write_text(relay_config(9, "/run/relay/admin.sock"))
+    cfg.write_text(relay_config(9, admin_socket="/run/relay/admin.sock", workers=2))
     out = subprocess.run([PYTHON, "-m", "relay", "gen", "systemd", "-c", str(cfg)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=20)
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr
     unit = out.stdout
     settings: dict[str, list[str]] = {}
@@ -328,10 +316,10 @@ def test_gen_systemd_unit_is_hardened_and_allows_io_uring(tmp_path: Path) -> Non
 def test_workers_leave_when_the_supervisor_is_killed(origins: Any, relays: Any) -> None:
     """PR_SET_PDEATHSIG: a SIGKILLed supervisor leaves no orphan worker serving forever."""
     origin = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(origin.port, adm, workers=2))
+    rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, drain=10.0, workers=2))
     rp.wait_ready()
     workers = rp.children()
     assert len(workers) == 2
-    rp.signal(signal.SIGKILL)
+    rp.send_signal(signal.SIGKILL)
     rp.wait_exit(10)
     wait_for(lambda: not any(alive(p) for p in workers), 10, "the orphaned workers to exit")

@@ -1,18 +1,10 @@
-"""relay.nft: the rendered plan, and `relay nft` applying/removing it in a real namespace."""
+"""relay.nft: the rendered plan (no kernel). Applying it: tests/netns/test_nft_apply.py."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netns import Topology, require_netns
-from netns_lab import REPO, relay_nft
 
 from relay import nft
 from relay.config import loads
@@ -104,85 +96,6 @@ def test_render_refuses_tproxy_listener_on_port_zero() -> None:
         nft.render(cfg, local=set())
 
 
-# -- in a network namespace: the real nft and ip --------------------------------------------
-
-
-@dataclass
-class Host:
-    """One fresh namespace, a tproxy config file, and the namespace's routing state before."""
-
-    topo: Topology
-    ns: str
-    conf: Path
-    before: tuple[str, ...]
-
-    def relay_nft(self, *args: str) -> tuple[int, str, str]:
-        res = relay_nft(self.topo, self.ns, *args)
-        return res.returncode, res.stdout, res.stderr
-
-    def state(self) -> tuple[str, ...]:
-        """nft ruleset, ip rules and the routes of both families."""
-        run = self.topo.run
-        return (
-            run(self.ns, ["nft", "list", "ruleset"]).stdout,
-            run(self.ns, ["ip", "-4", "rule", "show"]).stdout,
-            run(self.ns, ["ip", "-6", "rule", "show"]).stdout,
-            run(self.ns, ["ip", "-4", "route", "show", "table", "all"]).stdout,
-            run(self.ns, ["ip", "-6", "route", "show", "table", "100"], check=False).stdout,
-        )
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
-    require_netns()
-    conf = tmp_path / "relay.toml"
-    conf.write_text(TPROXY_CONFIG)
-    with Topology() as topo:
-        made = Host(topo, topo.host("n"), conf, ())
-        made.before = made.state()
-        yield made
-
-
-@pytest.mark.netns
-@pytest.mark.timeout(60)
-def test_apply_twice_then_remove_twice(host: Host, tmp_path: Path) -> None:
-    rc, out, err = host.relay_nft("-c", str(host.conf))
-    assert rc == 0, err
-    assert "# nft -c: ruleset is valid" in out and "tproxy ip to 127.0.0.1:7000" in out
-    assert host.state() == host.before  # printing changes nothing
-
-    for _ in range(2):
-        rc, _out, err = host.relay_nft("-c", str(host.conf), "--apply")
-        assert rc == 0, err
-    table, rules4, rules6, route4, route6 = host.state()
-    assert table.count("tproxy ip to 127.0.0.1:7000") == 1
-    assert table.count("tproxy ip6 to :7001") == 1
-    assert rules4.count("fwmark 0x1 lookup 100") == 1
-    assert rules6.count("fwmark 0x1 lookup 100") == 1
-    assert "local default dev lo table 100" in route4
-    assert "local default dev lo" in route6
-
-    # Removal takes away what was applied even when the config changed in between.
-    changed = tmp_path / "changed.toml"
-    changed.write_text(BACKEND_ONLY)
-    for path in (changed, host.conf):
-        rc, out, err = host.relay_nft("-c", str(path), "--remove")
-        assert rc == 0, err
-        assert host.state() == host.before
-
-
-@pytest.mark.netns
-@pytest.mark.timeout(60)
-def test_invalid_ruleset_is_refused_before_anything_changes(host: Host) -> None:
-    # Interface names are at most 15 bytes: the kernel-side check in `nft -c` rejects it.
-    rc, _out, err = host.relay_nft(
-        "-c", str(host.conf), "--ingress", "a-very-long-interface-name", "--apply"
-    )
-    assert rc == 1
-    assert "nft -c rejected the ruleset" in err and "exceeds maximum length" in err
-    assert host.state() == host.before
-
-
 def test_bad_config_names_the_problem(tmp_path: Path) -> None:
     conf = tmp_path / "relay.toml"
     conf.write_text('[[listener]]\nbind = "127.0.0.1:7000"\nmode = "tproxi"\n')
@@ -190,18 +103,3 @@ def test_bad_config_names_the_problem(tmp_path: Path) -> None:
     assert rc == 2
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
-                    or shutil.which("nft") is None,
-                    reason="needs root, setpriv and nft to run `relay nft` as an unprivileged user")
-def test_printing_without_cap_net_admin_says_it_could_not_validate() -> None:
-    code = f"import sys; sys.path.insert(0, {REPO!r}); from relay.nft import main; " \
-           "raise SystemExit(main(sys.argv[1:]))"
-    demo_config = os.path.join(REPO, "relay", "data", "demo.toml")
-    res = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-         code, "-c", demo_config],
-        capture_output=True, text=True, timeout=30, cwd="/",
-    )
-    assert res.returncode == 0, res.stderr
-    assert "tproxy ip to 127.0.0.1:7000" in res.stdout
-    assert "# not validated: nft -c needs CAP_NET_ADMIN" in res.stdout

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 BIN = os.path.dirname(sys.executable)
 
 

@@ -1,10 +1,11 @@
-"""Network-namespace test hosts: namespaces, veth links, addresses, routes, nft, processes.
+"""Network namespaces as hosts: namespaces, veth links, addresses, routes, nft, processes.
 
 A ``Topology`` owns every namespace and process it creates and removes them on exit, even when
-the test fails.  Namespaces are named ``rlyt-<pid>-<n><role>`` so two test runs never collide and
-a leftover is easy to attribute.  Only pids this harness started are ever signalled.
+the body fails.  Namespaces are named ``<prefix><pid>-<n><role>`` (``rlyt-`` for the tests,
+``rlyd-`` for the demo) so two runs never collide and a leftover is easy to attribute.  Only pids
+this harness started are ever signalled.
 
-    require_netns()                  # skips the test (with the reason) if this can't work here
+    reason = netns_unavailable_reason()   # None, or why this cannot work here (probed)
     with Topology() as topo:
         client, relay = topo.host("c"), topo.host("r")
         topo.link(client, relay, ["192.0.2.2/24"], ["192.0.2.1/24"])
@@ -12,8 +13,7 @@ a leftover is easy to attribute.  Only pids this harness started are ever signal
         proc = topo.popen(relay, [sys.executable, "-m", "relay", "run", "-c", path])
         sock = topo.connect(client, ("192.0.2.1", 80))   # a socket that lives in `client`
 
-What the relay's network tests build on top of this (origins, the relay process, the standard
-client <-> relay <-> origin lab) is tests/netns_lab.py.
+The standard client <-> relay <-> origin lab built on top of this is relay/lab/netlab.py.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 
-import pytest
-
-PREFIX = f"rlyt-{os.getpid()}-"
+PREFIX = f"rlyt-{os.getpid()}-"  # the tests' namespaces; the demo passes its own
 _topology_ids = itertools.count()
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -95,13 +93,6 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
-def require_netns() -> None:
-    """Skip the calling test with the reason when network-namespace tests cannot run here."""
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
 class CommandFailed(RuntimeError):
     """A command inside a namespace exited non-zero; the message carries its output."""
 
@@ -109,8 +100,8 @@ class CommandFailed(RuntimeError):
 class Topology:
     """Namespaces, links and processes of one test, all removed by ``close()``."""
 
-    def __init__(self) -> None:
-        self.tag = f"{PREFIX}{next(_topology_ids)}"
+    def __init__(self, prefix: str = PREFIX) -> None:
+        self.tag = f"{prefix}{next(_topology_ids)}"
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self._links = itertools.count()
