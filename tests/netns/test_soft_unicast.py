@@ -155,7 +155,7 @@ def test_unusable_slice_is_refused_at_reload_and_the_old_config_keeps_serving(en
         while "reload refused" not in env.relay.output():
             assert time.monotonic() < deadline, env.relay.output()
             time.sleep(0.05)
-        refusal = next(line for line in env.relay.stderr if "reload refused" in line)
+        refusal = next(line for line in env.relay.err if "reload refused" in line)
         assert "ip_local_reserved_ports" in refusal
         assert env.relay.proc.poll() is None
         flow = open_flow(topo, lab.client, (lab.dests4[1], 443))

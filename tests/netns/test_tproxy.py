@@ -121,7 +121,7 @@ def test_relay_hosts_own_address_is_not_intercepted(env: LabEnv) -> None:
 def test_policy_refuses_with_a_reset_and_a_log_line(
     env: LabEnv, dest: tuple[str, int], reason: str
 ) -> None:
-    before = len(env.origin.seen)
+    before = len(env.origin.results)
     end = connect_refused(env.topo, env.lab.client, env.lab.client_address, dest)
     # An RST, not a clean EOF that could pass for an empty answer; at once.
     assert end.outcome == "reset" and end.seconds < 1.0
@@ -129,7 +129,7 @@ def test_policy_refuses_with_a_reset_and_a_log_line(
     assert [r["reason"] for r in mine] == [reason]
     assert mine[0]["egress"] == "" and mine[0]["c2s_bytes"] == 0
     # Nothing reached the origin: refused before any upstream connect.
-    assert [s for s in env.origin.seen[before:] if s.local == dest] == []
+    assert [s for s in env.origin.results[before:] if s.local == dest] == []
 
 
 def test_allowed_connection_still_works_after_refusals(env: LabEnv) -> None:
