@@ -1,5 +1,5 @@
 # The per-worker loop: readiness from io_uring (or epoll), bytes moved by splice(2)/recv/send
-# issued from this thread.  KERNEL_NOTES.md measured why: IORING_OP_SPLICE always runs on an
+# issued from this thread.  docs/kernel-notes.md has the measurements: IORING_OP_SPLICE always runs on an
 # io-wq worker thread (REQ_F_FORCE_ASYNC), parking one kernel thread per pending splice, while
 # a direct splice(2) on a non-blocking socket costs one syscall and no thread.  io_uring earns
 # its place for multishot accept, one-shot polls and batching every arm/cancel into one enter.

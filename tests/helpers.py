@@ -329,7 +329,8 @@ def lowest_free_fd() -> int:
 # -- engines -------------------------------------------------------------------------------------
 
 # Reasons that mean our own build is broken, not that this kernel lacks a feature: the core
-# does not import, or crashed while starting (conftest.probe_engines, relay.engines.available).
+# does not import, or crashed while starting (probe_engines in tests/fixtures/engines.py,
+# relay.engines.available).
 _BROKEN_CORE = ("relay_ext._core is not importable", "failed in a child process")
 
 

@@ -1,6 +1,6 @@
 """io_uring unavailable (a seccomp filter returning EPERM, as Docker's default profile does):
 `engine = "auto"` names the cause and the epoll engine takes over with the same guarantees;
-`engine = "uring"` refuses to start with a clear error (TEST_MATRIX F)."""
+`engine = "uring"` refuses to start with a clear error."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Soft-unicast egress (TEST_MATRIX section D), seen from the origin host's kernel.
+"""Soft-unicast egress, seen from the origin host's kernel.
 
 The relay host owns no egress address: 203.0.113.7 / 2001:db8:7::7 are non-local there and
 reach the relay's sockets only through IP_TRANSPARENT and the fwmark return path. The origin

@@ -2,7 +2,7 @@
 
 The client connects to "internet" addresses that only the origin host owns; the relay host
 intercepts, the relay connects from its soft-unicast address, the origin reports what its kernel
-saw. Also the destination policy (TEST_MATRIX section E) as seen from a real client.
+saw. Also the destination policy as seen from a real client.
 """
 
 from __future__ import annotations

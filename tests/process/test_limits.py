@@ -1,4 +1,4 @@
-"""Connection limits and fd exhaustion with real relay processes (TEST_MATRIX C)."""
+"""Connection limits and fd exhaustion with real relay processes."""
 
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ def test_emfile_in_a_worker_recovers_without_spinning(origins: Any, relays: Any,
     if shutil.which("prlimit") is None:
         pytest.skip("prlimit (util-linux) is not installed")
     echo, sink = origins(echo_handler), origins(hash_reply)
-    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=1, engine=engine, extra=f"""
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0,
+                                         workers=1, engine=engine, extra=f"""
 [[listener]]
 name = "bulk"
 bind = "127.0.0.1:0"

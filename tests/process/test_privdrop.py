@@ -145,7 +145,8 @@ def test_pipe_budget_holds_for_the_unprivileged_user(
     pipe_pages = (1 << 20) // os.sysconf("SC_PAGE_SIZE")
     per_worker = soft // pipe_pages // 2
     echo = origins(echo_handler)
-    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2, engine=engine,
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2,
+                                         engine=engine,
                                          extra_relay=f'user = "{USER}"\npipe_size = 1048576'),
                 env={"RELAY_ENGINE": None})  # pipes exist in the core engines only
     rp.wait_ready()

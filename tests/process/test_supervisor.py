@@ -1,6 +1,7 @@
 """Supervisor lifecycle with real `relay run` processes: READY, stats, signals, crashes, hangs.
 
-The relay-process harness (RelayProcess, origins, transfer clients) is tests/relayproc.py.
+The relay-process harness is relay.lab.process (RelayProcess), with the `origins` and `relays`
+fixtures of tests/fixtures/processes.py and the transfer clients of tests/helpers.py.
 """
 
 from __future__ import annotations
