@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from helpers import Origin, block_io_uring, pattern, read_all, respond_after_eof, sha
 
-from relay.lab.process import relay_config
+from relay.lab.process import NotReady, relay_config
 
 
 def blocked_relay(relays: Any, engine: str, backend: tuple[str, int]) -> Any:
@@ -55,7 +55,7 @@ def test_uring_requested_but_blocked_fails_clearly(relays: Any) -> None:
     origin = Origin(respond_after_eof(10))
     try:
         rp = blocked_relay(relays, "uring", origin.address)
-        with pytest.raises(AssertionError, match="before READY"):
+        with pytest.raises(NotReady, match="before READY"):
             rp.wait_ready()                        # exits without ever listening
         assert rp.wait_exit(30) != 0
         log = rp.stderr()

@@ -286,7 +286,8 @@ def test_sigusr1_reopens_log_file(origins: Any, relays: Any) -> None:
 @pytest.mark.timeout(30)
 def test_gen_systemd_unit_is_hardened_and_allows_io_uring(tmp_path: Path) -> None:
     cfg = tmp_path / "relay.toml"
-    cfg.write_text(relay_config(9, admin_socket="/run/relay/admin.sock", workers=2))
+    cfg.write_text(relay_config(9, admin_socket="/run/relay/admin.sock", workers=2,
+                                drain=10.0))
     out = subprocess.run([PYTHON, "-m", "relay", "gen", "systemd", "-c", str(cfg)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr
