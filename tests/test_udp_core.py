@@ -559,3 +559,52 @@ def test_listener_dup_outlives_caller_close_for_replies() -> None:
         assert u.close_flow(fids[0])
     c.close()
     srv.close()
+
+
+def test_flow_table_survives_churn(origin: Origin) -> None:
+    # A small table (index of 64 slots) with keys coming and going in every way it can lose
+    # one: added, refused without hold, closed, expired.  Every later datagram of a live key
+    # must find its flow (no new event), and every freed key must come back as a new one.
+    lsn = udp_socket()
+    laddr = lsn.getsockname()
+    clients = [client() for _ in range(24)]
+    by_addr = {c.getsockname(): c for c in clients}
+    with UdpLoop(max_flows=24, max_holds=8, max_pending_flows=24) as u:
+        u.add_listener(lsn.fileno(), 1, False)
+        live: dict[tuple[str, int], int] = {}
+        for rnd in range(4):
+            for c in clients:
+                c.sendto(b"r%d" % rnd, laddr)
+            expected_new = {a for a in by_addr if a not in live}
+
+            def on_new(ev: Event, rnd: int = rnd,
+                       expected_new: set[tuple[str, int]] = expected_new) -> None:
+                assert ev[3] in expected_new, f"round {rnd}: live key {ev[3]} got a new event"
+                expected_new.discard(ev[3])
+                if (ev[3][1] + rnd) % 3 == 0:
+                    u.refuse_flow(ev[2], 0)
+                else:
+                    live[ev[3]] = u.add_flow(ev[2], upstream_to(origin.addr), -1, 0, 0)
+
+            pump(u, lambda ev, waiting=expected_new: not waiting and u.stats()["pending_flows"] == 0,
+                 on_new=on_new)
+            # close a third of the live flows
+            for addr in list(live)[::3]:
+                assert u.close_flow(live.pop(addr))
+            pump(u, lambda ev: u.stats()["flows_open"] == len(live))
+        assert u.stats()["drop_no_flow_slot"] == 0
+    for c in clients:
+        c.close()
+    lsn.close()
+
+
+def test_stub_lists_every_public_name() -> None:
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "relay_ext",
+                           "_udp.pyi")) as f:
+        stub = f.read()
+    for name in udp.__all__:
+        assert name in stub, f"relay_ext/_udp.pyi does not declare {name}"
+    for method in ("fileno", "add_listener", "remove_listener", "add_flow", "refuse_flow",
+                   "close_flow", "run", "stats", "close"):
+        assert hasattr(UdpLoop, method) and f"def {method}(" in stub
+    assert REASONS == ("idle_timeout", "responses", "closed", "error")
