@@ -34,7 +34,7 @@ build: $(VENV)/.installed relay_ext/.built
 # every process that has the old one mapped (tests, a running relay).
 relay_ext/.built: $(CORE_SRC)
 	$(PY) setup.py -q build_ext --build-lib build/ext --build-temp build/tmp
-	@for so in build/ext/relay_ext/_core*.so; do \
+	@for so in build/ext/relay_ext/_core*.so build/ext/relay_ext/_udp*.so; do \
 	  cp "$$so" "relay_ext/.$${so##*/}.new" && mv -f "relay_ext/.$${so##*/}.new" "relay_ext/$${so##*/}"; done
 	touch $@
 
@@ -56,4 +56,4 @@ demo: setup
 	$(PY) -m relay demo
 
 clean:
-	rm -rf build relay_ext/*.so relay_ext/_core.c relay_ext/.built *.egg-info
+	rm -rf build relay_ext/*.so relay_ext/_core.c relay_ext/_udp.c relay_ext/.built *.egg-info

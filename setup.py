@@ -39,8 +39,15 @@ def extensions() -> list[Extension]:
         include_dirs=[*liburing_dirs(), "relay_ext/includes"],
         extra_compile_args=["-O2", "-Wno-unused-function", "-Wno-unused-variable"],
     )
+    # The UDP datagram core: epoll + recvmmsg/sendmmsg only, no liburing.
+    udp = Extension(
+        "relay_ext._udp",
+        sources=["relay_ext/_udp.pyx"],
+        include_dirs=["relay_ext/includes"],
+        extra_compile_args=["-O2", "-Wno-unused-function", "-Wno-unused-variable"],
+    )
     return cythonize(
-        [ext],
+        [ext, udp],
         language_level=3,
         compiler_directives={
             "boundscheck": False,
