@@ -50,7 +50,7 @@ cdef enum:
     STREAM_MIN = 16384          # a recv this large marks a bulk flow: splice from now on
     PUMP_ROUNDS = 16            # fairness: at most this many reads per readiness event
     EPOLL_BATCH = 256
-    ACCEPT_BATCH = 128
+    ACCEPT_BATCH = 16           # accept4() calls per listener wakeup (listeners.pxi)
 
 
 # ------------------------------------------------------------------ user_data (userdata.pxi)
@@ -61,7 +61,7 @@ cdef enum:
     GEN_MASK = 0xFFFFFF         # the generation bits kept in a user_data / connection id
 
 cdef enum:
-    OP_ACCEPT = 1               # uring: the multishot accept; epoll: the listener's registration
+    OP_ACCEPT = 1               # a listener's readiness: uring POLLIN poll / epoll registration
     OP_POLL = 2                 # OP_POLL + side * 2 + (1 if POLLOUT else 0): 2..5 (epoll: 2..3)
     OP_IGNORE = 8               # completions of our own cancels
 
@@ -152,8 +152,7 @@ cdef struct Listener:
     uint32_t gen
     uint8_t active
     uint8_t user_paused
-    uint8_t armed               # uring: a multishot accept is in flight; epoll: registered
-    uint8_t removing            # uring: removed, but its cancelled accept has not ended yet
+    uint8_t armed               # uring: a POLLIN poll is in flight; epoll: registered
     uint64_t resume_at          # paused after EMFILE & co until this time (0 = not paused)
     uint32_t backoff_ms
 
@@ -250,7 +249,8 @@ cdef list _take_events(Loop self)
 # listeners.pxi
 cdef void _listener_arm(Loop self, int slot) noexcept nogil
 cdef void _listener_disarm(Loop self, int slot) noexcept nogil
-cdef void _accept_error(Loop self, int slot, int err) noexcept nogil
+cdef int _accept_batch(Loop self, int slot) noexcept nogil
+cdef void _accept_pause(Loop self, int slot, int err) noexcept nogil
 
 # datapath.pxi
 cdef void _start_relay(Loop self, Conn* c) noexcept nogil

@@ -33,8 +33,8 @@ from libc.string cimport memcpy, memset
 from liburing.lib.uring cimport (
     __io_uring, __io_uring_params, __io_uring_sqe, __io_uring_cqe, __io_uring_get_sqe, __io_uring_sq_ready,
     __io_uring_cq_ready, __io_uring_cq_advance, __io_uring_prep_poll_add,
-    __io_uring_prep_poll_remove, __io_uring_prep_multishot_accept, __io_uring_prep_cancel64,
-    __io_uring_sqe_set_data64, __IORING_CQE_F_MORE, __IORING_SETUP_CQSIZE,
+    __io_uring_prep_poll_remove,
+    __io_uring_sqe_set_data64, __IORING_SETUP_CQSIZE,
     __IORING_SETUP_COOP_TASKRUN, __IORING_SETUP_SUBMIT_ALL,
 )
 # ... and its cpdef functions, called through Cython's cross-module C API at C speed.

@@ -53,12 +53,14 @@ cdef void _epoll_listener_arm(Loop self, int slot) noexcept nogil:
     cdef epoll_event ev
     if l.armed or not l.active:
         return
+    # Level-triggered and without EPOLLEXCLUSIVE: every worker sharing the socket is woken
+    # and their accept4() calls race (listeners.pxi says why); a stopped worker steals nothing.
     ev.events = EPOLLIN
     ev.data.u64 = pack_ud(OP_ACCEPT, l.gen, slot)
     if epoll_ctl(self.epfd, EPOLL_CTL_ADD, l.fd, &ev) == 0:
         l.armed = 1
     else:
-        _accept_error(self, slot, errno)
+        _accept_pause(self, slot, errno)
 
 cdef void _epoll_listener_disarm(Loop self, int slot) noexcept nogil:
     cdef Listener* l = &self.listeners[slot]
@@ -68,27 +70,13 @@ cdef void _epoll_listener_disarm(Loop self, int slot) noexcept nogil:
 
 cdef void _epoll_on_accept(Loop self, uint32_t slot, uint32_t gen) noexcept nogil:
     cdef Listener* l
-    cdef int fd, k, err
     if slot >= <uint32_t>self.n_listener_slots:
         return
     l = &self.listeners[slot]
     if not l.active or not gen_matches(l.gen, gen) or l.user_paused:
         return
-    for k in range(ACCEPT_BATCH):
-        fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
-        if fd >= 0:
-            self.st_accepts += 1
-            l.backoff_ms = 100
-            _push_event(self, EV_ACCEPT_, l.tag, fd)
-            continue
-        err = errno
-        if err == EAGAIN:
-            break
-        if err == EINTR or err == ECONNABORTED:
-            continue
-        _epoll_listener_disarm(self, slot)
-        _accept_error(self, slot, err)
-        break
+    if _accept_batch(self, slot) < 0:
+        _epoll_listener_disarm(self, slot)      # paused: the timer scan registers it again
 
 cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
     cdef int n = epoll_wait(self.epfd, self.epevents, EPOLL_BATCH, timeout_ms)

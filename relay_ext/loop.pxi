@@ -155,7 +155,7 @@ cdef class Loop:
         for i in range(self.n_listener_slots):
             if self.listeners[i].active and self.listeners[i].tag == tag:
                 raise ValueError(f"relay core: listener tag {tag} already added")
-            if not self.listeners[i].active and not self.listeners[i].removing and slot < 0:
+            if not self.listeners[i].active and slot < 0:
                 slot = i
         if slot < 0:
             if self.n_listener_slots >= MAX_LISTENERS:
@@ -170,22 +170,19 @@ cdef class Loop:
         l.user_paused = 0
         l.armed = 0
         l.resume_at = 0
-        l.backoff_ms = 100
+        l.backoff_ms = ACCEPT_BACKOFF_FIRST_MS
         _listener_arm(self, slot)
         _uring_flush(self)
 
     def remove_listener(self, int64_t tag):
+        """Stop accepting on `tag`.  Connections still queued on the socket stay there, for
+        whoever accepts on it next; the fd is not closed (the loop never owned it)."""
         self._ensure_alive()
         cdef int slot = self._listener_slot(tag)
         _listener_disarm(self, slot)
         self.listeners[slot].active = 0
-        if self.listeners[slot].armed and self.backend_id == BACKEND_URING:
-            # The cancel is asynchronous: the kernel may complete accepts until it lands.
-            # Those clients are real (their handshake is done): deliver them under this
-            # tag; the slot is retired when the final completion arrives.
-            self.listeners[slot].removing = 1
-        else:
-            self.listeners[slot].gen += 1
+        self.listeners[slot].armed = 0
+        self.listeners[slot].gen += 1      # a completion still in flight is now stale
         _uring_flush(self)
 
     def pause_accept(self, int64_t tag):
