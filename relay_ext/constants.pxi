@@ -27,8 +27,8 @@ REASONS = tuple(_REASON_NAMES[i] for i in range(N_REASONS))
 ACCEPT_PAUSE_ERRNOS = frozenset(
     e for e in (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM)
     if is_accept_pause_errno(e))
-ACCEPT_BACKOFF_FIRST_S = ACCEPT_BACKOFF_FIRST_MS / 1000
-ACCEPT_BACKOFF_MAX_S = ACCEPT_BACKOFF_MAX_MS / 1000
+ACCEPT_BACKOFF_FIRST_S = ACCEPT_BACKOFF_FIRST_MS / 1000.0
+ACCEPT_BACKOFF_MAX_S = ACCEPT_BACKOFF_MAX_MS / 1000.0
 
 # connect(2) / SO_ERROR results with a close reason of their own (anything else: "error").
 CONNECT_ERRNO_REASONS = {
