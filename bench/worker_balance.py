@@ -63,7 +63,7 @@ def measure(backend: str, workers: int, conns: int) -> list[int]:
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
     time.sleep(0.5)
     counts = []
-    for pid, r in zip(pids, pipes):
+    for pid, r in zip(pids, pipes, strict=True):
         os.kill(pid, signal.SIGTERM)
         data = b""
         while not data.endswith(b"\n"):
