@@ -8,6 +8,10 @@ EV_ACCEPT_ERROR: Final[int]
 EV_CONNECTED: Final[int]
 EV_DONE: Final[int]
 REASONS: Final[tuple[str, ...]]
+ACCEPT_PAUSE_ERRNOS: Final[frozenset[int]]
+ACCEPT_BACKOFF_FIRST_S: Final[float]
+ACCEPT_BACKOFF_MAX_S: Final[float]
+CONNECT_ERRNO_REASONS: Final[dict[int, int]]
 CYTHON_VERSION: Final[str]
 LIBURING_HEADERS: Final[str]
 
@@ -50,7 +54,9 @@ class Loop:
     ) -> int: ...
     def abort(self, cid: int) -> bool: ...
     def run(self, timeout_ms: int = 0) -> list[Event]: ...
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]:
+        """Counters; after close() the counters as close() left them (never raises)."""
+    # Every other method raises RuntimeError("relay core: the loop is closed") after close().
     def close(self) -> None: ...
     def __enter__(self) -> Loop: ...
     def __exit__(

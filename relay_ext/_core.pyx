@@ -2,15 +2,22 @@
 """relay's zero-copy core: one loop per worker, io_uring (or epoll) for readiness, splice(2)
 through pooled pipes for bulk flows, recv/send for small ones.  Mechanism only, no policy.
 
-Table of contents (one compilation unit, fragments in dependency order):
-  includes/system.pxi    the system calls and constants we use
-  conn.pxi               connection = two halves; close reasons; events for Python
+Table of contents.  One compilation unit; _core.pxd declares the constants, the structs, the
+Loop's fields and the functions the fragments call in one another, so the order below is by
+concern, not by dependency:
+  _core.pxd              the layout: constants, structs, class Loop's fields, shared signatures
+  includes/system.pxi    the system calls and constants we use (included by _core.pxd)
+  constants.pxi          events, close reasons, accept back-off, errno -> reason: Python's names
+  userdata.pxi           user_data / connection id packing: op | generation | slot
+  conn.pxi               a connection pair: arm a side, close it (reset or FIN), report it
   pipes.pxi              the bounded pipe pool
-  loop.pxi               class Loop: setup, the Python API, events out, backend dispatch
+  events.pxi             the event queue handed to Python by run()
+  listeners.pxi          accepting: arm on the backend, a bounded accept4() batch, back-off
   datapath.pxi           _pump per direction; FIN, reset and close decisions
-  timers.pxi             connect / idle / half-close timeouts, accept back-off
-  uring_backend.pxi      io_uring: polls, multishot accept, reaping completions
-  epoll_backend.pxi      epoll: the same readiness contract without io_uring
+  timers.pxi             connect / idle / half-close timeouts, resuming paused listeners
+  uring.pxi              the io_uring backend: ring setup, polls, submit, wait, reap
+  epoll.pxi              the epoll backend: the same readiness contract without io_uring
+  loop.pxi               class Loop: the Python API
 """
 
 import os
@@ -26,8 +33,8 @@ from libc.string cimport memcpy, memset
 from liburing.lib.uring cimport (
     __io_uring, __io_uring_params, __io_uring_sqe, __io_uring_cqe, __io_uring_get_sqe, __io_uring_sq_ready,
     __io_uring_cq_ready, __io_uring_cq_advance, __io_uring_prep_poll_add,
-    __io_uring_prep_poll_remove, __io_uring_prep_multishot_accept, __io_uring_prep_cancel64,
-    __io_uring_sqe_set_data64, __IORING_CQE_F_MORE, __IORING_SETUP_CQSIZE,
+    __io_uring_prep_poll_remove,
+    __io_uring_sqe_set_data64, __IORING_SETUP_CQSIZE,
     __IORING_SETUP_COOP_TASKRUN, __IORING_SETUP_SUBMIT_ALL,
 )
 # ... and its cpdef functions, called through Cython's cross-module C API at C speed.
@@ -43,17 +50,21 @@ cdef extern from "uring_version_check.h":
     int RELAY_LIBURING_VERSION_MAJOR
     int RELAY_LIBURING_VERSION_MINOR
 
-include "includes/system.pxi"
+include "constants.pxi"
+include "userdata.pxi"
 include "conn.pxi"
 include "pipes.pxi"
-include "loop.pxi"
+include "events.pxi"
+include "listeners.pxi"
 include "datapath.pxi"
 include "timers.pxi"
-include "uring_backend.pxi"
-include "epoll_backend.pxi"
+include "uring.pxi"
+include "epoll.pxi"
+include "loop.pxi"
 
 CYTHON_VERSION = Cython.__version__
 LIBURING_HEADERS = f"{RELAY_LIBURING_VERSION_MAJOR}.{RELAY_LIBURING_VERSION_MINOR}"
 
 __all__ = ["Loop", "REASONS", "EV_ACCEPT", "EV_ACCEPT_ERROR", "EV_CONNECTED", "EV_DONE",
-           "CYTHON_VERSION", "LIBURING_HEADERS"]
+           "ACCEPT_PAUSE_ERRNOS", "ACCEPT_BACKOFF_FIRST_S", "ACCEPT_BACKOFF_MAX_S",
+           "CONNECT_ERRNO_REASONS", "CYTHON_VERSION", "LIBURING_HEADERS"]

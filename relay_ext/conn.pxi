@@ -1,68 +1,5 @@
-# One connection = two halves, one per direction.  Half d reads side d and writes side 1-d:
-# half 0 is client -> upstream (c2s), half 1 is upstream -> client (s2c).
-
-cdef enum:
-    SIDE_CLIENT = 0
-    SIDE_UPSTREAM = 1
-
-cdef enum:
-    ST_FREE = 0
-    ST_CONNECTING = 1
-    ST_RELAY = 2
-
-cdef enum:
-    HF_EOF = 1          # the source sent FIN (read returned 0)
-    HF_SHUT = 2         # we forwarded that FIN: shutdown(dst, SHUT_WR) done
-    HF_STREAM = 4       # a bulk flow: move it with splice through a pipe
-    HF_WANT_READ = 8    # waiting for the source to become readable
-    HF_WANT_WRITE = 16  # bytes pending for the destination, waiting for it to drain
-    HF_NO_SPLICE = 32   # splice(2) refused these sockets (EINVAL/ENOSYS): always copy
-
-# Close reasons: the index into REASONS.
-cdef enum:
-    R_EOF = 0
-    R_RESET_CLIENT = 1
-    R_RESET_ORIGIN = 2
-    R_REFUSED = 3
-    R_UNREACHABLE = 4
-    R_CONNECT_TIMEOUT = 5
-    R_IDLE_TIMEOUT = 6
-    R_ABORTED = 7
-    R_ERROR = 8
-    R_HALF_CLOSE_TIMEOUT = 9
-
-REASONS = ("eof", "reset_client", "reset_origin", "refused", "unreachable",
-           "connect_timeout", "idle_timeout", "aborted", "error", "half_close_timeout")
-
-cdef struct Half:
-    int pipe_r              # -1: no pipe held
-    int pipe_w
-    uint32_t pipe_len       # bytes sitting in the pipe, not yet written to dst
-    uint32_t flags
-    char* buf               # copied bytes not yet written to dst (malloc'd only while pending)
-    uint32_t buf_off
-    uint32_t buf_len
-    uint64_t nbytes         # bytes delivered to dst
-    uint64_t spliced
-    uint64_t copied
-
-cdef struct Conn:
-    int fd[2]
-    Half half[2]
-    uint32_t gen            # bumped on free: stale completions carry the old generation
-    uint8_t state
-    uint8_t polled[2]       # uring: POLL_IN/POLL_OUT bits in flight per side; epoll: registered mask
-    uint8_t in_epoll[2]     # epoll: the side's fd is registered
-    int err
-    int64_t tag
-    uint64_t start_ns
-    uint64_t last_ns        # last byte moved either way
-    uint64_t connect_us
-    uint32_t outq_seen      # send-queue bytes at the last timeout check (progress detector)
-
-cdef enum:
-    POLL_BIT_IN = 1
-    POLL_BIT_OUT = 2
+# Connections: a slot in Loop.conns holds one pair (struct Conn in _core.pxd), two halves, one
+# per direction.  Here: resetting a half, arming a side on whichever backend runs, and closing.
 
 
 cdef inline void half_reset(Half* h) noexcept nogil:
@@ -71,20 +8,60 @@ cdef inline void half_reset(Half* h) noexcept nogil:
     h.pipe_w = -1
 
 
-# Events handed back to Python by run(): filled without the GIL, turned into tuples after.
-cdef enum:
-    EV_ACCEPT_ = 1
-    EV_ACCEPT_ERROR_ = 2
-    EV_CONNECTED_ = 3
-    EV_DONE_ = 4
+cdef inline void set_linger_zero(int fd) noexcept nogil:
+    # close() with SO_LINGER {1, 0} sends an RST instead of a FIN: the peer must see a
+    # truncated stream as a reset, never as a clean end of data.
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
 
-EV_ACCEPT = EV_ACCEPT_
-EV_ACCEPT_ERROR = EV_ACCEPT_ERROR_
-EV_CONNECTED = EV_CONNECTED_
-EV_DONE = EV_DONE_
 
-cdef struct Event:
-    int kind
-    int64_t a               # listener tag / conn id
-    int64_t b               # fd / errno / tag
-    int64_t v[8]
+cdef inline int64_t _cid(Loop self, Conn* c) noexcept nogil:
+    return pack_cid(c.gen, <uint32_t>(c - self.conns))
+
+
+cdef void _arm_side(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
+    if self.backend_id == BACKEND_URING:
+        _uring_arm(self, c, side, want)
+    else:
+        _epoll_arm(self, c, side, want)
+
+
+cdef void _disarm_all(Loop self, Conn* c) noexcept nogil:
+    if self.backend_id == BACKEND_URING:
+        _uring_disarm(self, c)
+    else:
+        _epoll_disarm(self, c)
+
+
+cdef void _close_conn(Loop self, Conn* c, int reason, int err, bint reset) noexcept nogil:
+    cdef int side, i
+    cdef uint32_t idx = <uint32_t>(c - self.conns)
+    _disarm_all(self, c)
+    for side in range(2):
+        if reset:
+            set_linger_zero(c.fd[side])
+        close(c.fd[side])
+    if reset:
+        self.st_resets_sent += 1
+    for i in range(2):
+        pipe_put(&self.pipes, &c.half[i])
+        if c.half[i].buf != NULL:
+            free(c.half[i].buf)
+            c.half[i].buf = NULL
+    self.st_closes[reason] += 1
+    cdef Event* ev = _push_event(self, EV_DONE_, _cid(self, c), c.tag)
+    if ev != NULL:
+        ev.v[0] = reason
+        ev.v[1] = <int64_t>c.half[0].nbytes
+        ev.v[2] = <int64_t>c.half[1].nbytes
+        ev.v[3] = <int64_t>(c.half[0].spliced + c.half[1].spliced)
+        ev.v[4] = <int64_t>(c.half[0].copied + c.half[1].copied)
+        ev.v[5] = <int64_t>((self.now - c.start_ns) // 1000)
+        ev.v[6] = err
+    c.state = ST_FREE
+    c.gen += 1
+    self.free_slots[self.n_free_slots] = idx
+    self.n_free_slots += 1
+    self.n_open -= 1

@@ -1,6 +1,5 @@
 # The data path: one pump per direction, moving what can move without blocking, and the
-# decisions that follow (re-arm, forward a FIN, pass a reset on, close).  Module-level
-# functions over Loop, included after it.
+# decisions that follow (re-arm, forward a FIN, pass a reset on, close: conn.pxi).
 
 
 cdef void _start_relay(Loop self, Conn* c) noexcept nogil:
@@ -169,8 +168,8 @@ cdef void _after_pump(Loop self, Conn* c) noexcept nogil:
     if (c.half[0].flags & HF_SHUT) and (c.half[1].flags & HF_SHUT):
         _close_conn(self, c, R_EOF, 0, False)
         return
-    self._arm_side(c, SIDE_CLIENT, _wanted(self, c, SIDE_CLIENT))
-    self._arm_side(c, SIDE_UPSTREAM, _wanted(self, c, SIDE_UPSTREAM))
+    _arm_side(self, c, SIDE_CLIENT, _wanted(self, c, SIDE_CLIENT))
+    _arm_side(self, c, SIDE_UPSTREAM, _wanted(self, c, SIDE_UPSTREAM))
 
 cdef inline uint8_t _wanted(Loop self, Conn* c, int side) noexcept nogil:
     cdef uint8_t want = 0
@@ -202,7 +201,7 @@ cdef void _finish_connect(Loop self, Conn* c) noexcept nogil:
     if getsockopt(c.fd[SIDE_UPSTREAM], SOL_SOCKET, SO_ERROR, &err, &errlen) < 0:
         err = errno
     if err == EINPROGRESS or err == EALREADY:
-        self._arm_side(c, SIDE_UPSTREAM, POLL_BIT_OUT)
+        _arm_side(self, c, SIDE_UPSTREAM, POLL_BIT_OUT)
         return
     if err != 0:
         _close_conn(self, c, connect_reason(err), err, True)
@@ -210,41 +209,7 @@ cdef void _finish_connect(Loop self, Conn* c) noexcept nogil:
     c.state = ST_RELAY
     c.connect_us = (self.now - c.start_ns) // 1000
     c.last_ns = self.now
-    cdef Event* ev = self._push_event(EV_CONNECTED_, _cid(self, c), c.tag)
+    cdef Event* ev = _push_event(self, EV_CONNECTED_, _cid(self, c), c.tag)
     if ev != NULL:
         ev.v[0] = <int64_t>c.connect_us
     _start_relay(self, c)
-
-cdef inline int64_t _cid(Loop self, Conn* c) noexcept nogil:
-    return (<int64_t>(c.gen & 0xFFFFFF) << 32) | <int64_t>(c - self.conns)
-
-cdef void _close_conn(Loop self, Conn* c, int reason, int err, bint reset) noexcept nogil:
-    cdef int side, i
-    cdef uint32_t idx = <uint32_t>(c - self.conns)
-    self._disarm_all(c)
-    for side in range(2):
-        if reset:
-            set_linger_zero(c.fd[side])
-        close(c.fd[side])
-    if reset:
-        self.st_resets_sent += 1
-    for i in range(2):
-        pipe_put(&self.pipes, &c.half[i])
-        if c.half[i].buf != NULL:
-            free(c.half[i].buf)
-            c.half[i].buf = NULL
-    self.st_closes[reason] += 1
-    cdef Event* ev = self._push_event(EV_DONE_, _cid(self, c), c.tag)
-    if ev != NULL:
-        ev.v[0] = reason
-        ev.v[1] = <int64_t>c.half[0].nbytes
-        ev.v[2] = <int64_t>c.half[1].nbytes
-        ev.v[3] = <int64_t>(c.half[0].spliced + c.half[1].spliced)
-        ev.v[4] = <int64_t>(c.half[0].copied + c.half[1].copied)
-        ev.v[5] = <int64_t>((self.now - c.start_ns) // 1000)
-        ev.v[6] = err
-    c.state = ST_FREE
-    c.gen += 1
-    self.free_slots[self.n_free_slots] = idx
-    self.n_free_slots += 1
-    self.n_open -= 1

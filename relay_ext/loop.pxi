@@ -1,67 +1,6 @@
-# The per-worker loop: readiness from io_uring (or epoll), bytes moved by splice(2)/recv/send
-# issued from this thread.  docs/kernel-notes.md has the measurements: IORING_OP_SPLICE always runs on an
-# io-wq worker thread (REQ_F_FORCE_ASYNC), parking one kernel thread per pending splice, while
-# a direct splice(2) on a non-blocking socket costs one syscall and no thread.  io_uring earns
-# its place for multishot accept, one-shot polls and batching every arm/cancel into one enter.
-
-cdef enum:
-    BACKEND_URING = 0
-    BACKEND_EPOLL = 1
-
-cdef enum:
-    MAX_LISTENERS = 64
-    SCRATCH_SIZE = 65536        # copy path buffer: one per loop, bytes never stay in it
-    STREAM_MIN = 16384          # a recv this large marks a bulk flow: splice from now on
-    PUMP_ROUNDS = 16            # fairness: at most this many reads per readiness event
-    EPOLL_BATCH = 256
-    ACCEPT_BATCH = 128
-
-# user_data layout (64 bits, integers only, never pointers):
-#   op (8 bits) | generation (24 bits) | slot index (32 bits)
-cdef enum:
-    OP_ACCEPT = 1
-    OP_POLL = 2                 # OP_POLL + side * 2 + (1 if POLLOUT else 0): 2..5
-    OP_IGNORE = 8               # completions of our own cancels
-
-cdef struct Listener:
-    int fd
-    int64_t tag
-    uint32_t gen
-    uint8_t active
-    uint8_t user_paused
-    uint8_t armed               # uring: a multishot accept is in flight; epoll: registered
-    uint8_t removing            # uring: removed, but its cancelled accept has not ended yet
-    uint64_t resume_at          # paused after EMFILE & co until this time (0 = not paused)
-    uint32_t backoff_ms
-
-
-cdef inline uint64_t pack_ud(uint64_t op, uint32_t gen, uint32_t idx) noexcept nogil:
-    return (op << 56) | ((<uint64_t>(gen & 0xFFFFFF)) << 32) | <uint64_t>idx
-
-
-cdef inline bint is_accept_pause_errno(int err) noexcept nogil:
-    # Out of descriptors or memory: accepting again right away would spin.  Pause this
-    # listener and retry later; connections already relaying are not affected.
-    return err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM
-
-
-cdef inline int connect_reason(int err) noexcept nogil:
-    if err == ECONNREFUSED:
-        return R_REFUSED
-    if err == EHOSTUNREACH or err == ENETUNREACH or err == EHOSTDOWN or err == ENETDOWN:
-        return R_UNREACHABLE
-    if err == ETIMEDOUT:
-        return R_CONNECT_TIMEOUT
-    return R_ERROR
-
-
-cdef inline void set_linger_zero(int fd) noexcept nogil:
-    # close() with SO_LINGER {1, 0} sends an RST instead of a FIN: the peer must see a
-    # truncated stream as a reset, never as a clean end of data.
-    cdef linger lg
-    lg.l_onoff = 1
-    lg.l_linger = 0
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+# class Loop: the Python API.  Construction and teardown, listeners, pairs, run() and stats().
+# The fields are declared in _core.pxd; the mechanism lives in the fragments _core.pyx lists.
+# Every public method but close() and stats() raises RuntimeError once the loop is closed.
 
 
 cdef class Loop:
@@ -69,63 +8,6 @@ cdef class Loop:
 
     Use from one thread only.  See docs/architecture.md for the contract.
     """
-    cdef int backend_id
-    cdef bint closed
-    cdef object owner_warned
-    # io_uring
-    cdef io_uring ring
-    cdef io_uring_cqe cqe_holder
-    cdef uring_timespec wait_ts
-    cdef uring_sigset no_sigmask
-    cdef bint ring_ready
-    # epoll
-    cdef int epfd
-    cdef epoll_event* epevents
-    # embedding: readable when run(0) has work
-    cdef int efd
-    # connections
-    cdef Conn* conns
-    cdef uint32_t max_conns
-    cdef uint32_t* free_slots
-    cdef uint32_t n_free_slots
-    cdef uint32_t high_water
-    cdef uint32_t n_open
-    # listeners
-    cdef Listener listeners[64]
-    cdef int n_listener_slots
-    # bytes
-    cdef PipePool pipes
-    cdef char* scratch
-    cdef uint32_t splice_min
-    cdef bint splice_enabled
-    # timers
-    cdef uint64_t connect_timeout_ns
-    cdef uint64_t idle_timeout_ns
-    cdef uint64_t half_close_timeout_ns
-    cdef uint64_t scan_interval_ns
-    cdef uint64_t next_scan
-    cdef uint64_t now
-    cdef bint interrupted       # a signal cut the wait short: return so Python can run it
-    # events for Python
-    cdef Event* evq
-    cdef uint32_t evq_len
-    cdef uint32_t evq_cap
-    # counters
-    cdef uint64_t st_conns_total
-    cdef uint64_t st_bytes_spliced
-    cdef uint64_t st_bytes_copied
-    cdef uint64_t st_bytes_dir[2]     # bytes delivered: [0] client->upstream, [1] back
-    cdef uint64_t st_accepts
-    cdef uint64_t st_accept_errors
-    cdef uint64_t st_accept_paused
-    cdef uint64_t st_resets_sent
-    cdef uint64_t st_sqe_starved
-    cdef uint64_t st_submit_errors
-    cdef int last_submit_errno
-    cdef uint64_t st_wakeups
-    cdef uint64_t st_events_dropped
-    cdef uint64_t st_closes[10]
-
     def __cinit__(self):
         self.closed = True
         self.epfd = -1
@@ -175,9 +57,9 @@ cdef class Loop:
         pipe_pool_init(&self.pipes, max_pipes if self.splice_enabled else 0, pipe_size)
         try:
             if self.backend_id == BACKEND_URING:
-                self._ring_setup(ring_entries)
+                _uring_setup(self, ring_entries)
             else:
-                self._epoll_setup()
+                _epoll_setup(self)
         except BaseException:
             self._free_memory()
             raise
@@ -186,58 +68,6 @@ cdef class Loop:
         self.closed = False
 
     # ---------------------------------------------------------------- setup / teardown
-
-    cdef _ring_setup(self, int entries):
-        # python-liburing 2024.5.3 declares io_uring_params but never allocates its struct:
-        # point it at one of ours.
-        cdef __io_uring_params raw
-        cdef io_uring_params params
-        cdef int err = 0
-        self.ring = io_uring()
-        self.cqe_holder = io_uring_cqe()
-        self.wait_ts = uring_timespec()
-        self.no_sigmask = uring_sigset()    # ptr stays NULL: no signal mask change on wait
-        # Setup flags, each one deliberate:
-        # - CQSIZE: a CQ 8x the SQ, because one arm (SQE) can complete with several CQEs
-        #   (multishot accept) and a burst of readiness must not overflow.  Overflow still
-        #   loses nothing (IORING_FEAT_NODROP keeps it in the kernel until we reap).
-        # - COOP_TASKRUN: completions run when we enter the kernel, not via an IPI that
-        #   interrupts us mid-batch; we enter once per batch anyway.
-        # - SUBMIT_ALL: one bad SQE must not stop the rest of the batch.
-        # No SQPOLL (a spinning kernel thread per worker on a 2-vCPU box costs more than it
-        # saves) and no SINGLE_ISSUER/DEFER_TASKRUN (embedders may create the loop in one
-        # thread and drive it from another; DEFER_TASKRUN would also delay eventfd wakeups).
-        for flags in ((__IORING_SETUP_CQSIZE | __IORING_SETUP_COOP_TASKRUN
-                       | __IORING_SETUP_SUBMIT_ALL),
-                      __IORING_SETUP_CQSIZE, 0):
-            memset(&raw, 0, sizeof(raw))
-            params = io_uring_params()
-            params.ptr = &raw
-            params.ptr.flags = flags
-            params.ptr.cq_entries = entries * 8
-            try:
-                io_uring_queue_init_params(entries, self.ring, params)
-                params.ptr = NULL
-                self.ring_ready = True
-                return
-            except OSError as exc:
-                params.ptr = NULL
-                self.ring = io_uring()
-                err = exc.errno or 0
-                if err != EINVAL:
-                    break
-        raise OSError(err, f"relay core: io_uring unavailable: {os.strerror(err)} "
-                           "(kernel.io_uring_disabled, a seccomp filter, or RLIMIT_MEMLOCK); "
-                           "use the epoll engine")
-
-    cdef _epoll_setup(self):
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        if self.epfd < 0:
-            err = errno
-            raise OSError(err, f"relay core: epoll_create1: {os.strerror(err)}")
-        self.epevents = <epoll_event*>malloc(EPOLL_BATCH * sizeof(epoll_event))
-        if self.epevents == NULL:
-            raise MemoryError("relay core: cannot allocate epoll events")
 
     cdef void _free_memory(self) noexcept:
         free(self.conns)
@@ -265,6 +95,7 @@ cdef class Loop:
         self.evq_len = 0        # nobody will read them; accepted fds were closed below
         for i in range(self.n_listener_slots):
             self.listeners[i].active = 0
+        self.final_stats = self._counters()
         pipe_pool_destroy(&self.pipes)
         if self.ring_ready:
             self.ring_ready = False
@@ -324,7 +155,7 @@ cdef class Loop:
         for i in range(self.n_listener_slots):
             if self.listeners[i].active and self.listeners[i].tag == tag:
                 raise ValueError(f"relay core: listener tag {tag} already added")
-            if not self.listeners[i].active and not self.listeners[i].removing and slot < 0:
+            if not self.listeners[i].active and slot < 0:
                 slot = i
         if slot < 0:
             if self.n_listener_slots >= MAX_LISTENERS:
@@ -339,38 +170,35 @@ cdef class Loop:
         l.user_paused = 0
         l.armed = 0
         l.resume_at = 0
-        l.backoff_ms = 100
-        self._listener_arm(slot)
-        self._flush()
+        l.backoff_ms = ACCEPT_BACKOFF_FIRST_MS
+        _listener_arm(self, slot)
+        _uring_flush(self)
 
     def remove_listener(self, int64_t tag):
+        """Stop accepting on `tag`.  Connections still queued on the socket stay there, for
+        whoever accepts on it next; the fd is not closed (the loop never owned it)."""
         self._ensure_alive()
         cdef int slot = self._listener_slot(tag)
-        self._listener_disarm(slot)
+        _listener_disarm(self, slot)
         self.listeners[slot].active = 0
-        if self.listeners[slot].armed and self.backend_id == BACKEND_URING:
-            # The cancel is asynchronous: the kernel may complete accepts until it lands.
-            # Those clients are real (their handshake is done): deliver them under this
-            # tag; the slot is retired when the final completion arrives.
-            self.listeners[slot].removing = 1
-        else:
-            self.listeners[slot].gen += 1
-        self._flush()
+        self.listeners[slot].armed = 0
+        self.listeners[slot].gen += 1      # a completion still in flight is now stale
+        _uring_flush(self)
 
     def pause_accept(self, int64_t tag):
         self._ensure_alive()
         cdef int slot = self._listener_slot(tag)
         self.listeners[slot].user_paused = 1
-        self._listener_disarm(slot)
-        self._flush()
+        _listener_disarm(self, slot)
+        _uring_flush(self)
 
     def resume_accept(self, int64_t tag):
         self._ensure_alive()
         cdef int slot = self._listener_slot(tag)
         self.listeners[slot].user_paused = 0
         if self.listeners[slot].resume_at == 0:
-            self._listener_arm(slot)
-        self._flush()
+            _listener_arm(self, slot)
+        _uring_flush(self)
 
     cdef int _listener_slot(self, int64_t tag) except -1:
         cdef int i
@@ -419,29 +247,29 @@ cdef class Loop:
             c.half[0].buf_len = plen
         self.n_open += 1
         self.st_conns_total += 1
-        cdef int64_t cid = (<int64_t>(gen & 0xFFFFFF) << 32) | idx
+        cdef int64_t cid = pack_cid(gen, idx)
         with nogil:
             if connecting:
                 c.state = ST_CONNECTING
-                self._arm_side(c, SIDE_UPSTREAM, POLL_BIT_OUT)
+                _arm_side(self, c, SIDE_UPSTREAM, POLL_BIT_OUT)
             else:
                 c.state = ST_RELAY
                 _start_relay(self, c)
-        self._flush()
+        _uring_flush(self)
         return cid
 
     def abort(self, int64_t cid):
         """Reset both sides of pair `cid` now (reason "aborted").  Unknown ids are ignored."""
         self._ensure_alive()
-        cdef uint32_t idx = cid & 0xFFFFFFFFULL
-        cdef uint32_t gen = (cid >> 32) & 0xFFFFFF
+        cdef uint32_t idx = ud_slot(<uint64_t>cid)
+        cdef uint32_t gen = ud_gen(<uint64_t>cid)
         if idx >= self.high_water:
             return False
         cdef Conn* c = &self.conns[idx]
-        if c.state == ST_FREE or (c.gen & 0xFFFFFF) != gen:
+        if c.state == ST_FREE or not gen_matches(c.gen, gen):
             return False
         _close_conn(self, c, R_ABORTED, 0, True)
-        self._flush()
+        _uring_flush(self)
         return True
 
     def run(self, int timeout_ms=0):
@@ -482,13 +310,22 @@ cdef class Loop:
             if self.now >= self.next_scan:
                 with nogil:
                     _scan_timers(self)
-            self._flush()
+            _uring_flush(self)
             if self.evq_len or self.interrupted or self.now >= deadline:
                 break
-        return self._take_events()
+        return _take_events(self)
 
     def stats(self):
-        """Counters as a flat dict of ints."""
+        """Counters as a flat dict of ints.  After close(): the counters as close() left them
+        (zeros if the loop never started)."""
+        if self.closed:
+            return dict(self.final_stats) if self.final_stats is not None else self._counters()
+        d = self._counters()
+        if not d["pipe_size_granted"]:
+            d["pipe_size_granted"] = self._probe_pipe_size()
+        return d
+
+    cdef dict _counters(self):
         d = {
             "conns_open": self.n_open,
             "conns_total": self.st_conns_total,
@@ -504,7 +341,7 @@ cdef class Loop:
             "pipe_refused": self.pipes.refused,
             "pipe_resize_denied": self.pipes.setsz_denied,
             "pipe_size_requested": self.pipes.size_requested,
-            "pipe_size_granted": self.pipes.size_granted or self._probe_pipe_size(),
+            "pipe_size_granted": self.pipes.size_granted,
             "accepts": self.st_accepts,
             "accept_errors": self.st_accept_errors,
             "accept_paused": self.st_accept_paused,
@@ -530,86 +367,6 @@ cdef class Loop:
             pipe_put(&self.pipes, &tmp)
         return self.pipes.size_granted
 
-    # ---------------------------------------------------------------- events out
-
-    cdef Event* _push_event(self, int kind, int64_t a, int64_t b) noexcept nogil:
-        """Queue an event for Python; NULL (and counted) when memory ran out."""
-        cdef Event* grown
-        if self.evq_len == self.evq_cap:
-            grown = <Event*>realloc(self.evq, self.evq_cap * 2 * sizeof(Event))
-            if grown == NULL:
-                self.st_events_dropped += 1
-                if kind == EV_ACCEPT_:
-                    close(<int>b)       # nobody could own it: don't leak it
-                return NULL
-            self.evq = grown
-            self.evq_cap *= 2
-        cdef Event* ev = &self.evq[self.evq_len]
-        self.evq_len += 1
-        ev.kind = kind
-        ev.a = a
-        ev.b = b
-        return ev
-
-    cdef list _take_events(self):
-        cdef list out = []
-        cdef uint32_t i
-        cdef Event* ev
-        for i in range(self.evq_len):
-            ev = &self.evq[i]
-            if ev.kind == EV_ACCEPT_:
-                out.append((EV_ACCEPT_, ev.a, ev.b))
-            elif ev.kind == EV_DONE_:
-                out.append((EV_DONE_, ev.a, ev.b, ev.v[0], ev.v[1], ev.v[2], ev.v[3],
-                            ev.v[4], ev.v[5], ev.v[6]))
-            elif ev.kind == EV_CONNECTED_:
-                out.append((EV_CONNECTED_, ev.a, ev.b, ev.v[0]))
-            else:
-                out.append((ev.kind, ev.a, ev.b))
-        self.evq_len = 0
-        if self.evq_cap > 4096:
-            # a burst grew the queue: give the memory back
-            free(self.evq)
-            self.evq_cap = 256
-            self.evq = <Event*>malloc(self.evq_cap * sizeof(Event))
-        return out
-
     cdef void _drain_eventfd(self) noexcept:
         cdef uint64_t value
         read(self.efd, &value, sizeof(value))
-
-    # ---------------------------------------------------------------- backend dispatch
-
-    cdef void _arm_side(self, Conn* c, int side, uint8_t want) noexcept nogil:
-        if self.backend_id == BACKEND_URING:
-            _uring_arm(self, c, side, want)
-        else:
-            _epoll_arm(self, c, side, want)
-
-    cdef void _disarm_all(self, Conn* c) noexcept nogil:
-        if self.backend_id == BACKEND_URING:
-            _uring_disarm(self, c)
-        else:
-            _epoll_disarm(self, c)
-
-    cdef void _listener_arm(self, int slot) noexcept nogil:
-        if self.backend_id == BACKEND_URING:
-            _uring_listener_arm(self, slot)
-        else:
-            _epoll_listener_arm(self, slot)
-
-    cdef void _listener_disarm(self, int slot) noexcept nogil:
-        if self.backend_id == BACKEND_URING:
-            _uring_listener_disarm(self, slot)
-        else:
-            _epoll_listener_disarm(self, slot)
-
-    cdef void _flush(self):
-        if self.backend_id == BACKEND_URING and self.ring_ready:
-            if __io_uring_sq_ready(&self.ring.ptr):
-                try:
-                    io_uring_submit(self.ring)
-                except OSError as exc:
-                    self.st_submit_errors += 1
-                    self.last_submit_errno = exc.errno or 0
-

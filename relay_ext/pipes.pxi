@@ -7,19 +7,7 @@
 # splicing through, so it is closed and the connection copies instead (never stalls).
 # A pipe that still holds bytes is closed, never returned: its contents belong to a dead flow.
 
-cdef struct PipePool:
-    int* free_r
-    int* free_w
-    int n_free
-    int n_in_use
-    int max_pipes
-    int size_requested
-    int size_granted          # F_GETPIPE_SZ of the last pipe made
-    uint64_t created
-    uint64_t refused          # pipe2 failed, or the kernel granted a uselessly small pipe
-    uint64_t setsz_denied     # F_SETPIPE_SZ refused (EPERM past pipe-user-pages-soft)
-    uint64_t killed           # closed while still holding bytes
-    uint64_t cooldown_until   # after a refusal, copy for a while instead of retrying each read
+# struct PipePool: _core.pxd.
 
 
 cdef int pipe_pool_init(PipePool* pp, int max_pipes, int size) except -1:
@@ -41,6 +29,7 @@ cdef void pipe_pool_destroy(PipePool* pp) noexcept nogil:
         close(pp.free_r[i])
         close(pp.free_w[i])
     pp.n_free = 0
+    pp.max_pipes = 0            # pipe_get refuses from now on: nothing to put back into
     free(pp.free_r)
     free(pp.free_w)
     pp.free_r = NULL

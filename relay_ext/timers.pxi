@@ -1,5 +1,5 @@
-# Timers: one coarse scan over the table (connect, idle and half-close timeouts) and the
-# accept back-off.  Module-level functions over Loop, included after it.
+# Timers: one coarse scan over the table (connect, idle and half-close timeouts), which also
+# resumes listeners whose accept back-off (listeners.pxi) has run out.
 
 
 cdef void _scan_timers(Loop self) noexcept nogil:
@@ -35,7 +35,7 @@ cdef void _scan_timers(Loop self) noexcept nogil:
                 and now >= self.listeners[i].resume_at):
             self.listeners[i].resume_at = 0
             if not self.listeners[i].user_paused:
-                self._listener_arm(i)
+                _listener_arm(self, i)
 
 cdef bint _kernel_still_sending(Loop self, Conn* c) noexcept nogil:
     cdef int q0 = 0, q1 = 0
@@ -48,15 +48,3 @@ cdef bint _kernel_still_sending(Loop self, Conn* c) noexcept nogil:
         return False
     c.outq_seen = total
     return True
-
-cdef void _accept_error(Loop self, int slot, int err) noexcept nogil:
-    cdef Listener* l = &self.listeners[slot]
-    self.st_accept_errors += 1
-    if is_accept_pause_errno(err):
-        self.st_accept_paused += 1
-        l.resume_at = self.now + <uint64_t>l.backoff_ms * 1000000ULL
-        if l.backoff_ms < 1000:
-            l.backoff_ms = l.backoff_ms * 2 if l.backoff_ms * 2 < 1000 else 1000
-        if self.next_scan > l.resume_at:
-            self.next_scan = l.resume_at
-        self._push_event(EV_ACCEPT_ERROR_, l.tag, err)

@@ -2,6 +2,9 @@
 
 The values are the contract of ``relay_ext._core`` (docs/architecture.md): the pure-Python engine
 and the server use these so that an event tuple means the same thing whichever engine produced it.
+This module is Python's copy (the asyncio engine runs without a built core): the core defines each
+value once (relay_ext/_core.pxd, constants.pxi) and tests/test_core_constants.py pins every name
+and value here to the core's exports.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ ACCEPT_BACKOFF_FIRST_S = 0.1
 ACCEPT_BACKOFF_MAX_S = 1.0
 
 # connect(2) / SO_ERROR results that have a reason of their own; anything else is "error".
-_CONNECT_ERRNO_REASON = {
+CONNECT_ERRNO_REASONS: dict[int, int] = {
     errno.ECONNREFUSED: R_REFUSED,
     errno.ENETUNREACH: R_UNREACHABLE,
     errno.EHOSTUNREACH: R_UNREACHABLE,
@@ -58,4 +61,4 @@ _CONNECT_ERRNO_REASON = {
 
 def connect_failure_reason(err: int) -> int:
     """Reason index for a failed upstream connect with errno ``err``."""
-    return _CONNECT_ERRNO_REASON.get(err, R_ERROR)
+    return CONNECT_ERRNO_REASONS.get(err, R_ERROR)

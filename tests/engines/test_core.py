@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -533,3 +534,107 @@ def test_idle_pairs_hold_no_pipe_and_no_kernel_thread(make_loop, backend: str) -
         c.close()
         o.close()
     drv.wait_done(301)
+
+
+# ---------------------------------------------------------------- workers sharing one listener
+
+# A worker process: a Loop accepting on the inherited listening socket; each accepted client
+# gets one byte ("accepted") and is closed, then the worker is busy for 2 ms (a worker with
+# something to do: the case where the share matters).  On SIGTERM it prints its count.
+WORKER = textwrap.dedent("""
+    import os, signal, sys, time
+    from relay_ext._core import EV_ACCEPT, Loop
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    n = 0
+    with Loop(sys.argv[1]) as loop:
+        loop.add_listener(int(sys.argv[2]), 1)
+        print("ready", flush=True)
+        while not stop:
+            for ev in loop.run(100):
+                if ev[0] == EV_ACCEPT:
+                    n += 1
+                    os.write(ev[2], b"a")
+                    os.close(ev[2])
+                    time.sleep(0.002)
+    print(n, flush=True)
+""")
+
+
+@pytest.fixture
+def shared_listener_workers() -> Iterator:
+    procs: list[subprocess.Popen] = []
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    lsock.setblocking(False)
+
+    def start(backend: str, count: int) -> list[subprocess.Popen]:
+        for _ in range(count):
+            p = subprocess.Popen([sys.executable, "-c", WORKER, backend, str(lsock.fileno())],
+                                 pass_fds=[lsock.fileno()], stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            procs.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        return procs
+
+    yield lsock.getsockname(), start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)  # in case a test stopped it
+            p.kill()
+        p.wait()
+    lsock.close()
+
+
+def connect_and_wait_accepted(addr: tuple[str, int], timeout: float = 5.0) -> bool:
+    """Open a connection and wait for a worker to accept it (its one byte)."""
+    with socket.create_connection(addr, timeout=timeout) as c:
+        try:
+            return c.recv(1) == b"a"
+        except TimeoutError:
+            return False
+
+
+def stop_workers(procs: list[subprocess.Popen]) -> list[int]:
+    counts = []
+    for p in procs:
+        p.terminate()
+        out, _ = p.communicate(timeout=10)
+        counts.append(int(out.split()[-1]))
+    return counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_workers_sharing_a_listener_each_take_a_share(shared_listener_workers, backend) -> None:
+    # The uring accept used to be an exclusive waiter: one worker took every connection.
+    addr, start = shared_listener_workers
+    procs = start(backend, 2)
+    n = 200
+    # A burst.  (Between idle workers the race is won by whoever the scheduler runs first, often
+    # the one that accepted last: its poll re-armed at the head of the socket's wait queue.
+    # That costs nothing while the other has nothing to do; what matters is that a busy
+    # worker's poll does not hold connections an idle one could take.)
+    clients = [socket.create_connection(addr, timeout=5.0) for _ in range(n)]
+    try:
+        assert all(c.recv(1) == b"a" for c in clients)
+    finally:
+        for c in clients:
+            c.close()
+    counts = stop_workers(procs)
+    assert sum(counts) == n
+    assert min(counts) >= n // 4, counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stopped_worker_swallows_no_connection(shared_listener_workers, backend) -> None:
+    # A SIGSTOPped worker still has its poll on the socket: it must not take the wakeup that
+    # the running worker needs (an exclusive waiter would, and the client would hang).
+    addr, start = shared_listener_workers
+    procs = start(backend, 2)
+    procs[0].send_signal(signal.SIGSTOP)
+    try:
+        accepted = [connect_and_wait_accepted(addr, timeout=3.0) for _ in range(20)]
+    finally:
+        procs[0].send_signal(signal.SIGCONT)
+    assert all(accepted), f"{accepted.count(False)} of 20 connections were never accepted"
+    counts = stop_workers(procs)
+    assert counts[1] == 20 and counts[0] == 0, counts

@@ -1,7 +1,19 @@
-# epoll readiness, for kernels and containers without io_uring (kernel.io_uring_disabled,
-# Docker's default seccomp profile).  Level-triggered, one registration per socket whose mask
-# follows what the two halves want; a socket nobody waits on is removed so EPOLLHUP on a
-# finished socket cannot spin the loop.  (Module-level functions over Loop, included after it.)
+# The epoll backend, all of it, for kernels and containers without io_uring
+# (kernel.io_uring_disabled, Docker's default seccomp profile).  Level-triggered, one
+# registration per socket whose mask follows what the two halves want; a socket nobody waits on
+# is removed so EPOLLHUP on a finished socket cannot spin the loop.
+
+
+cdef int _epoll_setup(Loop self) except -1:
+    self.epfd = epoll_create1(EPOLL_CLOEXEC)
+    if self.epfd < 0:
+        err = errno
+        raise OSError(err, f"relay core: epoll_create1: {os.strerror(err)}")
+    self.epevents = <epoll_event*>malloc(EPOLL_BATCH * sizeof(epoll_event))
+    if self.epevents == NULL:
+        raise MemoryError("relay core: cannot allocate epoll events")
+    return 0
+
 
 cdef void _epoll_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
     cdef epoll_event ev
@@ -41,12 +53,14 @@ cdef void _epoll_listener_arm(Loop self, int slot) noexcept nogil:
     cdef epoll_event ev
     if l.armed or not l.active:
         return
+    # Level-triggered and without EPOLLEXCLUSIVE: every worker sharing the socket is woken
+    # and their accept4() calls race (listeners.pxi says why); a stopped worker steals nothing.
     ev.events = EPOLLIN
     ev.data.u64 = pack_ud(OP_ACCEPT, l.gen, slot)
     if epoll_ctl(self.epfd, EPOLL_CTL_ADD, l.fd, &ev) == 0:
         l.armed = 1
     else:
-        _accept_error(self, slot, errno)
+        _accept_pause(self, slot, errno)
 
 cdef void _epoll_listener_disarm(Loop self, int slot) noexcept nogil:
     cdef Listener* l = &self.listeners[slot]
@@ -56,27 +70,13 @@ cdef void _epoll_listener_disarm(Loop self, int slot) noexcept nogil:
 
 cdef void _epoll_on_accept(Loop self, uint32_t slot, uint32_t gen) noexcept nogil:
     cdef Listener* l
-    cdef int fd, k, err
     if slot >= <uint32_t>self.n_listener_slots:
         return
     l = &self.listeners[slot]
-    if not l.active or (l.gen & 0xFFFFFF) != gen or l.user_paused:
+    if not l.active or not gen_matches(l.gen, gen) or l.user_paused:
         return
-    for k in range(ACCEPT_BATCH):
-        fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
-        if fd >= 0:
-            self.st_accepts += 1
-            l.backoff_ms = 100
-            self._push_event(EV_ACCEPT_, l.tag, fd)
-            continue
-        err = errno
-        if err == EAGAIN:
-            break
-        if err == EINTR or err == ECONNABORTED:
-            continue
-        _epoll_listener_disarm(self, slot)
-        _accept_error(self, slot, err)
-        break
+    if _accept_batch(self, slot) < 0:
+        _epoll_listener_disarm(self, slot)      # paused: the timer scan registers it again
 
 cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
     cdef int n = epoll_wait(self.epfd, self.epevents, EPOLL_BATCH, timeout_ms)
@@ -94,16 +94,16 @@ cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
     for i in range(n):
         ud = self.epevents[i].data.u64
         evs = self.epevents[i].events
-        op = <uint32_t>(ud >> 56)
-        gen = <uint32_t>((ud >> 32) & 0xFFFFFF)
-        idx = <uint32_t>(ud & 0xFFFFFFFFULL)
+        op = ud_op(ud)
+        gen = ud_gen(ud)
+        idx = ud_slot(ud)
         if op == OP_ACCEPT:
             _epoll_on_accept(self, idx, gen)
             continue
         if op < OP_POLL or op > OP_POLL + 1 or idx >= self.high_water:
             continue
         c = &self.conns[idx]
-        if c.state == ST_FREE or (c.gen & 0xFFFFFF) != gen:
+        if c.state == ST_FREE or not gen_matches(c.gen, gen):
             continue
         side = op - OP_POLL
         _on_ready(self, c, side,

@@ -1,7 +1,68 @@
-# io_uring readiness: one-shot POLL_ADD per (side, direction) and multishot ACCEPT.
+# The io_uring backend, all of it: ring setup, one-shot POLL_ADD per (side, direction) and per
+# listener, submitting, waiting and reaping completions.
 # A one-shot poll checks readiness when armed, so it behaves level-triggered: re-arming after
 # a partial drain fires at once, which is what the fairness limit in _pump relies on.
-# (Module-level functions over Loop, included after it.)
+#
+# Readiness only: the bytes move with splice(2)/recv/send issued from this thread.
+# IORING_OP_SPLICE always runs on an io-wq worker thread (REQ_F_FORCE_ASYNC), parking one
+# kernel thread per pending splice, while a direct splice(2) on a non-blocking socket costs one
+# syscall and no thread.  io_uring earns its place for the polls and for batching every
+# arm/cancel of a wakeup into one kernel entry.
+
+
+cdef int _uring_setup(Loop self, int entries) except -1:
+    # python-liburing 2024.5.3 declares io_uring_params but never allocates its struct:
+    # point it at one of ours.
+    cdef __io_uring_params raw
+    cdef io_uring_params params
+    cdef int err = 0
+    self.ring = io_uring()
+    self.cqe_holder = io_uring_cqe()
+    self.wait_ts = uring_timespec()
+    self.no_sigmask = uring_sigset()    # ptr stays NULL: no signal mask change on wait
+    # Setup flags, each one deliberate:
+    # - CQSIZE: a CQ 8x the SQ, because a burst of readiness (every poll of a busy loop)
+    #   must not overflow.  Overflow still
+    #   loses nothing (IORING_FEAT_NODROP keeps it in the kernel until we reap).
+    # - COOP_TASKRUN: completions run when we enter the kernel, not via an IPI that
+    #   interrupts us mid-batch; we enter once per batch anyway.
+    # - SUBMIT_ALL: one bad SQE must not stop the rest of the batch.
+    # No SQPOLL (a spinning kernel thread per worker on a 2-vCPU box costs more than it
+    # saves) and no SINGLE_ISSUER/DEFER_TASKRUN (embedders may create the loop in one
+    # thread and drive it from another; DEFER_TASKRUN would also delay eventfd wakeups).
+    for flags in ((__IORING_SETUP_CQSIZE | __IORING_SETUP_COOP_TASKRUN
+                   | __IORING_SETUP_SUBMIT_ALL),
+                  __IORING_SETUP_CQSIZE, 0):
+        memset(&raw, 0, sizeof(raw))
+        params = io_uring_params()
+        params.ptr = &raw
+        params.ptr.flags = flags
+        params.ptr.cq_entries = entries * 8
+        try:
+            io_uring_queue_init_params(entries, self.ring, params)
+            params.ptr = NULL
+            self.ring_ready = True
+            return 0
+        except OSError as exc:
+            params.ptr = NULL
+            self.ring = io_uring()
+            err = exc.errno or 0
+            if err != EINVAL:
+                break
+    raise OSError(err, f"relay core: io_uring unavailable: {os.strerror(err)} "
+                       "(kernel.io_uring_disabled, a seccomp filter, or RLIMIT_MEMLOCK); "
+                       "use the epoll engine")
+
+
+cdef void _uring_flush(Loop self):
+    """Submit the SQEs queued so far (epoll has nothing to flush: epoll_ctl acts at once)."""
+    if self.backend_id == BACKEND_URING and self.ring_ready:
+        if __io_uring_sq_ready(&self.ring.ptr):
+            try:
+                io_uring_submit(self.ring)
+            except OSError as exc:
+                self.st_submit_errors += 1
+                self.last_submit_errno = exc.errno or 0
 
 cdef __io_uring_sqe* _sqe(Loop self) noexcept nogil:
     cdef __io_uring_sqe* sqe = __io_uring_get_sqe(&self.ring.ptr)
@@ -64,70 +125,62 @@ cdef void _uring_listener_arm(Loop self, int slot) noexcept nogil:
     if sqe == NULL:
         l.resume_at = self.now + 10000000ULL     # retry from the timer scan
         return
-    # Multishot: one SQE keeps accepting, one CQE per connection, until an error or a
-    # cancel ends it (then the CQE lacks IORING_CQE_F_MORE and we re-arm).
-    __io_uring_prep_multishot_accept(sqe, l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+    # A one-shot POLLIN poll, not IORING_OP_ACCEPT: io_uring arms an accept's internal poll as
+    # an exclusive (wake-one) waiter, so with workers sharing the socket the first one took
+    # every connection; a POLL_ADD without EPOLLEXCLUSIVE wakes every worker and their
+    # accept4() calls race (listeners.pxi).  One-shot, re-armed after each accept batch: it
+    # checks readiness when armed, so connections a capped batch left behind fire it at once
+    # (a multishot poll only posts on a new wakeup and would strand them).
+    __io_uring_prep_poll_add(sqe, l.fd, POLLIN)
     __io_uring_sqe_set_data64(sqe, pack_ud(OP_ACCEPT, l.gen, slot))
     l.armed = 1
 
 cdef void _uring_listener_disarm(Loop self, int slot) noexcept nogil:
+    # The removal is asynchronous: the poll's completion (-ECANCELED, or readiness that
+    # raced the removal) still arrives and clears `armed`; nothing is accepted meanwhile,
+    # connections stay queued in the kernel for the next accept (here or in a sibling).
     cdef Listener* l = &self.listeners[slot]
     cdef __io_uring_sqe* sqe
     if not l.armed:
         return
     sqe = _sqe(self)
     if sqe != NULL:
-        __io_uring_prep_cancel64(sqe, pack_ud(OP_ACCEPT, l.gen, slot), 0)
+        __io_uring_prep_poll_remove(sqe, pack_ud(OP_ACCEPT, l.gen, slot))
         __io_uring_sqe_set_data64(sqe, pack_ud(OP_IGNORE, 0, 0))
 
-cdef void _uring_on_accept(Loop self, uint32_t slot, uint32_t gen, int res,
-                           uint32_t flags) noexcept nogil:
+cdef void _uring_on_listener(Loop self, uint32_t slot, uint32_t gen, int res) noexcept nogil:
     cdef Listener* l
     if slot >= <uint32_t>self.n_listener_slots:
-        if res >= 0:
-            close(res)
         return
     l = &self.listeners[slot]
-    if l.removing and (l.gen & 0xFFFFFF) == gen:
-        # Completed after remove_listener, before its cancel landed: a real client.
-        if res >= 0:
-            self.st_accepts += 1
-            self._push_event(EV_ACCEPT_, l.tag, res)
-        if not (flags & __IORING_CQE_F_MORE):
-            l.armed = 0
-            l.removing = 0
-            l.gen += 1
+    if not gen_matches(l.gen, gen):
+        return                  # removed since (the slot may be reused): that poll is over
+    l.armed = 0
+    if not l.active or l.user_paused or l.resume_at:
+        return                  # resume_accept / the timer scan arms it again
+    if res < 0:
+        if res != -ECANCELED:   # -ECANCELED: paused and resumed before the removal landed
+            _accept_pause(self, slot, -res)
+            return
+    elif _accept_batch(self, slot) < 0:
         return
-    if not l.active or (l.gen & 0xFFFFFF) != gen:
-        if res >= 0:
-            close(res)          # a listener slot that was re-used: nobody owns this one
-        return
-    if not (flags & __IORING_CQE_F_MORE):
-        l.armed = 0
-    if res >= 0:
-        self.st_accepts += 1
-        l.backoff_ms = 100
-        self._push_event(EV_ACCEPT_, l.tag, res)
-    elif res != -ECANCELED and res != -ECONNABORTED and res != -EINTR:
-        _accept_error(self, slot, -res)
-    if not l.armed and not l.user_paused and l.resume_at == 0:
-        _uring_listener_arm(self, slot)
+    _uring_listener_arm(self, slot)
 
 cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexcept nogil:
-    cdef uint32_t op = <uint32_t>(ud >> 56)
-    cdef uint32_t gen = <uint32_t>((ud >> 32) & 0xFFFFFF)
-    cdef uint32_t idx = <uint32_t>(ud & 0xFFFFFFFFULL)
+    cdef uint32_t op = ud_op(ud)
+    cdef uint32_t gen = ud_gen(ud)
+    cdef uint32_t idx = ud_slot(ud)
     cdef Conn* c
     cdef uint32_t rel
     cdef int side
     cdef bint out
     if op == OP_ACCEPT:
-        _uring_on_accept(self, idx, gen, res, flags)
+        _uring_on_listener(self, idx, gen, res)
         return
     if op < OP_POLL or op > OP_POLL + 3 or idx >= self.high_water:
         return
     c = &self.conns[idx]
-    if c.state == ST_FREE or (c.gen & 0xFFFFFF) != gen:
+    if c.state == ST_FREE or not gen_matches(c.gen, gen):
         return                  # completion of a pair that is gone (or a reused slot)
     rel = op - OP_POLL
     side = rel >> 1

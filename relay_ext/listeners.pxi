@@ -1,0 +1,72 @@
+# Listeners: waiting for a listening socket to turn readable on whichever backend runs, then
+# accepting a bounded batch with accept4() from this thread; what an accept error does.
+# The Python API (add_listener, remove_listener, pause/resume) is in loop.pxi.
+#
+# Why readiness + accept4() and not io_uring's IORING_OP_ACCEPT: several worker processes share
+# one inherited listening socket, and the kernel decides which of them hears about a connection.
+# io_uring arms its internal poll for an accept as an *exclusive* waiter (opdef poll_exclusive
+# -> EPOLLEXCLUSIVE, wake-one): each arriving connection wakes only the first exclusive waiter
+# on the socket's wait queue, and a multishot accept stays queued there, so the first worker
+# took every connection (1,651 of 1,651 with 2 workers), and a stopped or draining worker
+# swallowed wakeups nobody else saw.  A plain POLLIN poll (io_uring POLL_ADD without
+# EPOLLEXCLUSIVE, or an epoll registration without it) is a non-exclusive waiter: every
+# worker is woken and the accept4() calls race, so whichever is free takes the connection and a
+# stopped worker steals nothing.  The batch is capped (ACCEPT_BATCH) so that in a burst a
+# sibling gets its share; what is left keeps the socket readable, and the level-triggered poll
+# (re-armed one-shot on io_uring, a registration on epoll) brings this loop back for it.
+
+
+cdef void _listener_arm(Loop self, int slot) noexcept nogil:
+    if self.backend_id == BACKEND_URING:
+        _uring_listener_arm(self, slot)
+    else:
+        _epoll_listener_arm(self, slot)
+
+
+cdef void _listener_disarm(Loop self, int slot) noexcept nogil:
+    if self.backend_id == BACKEND_URING:
+        _uring_listener_disarm(self, slot)
+    else:
+        _epoll_listener_disarm(self, slot)
+
+
+cdef int _accept_batch(Loop self, int slot) noexcept nogil:
+    """The listener is readable: accept4() up to ACCEPT_BATCH connections, each an EV_ACCEPT.
+
+    0: keep waiting on the listener; -1: it was paused for a back-off (the timer scan
+    resumes it) and must be disarmed."""
+    cdef Listener* l = &self.listeners[slot]
+    cdef int fd, k, err
+    for k in range(ACCEPT_BATCH):
+        fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd >= 0:
+            self.st_accepts += 1
+            l.backoff_ms = ACCEPT_BACKOFF_FIRST_MS
+            _push_event(self, EV_ACCEPT_, l.tag, fd)
+            continue
+        err = errno
+        if err == EAGAIN:
+            return 0            # drained (or a sibling worker took the rest)
+        if err == EINTR or err == ECONNABORTED:
+            continue            # that client is gone; the next one may be waiting
+        _accept_pause(self, slot, err)
+        return -1
+    return 0
+
+
+cdef void _accept_pause(Loop self, int slot, int err) noexcept nogil:
+    """accept failed with `err`: pause this listener for its back-off, doubling each time.
+
+    EMFILE & co (out of descriptors or memory) are reported to Python as EV_ACCEPT_ERROR:
+    accepting again at once would spin.  Anything else is counted only; backing off keeps a
+    persistent error from spinning the loop too.  Connections already relaying go on."""
+    cdef Listener* l = &self.listeners[slot]
+    self.st_accept_errors += 1
+    l.resume_at = self.now + <uint64_t>l.backoff_ms * 1000000ULL
+    if l.backoff_ms < ACCEPT_BACKOFF_MAX_MS:
+        l.backoff_ms = min(l.backoff_ms * 2, ACCEPT_BACKOFF_MAX_MS)
+    if self.next_scan > l.resume_at:
+        self.next_scan = l.resume_at
+    if is_accept_pause_errno(err):
+        self.st_accept_paused += 1
+        _push_event(self, EV_ACCEPT_ERROR_, l.tag, err)

@@ -1,0 +1,105 @@
+"""relay/engines/constants.py is Python's copy of the core's vocabulary (the asyncio engine runs
+without a built core); these tests pin every name and value of the copy to the core's exports.
+Also: a closed Loop is safe to ask for stats() and refuses everything else with a clear error."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+from relay.engines import constants as py
+
+core = pytest.importorskip("relay_ext._core", reason="the Cython core is not built")
+
+
+def test_event_kinds_match_the_core() -> None:
+    for name in ("EV_ACCEPT", "EV_ACCEPT_ERROR", "EV_CONNECTED", "EV_DONE"):
+        assert getattr(py, name) == getattr(core, name), name
+
+
+def test_close_reasons_match_the_core() -> None:
+    assert py.REASONS == core.REASONS
+    for index, name in enumerate(core.REASONS):
+        assert getattr(py, "R_" + name.upper()) == index
+        assert py.REASON_INDEX[name] == index
+
+
+def test_accept_pause_and_backoff_match_the_core() -> None:
+    assert py.ACCEPT_PAUSE_ERRNOS == core.ACCEPT_PAUSE_ERRNOS
+    assert py.ACCEPT_BACKOFF_FIRST_S == core.ACCEPT_BACKOFF_FIRST_S
+    assert py.ACCEPT_BACKOFF_MAX_S == core.ACCEPT_BACKOFF_MAX_S
+
+
+def test_connect_errno_reasons_match_the_core() -> None:
+    assert py.CONNECT_ERRNO_REASONS == core.CONNECT_ERRNO_REASONS
+    for err in (*core.CONNECT_ERRNO_REASONS, errno.EACCES, errno.EPERM, 0):
+        expected = core.CONNECT_ERRNO_REASONS.get(err, core.REASONS.index("error"))
+        assert py.connect_failure_reason(err) == expected, errno.errorcode.get(err, err)
+    assert core.REASONS[core.CONNECT_ERRNO_REASONS[errno.ENOENT]] == "refused"
+
+
+def _backends() -> list[object]:
+    params = []
+    for name in ("uring", "epoll"):
+        try:
+            core.Loop(name, max_conns=4).close()
+            reason = ""
+        except OSError as exc:
+            reason = str(exc)
+        params.append(pytest.param(name, marks=pytest.mark.skipif(bool(reason), reason=reason)))
+    return params
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_stats_after_close_returns_the_final_counters(backend: str) -> None:
+    loop = core.Loop(backend, max_pipes=4)
+    before = loop.stats()  # makes one pipe (pipe_size_granted probe): pipes_free == 1
+    loop.close()
+    after = loop.stats()
+    assert after.keys() == before.keys()
+    assert after["pipes_max"] == 4 and after["pipe_size_granted"] == before["pipe_size_granted"]
+    assert loop.stats() == after
+    loop.close()  # idempotent
+    assert loop.stats() == after
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_stats_after_close_counts_the_pairs_close_reset(backend: str) -> None:
+    loop = core.Loop(backend, max_pipes=4)
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    loop.add_pair(b.detach(), d.detach())
+    loop.close()
+    final = loop.stats()
+    assert final["conns_open"] == 0 and final["conns_total"] == 1
+    assert final["closed_aborted"] == 1
+    for s in (a, c):
+        s.close()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_closed_loop_refuses_with_a_clear_error(backend: str) -> None:
+    loop = core.Loop(backend, max_pipes=4)
+    loop.close()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    a, b = socket.socketpair()
+    try:
+        calls = [
+            lambda: loop.run(0),
+            lambda: loop.fileno(),
+            lambda: loop.add_listener(lsock.fileno(), 1),
+            lambda: loop.remove_listener(1),
+            lambda: loop.pause_accept(1),
+            lambda: loop.resume_accept(1),
+            lambda: loop.add_pair(a.fileno(), b.fileno()),
+            lambda: loop.abort(1),
+        ]
+        for call in calls:
+            with pytest.raises(RuntimeError, match="closed"):
+                call()
+        assert loop.backend == backend
+    finally:
+        for s in (lsock, a, b):
+            s.close()
