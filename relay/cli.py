@@ -34,9 +34,8 @@ from relay.config import (
     load,
     parse_hostport,
     schema,
-    validate_host,
 )
-from relay.settings import SETTINGS, Setting, parse_setting_text
+from relay.config.settings import SETTINGS, Setting, parse_setting_text
 
 __all__ = ["build_parser", "main"]
 
@@ -281,7 +280,11 @@ def _config_from_args(
         if args.backend:
             listener["backend"] = args.backend
         cfg = from_dict(
-            {"listener": [listener]}, "command line", environ=os.environ, overrides=overrides
+            {"listener": [listener]},
+            "command line",
+            environ=os.environ,
+            overrides=overrides,
+            check_host=check_kernel,
         )
     else:
         if args.mode:
@@ -289,12 +292,13 @@ def _config_from_args(
         if require_listener:
             parser.error("give -c FILE, or --listen HOST:PORT --backend HOST:PORT")
         cfg = from_dict(
-            {}, "defaults", environ=os.environ, overrides=overrides, require_listener=False
+            {},
+            "defaults",
+            environ=os.environ,
+            overrides=overrides,
+            require_listener=False,
+            check_host=check_kernel,
         )
-    if check_kernel:
-        problems = validate_host(cfg, "command line")
-        if problems:
-            raise ConfigError(problems)
     return cfg, None
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 import msgspec
 
 from relay import limits
-from relay.config import Config, ConfigError, load
+from relay.config import Config, ConfigError, host, load
 from relay.probes import (
     CAP_SYS_ADMIN,
     CAP_SYS_RESOURCE,
@@ -336,15 +336,10 @@ class Doctor:
         if not self.cfg.egress:
             return Check(name="ip_local_port_range", status="PASS", detail=detail)
         slices = ", ".join(e.ports for e in self.cfg.egress)
-        try:
-            from relay.egress import validate_slices
-        except ImportError as exc:
-            return Check(
-                name="ip_local_port_range",
-                status="WARN",
-                detail=f"{detail}; slices {slices} not checked: {exc}",
-            )
-        problems = validate_slices(self.cfg)
+        problems = [
+            f"{path}: {value}: {reason}"
+            for path, value, reason in host.check_egress(list(enumerate(self.cfg.egress)))
+        ]
         if problems:
             return Check(
                 name="ip_local_port_range",

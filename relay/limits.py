@@ -10,7 +10,7 @@ import dataclasses
 import errno
 import resource
 
-from relay.settings import RelaySettings
+from relay.config.settings import RelaySettings
 
 __all__ = [
     "FD_SLACK",

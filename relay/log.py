@@ -177,7 +177,7 @@ def reset_logging() -> None:
 
 
 def setup_from_settings(settings: Any) -> logging.Handler:
-    """``setup_logging`` from a ``relay.settings.RelaySettings`` (log_format, log_level, log_file)."""
+    """``setup_logging`` from a ``relay.config.settings.RelaySettings`` (log_format, log_level, log_file)."""
     return setup_logging(settings.log_format, settings.log_level, settings.log_file or None)
 
 

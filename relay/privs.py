@@ -25,8 +25,8 @@ import dataclasses
 import grp
 import os
 import pwd
-from typing import Any
 
+from relay.config.model import Config
 from relay.probes import read_int
 
 __all__ = [
@@ -117,15 +117,15 @@ def resolve_target(user: str, group: str = "") -> Target | None:
     return Target(pw.pw_name, pw.pw_uid, gid, tuple(groups))
 
 
-def needed_capabilities(cfg: Any) -> frozenset[int]:
+def needed_capabilities(cfg: Config) -> frozenset[int]:
     """Capabilities a worker keeps: CAP_NET_RAW when it must set IP_TRANSPARENT itself.
 
     TPROXY listeners hand out already-transparent sockets, but the worker then connects to the
     original destination, and any [[egress]] section binds non-local soft-unicast addresses:
     both need IP_TRANSPARENT on sockets the worker creates.
     """
-    tproxy = any(getattr(lst, "mode", "") == "tproxy" for lst in getattr(cfg, "listener", ()))
-    egress = bool(getattr(cfg, "egress", ()))
+    tproxy = any(lst.transparent for lst in cfg.listener)
+    egress = bool(cfg.egress)
     return frozenset({CAP_NET_RAW}) if (tproxy or egress) else frozenset()
 
 

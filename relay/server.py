@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import engines
+from relay.config.model import Config
 from relay.engines.constants import (
     ACCEPT_PAUSE_ERRNOS,
     EV_ACCEPT,
@@ -113,7 +114,7 @@ class Server:
     ``bound_addresses()`` are safe from any thread (``request_stop`` from a signal handler).
     """
 
-    def __init__(self, cfg: Any, engine: str | None = None,
+    def __init__(self, cfg: Config, engine: str | None = None,
                  sockets: dict[str, socket.socket] | None = None) -> None:
         self.cfg = cfg
         self._id = next(_server_ids)
@@ -150,7 +151,10 @@ class Server:
         try:
             for tag, lcfg in enumerate(cfg.listener):
                 inherited = sockets.pop(lcfg.name, None)
-                sock = inherited if inherited is not None else open_listener(lcfg)
+                if inherited is None:
+                    sock = open_listener(lcfg.bind_address, transparent=lcfg.transparent)
+                else:
+                    sock = inherited
                 sock.setblocking(False)
                 self._listeners.append(_Listener(tag, lcfg.name, sock, inherited is None))
             own = self._own_addresses()
@@ -176,7 +180,7 @@ class Server:
                  ", ".join(f"{lst.name}={lst.sock.getsockname()}" for lst in self._listeners))
 
     def _own_addresses(self) -> set[str]:
-        own: set[str] = {str(e.address) for e in getattr(self.cfg, "egress", ())}
+        own: set[str] = {e.address for e in self.cfg.egress}
         for lst in self._listeners:
             if lst.sock.family in (socket.AF_INET, socket.AF_INET6):
                 host = lst.sock.getsockname()[0]

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from relay.config.model import Config
 from relay.heartbeat import Heartbeat
 
 __all__ = [
@@ -162,7 +163,7 @@ def _import_while_privileged() -> None:
 
 
 def run_worker(
-    cfg: Any,
+    cfg: Config,
     sockets: dict[str, socket.socket],
     channel: socket.socket,
     heartbeat: Heartbeat,

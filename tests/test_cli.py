@@ -228,7 +228,7 @@ def test_config_dump_round_trips_through_load(good_file: Path, tmp_path: Path) -
 def test_config_dump_without_file_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["config", "dump", "--engine", "epoll"]) == 0
     cfg = config.loads(capsys.readouterr().out, require_listener=False)
-    assert cfg.relay.engine == "epoll" and cfg.listener == []
+    assert cfg.relay.engine == "epoll" and cfg.listener == ()
     assert cli.main(["config", "dump", "--listen", "[::1]:7000", "--backend", "unix:/run/b"]) == 0
     cfg = config.loads(capsys.readouterr().out)
     assert cfg.listener[0].bind_address == ("::1", 7000)

@@ -22,7 +22,8 @@ import pytest
 from netns import CommandFailed, Topology
 
 from relay import config, proxyproto
-from relay.egress import Egress, EgressTable, parse_slice
+from relay.config.values import parse_port_range
+from relay.egress import Egress, EgressTable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +31,7 @@ _PRELUDE = f"""
 import errno, json, os, socket, struct, sys, time
 sys.path.insert(0, {REPO!r})
 from relay import config, egress
+from relay.config import host
 from relay.routing import Denied, Router, SliceExhausted
 """
 
@@ -68,11 +70,12 @@ def run_in_ns(topo: Topology, name: str, body: str, timeout: float = 20.0) -> An
 
 
 def test_parse_slice() -> None:
-    assert parse_slice("40000-40999") == (40000, 40999)
-    assert parse_slice("40000") == (40000, 40000)
+    assert parse_port_range("40000-40999") == (40000, 40999)
+    assert parse_port_range("40000") == (40000, 40000)
+    assert parse_port_range("40000 - 40010") == (40000, 40010)  # the one grammar allows blanks
     for bad in ("0-10", "10-5", "40000-70000", "a-b", ""):
         with pytest.raises(ValueError):
-            parse_slice(bad)
+            parse_port_range(bad)
 
 
 def test_most_specific_destination_wins() -> None:
@@ -118,7 +121,7 @@ def problems(*slices):
     for address, ports in slices:
         text += f'[[egress]]\\naddress = "{address}"\\nports = "{ports}"\\n'
     cfg = config.loads(text)
-    return egress.validate_slices(cfg)
+    return config.validate_host(cfg, "relay.toml")
 
 cfg_bad = config.loads(
     '[[listener]]\\nbind = "127.0.0.1:0"\\nmode = "tproxy"\\n'
@@ -135,8 +138,8 @@ result = {
     "reserved_single": problems(("192.0.2.1", "46990-47005")),
     "overlap": problems(("192.0.2.1", "42000-42100"), ("192.0.2.1", "42050-42200")),
     "validate_host": config.validate_host(cfg_bad, "relay.toml"),
-    "host_range": egress.read_port_range(),
-    "host_reserved": egress.read_reserved_ports(),
+    "host_range": host.read_port_range(),
+    "host_reserved": host.read_reserved_ports(),
 }
 """
 
@@ -152,14 +155,16 @@ def test_validate_slices_against_this_namespaces_kernel(ns: tuple[Topology, str]
         assert "outside net.ipv4.ip_local_port_range 40000-49999" in r[key][0]
         assert "silently ignore" in r[key][0]
     assert r["reserved_range"] == [
-        "egress[0] 192.0.2.1 ports 44990-45001: overlaps net.ipv4.ip_local_reserved_ports "
+        'relay.toml: egress[0].ports: "44990-45001": overlaps net.ipv4.ip_local_reserved_ports '
         "45000-45010"
     ]
     assert r["reserved_single"] == [
-        "egress[0] 192.0.2.1 ports 46990-47005: overlaps net.ipv4.ip_local_reserved_ports 47000"
+        'relay.toml: egress[0].ports: "46990-47005": overlaps net.ipv4.ip_local_reserved_ports '
+        "47000"
     ]
     assert r["overlap"] == [
-        "egress[0] ports 42000-42100 and egress[1] ports 42050-42200 overlap on address 192.0.2.1"
+        'relay.toml: egress[1].ports: "42050-42200": overlaps egress[0] ports 42000-42100 on '
+        "address 192.0.2.1"
     ]
     assert len(r["validate_host"]) == 1
     assert r["validate_host"][0].startswith("relay.toml: egress[0]")
@@ -295,7 +300,7 @@ def open_one(origin):
             "connecting": up.connecting}
 
 held, ups = [], []
-result = {"validate": egress.validate_slices(cfg)}
+result = {"validate": config.validate_host(cfg, "t.toml")}
 result["per_origin"] = [[open_one(o) for _ in range(N)] for o in origins]
 result["extra"] = open_one(origins[0])
 result["extra2"] = open_one(origins[0])
@@ -424,9 +429,8 @@ address = "2001:db8:77::1"
 ports = "41000-41007"
 ''')
 from relay.sock import open_listener
-relay4 = open_listener(cfg.listener[0])
-relay6 = open_listener(type("L", (), {"bind": "[::]:%d" % relay4.getsockname()[1],
-                                      "mode": "redirect"})())
+relay4 = open_listener(cfg.listener[0].bind_address)
+relay6 = open_listener(("::", relay4.getsockname()[1]))
 port = relay4.getsockname()[1]
 # Clients' connections to port 9999 are NATed to the relay; the relay's own upstreams leave
 # from the egress addresses and are not.
