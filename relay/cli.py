@@ -331,13 +331,13 @@ def _import_optional(module: str, prog: str) -> ModuleType | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate everything (host checks included), then hand over to the supervisor, which sets
-    up logging, raises RLIMIT_NOFILE to what maxconn needs (relay.limits) and logs what it did or
+    up logging, raises RLIMIT_NOFILE to what maxconn needs (relay.process.budgets) and logs what it did or
     why it could not, binds, and forks the workers."""
     try:
         cfg, config_path = _config_from_args(args, check_kernel=True)
     except ConfigError as exc:
         return _print_problems("relay run", exc)
-    supervisor = _import_optional("relay.supervisor", "relay run")
+    supervisor = _import_optional("relay.process.supervisor", "relay run")
     if supervisor is None:
         return EXIT_FAIL
     # An absolute path: reloads must find the same file whatever the working directory.
@@ -374,13 +374,13 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from relay import doctor
+    from relay.host import doctor
 
     return doctor.main(args.config, as_json=args.json)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    from relay import doctor
+    from relay.host import doctor
 
     info = doctor.versions()
     if getattr(args, "json", False):
@@ -391,7 +391,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_nft(args: argparse.Namespace) -> int:
-    nft = _import_optional("relay.nft", "relay nft")
+    nft = _import_optional("relay.ops.nft", "relay nft")
     if nft is None:
         return EXIT_FAIL
     return int(nft.main(args))
@@ -424,14 +424,14 @@ def cmd_admin(args: argparse.Namespace) -> int:
             args.socket = os.environ.get("RELAY_ADMIN_SOCKET", "")
         if not args.socket:
             args.parser.error("no admin socket: give --socket PATH or -c FILE")
-    admin = _import_optional("relay.admin", prog)
+    admin = _import_optional("relay.ops.admin", prog)
     if admin is None:
         return EXIT_FAIL
     return int(admin.client_main(args))
 
 
 def cmd_gen_systemd(args: argparse.Namespace) -> int:
-    systemd = _import_optional("relay.systemd", "relay gen systemd")
+    systemd = _import_optional("relay.process.systemd", "relay gen systemd")
     if systemd is None:
         return EXIT_FAIL
     return int(systemd.render(args))

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
 
-from relay.flowlog import format_addr
+from relay.serve.flowlog import format_addr
 from relay.sock import arm_reset
 
 __all__ = ["main", "read_line", "serve_connection", "serve_origin", "transfer"]

@@ -140,10 +140,10 @@ def client(fd_baseline: None) -> Iterator[Callable[..., socket.socket]]:
 
 @pytest.fixture
 def relay_server(engine: str, fd_baseline: None) -> Iterator[Callable[..., RunningRelay]]:
-    """Factory: ``relay_server(backend, **relay_settings)`` runs a ``relay.server.Server`` with
+    """Factory: ``relay_server(backend, **relay_settings)`` runs a ``relay.serve.server.Server`` with
     one backend-mode listener on 127.0.0.1:0 in a thread; stopped after the test, then the
     ``fd_baseline`` check runs."""
-    from relay.server import Server
+    from relay.serve.server import Server
 
     servers: list[Any] = []
 

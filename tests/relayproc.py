@@ -303,7 +303,7 @@ class RelayProcess:
         return self.stderr_path.read_text(errors="replace")
 
     def admin(self, line: str, timeout: float = 10.0) -> str:
-        from relay.admin import request
+        from relay.ops.admin import request
 
         assert self.admin_socket, "config has no admin_socket"
         return request(self.admin_socket, line, timeout=timeout)

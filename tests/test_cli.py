@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from relay import cli, config
-from relay import log as relay_log
+from relay.ops import log as relay_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = """

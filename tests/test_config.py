@@ -97,7 +97,7 @@ def test_one_range_grammar_spacing_and_port_zero() -> None:
         '[[egress]]\naddress = "192.0.2.1"\nports = "40000 - 40010"\n'
     )
     assert cfg.egress[0].port_range == (40000, 40010) and cfg.egress[0].ports == "40000-40010"
-    from relay.egress import EgressTable
+    from relay.serve.egress import EgressTable
 
     picked = EgressTable.from_config(cfg).lookup("198.51.100.1")
     assert picked is not None and (picked.lo, picked.hi) == (40000, 40010)

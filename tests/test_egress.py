@@ -21,18 +21,20 @@ from typing import Any
 import pytest
 from netns import CommandFailed, Topology
 
-from relay import config, proxyproto
+from relay import config
 from relay.config.values import parse_port_range
-from relay.egress import Egress, EgressTable
+from relay.serve import proxyproto
+from relay.serve.egress import Egress, EgressTable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PRELUDE = f"""
 import errno, json, os, socket, struct, sys, time
 sys.path.insert(0, {REPO!r})
-from relay import config, egress
+from relay import config
+from relay.serve import egress
 from relay.config import host
-from relay.routing import Denied, Router, SliceExhausted
+from relay.serve.routing import Denied, Router, SliceExhausted
 """
 
 

@@ -1,4 +1,4 @@
-"""relay.nft: the rendered plan, and `relay nft` applying/removing it in a real namespace."""
+"""relay.ops.nft: the rendered plan, and `relay nft` applying/removing it in a real namespace."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from netns import Topology, require_netns
 from netns_lab import REPO, relay_nft
 
-from relay import nft
 from relay.config import loads
+from relay.ops import nft
 
 TPROXY_CONFIG = """
 [[listener]]
@@ -194,7 +194,7 @@ def test_bad_config_names_the_problem(tmp_path: Path) -> None:
                     or shutil.which("nft") is None,
                     reason="needs root, setpriv and nft to run `relay nft` as an unprivileged user")
 def test_printing_without_cap_net_admin_says_it_could_not_validate() -> None:
-    code = f"import sys; sys.path.insert(0, {REPO!r}); from relay.nft import main; " \
+    code = f"import sys; sys.path.insert(0, {REPO!r}); from relay.ops.nft import main; " \
            "raise SystemExit(main(sys.argv[1:]))"
     demo_config = os.path.join(REPO, "relay", "data", "demo.toml")
     res = subprocess.run(

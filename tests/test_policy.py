@@ -8,7 +8,7 @@ import time
 import pytest
 
 from relay.config import PolicyRules
-from relay.policy import NetworkSet, Policy
+from relay.serve.policy import NetworkSet, Policy
 
 OPEN = PolicyRules()  # the config default: allow 0.0.0.0/0 and ::/0
 

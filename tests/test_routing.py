@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay import config, proxyproto
-from relay.routing import Denied, Router, Upstream
+from relay import config
+from relay.serve import proxyproto
+from relay.serve.routing import Denied, Router, Upstream
 from relay.sock import open_listener, original_destination
 
 

@@ -16,8 +16,8 @@ Modes (listener.mode):
   path).
 - tproxy: the destination is the accepted socket's local address (TPROXY keeps it).
 - redirect: the destination is SO_ORIGINAL_DST (NAT rewrote it to us; conntrack remembers).
-In tproxy/redirect the destination goes through relay.policy, then leaves through the
-relay.egress soft-unicast slice chosen by destination (none matching: the default route). The
+In tproxy/redirect the destination goes through relay.serve.policy, then leaves through the
+relay.serve.egress soft-unicast slice chosen by destination (none matching: the default route). The
 port the kernel picked is checked after connect(); outside the slice -> Denied, never a retry.
 
 PROXY protocol v2: with proxy_protocol = "v2" the upstream first receives a header naming the
@@ -42,19 +42,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from relay import proxyproto
 from relay.config.model import Config, Listener
-from relay.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
-from relay.log import log_every
-from relay.policy import REASONS as POLICY_REASONS
-from relay.policy import NetworkSet, Policy
+from relay.ops.log import log_every
+from relay.serve import proxyproto
+from relay.serve.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
+from relay.serve.policy import REASONS as POLICY_REASONS
+from relay.serve.policy import NetworkSet, Policy
 from relay.sock import UNIX_PREFIX, original_destination, reset_and_close
 
 __all__ = ["REASONS", "Denied", "Router", "SliceExhausted", "Upstream"]
 
 log = logging.getLogger("relay.routing")
 
-# Every Denied.reason: the relay.policy reasons, then the router's own.
+# Every Denied.reason: the relay.serve.policy reasons, then the router's own.
 REASONS = (
     *POLICY_REASONS,
     "loop",  # the client is this relay's own egress (address and slice port): a routing loop

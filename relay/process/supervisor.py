@@ -41,11 +41,11 @@ from typing import Any
 
 import msgspec
 
-from relay import privs, systemd
 from relay.config.model import Config, Listener
-from relay.heartbeat import Heartbeat
+from relay.process import privs, systemd
+from relay.process.heartbeat import Heartbeat
+from relay.process.worker import BootFailed, Serving, StatsReport, decode, run_worker
 from relay.sock import arm_reset
-from relay.worker import BootFailed, Serving, StatsReport, decode, run_worker
 
 __all__ = ["Supervisor", "run"]
 
@@ -249,8 +249,8 @@ class Supervisor:
         return self.exit_code
 
     def _start(self) -> None:
-        from relay.admin import AdminServer
-        from relay.metrics import Aggregator
+        from relay.ops.admin import AdminServer
+        from relay.ops.metrics import Aggregator
 
         self.metrics = Aggregator()
         target = privs.resolve_target(self.cfg.relay.user, self.cfg.relay.group)
@@ -324,7 +324,7 @@ class Supervisor:
         self.reload(None)
 
     def handle_usr1(self) -> None:
-        from relay import log as relay_log
+        from relay.ops import log as relay_log
 
         relay_log.reopen()
         for gen in self.generations:
@@ -398,12 +398,13 @@ class Supervisor:
     def _new_generation(
         self, cfg: Config, sockets: dict[str, socket.socket], target: privs.Target | None
     ) -> Generation:
-        from relay.limits import nofile_needed_for, raise_nofile
+        from relay.process.budgets import nofile_needed_for, pipe_budget, raise_nofile
 
         size = cfg.relay.resolved_workers
         nofile = raise_nofile(nofile_needed_for(cfg.relay, len(cfg.listener), size))
         wanted = cfg.relay.pipes_per_worker(size)
-        budget = privs.pipe_budget(target, cfg.relay.pipe_size, wanted, size)
+        user = target.user if target is not None and target.uid != 0 else None  # None: exempt
+        budget = pipe_budget(user, cfg.relay.pipe_size, wanted, size)
         if budget.per_worker < wanted:
             # max_pipes = 0 means "maxconn / 4", not "none": no pipe at all is splice = false.
             capped = (msgspec.structs.replace(cfg.relay, max_pipes=budget.per_worker)
@@ -649,7 +650,7 @@ class Supervisor:
 
     def _apply_logging(self, old: Config) -> None:
         """The supervisor's own log settings follow the new config; on error the old ones stay."""
-        from relay import log as relay_log
+        from relay.ops import log as relay_log
 
         r_old, r_new = old.relay, self.cfg.relay
         if (r_old.log_format, r_old.log_level, r_old.log_file) == (
@@ -886,7 +887,7 @@ def run(cfg: Config, config_path: str | None, overrides: Mapping[str, Any] | Non
 
     `overrides` are the command-line settings, applied again on every reload.
     """
-    from relay import log as relay_log
+    from relay.ops import log as relay_log
 
     relay_log.setup_from_settings(cfg.relay)
     return Supervisor(cfg, config_path, overrides).run()

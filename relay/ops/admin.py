@@ -88,7 +88,7 @@ class AdminServer:
 
     def __init__(self, selector: selectors.BaseSelector, snapshot: Snapshot, reload: Reload,
                  aggregator: Any) -> None:
-        from relay.metrics import RelayCollector
+        from relay.ops.metrics import RelayCollector
 
         self._selector = selector
         self._snapshot = snapshot
@@ -252,7 +252,7 @@ def _human_bytes(n: float) -> str:
 
 def format_stats(snap: dict[str, Any]) -> str:
     """The `relay stats` text: supervisor, listeners, one line per worker, totals."""
-    from relay.metrics import totals
+    from relay.ops.metrics import totals
 
     lines = [
         f"relay supervisor pid {snap['pid']}, generation {snap['generation']}, "

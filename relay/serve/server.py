@@ -37,9 +37,9 @@ from relay.engines.constants import (
     REASONS,
     connect_failure_reason,
 )
-from relay.flowlog import log_flow
-from relay.log import log_every
-from relay.routing import Denied, Router
+from relay.ops.log import log_every
+from relay.serve.flowlog import log_flow
+from relay.serve.routing import Denied, Router
 from relay.sock import UNIX_PREFIX, open_listener, reset_and_close
 
 __all__ = ["CONNECT_BUCKETS", "Server"]
@@ -287,7 +287,7 @@ class Server:
         * ``closed``: ``{reason: count}`` for every ``relay.engines.REASONS`` (all present, 0
           included): how relayed pairs ended, plus upstreams that failed before relaying
           (``refused``, ``unreachable``, ``error``) (counter)
-        * ``denied``: ``{router reason: count}`` (``relay.routing.REASONS``: policy reasons,
+        * ``denied``: ``{router reason: count}`` (``relay.serve.routing.REASONS``: policy reasons,
           ``loop``, ``slice_exhausted``...), clients reset before any upstream (counter)
         * ``rejected``: ``{"maxconn": n, "maxconn_per_source": n}`` over-limit clients (counter)
         * ``listener_open`` / ``listener_total``: ``{listener name: n}`` (gauge / counter)
