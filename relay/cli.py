@@ -15,13 +15,11 @@ which wins over the file.  Bad arguments print one line on stderr and exit 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any, NoReturn
 
 import msgspec
@@ -36,6 +34,8 @@ from relay.config import (
     schema,
 )
 from relay.config.settings import SETTINGS, Setting, parse_setting_text
+from relay.ops import nft
+from relay.process import systemd
 
 __all__ = ["build_parser", "main"]
 
@@ -315,17 +315,6 @@ def _print_problems(prog: str, exc: ConfigError) -> int:
     return EXIT_FAIL
 
 
-def _import_optional(module: str, prog: str) -> ModuleType | None:
-    """Import a module another part of relay provides; None (and a message) if it is absent."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        print(f"{prog}: not available in this build ({module} is missing)", file=sys.stderr)
-        return None
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -337,9 +326,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, config_path = _config_from_args(args, check_kernel=True)
     except ConfigError as exc:
         return _print_problems("relay run", exc)
-    supervisor = _import_optional("relay.process.supervisor", "relay run")
-    if supervisor is None:
-        return EXIT_FAIL
+    from relay.process import supervisor  # lazy: workers, engines, metrics (~40 ms) for `run` only
+
     # An absolute path: reloads must find the same file whatever the working directory.
     path = os.path.abspath(config_path) if config_path else None
     rc = supervisor.run(cfg, path, _overrides(args))
@@ -391,16 +379,12 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_nft(args: argparse.Namespace) -> int:
-    nft = _import_optional("relay.ops.nft", "relay nft")
-    if nft is None:
-        return EXIT_FAIL
     return int(nft.main(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    demo = _import_optional("relay.demo", "relay demo")
-    if demo is None:
-        return EXIT_FAIL
+    from relay import demo  # lazy: the netns lab, only for `relay demo`
+
     return int(demo.main(list(args.demo_args)))
 
 
@@ -424,16 +408,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
             args.socket = os.environ.get("RELAY_ADMIN_SOCKET", "")
         if not args.socket:
             args.parser.error("no admin socket: give --socket PATH or -c FILE")
-    admin = _import_optional("relay.ops.admin", prog)
-    if admin is None:
-        return EXIT_FAIL
+    from relay.ops import admin  # lazy: prometheus_client (~15 ms), only for the admin clients
+
     return int(admin.client_main(args))
 
 
 def cmd_gen_systemd(args: argparse.Namespace) -> int:
-    systemd = _import_optional("relay.process.systemd", "relay gen systemd")
-    if systemd is None:
-        return EXIT_FAIL
     return int(systemd.render(args))
 
 
