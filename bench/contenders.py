@@ -57,7 +57,7 @@ def _start_haproxy(backend_port: int, tmp: Path) -> procs.Service:
 
 
 # How the relay engines were started in this batch: "cli" (python -m relay run) or "server"
-# (bench.relay_launch, through relay.server.Server) when the CLI is not usable yet.
+# (bench.relay_launch, through relay.serve.server.Server) when the CLI is not usable yet.
 RELAY_MODE: dict[str, str] = {}
 
 

@@ -1,5 +1,5 @@
 """Fallback launcher for a relay engine when `python -m relay run` is not usable: one worker,
-in this process, through relay.server.Server. Prints 'READY <port>' once listening.
+in this process, through relay.serve.server.Server. Prints 'READY <port>' once listening.
 
 Run: python -m bench.relay_launch --engine uring --listen 127.0.0.1:0 --backend 127.0.0.1:PORT
 """
@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     raise_nofile()
     from relay import config
-    from relay.server import Server
+    from relay.serve.server import Server
 
     cfg = config.from_dict({
         "relay": {"engine": args.engine, "workers": 1, "maxconn": args.maxconn, "flow_log": False,

@@ -57,7 +57,7 @@ def _client_cpu(batch: dict[str, Any]) -> str:
 def _modes(modes: dict[str, str]) -> str:
     if not modes:
         return "not started"
-    names = {"cli": "relay run", "server": "relay.server.Server fallback"}
+    names = {"cli": "relay run", "server": "relay.serve.server.Server fallback"}
     return ", ".join(f"{engine}: {names.get(mode, mode)}" for engine, mode in sorted(modes.items()))
 
 

@@ -15,13 +15,11 @@ which wins over the file.  Bad arguments print one line on stderr and exit 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any, NoReturn
 
 import msgspec
@@ -34,9 +32,10 @@ from relay.config import (
     load,
     parse_hostport,
     schema,
-    validate_host,
 )
-from relay.settings import SETTINGS, Setting, parse_setting_text
+from relay.config.settings import SETTINGS, Setting, parse_setting_text
+from relay.ops import nft
+from relay.process import systemd
 
 __all__ = ["build_parser", "main"]
 
@@ -281,7 +280,11 @@ def _config_from_args(
         if args.backend:
             listener["backend"] = args.backend
         cfg = from_dict(
-            {"listener": [listener]}, "command line", environ=os.environ, overrides=overrides
+            {"listener": [listener]},
+            "command line",
+            environ=os.environ,
+            overrides=overrides,
+            check_host=check_kernel,
         )
     else:
         if args.mode:
@@ -289,12 +292,13 @@ def _config_from_args(
         if require_listener:
             parser.error("give -c FILE, or --listen HOST:PORT --backend HOST:PORT")
         cfg = from_dict(
-            {}, "defaults", environ=os.environ, overrides=overrides, require_listener=False
+            {},
+            "defaults",
+            environ=os.environ,
+            overrides=overrides,
+            require_listener=False,
+            check_host=check_kernel,
         )
-    if check_kernel:
-        problems = validate_host(cfg, "command line")
-        if problems:
-            raise ConfigError(problems)
     return cfg, None
 
 
@@ -311,31 +315,19 @@ def _print_problems(prog: str, exc: ConfigError) -> int:
     return EXIT_FAIL
 
 
-def _import_optional(module: str, prog: str) -> ModuleType | None:
-    """Import a module another part of relay provides; None (and a message) if it is absent."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        print(f"{prog}: not available in this build ({module} is missing)", file=sys.stderr)
-        return None
-
-
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate everything (host checks included), then hand over to the supervisor, which sets
-    up logging, raises RLIMIT_NOFILE to what maxconn needs (relay.limits) and logs what it did or
+    up logging, raises RLIMIT_NOFILE to what maxconn needs (relay.process.budgets) and logs what it did or
     why it could not, binds, and forks the workers."""
     try:
         cfg, config_path = _config_from_args(args, check_kernel=True)
     except ConfigError as exc:
         return _print_problems("relay run", exc)
-    supervisor = _import_optional("relay.supervisor", "relay run")
-    if supervisor is None:
-        return EXIT_FAIL
+    from relay.process import supervisor  # lazy: workers, engines, metrics (~40 ms) for `run` only
+
     # An absolute path: reloads must find the same file whatever the working directory.
     path = os.path.abspath(config_path) if config_path else None
     rc = supervisor.run(cfg, path, _overrides(args))
@@ -370,13 +362,13 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from relay import doctor
+    from relay.host import doctor
 
     return doctor.main(args.config, as_json=args.json)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    from relay import doctor
+    from relay.host import doctor
 
     info = doctor.versions()
     if getattr(args, "json", False):
@@ -387,16 +379,12 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_nft(args: argparse.Namespace) -> int:
-    nft = _import_optional("relay.nft", "relay nft")
-    if nft is None:
-        return EXIT_FAIL
     return int(nft.main(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    demo = _import_optional("relay.demo", "relay demo")
-    if demo is None:
-        return EXIT_FAIL
+    from relay import demo  # lazy: the netns lab, only for `relay demo`
+
     return int(demo.main(list(args.demo_args)))
 
 
@@ -420,16 +408,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
             args.socket = os.environ.get("RELAY_ADMIN_SOCKET", "")
         if not args.socket:
             args.parser.error("no admin socket: give --socket PATH or -c FILE")
-    admin = _import_optional("relay.admin", prog)
-    if admin is None:
-        return EXIT_FAIL
+    from relay.ops import admin  # lazy: prometheus_client (~15 ms), only for the admin clients
+
     return int(admin.client_main(args))
 
 
 def cmd_gen_systemd(args: argparse.Namespace) -> int:
-    systemd = _import_optional("relay.systemd", "relay gen systemd")
-    if systemd is None:
-        return EXIT_FAIL
     return int(systemd.render(args))
 
 

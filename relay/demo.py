@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from relay.flowlog import format_addr
+from relay.serve.flowlog import format_addr
 from relay.lab.netlab import syn_counters, three_hosts
 from relay.lab.netns import Topology, netns_unavailable_reason
 from relay.lab.origins import read_line, serve_origin, split_hostport

@@ -1,4 +1,6 @@
-"""Socket helpers: constants Python 3.11 lacks, address parsing, listeners, original destination.
+"""Socket helpers: constants Python 3.11 lacks, listeners, original destination.
+
+Addresses arrive parsed (relay.config.values): nothing here reads a "HOST:PORT" string.
 
 Everything here runs at start (listeners) or once per accepted connection
 (`original_destination`), so it does no DNS and at most one system call per call.
@@ -13,9 +15,6 @@ import stat
 import struct
 from typing import Any
 
-from relay.addr import family_of
-from relay.addr import parse_hostport as _addr_parse_hostport
-
 __all__ = [
     "IP_TRANSPARENT",
     "IP_BIND_ADDRESS_NO_PORT",
@@ -25,8 +24,7 @@ __all__ = [
     "IP6T_SO_ORIGINAL_DST",
     "LISTEN_BACKLOG",
     "UNIX_PREFIX",
-    "parse_hostport",
-    "family_of",
+    "format_address",
     "open_listener",
     "original_destination",
 ]
@@ -74,41 +72,38 @@ def reset_and_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def parse_hostport(text: str, *, allow_hostname: bool = False) -> tuple[str, int]:
-    """ "HOST:PORT" or "[V6]:PORT" -> (host, port), port 0 allowed (a listener on any port).
-
-    Same grammar as the config (relay.addr.parse_hostport); IP literals come back normalised,
-    host names only with allow_hostname (never resolved here). ValueError names what is wrong.
-    """
-    return _addr_parse_hostport(text, allow_port_zero=True, allow_hostname=allow_hostname)
-
-
-def _listener_attr(listener_cfg: Any, name: str, default: Any = None) -> Any:
-    return getattr(listener_cfg, name, default)
+def format_address(address: tuple[Any, ...] | str | None) -> str:
+    """An address as people write it: "1.2.3.4:80", "[2001:db8::1]:80" (any IPv6 sockaddr
+    tuple), a unix path as is, "-" for none."""
+    if address is None:
+        return "-"
+    if isinstance(address, str):
+        return address or "-"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def open_listener(listener_cfg: Any) -> socket.socket:
-    """Bind and listen for one `[[listener]]` table (uses `.bind` and `.mode`).
+def open_listener(address: tuple[str, int] | str, *, transparent: bool = False) -> socket.socket:
+    """Bind and listen on `address`: (IP literal, port) for TCP, a str path for a unix socket.
 
     TCP: SO_REUSEADDR + SO_REUSEPORT (workers may each bind the same address), IPV6_V6ONLY on
-    IPv6 binds (an IPv6 wildcard must not swallow IPv4), IP_TRANSPARENT / IPV6_TRANSPARENT in
-    tproxy mode (TPROXY delivers connections addressed to non-local destinations).
-    "unix:/path": a stream unix socket; a stale socket file at that path is replaced, any other
+    IPv6 binds (an IPv6 wildcard must not swallow IPv4), IP_TRANSPARENT / IPV6_TRANSPARENT when
+    `transparent` (tproxy mode: TPROXY delivers connections addressed to non-local destinations).
+    A unix path: a stream unix socket; a stale socket file at that path is replaced, any other
     kind of file is an error. The socket is non-blocking with a backlog of 4096.
     """
-    bind = str(_listener_attr(listener_cfg, "bind", ""))
-    mode = str(_listener_attr(listener_cfg, "mode", "backend"))
-    if bind.startswith(UNIX_PREFIX):
-        return _open_unix_listener(bind[len(UNIX_PREFIX) :])
-    host, port = parse_hostport(bind)
-    family = family_of(host)
+    if isinstance(address, str):
+        return _open_unix_listener(address)
+    host, port = address
+    shown = format_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # host is a normalised IP
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
-        if mode == "tproxy":
+        if transparent:
             try:
                 if family == socket.AF_INET6:
                     sock.setsockopt(_SOL_IPV6, IPV6_TRANSPARENT, 1)
@@ -116,12 +111,13 @@ def open_listener(listener_cfg: Any) -> socket.socket:
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             except PermissionError as exc:
                 raise PermissionError(
-                    exc.errno, f"listener {bind}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW"
+                    exc.errno,
+                    f"listener {shown}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW",
                 ) from None
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise OSError(exc.errno, f"listener {bind}: bind failed: {exc.strerror}") from None
+            raise OSError(exc.errno, f"listener {shown}: bind failed: {exc.strerror}") from None
         _listen(sock)
     except BaseException:
         sock.close()

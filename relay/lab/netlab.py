@@ -180,9 +180,9 @@ def lab_config(
 
 
 def relay_nft(topo: Topology, ns: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`relay nft ARGS` (relay.nft.main) as a process inside ``ns``."""
+    """`relay nft ARGS` (relay.ops.nft.main) as a process inside ``ns``."""
     code = (
-        f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); from relay.nft import main; "
+        f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); from relay.ops.nft import main; "
         "raise SystemExit(main(sys.argv[1:]))"
     )
     return topo.run(ns, [PYTHON, "-c", code, *args], check=False)
@@ -200,7 +200,7 @@ def start_relay(
     topo: Topology, ns: str, config: str, workdir: str | os.PathLike[str],
     ingress: str | None = None,
 ) -> RelayProcess:
-    """Apply the config's rules with relay.nft in ``ns`` (TCP arriving on ``ingress`` is
+    """Apply the config's rules with relay.ops.nft in ``ns`` (TCP arriving on ``ingress`` is
     intercepted), then start the relay there and wait until it listens."""
     path = write_config(workdir, f"relay-{ns}", config)
     args = ["-c", str(path), "--apply"] + (["--ingress", ingress] if ingress else [])

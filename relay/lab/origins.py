@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.flowlog import format_addr
+from relay.serve.flowlog import format_addr
 from relay.sock import arm_reset
 
 CHUNK = 1 << 20  # one recv_into() call of the origin protocol reads up to this much

@@ -199,7 +199,7 @@ class RelayProcess(_Child):
     # -- the admin socket ----------------------------------------------------------------------
 
     def admin(self, line: str, timeout: float = 10.0) -> str:
-        from relay.admin import request
+        from relay.ops.admin import request
 
         if not self.admin_socket:
             raise RuntimeError(f"{self.config_path} has no admin_socket")

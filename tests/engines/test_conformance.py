@@ -1,6 +1,6 @@
 """One behavioural suite, run against every engine (uring, epoll, asyncio).
 
-Each test drives a real ``relay.server.Server`` (backend mode, loopback) with real client and
+Each test drives a real ``relay.serve.server.Server`` (backend mode, loopback) with real client and
 origin sockets, checks the bytes at both ends, how each side saw the stream end (EOF vs reset),
 the server's per-reason close counters, and (through the fixtures) that file descriptors and
 pipes are back to their baseline once the server stopped. Engines that cannot run here are

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from helpers import REPO_ROOT
 
-from relay import proxyproto
+from relay.serve import proxyproto
 from relay.lab.netns import CommandFailed, Topology
 
 REPO = REPO_ROOT
@@ -28,8 +28,10 @@ REPO = REPO_ROOT
 _PRELUDE = f"""
 import errno, json, os, socket, struct, sys, time
 sys.path.insert(0, {REPO!r})
-from relay import config, egress
-from relay.routing import Denied, Router, SliceExhausted
+from relay import config
+from relay.serve import egress
+from relay.config import host
+from relay.serve.routing import Denied, Router, SliceExhausted
 """
 
 
@@ -76,7 +78,7 @@ def problems(*slices):
     for address, ports in slices:
         text += f'[[egress]]\\naddress = "{address}"\\nports = "{ports}"\\n'
     cfg = config.loads(text)
-    return egress.validate_slices(cfg)
+    return config.validate_host(cfg, "relay.toml")
 
 cfg_bad = config.loads(
     '[[listener]]\\nbind = "127.0.0.1:0"\\nmode = "tproxy"\\n'
@@ -93,8 +95,8 @@ result = {
     "reserved_single": problems(("192.0.2.1", "46990-47005")),
     "overlap": problems(("192.0.2.1", "42000-42100"), ("192.0.2.1", "42050-42200")),
     "validate_host": config.validate_host(cfg_bad, "relay.toml"),
-    "host_range": egress.read_port_range(),
-    "host_reserved": egress.read_reserved_ports(),
+    "host_range": host.read_port_range(),
+    "host_reserved": host.read_reserved_ports(),
 }
 """
 
@@ -110,14 +112,16 @@ def test_validate_slices_against_this_namespaces_kernel(ns: tuple[Topology, str]
         assert "outside net.ipv4.ip_local_port_range 40000-49999" in r[key][0]
         assert "silently ignore" in r[key][0]
     assert r["reserved_range"] == [
-        "egress[0] 192.0.2.1 ports 44990-45001: overlaps net.ipv4.ip_local_reserved_ports "
+        'relay.toml: egress[0].ports: "44990-45001": overlaps net.ipv4.ip_local_reserved_ports '
         "45000-45010"
     ]
     assert r["reserved_single"] == [
-        "egress[0] 192.0.2.1 ports 46990-47005: overlaps net.ipv4.ip_local_reserved_ports 47000"
+        'relay.toml: egress[0].ports: "46990-47005": overlaps net.ipv4.ip_local_reserved_ports '
+        "47000"
     ]
     assert r["overlap"] == [
-        "egress[0] ports 42000-42100 and egress[1] ports 42050-42200 overlap on address 192.0.2.1"
+        'relay.toml: egress[1].ports: "42050-42200": overlaps egress[0] ports 42000-42100 on '
+        "address 192.0.2.1"
     ]
     assert len(r["validate_host"]) == 1
     assert r["validate_host"][0].startswith("relay.toml: egress[0]")
@@ -253,7 +257,7 @@ def open_one(origin):
             "connecting": up.connecting}
 
 held, ups = [], []
-result = {"validate": egress.validate_slices(cfg)}
+result = {"validate": config.validate_host(cfg, "t.toml")}
 result["per_origin"] = [[open_one(o) for _ in range(N)] for o in origins]
 result["extra"] = open_one(origins[0])
 result["extra2"] = open_one(origins[0])
@@ -382,9 +386,8 @@ address = "2001:db8:77::1"
 ports = "41000-41007"
 ''')
 from relay.sock import open_listener
-relay4 = open_listener(cfg.listener[0])
-relay6 = open_listener(type("L", (), {"bind": "[::]:%d" % relay4.getsockname()[1],
-                                      "mode": "redirect"})())
+relay4 = open_listener(cfg.listener[0].bind_address)
+relay6 = open_listener(("::", relay4.getsockname()[1]))
 port = relay4.getsockname()[1]
 # Clients' connections to port 9999 are NATed to the relay; the relay's own upstreams leave
 # from the egress addresses and are not.

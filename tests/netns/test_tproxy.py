@@ -1,4 +1,4 @@
-"""TPROXY ingress end to end: client -> relay host (nft tproxy, rules from relay.nft) -> origin.
+"""TPROXY ingress end to end: client -> relay host (nft tproxy, rules from relay.ops.nft) -> origin.
 
 The client connects to "internet" addresses that only the origin host owns; the relay host
 intercepts, the relay connects from its soft-unicast address, the origin reports what its kernel

@@ -1,5 +1,5 @@
 """The `relay` command line: exit codes, one-line usage errors, check/config/version output, the
-run hand-off to the supervisor with real processes, and log-line escaping (relay.log)."""
+run hand-off to the supervisor with real processes, and log-line escaping (relay.ops.log)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pytest
 from helpers import REPO_ROOT
 
 from relay import cli, config
-from relay import log as relay_log
+from relay.ops import log as relay_log
 
 ROOT = REPO_ROOT
 GOOD = """
@@ -229,7 +229,7 @@ def test_config_dump_round_trips_through_load(good_file: Path, tmp_path: Path) -
 def test_config_dump_without_file_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["config", "dump", "--engine", "epoll"]) == 0
     cfg = config.loads(capsys.readouterr().out, require_listener=False)
-    assert cfg.relay.engine == "epoll" and cfg.listener == []
+    assert cfg.relay.engine == "epoll" and cfg.listener == ()
     assert cli.main(["config", "dump", "--listen", "[::1]:7000", "--backend", "unix:/run/b"]) == 0
     cfg = config.loads(capsys.readouterr().out)
     assert cfg.listener[0].bind_address == ("::1", 7000)

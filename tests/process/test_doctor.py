@@ -1,5 +1,5 @@
 """`relay doctor`: real probes of this host, JSON shape, exit status, config-dependent severity;
-relay.limits: RLIMIT_NOFILE raising in a child process."""
+relay.process.budgets: RLIMIT_NOFILE raising in a child process."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO_ROOT, block_io_uring
 
-from relay import doctor, limits
 from relay.config import loads
-from relay.doctor import CHECK_NAMES, Doctor, run_checks
+from relay.host import doctor
+from relay.host.doctor import CHECK_NAMES, Doctor, run_checks
+from relay.process import budgets as limits
 
 ROOT = REPO_ROOT
 LISTENER = '[[listener]]\nbind = "127.0.0.1:0"\nbackend = "127.0.0.1:9"\n'
@@ -194,7 +195,7 @@ def _in_child(code: str, soft: int, hard: int) -> str:
 
 RAISE = (
     "import json, sys, resource\n"
-    "from relay.limits import raise_nofile\n"
+    "from relay.process.budgets import raise_nofile\n"
     "r = raise_nofile(int(sys.argv[1]) if len(sys.argv) > 1 else {needed})\n"
     "print(json.dumps([r.soft, r.hard, r.ok, r.changed, r.message, "
     "resource.getrlimit(resource.RLIMIT_NOFILE)]))\n"

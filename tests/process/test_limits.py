@@ -192,7 +192,7 @@ backend = "127.0.0.1:{sink.port}"
 @pytest.mark.timeout(60)
 def test_fd_and_pipe_budgets_are_reported(origins: Any, relays: Any) -> None:
     from relay.config import load
-    from relay.limits import nofile_needed_for
+    from relay.process.budgets import nofile_needed_for
 
     echo = origins(echo_handler)
     rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2,

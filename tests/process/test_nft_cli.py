@@ -15,7 +15,7 @@ from helpers import REPO_ROOT
                     or shutil.which("nft") is None,
                     reason="needs root, setpriv and nft to run `relay nft` as an unprivileged user")
 def test_printing_without_cap_net_admin_says_it_could_not_validate() -> None:
-    code = f"import sys; sys.path.insert(0, {REPO_ROOT!r}); from relay.nft import main; " \
+    code = f"import sys; sys.path.insert(0, {REPO_ROOT!r}); from relay.ops.nft import main; " \
            "raise SystemExit(main(sys.argv[1:]))"
     demo_config = os.path.join(REPO_ROOT, "relay", "data", "demo.toml")
     res = subprocess.run(

@@ -13,7 +13,7 @@ import pytest
 from helpers import PYTHON, REPO_ROOT, echo_roundtrip, wait_for
 from helpers import echo as echo_handler
 
-from relay import privs
+from relay.process import budgets, privs
 from relay.lab.process import relay_config
 
 USER = "relaytest"
@@ -88,7 +88,7 @@ mode = "tproxy"
 
 _PROBE = """
 import socket, sys
-from relay import privs
+from relay.process import privs
 target = privs.resolve_target(sys.argv[1])
 caps = frozenset(int(c) for c in sys.argv[2:])
 privs.drop_privileges(target, caps)
@@ -197,13 +197,15 @@ def test_pipe_budget_follows_the_kernel_limits(unprivileged_user: pwd.struct_pas
     assert target is not None
     page = os.sysconf("SC_PAGE_SIZE")
     user_pipes = min(limits) // ((1 << 20) // page)
-    b = privs.pipe_budget(target, 1 << 20, wanted=10_000, workers=2)
+    b = budgets.pipe_budget(target.user, 1 << 20, wanted=10_000, workers=2)
     assert b.per_worker == user_pipes // 2 and b.pipe_bytes == 1 << 20
-    assert privs.pipe_budget(target, 1 << 20, wanted=3, workers=2).per_worker == 3
-    assert privs.pipe_budget(target, 1 << 20, wanted=10, workers=user_pipes + 1).per_worker == 0
-    assert privs.pipe_budget(None, 1 << 20, wanted=10_000, workers=2).per_worker == 10_000
+    assert budgets.pipe_budget(target.user, 1 << 20, wanted=3, workers=2).per_worker == 3
+    assert budgets.pipe_budget(
+        target.user, 1 << 20, wanted=10, workers=user_pipes + 1
+    ).per_worker == 0
+    assert budgets.pipe_budget(None, 1 << 20, wanted=10_000, workers=2).per_worker == 10_000
     # A 5000-byte request is rounded up to a power-of-two number of pages, as fs/pipe.c does.
-    assert privs.pipe_budget(target, 5000, wanted=1, workers=1).pipe_bytes == 2 * page
+    assert budgets.pipe_budget(target.user, 5000, wanted=1, workers=1).pipe_bytes == 2 * page
 
 
 @pytest.mark.timeout(60)

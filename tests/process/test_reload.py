@@ -202,7 +202,7 @@ def _accepts(addr: tuple[str, int]) -> bool:
 def test_stalled_accept_queue_gets_a_wakeup_connection() -> None:
     """The supervisor's watch: a listening socket whose queue stays non-empty right after a
     worker stopped accepting receives one reset wake-up connection; an idle one receives none."""
-    from relay.supervisor import STALL_AFTER, AcceptQueueWatch
+    from relay.process.supervisor import STALL_AFTER, AcceptQueueWatch
 
     stalled = socket.create_server(("127.0.0.1", 0))
     idle = socket.create_server(("127.0.0.1", 0))

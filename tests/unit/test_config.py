@@ -1,4 +1,4 @@
-"""relay.config / relay.settings: every kind of bad config names its key path and reason, all at
+"""relay.config (schema, settings, values, host checks): every kind of bad config names its key path and reason, all at
 once; overrides (environment < command line); TOML dump round-trips; host checks."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from relay import config
 from relay.config import ConfigError, PolicyRule, from_dict, load, loads, parse_policy_rule
-from relay.settings import SETTINGS, RelaySettings
+from relay.config.settings import SETTINGS, RelaySettings
 
 GOOD = """
 [relay]
@@ -68,7 +68,8 @@ def test_good_config_and_parsed_helpers() -> None:
     assert [str(n) for n in second.trusted_networks] == ["10.0.0.0/8", "2001:db8::/32"]
     e4, e6 = cfg.egress
     assert e4.port_range == (40000, 40999) and e4.family == socket.AF_INET
-    assert e6.networks == [ipaddress.ip_network("::/0")]  # empty destinations: whole family
+    assert e6.networks == (ipaddress.ip_network("::/0"),)  # empty destinations: whole family
+    assert e6.destinations == []  # as written (what `relay config dump` writes back)
     assert e6.ip == ipaddress.ip_address("2001:db8::7")
     allow = cfg.policy.allow_rules
     assert allow[0].ports == ((80, 80), (443, 443), (8000, 8999))
@@ -77,7 +78,7 @@ def test_good_config_and_parsed_helpers() -> None:
 
 
 def test_backend_forms() -> None:
-    def backend(value: str) -> config.ListenerConfig:
+    def backend(value: str) -> config.Listener:
         return from_dict({"listener": [{"bind": "127.0.0.1:1", "backend": value}]}).listener[0]
 
     assert backend("unix:/run/app.sock").backend_address == "/run/app.sock"
@@ -86,6 +87,32 @@ def test_backend_forms() -> None:
     assert backend("[2001:db8::1]:443").backend_family == socket.AF_INET6
     assert backend("app.internal:8080").backend_address == ("app.internal", 8080)
     assert backend("app.internal:8080").backend_family == socket.AF_UNSPEC
+
+
+def test_one_range_grammar_spacing_and_port_zero() -> None:
+    """One slice/range grammar for config and runtime: blanks around "-" are allowed; port 0
+    only where it means "any port" (a listener's bind, metrics_listen)."""
+    cfg = loads(
+        '[[listener]]\nbind = "127.0.0.1:0"\nmode = "tproxy"\n'
+        '[[egress]]\naddress = "192.0.2.1"\nports = "40000 - 40010"\n'
+    )
+    assert cfg.egress[0].port_range == (40000, 40010) and cfg.egress[0].ports == "40000-40010"
+    from relay.serve.egress import EgressTable
+
+    picked = EgressTable.from_config(cfg).lookup("198.51.100.1")
+    assert picked is not None and (picked.lo, picked.hi) == (40000, 40010)
+    assert loads('[relay]\nmetrics_listen = "127.0.0.1:0"\n' + LISTENER_OK).metrics_address == (
+        "127.0.0.1",
+        0,
+    )
+    for key, text in (("backend", "127.0.0.1:0"), ("ports", "0-10")):
+        table = (
+            f'[[listener]]\nbind = "127.0.0.1:1"\nbackend = "{text}"\n'
+            if key == "backend"
+            else LISTENER_OK + f'[[egress]]\naddress = "192.0.2.1"\nports = "{text}"\n'
+        )
+        (problem,) = problems_of(table)
+        assert "port 0 is outside 1-65535" in problem, problem
 
 
 def test_frozen_config() -> None:

@@ -11,17 +11,19 @@ import sys
 import pytest
 
 from relay import config
-from relay.egress import Egress, EgressTable, parse_slice
+from relay.config.values import parse_port_range
+from relay.serve.egress import Egress, EgressTable
 
 # ---------------------------------------------------------------- pure parsing, no kernel
 
 
 def test_parse_slice() -> None:
-    assert parse_slice("40000-40999") == (40000, 40999)
-    assert parse_slice("40000") == (40000, 40000)
+    assert parse_port_range("40000-40999") == (40000, 40999)
+    assert parse_port_range("40000") == (40000, 40000)
+    assert parse_port_range("40000 - 40010") == (40000, 40010)  # the one grammar allows blanks
     for bad in ("0-10", "10-5", "40000-70000", "a-b", ""):
         with pytest.raises(ValueError):
-            parse_slice(bad)
+            parse_port_range(bad)
 
 
 def test_most_specific_destination_wins() -> None:

@@ -1,4 +1,4 @@
-"""relay.nft: the rendered plan (no kernel). Applying it: tests/netns/test_nft_apply.py."""
+"""relay.ops.nft: the rendered plan (no kernel). Applying it: tests/netns/test_nft_apply.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import nft
+from relay.ops import nft
 from relay.config import loads
 
 TPROXY_CONFIG = """

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 import pytest
 
-from relay.config import PolicyConfig
-from relay.policy import NetworkSet, Policy
+from relay.config import PolicyRules
+from relay.serve.policy import NetworkSet, Policy
 
-OPEN = PolicyConfig()  # the config default: allow 0.0.0.0/0 and ::/0
+OPEN = PolicyRules()  # the config default: allow 0.0.0.0/0 and ::/0
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_own_addresses_and_their_mapped_forms_are_refused() -> None:
 
 
 def test_deny_wins_and_honours_ports() -> None:
-    cfg = PolicyConfig(
+    cfg = PolicyRules.from_text(
         allow=["0.0.0.0/0", "::/0"], deny=["10.0.0.0/8:22,8000-8999", "[2001:db8::/32]:25"]
     )
     policy = Policy(cfg)
@@ -71,7 +72,7 @@ def test_deny_wins_and_honours_ports() -> None:
 
 
 def test_allow_list_restricts_by_network_and_port() -> None:
-    policy = Policy(PolicyConfig(allow=["198.51.100.0/24:80,443", "192.0.2.9"], deny=[]))
+    policy = Policy(PolicyRules.from_text(allow=["198.51.100.0/24:80,443", "192.0.2.9"], deny=[]))
     assert policy.check("198.51.100.20", 443) is None
     assert policy.check("198.51.100.20", 22) == "not_allowed"
     assert policy.check("192.0.2.9", 1234) is None
@@ -80,11 +81,11 @@ def test_allow_list_restricts_by_network_and_port() -> None:
 
 
 def test_empty_allow_list_fails_closed() -> None:
-    assert Policy(PolicyConfig(allow=[], deny=[])).check("198.51.100.7", 80) == "not_allowed"
+    assert Policy(PolicyRules.from_text(allow=[], deny=[])).check("198.51.100.7", 80) == "not_allowed"
 
 
 def test_mapped_rule_networks_match_ipv4_destinations() -> None:
-    policy = Policy(PolicyConfig(allow=["0.0.0.0/0"], deny=["::ffff:192.0.2.0/120"]))
+    policy = Policy(PolicyRules.from_text(allow=["0.0.0.0/0"], deny=["::ffff:192.0.2.0/120"]))
     assert policy.check("192.0.2.77", 80) == "denied_by_rule"
     assert policy.check("192.0.3.77", 80) is None
 
@@ -97,11 +98,11 @@ def test_no_policy_section_still_enforces_builtins() -> None:
 
 def test_bad_rule_is_an_error_naming_it() -> None:
     with pytest.raises(ValueError):
-        Policy(PolicyConfig(allow=["10.0.0.0/33"]))
+        PolicyRules.from_text(allow=["10.0.0.0/33"])
 
 
 def test_network_set_membership() -> None:
-    nets = NetworkSet(["10.0.0.0/8", "2001:db8::/32"])
+    nets = NetworkSet([ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")])
     assert "10.200.0.1" in nets and "::ffff:10.0.0.1" in nets and "2001:db8::5" in nets
     assert "11.0.0.1" not in nets and "2001:db9::1" not in nets and "junk" not in nets
     assert not NetworkSet([])
@@ -109,7 +110,7 @@ def test_network_set_membership() -> None:
 
 def test_check_is_cheap_with_many_rules() -> None:
     deny = [f"10.{i}.{j}.0/24" for i in range(20) for j in range(50)]  # 1000 rules
-    policy = Policy(PolicyConfig(allow=["0.0.0.0/0"], deny=deny))
+    policy = Policy(PolicyRules.from_text(allow=["0.0.0.0/0"], deny=deny))
     assert policy.check("10.19.49.1", 80) == "denied_by_rule"
     start = time.perf_counter()
     for _ in range(20000):

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from relay import proxyproto
-from relay.proxyproto import ProxyProtocolError, ProxyProtocolIncomplete, build, parse
+from relay.serve import proxyproto
+from relay.serve.proxyproto import ProxyProtocolError, ProxyProtocolIncomplete, build, parse
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay import config, proxyproto
-from relay.routing import Denied, Router, Upstream
+from relay import config
+from relay.serve import proxyproto
+from relay.serve.routing import Denied, Router, Upstream
 from relay.sock import open_listener, original_destination
 
 
@@ -99,7 +100,7 @@ def finish_upstream(up: Upstream, payload: bytes = b"") -> None:
 @contextlib.contextmanager
 def relay_listener(cfg: config.Config) -> Iterator[tuple[Router, socket.socket]]:
     lc = cfg.listener[0]
-    listener = open_listener(lc)
+    listener = open_listener(lc.bind_address)
     router = Router(lc, cfg, set())
     try:
         yield router, listener
@@ -178,8 +179,7 @@ def test_unix_backend_and_unix_listener_send_local_header() -> None:
                 'proxy_protocol = "v2"\n'
             )
             # The listener itself on a unix socket (bind starting with "unix:").
-            unix_listener_cfg = type("L", (), {"bind": f"unix:{listen_path}", "mode": "backend"})()
-            listener = open_listener(unix_listener_cfg)
+            listener = open_listener(listen_path)
             router = Router(cfg.listener[0], cfg, set())
             try:
                 assert listener.family == socket.AF_UNIX and not listener.getblocking()
@@ -203,14 +203,12 @@ def test_unix_backend_and_unix_listener_send_local_header() -> None:
 def test_unix_listener_replaces_stale_socket_but_not_a_file() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "l.sock")
-        lc = type("L", (), {"bind": f"unix:{path}", "mode": "backend"})()
-        open_listener(lc).close()  # leaves a stale socket file behind
-        open_listener(lc).close()
+        open_listener(path).close()  # leaves a stale socket file behind
+        open_listener(path).close()
         regular = os.path.join(tmp, "file")
         open(regular, "w").close()
-        lc_file = type("L", (), {"bind": f"unix:{regular}", "mode": "backend"})()
         with pytest.raises(FileExistsError, match="not a socket"):
-            open_listener(lc_file)
+            open_listener(regular)
 
 
 def _trusted_cfg(backend_port: int, trusted: str = "127.0.0.0/8") -> config.Config:
@@ -274,7 +272,7 @@ def test_trusted_proxy_bad_or_missing_header_is_denied(
 ) -> None:
     cfg = _trusted_cfg(backend.address[1])
     lc = cfg.listener[0]
-    listener = open_listener(lc)
+    listener = open_listener(lc.bind_address)
     router = Router(lc, cfg, set(), proxy_header_timeout=0.2)
     try:
         with socket.create_connection(listener.getsockname()) as client:
@@ -378,7 +376,7 @@ def test_tproxy_mode_refuses_loopback_destination() -> None:
     cfg = make_cfg('[[listener]]\nbind = "127.0.0.1:0"\nmode = "tproxy"\n')
     lc = cfg.listener[0]
     try:
-        listener = open_listener(lc)
+        listener = open_listener(lc.bind_address, transparent=lc.transparent)
     except PermissionError as exc:
         pytest.skip(f"tproxy listener needs CAP_NET_ADMIN: {exc}")
     router = Router(lc, cfg, set())
@@ -420,32 +418,31 @@ def test_closed_router_refuses_work(backend: BackendServer) -> None:
 
 
 def test_open_listener_options_and_hostport_parsing() -> None:
-    from relay.sock import parse_hostport
+    from relay.config.values import parse_hostport
 
-    assert parse_hostport("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_hostport("127.0.0.1:0", allow_port_zero=True) == ("127.0.0.1", 0)
     assert parse_hostport("[::0001]:80") == ("::1", 80)
     assert parse_hostport("backend.example:80", allow_hostname=True) == ("backend.example", 80)
-    for bad in ("::1:80", "127.0.0.1", "1.2.3.4:99999", "[::1]80"):
+    for bad in ("::1:80", "127.0.0.1", "1.2.3.4:99999", "[::1]80", "127.0.0.1:0"):
         with pytest.raises(ValueError):
             parse_hostport(bad)
     cfg = make_cfg(
         '[[listener]]\nbind = "127.0.0.1:0"\nbackend = "127.0.0.1:1"\n'
         '[[listener]]\nbind = "[::1]:0"\nbackend = "127.0.0.1:1"\n'
     )
-    v4 = open_listener(cfg.listener[0])
+    v4 = open_listener(cfg.listener[0].bind_address)
     try:
         assert not v4.getblocking()
         assert v4.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
         assert v4.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
         assert v4.getsockopt(socket.SOL_IP, 19) == 0  # backend mode: not transparent
         # SO_REUSEPORT lets a second worker bind the very same address.
-        twin = open_listener(type("L", (), {"bind": f"127.0.0.1:{v4.getsockname()[1]}",
-                                            "mode": "backend"})())
+        twin = open_listener(("127.0.0.1", v4.getsockname()[1]))
         twin.close()
     finally:
         v4.close()
     try:
-        v6 = open_listener(cfg.listener[1])
+        v6 = open_listener(cfg.listener[1].bind_address)
     except OSError as exc:
         pytest.skip(f"no IPv6 loopback: {exc}")
     with v6:

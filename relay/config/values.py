@@ -1,8 +1,16 @@
-"""Address and rule values of the config: HOST:PORT, port ranges, CIDRs, policy rules.
+"""The value grammar of the config, written once: HOST:PORT, port ranges, CIDRs, policy rules.
 
 Each parser takes the text as written in the TOML file (or on the command line) and raises
-ValueError whose message is the reason shown to the user; relay.config validates with them,
-relay.sock and relay.policy use them at run time. No DNS: host names are only checked for shape.
+ValueError whose message is the reason shown to the user.  Only relay.config (validation) and
+the command line call them: everything else receives the parsed values (relay.config.model).
+No DNS: host names are only checked for shape.
+
+Decided once, for every place a port or a range is written:
+- Port 0 means "any port" and is accepted only where that makes sense: a listener's ``bind`` and
+  ``relay.metrics_listen`` (``allow_port_zero=True``).  A backend, an egress slice or a policy
+  port is 1-65535.
+- A range is ``"LO-HI"`` or one port ``"P"``; blanks around the numbers are ignored, so
+  ``"40000 - 40010"`` is the same range as ``"40000-40010"``.  LO <= HI.
 """
 
 from __future__ import annotations
@@ -11,12 +19,18 @@ import dataclasses
 import ipaddress
 import re
 import socket
+import typing
+
+from relay.sock import UNIX_PREFIX, format_address
 
 __all__ = [
+    "HostPort",
     "IPAddress",
     "IPNetwork",
     "PolicyRule",
+    "UNIX_PREFIX",
     "family_of",
+    "format_port_range",
     "parse_hostport",
     "parse_network",
     "parse_policy_rule",
@@ -33,6 +47,16 @@ _HOSTNAME_RE = re.compile(
 )
 
 
+class HostPort(typing.NamedTuple):
+    """A parsed ``HOST:PORT``: an IP literal (normalised) or, for backends, a host name."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_address(self)
+
+
 def _parse_port(text: str, *, allow_zero: bool) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 5:
         raise ValueError(f"port {text!r} is not a number of at most 5 digits")
@@ -45,7 +69,7 @@ def _parse_port(text: str, *, allow_zero: bool) -> int:
 
 def parse_hostport(
     text: str, *, allow_port_zero: bool = False, allow_hostname: bool = False
-) -> tuple[str, int]:
+) -> HostPort:
     """``"1.2.3.4:80"``, ``"[::1]:80"`` (and, if allowed, ``"name.example:80"``) -> (host, port).
 
     The host comes back without brackets; IP literals are normalised (``"[::0001]"`` -> ``"::1"``).
@@ -61,7 +85,7 @@ def parse_hostport(
             raise ValueError(f"{host!r} is not an IPv6 address") from None
         if addr.version != 6:
             raise ValueError(f"{host!r} in brackets must be IPv6")
-        return str(addr), _parse_port(port_text, allow_zero=allow_port_zero)
+        return HostPort(str(addr), _parse_port(port_text, allow_zero=allow_port_zero))
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ValueError('expected "HOST:PORT" (IPv6 as "[::1]:PORT")')
@@ -69,11 +93,11 @@ def parse_hostport(
         raise ValueError('IPv6 addresses need brackets: "[::1]:PORT"')
     port = _parse_port(port_text, allow_zero=allow_port_zero)
     try:
-        return str(ipaddress.ip_address(host)), port
+        return HostPort(str(ipaddress.ip_address(host)), port)
     except ValueError:
         pass
     if allow_hostname and _HOSTNAME_RE.match(host) and not host.replace(".", "").isdigit():
-        return host, port
+        return HostPort(host, port)
     what = "an IP address or host name" if allow_hostname else "an IP address"
     raise ValueError(f"{host!r} is not {what}")
 
@@ -112,6 +136,14 @@ class PolicyRule:
             return False
         return not self.ports or any(lo <= port <= hi for lo, hi in self.ports)
 
+    def __str__(self) -> str:
+        """The rule as written in the config (``parse_policy_rule`` reads it back)."""
+        if not self.ports:
+            return str(self.network)
+        ports = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ports)
+        net = f"[{self.network}]" if self.network.version == 6 else str(self.network)
+        return f"{net}:{ports}"
+
 
 def _parse_port_list(text: str) -> tuple[tuple[int, int], ...]:
     if not text.strip():
@@ -144,6 +176,11 @@ def parse_policy_rule(text: str) -> PolicyRule:
     if sep and ":" not in host:
         return PolicyRule(parse_network(host), _parse_port_list(ports))
     raise ValueError('expected "CIDR", "CIDR:PORTS" or "[IPv6-CIDR]:PORTS"')
+
+
+def format_port_range(lo: int, hi: int) -> str:
+    """(lo, hi) as written in the config: ``"lo-hi"``."""
+    return f"{lo}-{hi}"
 
 
 def family_of(host: str) -> socket.AddressFamily:

@@ -24,7 +24,8 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any
+
+from relay.config.model import Config
 
 __all__ = [
     "FWMARK", "ROUTE_TABLE", "RULE_PRIORITY", "TABLE", "Plan", "PlumbingError", "apply",
@@ -118,7 +119,7 @@ def local_addresses() -> frozenset[str]:
 
 
 def render(
-    cfg: Any,
+    cfg: Config,
     ingress: Sequence[str] = (),
     local: Collection[str] | None = None,
 ) -> Plan:
@@ -134,7 +135,7 @@ def render(
 
     egress_by_version: dict[int, list[str]] = {4: [], 6: []}
     for egress in cfg.egress:
-        addr = ipaddress.ip_address(egress.address)
+        addr = egress.ip
         egress_by_version[addr.version].append(str(addr))
         if str(addr) in own:
             notes.append(f"egress {addr}: local address, replies need no return path")

@@ -41,10 +41,11 @@ from typing import Any
 
 import msgspec
 
-from relay import privs, systemd
-from relay.heartbeat import Heartbeat
+from relay.config.model import Config, Listener
+from relay.process import privs, systemd
+from relay.process.heartbeat import Heartbeat
+from relay.process.worker import BootFailed, Serving, StatsReport, decode, run_worker
 from relay.sock import arm_reset
-from relay.worker import BootFailed, Serving, StatsReport, decode, run_worker
 
 __all__ = ["Supervisor", "run"]
 
@@ -154,9 +155,9 @@ def describe_status(status: int) -> str:
     return f"status {status:#x}"
 
 
-def listener_key(lst: Any) -> tuple[str, str, str]:
+def listener_key(lst: Listener) -> tuple[str, str, str]:
     """A listener's identity across configs: name, address text and mode."""
-    return (str(lst.name), str(lst.bind), str(lst.mode))
+    return (lst.name, lst.bind, lst.mode)
 
 
 def format_address(sock: socket.socket) -> str:
@@ -189,7 +190,7 @@ class Worker:
 @dataclasses.dataclass(eq=False)
 class Generation:
     number: int
-    cfg: Any  # relay.config.Config as the workers see it (pipe budget applied)
+    cfg: Config  # as the workers see it (pipe budget applied)
     sockets: dict[str, socket.socket]  # listener name -> listening socket
     size: int
     target: privs.Target | None  # who its workers become
@@ -205,7 +206,7 @@ class Generation:
 
 class Supervisor:
     def __init__(
-        self, cfg: Any, config_path: str | None, overrides: Mapping[str, Any] | None = None
+        self, cfg: Config, config_path: str | None, overrides: Mapping[str, Any] | None = None
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
@@ -248,8 +249,8 @@ class Supervisor:
         return self.exit_code
 
     def _start(self) -> None:
-        from relay.admin import AdminServer
-        from relay.metrics import Aggregator
+        from relay.ops.admin import AdminServer
+        from relay.ops.metrics import Aggregator
 
         self.metrics = Aggregator()
         target = privs.resolve_target(self.cfg.relay.user, self.cfg.relay.group)
@@ -323,7 +324,7 @@ class Supervisor:
         self.reload(None)
 
     def handle_usr1(self) -> None:
-        from relay import log as relay_log
+        from relay.ops import log as relay_log
 
         relay_log.reopen()
         for gen in self.generations:
@@ -336,7 +337,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ listeners
 
-    def _bind_listeners(self, cfg: Any) -> dict[str, socket.socket]:
+    def _bind_listeners(self, cfg: Config) -> dict[str, socket.socket]:
         """Listening sockets for `cfg` by name: existing ones reused, new ones bound now.
 
         On any bind error the sockets bound by this call are closed and the error raised.
@@ -349,7 +350,7 @@ class Supervisor:
             for lst in cfg.listener:
                 sock = self._existing_listener(lst, taken=out.values())
                 if sock is None:
-                    sock = open_listener(lst)
+                    sock = open_listener(lst.bind_address, transparent=lst.transparent)
                     fresh.append((listener_key(lst), sock))
                 out[lst.name] = sock
         except BaseException:
@@ -360,7 +361,7 @@ class Supervisor:
             self.listeners[key] = sock
         return out
 
-    def _existing_listener(self, lst: Any, taken: Iterable[socket.socket]
+    def _existing_listener(self, lst: Listener, taken: Iterable[socket.socket]
                            ) -> socket.socket | None:
         """The bound socket that already serves `lst`, if any: the one of the same name, address
         text and mode, or, for a fixed port, one bound to that very address in the same mode
@@ -370,10 +371,7 @@ class Supervisor:
         sock = self.listeners.get(listener_key(lst))
         if sock is not None and id(sock) not in busy:
             return sock
-        try:
-            host, port = lst.bind_address
-        except (AttributeError, ValueError):
-            return None
+        host, port = lst.bind_address
         if not port:
             return None
         for (_name, _bind, mode), sock in self.listeners.items():
@@ -398,19 +396,20 @@ class Supervisor:
     # ------------------------------------------------------------------ workers
 
     def _new_generation(
-        self, cfg: Any, sockets: dict[str, socket.socket], target: privs.Target | None
+        self, cfg: Config, sockets: dict[str, socket.socket], target: privs.Target | None
     ) -> Generation:
-        from relay.limits import nofile_needed_for, raise_nofile
+        from relay.process.budgets import nofile_needed_for, pipe_budget, raise_nofile
 
         size = cfg.relay.resolved_workers
         nofile = raise_nofile(nofile_needed_for(cfg.relay, len(cfg.listener), size))
         wanted = cfg.relay.pipes_per_worker(size)
-        budget = privs.pipe_budget(target, cfg.relay.pipe_size, wanted, size)
+        user = target.user if target is not None and target.uid != 0 else None  # None: exempt
+        budget = pipe_budget(user, cfg.relay.pipe_size, wanted, size)
         if budget.per_worker < wanted:
             # max_pipes = 0 means "maxconn / 4", not "none": no pipe at all is splice = false.
             capped = (msgspec.structs.replace(cfg.relay, max_pipes=budget.per_worker)
                       if budget.per_worker else msgspec.structs.replace(cfg.relay, splice=False))
-            cfg = msgspec.structs.replace(cfg, relay=capped)
+            cfg = dataclasses.replace(cfg, relay=capped)
             if not budget.per_worker:
                 log.warning("no full-size splice pipe fits the worker user's budget: workers "
                             "copy instead of splicing")
@@ -649,9 +648,9 @@ class Supervisor:
             gen.replies.clear()
             self._apply_admin(old_cfg)
 
-    def _apply_logging(self, old: Any) -> None:
+    def _apply_logging(self, old: Config) -> None:
         """The supervisor's own log settings follow the new config; on error the old ones stay."""
-        from relay import log as relay_log
+        from relay.ops import log as relay_log
 
         r_old, r_new = old.relay, self.cfg.relay
         if (r_old.log_format, r_old.log_level, r_old.log_file) == (
@@ -663,7 +662,7 @@ class Supervisor:
             log.error("reload: cannot switch logging (%s); keeping the previous log settings",
                       exc)
 
-    def _apply_admin(self, old: Any) -> None:
+    def _apply_admin(self, old: Config) -> None:
         """Rebind the admin socket / metrics listener if the new config moved them."""
         if (old.relay.admin_socket, old.relay.metrics_listen) == (
                 self.cfg.relay.admin_socket, self.cfg.relay.metrics_listen):
@@ -855,7 +854,7 @@ class Supervisor:
         }
 
 
-def _give_log_file(cfg: Any, target: privs.Target | None) -> None:
+def _give_log_file(cfg: Config, target: privs.Target | None) -> None:
     """Let unprivileged workers reopen the log file on SIGUSR1 (they cannot open root's file)."""
     path = cfg.relay.log_file
     if path and target is not None and target.uid != 0:
@@ -883,12 +882,12 @@ def iowq_threads(pid: int) -> int:
     return count
 
 
-def run(cfg: Any, config_path: str | None, overrides: Mapping[str, Any] | None = None) -> int:
+def run(cfg: Config, config_path: str | None, overrides: Mapping[str, Any] | None = None) -> int:
     """`relay run`: supervise workers until stopped; returns the process exit code.
 
     `overrides` are the command-line settings, applied again on every reload.
     """
-    from relay import log as relay_log
+    from relay.ops import log as relay_log
 
     relay_log.setup_from_settings(cfg.relay)
     return Supervisor(cfg, config_path, overrides).run()

@@ -1,6 +1,6 @@
 """Prometheus metrics over the workers' counters, aggregated in the supervisor.
 
-Each worker ships `Server.stats()` snapshots to the supervisor (relay.worker.StatsReport). The
+Each worker ships `Server.stats()` snapshots to the supervisor (relay.process.worker.StatsReport). The
 supervisor sums them over the live workers, plus the counters of workers that already exited
 (`Aggregator.retire`), so a counter never goes backwards when a worker is restarted or a reload
 retires a generation. Gauges (open connections, pipes in use...) only count live workers.
@@ -100,7 +100,7 @@ def _labelled(metric: CounterMetricFamily | GaugeMetricFamily, values: dict[str,
 
 
 class RelayCollector(Collector):
-    """Reads `snapshot()` (relay.supervisor.Supervisor.snapshot) at every scrape."""
+    """Reads `snapshot()` (relay.process.supervisor.Supervisor.snapshot) at every scrape."""
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]], aggregator: Aggregator) -> None:
         self._snapshot = snapshot

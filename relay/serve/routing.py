@@ -1,6 +1,6 @@
 """Per-listener routing: for each accepted client, open the upstream socket it is relayed to.
 
-    router = Router(listener_cfg, cfg, own_addresses)
+    router = Router(listener, cfg, own_addresses)   # relay.config.model Listener and Config
     try:
         up = router.open_upstream(client_sock)       # client_sock: the accepted socket
     except Denied as exc:                            # exc.reason: why (see REASONS)
@@ -11,12 +11,13 @@
         loop.add_pair(client_fd, up.fd, tag, connecting=up.connecting, prefix=up.prefix)
         # from here the core owns up.fd
 
-Modes (listener_cfg.mode):
-- backend: connect to listener_cfg.backend (TCP HOST:PORT, resolved once here, or unix:/path).
+Modes (listener.mode):
+- backend: connect to listener.backend_address (TCP (host, port), resolved once here, or a unix
+  path).
 - tproxy: the destination is the accepted socket's local address (TPROXY keeps it).
 - redirect: the destination is SO_ORIGINAL_DST (NAT rewrote it to us; conntrack remembers).
-In tproxy/redirect the destination goes through relay.policy, then leaves through the
-relay.egress soft-unicast slice chosen by destination (none matching: the default route). The
+In tproxy/redirect the destination goes through relay.serve.policy, then leaves through the
+relay.serve.egress soft-unicast slice chosen by destination (none matching: the default route). The
 port the kernel picked is checked after connect(); outside the slice -> Denied, never a retry.
 
 PROXY protocol v2: with proxy_protocol = "v2" the upstream first receives a header naming the
@@ -41,18 +42,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from relay import proxyproto
-from relay.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
-from relay.log import log_every
-from relay.policy import REASONS as POLICY_REASONS
-from relay.policy import NetworkSet, Policy
-from relay.sock import UNIX_PREFIX, original_destination, parse_hostport, reset_and_close
+from relay.config.model import Config, Listener
+from relay.ops.log import log_every
+from relay.serve import proxyproto
+from relay.serve.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
+from relay.serve.policy import REASONS as POLICY_REASONS
+from relay.serve.policy import NetworkSet, Policy
+from relay.sock import UNIX_PREFIX, original_destination, reset_and_close
 
 __all__ = ["REASONS", "Denied", "Router", "SliceExhausted", "Upstream"]
 
 log = logging.getLogger("relay.routing")
 
-# Every Denied.reason: the relay.policy reasons, then the router's own.
+# Every Denied.reason: the relay.serve.policy reasons, then the router's own.
 REASONS = (
     *POLICY_REASONS,
     "loop",  # the client is this relay's own egress (address and slice port): a routing loop
@@ -66,7 +68,7 @@ REASONS = (
 _EXHAUSTED_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 _CONNECT_PENDING = frozenset({0, errno.EINPROGRESS})
 _MAPPED_V4_PREFIX = "::ffff:"
-_LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind (relay.log.log_every)
+_LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind (relay.ops.log.log_every)
 
 
 class Denied(Exception):
@@ -123,33 +125,33 @@ class Router:
 
     def __init__(
         self,
-        listener_cfg: Any,
-        cfg: Any,
+        listener: Listener,
+        cfg: Config,
         own_addresses: set[str],
         *,
         proxy_header_timeout: float = 0.5,
     ) -> None:
-        self.name = str(getattr(listener_cfg, "name", ""))
-        self.mode = str(getattr(listener_cfg, "mode", "backend"))
-        if self.mode not in ("backend", "tproxy", "redirect"):
-            raise ValueError(f"listener {self.name}: unknown mode {self.mode!r}")
-        self.proxy_v2 = getattr(listener_cfg, "proxy_protocol", "") == "v2"
+        self.name = listener.name
+        self.mode = listener.mode
+        self.proxy_v2 = listener.proxy_protocol == "v2"
         self.proxy_header_timeout = proxy_header_timeout
-        self.trusted = NetworkSet(getattr(listener_cfg, "trusted_proxies", None) or ())
+        self.trusted = NetworkSet(listener.trusted_networks)
         self.closed = False
 
-        listener_binds = self._listener_binds(cfg, listener_cfg)
+        listener_binds: set[tuple[str, int]] = {
+            lst.bind_address for lst in (*cfg.listener, listener)
+        }
         self._backend_unix: str | None = None
         self._backend_addr: tuple[str, int] | None = None
         self._backend_family = socket.AF_UNSPEC
         if self.mode == "backend":
-            self._setup_backend(listener_cfg, listener_binds, own_addresses)
+            self._setup_backend(listener, listener_binds, own_addresses)
 
-        self.egress = EgressTable.from_config(cfg)
+        self.egress = EgressTable(cfg.egress)
         own = set(own_addresses) | self.egress.addresses()
         own |= {ip for ip, _port in listener_binds}
         self.own_addresses = frozenset(own)
-        self.policy = Policy(getattr(cfg, "policy", None), own)
+        self.policy = Policy(cfg.policy, own)
         # A client coming *from* one of our egress (address, slice) pairs is our own upstream
         # connection routed back into a listener: a loop.
         self._egress_slices: dict[str, tuple[tuple[int, int], ...]] = {}
@@ -160,37 +162,17 @@ class Router:
 
     # ------------------------------------------------------------------ construction helpers
 
-    @staticmethod
-    def _listener_binds(cfg: Any, listener_cfg: Any) -> set[tuple[str, int]]:
-        binds: set[tuple[str, int]] = set()
-        listeners = list(getattr(cfg, "listener", None) or ())
-        if listener_cfg not in listeners:
-            listeners.append(listener_cfg)
-        for lst in listeners:
-            bind = str(getattr(lst, "bind", ""))
-            if not bind or bind.startswith(UNIX_PREFIX):
-                continue
-            try:
-                binds.add(parse_hostport(bind))
-            except ValueError:
-                continue
-        return binds
-
     def _setup_backend(
-        self, listener_cfg: Any, listener_binds: set[tuple[str, int]], own: set[str]
+        self, listener: Listener, listener_binds: set[tuple[str, int]], own: set[str]
     ) -> None:
-        backend = str(getattr(listener_cfg, "backend", "") or "")
-        if not backend:
+        backend = listener.backend_address
+        if backend is None:
             raise ValueError(f"listener {self.name}: mode backend needs a backend")
-        if backend.startswith(UNIX_PREFIX):
-            path = backend[len(UNIX_PREFIX) :]
-            bind = str(getattr(listener_cfg, "bind", ""))
-            if bind == backend:
-                raise ValueError(f"listener {self.name}: backend {backend} is the listener itself")
-            self._backend_unix = path
+        if isinstance(backend, str):
+            self._backend_unix = backend
             self._backend_family = socket.AF_UNIX
             return
-        host, port = parse_hostport(backend, allow_hostname=True)
+        host, port = backend
         # Resolved once per config: open_upstream must never do DNS.
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -1,6 +1,6 @@
 """One structured log record per finished connection, on the ``relay.flow`` logger.
 
-The record's message is ``"flow"``; the fields are in ``extra`` (``relay.log`` renders
+The record's message is ``"flow"``; the fields are in ``extra`` (``relay.ops.log`` renders
 them as ``key=value`` in text mode and as JSON members in json mode):
 
 =================  ==========================================================================

@@ -2,7 +2,7 @@
 
 Small, side-effect-free readers of /proc and sysctls, the effective capability set, and round
 trips over loopback (splice through a pipe); ``versions()`` (what `relay --version` prints).
-relay.doctor turns these into PASS/WARN/FAIL checks with the fix.
+relay.host.doctor turns these into PASS/WARN/FAIL checks with the fix.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from relay._version import __version__
+from relay.procfs import read_proc
 
 __all__ = [
     "CAP_SYS_ADMIN",
@@ -28,37 +29,17 @@ __all__ = [
     "format_versions",
     "has_capability",
     "port_range_sysctl",
-    "read_int",
-    "read_proc",
     "splice_roundtrip",
     "tcp_socket",
     "versions",
 ]
 
 # Capability bits of /proc/self/status CapEff (<linux/capability.h>) the doctor asks about;
-# relay.privs names the ones workers keep.
+# relay.process.privs names the ones workers keep.
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def read_proc(path: str) -> str | None:
-    """The stripped text of a /proc (or any) file; None when it cannot be read."""
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def read_int(path: str) -> int | None:
-    """The integer in a /proc file (a sysctl); None when unreadable or not a number."""
-    text = read_proc(path)
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
 
 
 def capabilities() -> int:

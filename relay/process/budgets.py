@@ -1,23 +1,31 @@
-"""Open-file limit (RLIMIT_NOFILE) sized to the connection limit.
+"""The budgets a worker runs within: open files and splice pipes, each computed one way here.
 
-A relayed connection holds two sockets; a spliced one also holds a pipe (two fds) from the pool.
-Workers inherit the limit from the supervisor, so ``relay run`` raises it once, before forking.
+Open files (RLIMIT_NOFILE) sized to the connection limit: a relayed connection holds two sockets;
+a spliced one also holds a pipe (two fds) from the pool. Workers inherit the limit from the
+supervisor, so ``relay run`` raises it once, before forking.
+
+Pipes: the kernel accounts pipe pages per user (:func:`pipe_budget`); the supervisor caps each
+worker's pool with it, ``relay doctor`` reports the same numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import resource
 
-from relay.settings import RelaySettings
+from relay.config.settings import RelaySettings
+from relay.procfs import read_int
 
 __all__ = [
     "FD_SLACK",
     "NofileReport",
+    "PipeBudget",
     "nofile_needed",
     "nofile_needed_for",
     "nr_open",
+    "pipe_budget",
     "raise_nofile",
 ]
 
@@ -135,3 +143,55 @@ def raise_nofile(needed: int) -> NofileReport:
             f"connections per worker fit, not the configured number"
         )
     return NofileReport(needed, soft0, hard0, soft, hard, "; ".join(notes))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipeBudget:
+    """How many full-size splice pipes each worker may hold, and why."""
+
+    per_worker: int
+    pipe_bytes: int
+    message: str
+
+
+def pipe_budget(user: str | None, pipe_size: int, wanted: int, workers: int) -> PipeBudget:
+    """Cap each worker's pipe pool to what the kernel lets the worker user hold at full size.
+
+    fs/pipe.c accounts pipe pages per *user*, over all that user's processes: once the user holds
+    more than fs.pipe-user-pages-soft pages, new pipes get a single page and F_SETPIPE_SZ fails with
+    EPERM (root, CAP_SYS_RESOURCE or CAP_SYS_ADMIN are exempt). An unprivileged user also cannot
+    grow a pipe past fs.pipe-max-size. `workers` share the user's budget evenly.
+
+    `user`: who the workers run as, None when they are exempt (root, or keep CAP_SYS_RESOURCE /
+    CAP_SYS_ADMIN).  The supervisor sizes the pools with it and ``relay doctor`` reports it.
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+    if user is None:
+        return PipeBudget(wanted, pipe_size, f"{wanted} pipes of {pipe_size // 1024} KiB per "
+                          "worker (workers keep root: no per-user pipe limit)")
+    max_size = read_int("/proc/sys/fs/pipe-max-size") or pipe_size
+    granted = min(pipe_size, max_size)
+    # The kernel rounds a pipe up to a power-of-two number of pages.
+    pages = 1
+    while pages * page < granted:
+        pages *= 2
+    notes = []
+    if granted < pipe_size:
+        notes.append(f"pipe_size {pipe_size} exceeds fs.pipe-max-size {max_size} for "
+                     f"user {user}")
+    soft = read_int("/proc/sys/fs/pipe-user-pages-soft") or 0
+    hard = read_int("/proc/sys/fs/pipe-user-pages-hard") or 0
+    limits = [x for x in (soft, hard) if x > 0]
+    per_worker = wanted
+    if limits:
+        user_pages = min(limits)
+        user_pipes = user_pages // pages
+        per_worker = min(wanted, user_pipes // max(1, workers))
+        notes.append(
+            f"user {user} may hold {user_pages} pipe pages (fs.pipe-user-pages-soft/hard) "
+            f"= {user_pipes} pipes of {pages * page // 1024} KiB over {workers} workers"
+        )
+    head = f"{per_worker} pipes of {pages * page // 1024} KiB per worker"
+    if per_worker < wanted:
+        head += f" (configured {wanted})"
+    return PipeBudget(per_worker, pages * page, head + ": " + "; ".join(notes) if notes else head)

@@ -9,8 +9,8 @@ Order of checks (first hit wins, the reason is returned):
   4. no `allow` rule matches: "not_allowed" (an empty allow list allows nothing: fail closed).
 IPv4-mapped IPv6 destinations (::ffff:a.b.c.d) are checked as the IPv4 address they reach.
 
-Rules are parsed by relay.addr.parse_policy_rule: "CIDR" or "CIDR:PORTS" with PORTS like
-"80,443,8000-8999", IPv6 with ports as "[2001:db8::/32]:443".
+Rules arrive parsed (relay.config.model.PolicyRules; the grammar, "CIDR" or "CIDR:PORTS" with
+PORTS like "80,443,8000-8999", IPv6 with ports as "[2001:db8::/32]:443", is relay.config.values').
 A check costs one inet_pton and a dict lookup per distinct prefix length in use.
 """
 
@@ -21,7 +21,8 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from relay.addr import PolicyRule, parse_network, parse_policy_rule
+from relay.config.model import PolicyRules
+from relay.config.values import IPNetwork, PolicyRule
 
 __all__ = ["NetworkSet", "Policy", "PortRanges", "Rule", "REASONS"]
 
@@ -112,11 +113,11 @@ def _to_int(ip: str) -> tuple[int, int]:
 
 
 class Policy:
-    """Destination filter for one relay. `policy_cfg` has `.allow` and `.deny` (lists of rule
-    strings) or is None (allow everything not built-in denied); `own_addresses` are the relay's
-    listen and egress IPs (wildcards are ignored). Raises ValueError on a bad rule."""
+    """Destination filter for one relay. `rules`: the config's [policy], or None (allow
+    everything not built-in denied); `own_addresses` are the relay's listen and egress IPs
+    (wildcards are ignored)."""
 
-    def __init__(self, policy_cfg: Any, own_addresses: Iterable[str] = ()) -> None:
+    def __init__(self, rules: PolicyRules | None, own_addresses: Iterable[str] = ()) -> None:
         self._builtin = _Table()
         for cidr, reason in _BUILTIN:
             net = ipaddress.ip_network(cidr)
@@ -126,16 +127,13 @@ class Policy:
             version, value = _to_int(ip)
             if value != 0:
                 self._own.add((version, value))
-        if policy_cfg is None:
-            allow = [parse_policy_rule("0.0.0.0/0"), parse_policy_rule("::/0")]
-            deny: list[PolicyRule] = []
-        else:
-            allow = [parse_policy_rule(t) for t in getattr(policy_cfg, "allow", None) or ()]
-            deny = [parse_policy_rule(t) for t in getattr(policy_cfg, "deny", None) or ()]
+        if rules is None:
+            rules = PolicyRules()  # the config default: allow 0.0.0.0/0 and ::/0
+        allow, deny = rules.allow_rules, rules.deny_rules
         self._allow = _Table()
         self._deny = _Table()
-        for table, rules in ((self._allow, allow), (self._deny, deny)):
-            for rule in rules:
+        for table, entries in ((self._allow, allow), (self._deny, deny)):
+            for rule in entries:
                 version, value, prefixlen, ports = _rule_tuple(rule)
                 table.add(version, value, prefixlen, ports)
 
@@ -166,14 +164,13 @@ class Policy:
 
 
 class NetworkSet:
-    """A set of CIDRs (strings like "10.0.0.0/8" or parsed networks) with a cheap membership
-    test for IP literals; IPv4-mapped IPv6 addresses match the IPv4 networks."""
+    """A set of parsed networks with a cheap membership test for IP literals; IPv4-mapped IPv6
+    addresses match the IPv4 networks."""
 
-    def __init__(self, networks: Iterable[Any]) -> None:
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self._table = _Table()
         for net in networks:
-            parsed = parse_network(net) if isinstance(net, str) else net
-            version, value, prefixlen, _ports = _rule_tuple(PolicyRule(parsed))
+            version, value, prefixlen, _ports = _rule_tuple(PolicyRule(net))
             self._table.add(version, value, prefixlen, True)
 
     def __contains__(self, ip: object) -> bool:

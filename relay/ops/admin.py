@@ -26,6 +26,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from relay.config.model import Config
+
 __all__ = ["AdminServer", "client_main", "format_stats", "request"]
 
 MAX_REQUEST = 1024
@@ -86,7 +88,7 @@ class AdminServer:
 
     def __init__(self, selector: selectors.BaseSelector, snapshot: Snapshot, reload: Reload,
                  aggregator: Any) -> None:
-        from relay.metrics import RelayCollector
+        from relay.ops.metrics import RelayCollector
 
         self._selector = selector
         self._snapshot = snapshot
@@ -100,17 +102,15 @@ class AdminServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self, cfg: Any) -> None:
+    def open(self, cfg: Config) -> None:
         """Bind what `cfg` asks for; raises OSError naming the address on failure."""
         path = cfg.relay.admin_socket
         if path:
             self._unix = _bind_unix(path)
             self._unix_path = path
             self._selector.register(self._unix, selectors.EVENT_READ, self._accept_unix)
-        if cfg.relay.metrics_listen:
-            from relay.config import parse_hostport
-
-            host, port = parse_hostport(cfg.relay.metrics_listen, allow_port_zero=True)
+        if cfg.metrics_address is not None:
+            host, port = cfg.metrics_address
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             try:
                 self._http = _MetricsServer((host, port), family, self.registry)
@@ -252,7 +252,7 @@ def _human_bytes(n: float) -> str:
 
 def format_stats(snap: dict[str, Any]) -> str:
     """The `relay stats` text: supervisor, listeners, one line per worker, totals."""
-    from relay.metrics import totals
+    from relay.ops.metrics import totals
 
     lines = [
         f"relay supervisor pid {snap['pid']}, generation {snap['generation']}, "

@@ -25,9 +25,8 @@ import dataclasses
 import grp
 import os
 import pwd
-from typing import Any
 
-from relay.probes import read_int
+from relay.config.model import Config
 
 __all__ = [
     "CAP_NET_ADMIN",
@@ -35,9 +34,7 @@ __all__ = [
     "PrivilegeError",
     "Target",
     "drop_privileges",
-    "PipeBudget",
     "needed_capabilities",
-    "pipe_budget",
     "proc_status",
     "resolve_target",
     "set_parent_death_signal",
@@ -117,15 +114,15 @@ def resolve_target(user: str, group: str = "") -> Target | None:
     return Target(pw.pw_name, pw.pw_uid, gid, tuple(groups))
 
 
-def needed_capabilities(cfg: Any) -> frozenset[int]:
+def needed_capabilities(cfg: Config) -> frozenset[int]:
     """Capabilities a worker keeps: CAP_NET_RAW when it must set IP_TRANSPARENT itself.
 
     TPROXY listeners hand out already-transparent sockets, but the worker then connects to the
     original destination, and any [[egress]] section binds non-local soft-unicast addresses:
     both need IP_TRANSPARENT on sockets the worker creates.
     """
-    tproxy = any(getattr(lst, "mode", "") == "tproxy" for lst in getattr(cfg, "listener", ()))
-    egress = bool(getattr(cfg, "egress", ()))
+    tproxy = any(lst.transparent for lst in cfg.listener)
+    egress = bool(cfg.egress)
     return frozenset({CAP_NET_RAW}) if (tproxy or egress) else frozenset()
 
 
@@ -229,52 +226,3 @@ def drop_privileges(target: Target | None, caps: frozenset[int]) -> None:
     _prctl(PR_SET_KEEPCAPS, 0, "prctl(PR_SET_KEEPCAPS, 0)")
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
     _verify(target, caps)
-
-
-@dataclasses.dataclass(frozen=True)
-class PipeBudget:
-    """How many full-size splice pipes each worker may hold, and why."""
-
-    per_worker: int
-    pipe_bytes: int
-    message: str
-
-
-def pipe_budget(target: Target | None, pipe_size: int, wanted: int, workers: int) -> PipeBudget:
-    """Cap each worker's pipe pool to what the kernel lets the worker user hold at full size.
-
-    fs/pipe.c accounts pipe pages per *user*, over all that user's processes: once the user holds
-    more than fs.pipe-user-pages-soft pages, new pipes get a single page and F_SETPIPE_SZ fails with
-    EPERM (root, CAP_SYS_RESOURCE or CAP_SYS_ADMIN are exempt). An unprivileged user also cannot
-    grow a pipe past fs.pipe-max-size. `workers` share the user's budget evenly.
-    """
-    page = os.sysconf("SC_PAGE_SIZE")
-    if target is None or target.uid == 0:
-        return PipeBudget(wanted, pipe_size, f"{wanted} pipes of {pipe_size // 1024} KiB per "
-                          "worker (workers keep root: no per-user pipe limit)")
-    max_size = read_int("/proc/sys/fs/pipe-max-size") or pipe_size
-    granted = min(pipe_size, max_size)
-    # The kernel rounds a pipe up to a power-of-two number of pages.
-    pages = 1
-    while pages * page < granted:
-        pages *= 2
-    notes = []
-    if granted < pipe_size:
-        notes.append(f"pipe_size {pipe_size} exceeds fs.pipe-max-size {max_size} for "
-                     f"user {target.user}")
-    soft = read_int("/proc/sys/fs/pipe-user-pages-soft") or 0
-    hard = read_int("/proc/sys/fs/pipe-user-pages-hard") or 0
-    limits = [x for x in (soft, hard) if x > 0]
-    per_worker = wanted
-    if limits:
-        user_pages = min(limits)
-        user_pipes = user_pages // pages
-        per_worker = min(wanted, user_pipes // max(1, workers))
-        notes.append(
-            f"user {target.user} may hold {user_pages} pipe pages (fs.pipe-user-pages-soft/hard) "
-            f"= {user_pipes} pipes of {pages * page // 1024} KiB over {workers} workers"
-        )
-    head = f"{per_worker} pipes of {pages * page // 1024} KiB per worker"
-    if per_worker < wanted:
-        head += f" (configured {wanted})"
-    return PipeBudget(per_worker, pages * page, head + ": " + "; ".join(notes) if notes else head)

@@ -2,7 +2,7 @@
 
 Every check probes the feature itself (never a kernel version number) and returns PASS, WARN
 (works, but degraded or only needed by features not configured) or FAIL (the configuration cannot
-work here), with the fix.  The probes themselves are relay.probes (re-exported here, with
+work here), with the fix.  The probes themselves are relay.host.probes (re-exported here, with
 ``versions()``, which feeds ``relay --version``).
 """
 
@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import pwd
 import shutil
 import socket
 import struct
@@ -22,21 +23,20 @@ from typing import Literal
 
 import msgspec
 
-from relay import limits
-from relay.config import Config, ConfigError, load
-from relay.probes import (
+from relay.config import Config, ConfigError, host, load
+from relay.host.probes import (
     CAP_SYS_ADMIN,
     CAP_SYS_RESOURCE,
     PAGE,
     format_versions,
     has_capability,
     port_range_sysctl,
-    read_int,
-    read_proc,
     splice_roundtrip,
     tcp_socket,
     versions,
 )
+from relay.process import budgets as limits
+from relay.procfs import read_int, read_proc
 from relay.sock import (
     IP_BIND_ADDRESS_NO_PORT,
     IP_LOCAL_PORT_RANGE,
@@ -210,31 +210,27 @@ class Doctor:
         )
 
     def check_pipe_budget(self) -> Check:
-        soft = read_int("/proc/sys/fs/pipe-user-pages-soft")
-        hard = read_int("/proc/sys/fs/pipe-user-pages-hard")
+        """The pipe budget exactly as ``relay run`` computes it (relay.process.budgets)."""
         rs = self.cfg.relay
-        pipes = rs.pipes_per_worker() * rs.resolved_workers
-        pages = pipes * max(1, rs.pipe_size // PAGE)
-        limits_text = f"fs.pipe-user-pages-soft={soft}, -hard={hard}"
-        exempt = has_capability(CAP_SYS_RESOURCE) or has_capability(CAP_SYS_ADMIN)
-        if rs.user:
-            exempt = False  # workers drop to relay.user and lose the exemption
-        if exempt:
-            return Check(
-                name="pipe_budget",
-                status="PASS",
-                detail=f"CAP_SYS_RESOURCE/CAP_SYS_ADMIN: exempt from {limits_text}",
-            )
-        if not pipes:
+        workers = rs.resolved_workers
+        wanted = rs.pipes_per_worker(workers)
+        if not wanted:
             return Check(name="pipe_budget", status="PASS", detail="splice off: no pipes")
-        budget = min(x for x in (soft, hard) if x) if (soft or hard) else None
-        detail = f"up to {pipes} pipes of {rs.pipe_size} bytes = {pages} pages; {limits_text}"
-        if budget is None or pages <= budget:
-            return Check(name="pipe_budget", status="PASS", detail=detail)
+        if rs.user:
+            # Workers drop to relay.user: only root keeps the exemption.
+            user, exempt = rs.user, rs.user == "root"
+        else:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+            exempt = has_capability(CAP_SYS_RESOURCE) or has_capability(CAP_SYS_ADMIN)
+        budget = limits.pipe_budget(None if exempt else user, rs.pipe_size, wanted, workers)
+        if budget.per_worker >= wanted:
+            return Check(name="pipe_budget", status="PASS", detail=budget.message)
+        pages = wanted * workers * max(1, budget.pipe_bytes // PAGE)
         return Check(
             name="pipe_budget",
             status="WARN",
-            detail=detail + "; past the budget new pipes get one page and F_SETPIPE_SZ fails",
+            detail=budget.message + "; past the budget new pipes get one page and F_SETPIPE_SZ "
+            "fails, so workers get fewer pipes",
             fix=f"sysctl -w fs.pipe-user-pages-soft={pages} (0 = no limit), "
             "or lower relay.max_pipes / relay.pipe_size",
         )
@@ -336,15 +332,10 @@ class Doctor:
         if not self.cfg.egress:
             return Check(name="ip_local_port_range", status="PASS", detail=detail)
         slices = ", ".join(e.ports for e in self.cfg.egress)
-        try:
-            from relay.egress import validate_slices
-        except ImportError as exc:
-            return Check(
-                name="ip_local_port_range",
-                status="WARN",
-                detail=f"{detail}; slices {slices} not checked: {exc}",
-            )
-        problems = validate_slices(self.cfg)
+        problems = [
+            f"{path}: {value}: {reason}"
+            for path, value, reason in host.check_egress(list(enumerate(self.cfg.egress)))
+        ]
         if problems:
             return Check(
                 name="ip_local_port_range",

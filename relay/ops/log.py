@@ -2,7 +2,7 @@
 
 ``setup_logging`` configures the root logger once per process.  Text lines look like::
 
-    2026-11-27T04:42:14.123Z INFO relay.server[4242]: accept paused listener=main errno=24
+    2026-11-27T04:42:14.123Z INFO relay.serve.server[4242]: accept paused listener=main errno=24
 
 Every control character of the message, of the exception text and of each ``extra=`` field is
 shown as an escape (``\\n``, ``\\r``, ``\\x1b``, ``\\u2028``...) so a client-supplied byte can never
@@ -177,7 +177,7 @@ def reset_logging() -> None:
 
 
 def setup_from_settings(settings: Any) -> logging.Handler:
-    """``setup_logging`` from a ``relay.settings.RelaySettings`` (log_format, log_level, log_file)."""
+    """``setup_logging`` from a ``relay.config.settings.RelaySettings`` (log_format, log_level, log_file)."""
     return setup_logging(settings.log_format, settings.log_level, settings.log_file or None)
 
 

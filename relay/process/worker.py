@@ -4,7 +4,7 @@ Forked by the supervisor before any core Loop or io_uring exists in it. The chil
 1. forgets the supervisor's signal handlers and descriptors it must not keep,
 2. drops privileges (the listening sockets were bound by root; the ring and the pipes are created
    afterwards, so pipe accounting applies to the unprivileged user),
-3. builds `relay.server.Server(cfg, engine, sockets=inherited)`,
+3. builds `relay.serve.server.Server(cfg, engine, sockets=inherited)`,
 4. tells the supervisor it serves (or why it could not boot) over its SOCK_SEQPACKET channel,
 5. beats its heartbeat and sends stats snapshots once a second (SIGALRM, main thread),
 6. runs `serve_forever()`; SIGTERM drains, SIGINT/SIGQUIT stop fast, SIGUSR1 reopens logs.
@@ -24,7 +24,8 @@ from typing import Any
 
 import msgspec
 
-from relay.heartbeat import Heartbeat
+from relay.config.model import Config
+from relay.process.heartbeat import Heartbeat
 
 __all__ = [
     "EXIT_BOOT_FAILED",
@@ -89,7 +90,7 @@ def _send(channel: socket.socket, msg: Message) -> None:
     except (BlockingIOError, BrokenPipeError, ConnectionResetError):
         pass
     except OSError as exc:  # EMSGSIZE: a snapshot larger than the socket buffer
-        from relay.log import log_every
+        from relay.ops.log import log_every
 
         log_every(log, "worker channel", 60.0, "worker %d: cannot report to the supervisor: %s",
                   os.getpid(), exc)
@@ -152,8 +153,8 @@ def _import_while_privileged() -> None:
     import encodings.idna  # noqa: F401
 
     import relay.engines.aio  # noqa: F401
-    import relay.log  # noqa: F401
-    import relay.server  # noqa: F401
+    import relay.ops.log  # noqa: F401
+    import relay.serve.server  # noqa: F401
 
     try:
         import relay_ext._core  # noqa: F401  (importing creates no ring; Server does, later)
@@ -162,7 +163,7 @@ def _import_while_privileged() -> None:
 
 
 def run_worker(
-    cfg: Any,
+    cfg: Config,
     sockets: dict[str, socket.socket],
     channel: socket.socket,
     heartbeat: Heartbeat,
@@ -185,10 +186,10 @@ def run_worker(
     os.close(devnull)
     pid = os.getpid()
     try:
-        from relay import privs
+        from relay.process import privs
 
         _import_while_privileged()
-        from relay.server import Server
+        from relay.serve.server import Server
 
         target, caps = privileges
         privs.drop_privileges(target, caps)
@@ -212,7 +213,7 @@ def run_worker(
         srv.request_stop(drain=False)
 
     def reopen_logs(_signum: int, _frame: Any) -> None:
-        from relay import log as relay_log
+        from relay.ops import log as relay_log
 
         try:
             relay_log.reopen()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import engines
+from relay.config.model import Config
 from relay.engines.constants import (
     ACCEPT_PAUSE_ERRNOS,
     EV_ACCEPT,
@@ -36,9 +37,9 @@ from relay.engines.constants import (
     REASONS,
     connect_failure_reason,
 )
-from relay.flowlog import log_flow
-from relay.log import log_every
-from relay.routing import Denied, Router
+from relay.ops.log import log_every
+from relay.serve.flowlog import log_flow
+from relay.serve.routing import Denied, Router
 from relay.sock import UNIX_PREFIX, open_listener, reset_and_close
 
 __all__ = ["CONNECT_BUCKETS", "Server"]
@@ -113,7 +114,7 @@ class Server:
     ``bound_addresses()`` are safe from any thread (``request_stop`` from a signal handler).
     """
 
-    def __init__(self, cfg: Any, engine: str | None = None,
+    def __init__(self, cfg: Config, engine: str | None = None,
                  sockets: dict[str, socket.socket] | None = None) -> None:
         self.cfg = cfg
         self._id = next(_server_ids)
@@ -150,7 +151,10 @@ class Server:
         try:
             for tag, lcfg in enumerate(cfg.listener):
                 inherited = sockets.pop(lcfg.name, None)
-                sock = inherited if inherited is not None else open_listener(lcfg)
+                if inherited is None:
+                    sock = open_listener(lcfg.bind_address, transparent=lcfg.transparent)
+                else:
+                    sock = inherited
                 sock.setblocking(False)
                 self._listeners.append(_Listener(tag, lcfg.name, sock, inherited is None))
             own = self._own_addresses()
@@ -176,7 +180,7 @@ class Server:
                  ", ".join(f"{lst.name}={lst.sock.getsockname()}" for lst in self._listeners))
 
     def _own_addresses(self) -> set[str]:
-        own: set[str] = {str(e.address) for e in getattr(self.cfg, "egress", ())}
+        own: set[str] = {e.address for e in self.cfg.egress}
         for lst in self._listeners:
             if lst.sock.family in (socket.AF_INET, socket.AF_INET6):
                 host = lst.sock.getsockname()[0]
@@ -283,7 +287,7 @@ class Server:
         * ``closed``: ``{reason: count}`` for every ``relay.engines.REASONS`` (all present, 0
           included): how relayed pairs ended, plus upstreams that failed before relaying
           (``refused``, ``unreachable``, ``error``) (counter)
-        * ``denied``: ``{router reason: count}`` (``relay.routing.REASONS``: policy reasons,
+        * ``denied``: ``{router reason: count}`` (``relay.serve.routing.REASONS``: policy reasons,
           ``loop``, ``slice_exhausted``...), clients reset before any upstream (counter)
         * ``rejected``: ``{"maxconn": n, "maxconn_per_source": n}`` over-limit clients (counter)
         * ``listener_open`` / ``listener_total``: ``{listener name: n}`` (gauge / counter)

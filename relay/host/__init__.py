@@ -1,0 +1,1 @@
+"""Facts about this host: the probes (/proc readers, kernel feature checks) and `relay doctor`."""

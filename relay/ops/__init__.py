@@ -1,0 +1,1 @@
+"""Operating a running relay: admin socket, Prometheus metrics, logging, nft plumbing."""
