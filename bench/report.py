@@ -68,17 +68,22 @@ def markdown(doc: dict[str, Any]) -> str:
         f"# relay benchmark {doc['date']}",
         "",
         f"Machine: `{m['host']}`, Linux {m['kernel']}, {m['cpu']}, nproc {m['nproc']}; "
-        f"Python {m['python']}; {m['haproxy']}; {m['iperf3']}.",
+        f"Python {m['python']}; {m['haproxy']}; {m['iperf3']}; {m.get('nginx', '-')}; {m.get('wrk', '-')}; "
+        f"{m.get('sockperf', '-')}.",
         f"Batch: {opts['rounds']} interleaved rounds (contenders shuffled per metric and round, "
         f"seed {opts['seed']}), {opts['duration']:g} s per run, request/response {opts['rr_conns']} "
         f"connections x {opts['rr_size']} B, {batch['seconds']:.0f} s in all, CPU steal "
         f"{batch.get('steal_pct', 0):.1f} %, {_foreign(batch)}. Values are medians over "
         "rounds; ratios are medians of per-round ratios (range in parentheses; only ratios within one batch mean anything "
         "on a shared VM). CPU = proxy process tree (all threads, children), GB = 1e9 bytes. "
-        f"Relay: `relay run --workers 1 --no-flow-log` per engine ({_modes(batch['relay_mode'])}); "
-        "HAProxy: `nbthread 1`, `option splice-auto`. " + _client_cpu(batch),
+        f"Relay: `relay run --workers 1` with its defaults (flow log on, to a file) unless the row "
+        f"says otherwise ({_modes(batch['relay_mode'])}); "
+        "HAProxy: `nbthread 1`, `option splice-auto`; nginx stream: 1 worker. " + _client_cpu(batch),
         "",
     ]
+    variants = [f"`{n}`: {i['variant']}" for n, i in batch["contenders"].items() if i.get("variant")]
+    if variants:
+        out += ["Variants: " + "; ".join(variants) + ".", ""]
     order = list(batch["contenders"])
     for metric, values in VALUES.items():
         if metric not in summary or not summary[metric]:
@@ -86,7 +91,7 @@ def markdown(doc: dict[str, Any]) -> str:
         head_key, head_unit, _ = values[0]
         cols = [head_unit, "x direct", "x HAProxy", "x asyncio-streams"]
         cols += [unit for _, unit, _ in values[1:]]
-        if metric == "rr":
+        if "p99 us" in cols:
             cols.insert(cols.index("p99 us") + 1, "p99 x HAProxy")
         out += [f"## {METRIC_TITLES[metric]}", "", "| contender | " + " | ".join(cols) + " |",
                 "|---" * (len(cols) + 1) + "|"]
@@ -100,6 +105,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 value = entry[key]["median"]
                 if key == "foreign_cpus":
                     cells.append("-" if value is None else f"{value:.2f}")
+                elif key == "worker_share_max":
+                    cells.append("-" if value is None else f"{100 * value:.0f} %")
                 else:
                     cells.append(_fmt(value))
                 if key == "p99_us":

@@ -16,10 +16,14 @@ VALUES: dict[str, list[tuple[str, str, bool]]] = {
     "stream8": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False), OTHER_LOAD],
     "rr": [("rps", "req/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
            ("cpu_us_per_req", "CPU-us/req", False), OTHER_LOAD],
+    "connrate": [("conn_s", "conn/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
+                 ("cpu_us_per_conn", "CPU-us/conn", False), ("error_pct", "errors %", False),
+                 ("worker_share_max", "busiest worker", False), OTHER_LOAD],
 }
 REFERENCES = (DIRECT, HAPROXY, STREAMS)
 METRIC_TITLES = {"stream1": "single stream (iperf3)", "stream8": "8 streams (iperf3 -P 8)",
-                 "rr": "request/response"}
+                 "rr": "request/response",
+                 "connrate": "connection rate (wrk, Connection: close, nginx origin)"}
 
 
 def finite(values: list[float]) -> list[float]:
@@ -90,6 +94,9 @@ def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str,
             ("CPU-s/GB (8 streams)", median("stream8", name, "cpu_s_per_gb"), "<=", 0.30),
             ("req/s x HAProxy", ratio("rr", name, "rps", HAPROXY), ">=", 1.0),
             ("p99 x HAProxy", ratio("rr", name, "p99_us", HAPROXY), "<=", 1.0),
+            ("conn/s x HAProxy", ratio("connrate", name, "conn_s", HAPROXY), ">=", 1.0),
+            ("CPU-us/conn x HAProxy", ratio("connrate", name, "cpu_us_per_conn", HAPROXY), "<=", 1.0),
+            ("busiest worker (connrate)", median("connrate", name, "worker_share_max"), "<=", 0.7),
             ("idle: thread growth", idle_row.get("thread_growth"), "<=", 0),
             ("idle: pipes held", idle_row.get("pipes_held"), "<=", 0),
             ("idle: RSS B/conn", idle_row.get("rss_per_conn"), "<=", 4096),

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import procs, report, summary
+from bench.competitors import nginx
 from bench.contenders import select
-from bench.drivers import procstat
+from bench.drivers import procstat, relay_stats, wrk
 from bench.machine import machine
 
 
@@ -91,3 +93,61 @@ def test_report_files(tmp_path: Path) -> None:
     assert "socat: skipped: socat not installed" in text
     assert "| relay-uring | 12 | 0.60x | 1.20x | 2.40x |" in text
     assert "1 failed runs: boom" in text
+
+
+WRK_OUTPUT = """\
+Running 1s test @ http://127.0.0.1:18080/
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   267.31us  163.11us   1.33ms   58.19%
+    Req/Sec    22.29k   538.25    22.72k    90.00%
+  Latency Distribution
+     50%  247.00us
+     75%  388.00us
+     90%    1.48ms
+     99%    2.01s
+  22180 requests in 1.00s, 3.62MB read
+  Socket errors: connect 0, read 12, write 3, timeout 1
+  Non-2xx or 3xx responses: 2
+Requests/sec:  22163.78
+Transfer/sec:      3.61MB
+"""
+
+
+def test_wrk_parse() -> None:
+    out = wrk.parse(WRK_OUTPUT)
+    assert out["rps"] == pytest.approx(22163.78)
+    assert out["requests"] == 22180 and out["seconds"] == pytest.approx(1.0)
+    assert out["p50_us"] == pytest.approx(247.0)
+    assert out["p90_us"] == pytest.approx(1480.0)
+    assert out["p99_us"] == pytest.approx(2.01e6)
+    assert (out["errors_read"], out["errors_write"], out["errors_timeout"], out["errors_http"]) == (12, 3, 1, 2)
+    assert out["errors"] == 18
+    clean = wrk.parse(WRK_OUTPUT.replace("  Socket errors: connect 0, read 12, write 3, timeout 1\n", "")
+                      .replace("  Non-2xx or 3xx responses: 2\n", ""))
+    assert clean["errors"] == 0
+    with pytest.raises(ValueError):
+        wrk.parse("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_worker_shares() -> None:
+    snap = {"workers": [{"pid": 10, "stats": {"conns_total": 100}}, {"pid": 11, "stats": {"conns_total": 40}}]}
+    before = relay_stats.worker_totals(snap)
+    assert before == {10: 100, 11: 40}
+    after = {10: 400, 11: 140, 12: 100}  # pid 12: a worker started during the run
+    assert relay_stats.shares(before, after) == pytest.approx([0.6, 0.2, 0.2])
+    assert relay_stats.shares(before, before) == []
+
+
+def test_nginx_configs(tmp_path: Path) -> None:
+    origin = nginx.origin_config(tmp_path, 8080, 4096).read_text()
+    assert "listen 127.0.0.1:8080" in origin and "return 200" in origin and "load_module" not in origin
+    tcp = nginx.stream_config(tmp_path, 8081, ("127.0.0.1", 9000), 4096).read_text()
+    assert "load_module /usr/lib/nginx/modules/ngx_stream_module.so;" in tcp
+    assert "proxy_pass 127.0.0.1:9000;" in tcp and " udp;" not in tcp
+    udp = nginx.stream_config(tmp_path, 8082, ("127.0.0.1", 9000), 4096, udp=True).read_text()
+    assert "listen 127.0.0.1:8082 udp;" in udp and "proxy_responses 0;" in udp
+    if nginx.stream_available() is None:
+        for path in (tmp_path / "nginx-origin-8080.conf", tmp_path / "nginx-stream-udp-8082.conf"):
+            done = subprocess.run(["nginx", "-t", *nginx.argv(path)[1:]], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
