@@ -14,12 +14,12 @@ from typing import Any
 from bench import contenders, procs
 from bench.competitors import nginx
 from bench.contenders import Contender
-from bench.drivers import echo_origin, idle, iperf, procstat, relay_stats, rr, wrk
+from bench.drivers import echo_origin, idle, iperf, procstat, relay_stats, rr, sockperf, wrk
 from bench.drivers.foreign import ForeignLoad, wait_quiet
 
-METRICS = ("stream1", "stream8", "rr", "connrate")
+METRICS = ("stream1", "stream8", "rr", "connrate", "latency")
 # The origin each metric's traffic ends at; "udp" origins make it a UDP metric.
-ORIGIN = {"stream1": "iperf", "stream8": "iperf", "rr": "echo", "connrate": "http"}
+ORIGIN = {"stream1": "iperf", "stream8": "iperf", "rr": "echo", "connrate": "http", "latency": "sockperf"}
 
 
 def protocol(metric: str) -> str:
@@ -66,6 +66,9 @@ class Batch:
         reason = wrk.available() or nginx.available()
         if reason:
             self.skipped_metrics["connrate"] = reason
+        reason = sockperf.available()
+        if reason:
+            self.skipped_metrics["latency"] = reason
         for c in self.contenders:
             reason = c.available()
             self.status[c.name] = {"kind": c.kind, "status": "skipped" if reason else "ok", "reason": reason,
@@ -79,6 +82,8 @@ class Batch:
             if reason:
                 raise procs.StartError(reason)
             return iperf.start_server()
+        if kind == "sockperf":
+            return sockperf.start_server()
         if kind == "http":
             nofile = min(procs.nofile_hard(), procs.NOFILE)
             return procs.start_retrying(
@@ -151,6 +156,8 @@ class Batch:
             result["worker_shares"] = shares
             result["worker_share_max"] = shares[0] if shares else float("nan")
             return result
+        if metric == "latency":
+            return dict(sockperf.run(target, self.opts.duration))
         if metric == "rr":
             return rr.run(target, self.opts.rr_conns, self.opts.rr_size, self.opts.duration, pids,
                           contenders.ROOT)
@@ -262,6 +269,6 @@ class Batch:
 def _short(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"error: {result['error'][:120]}"
-    keys = ("gbit_s", "cpu_s_per_gb", "rps", "p99_us", "cpu_us_per_conn", "errors", "worker_share_max",
+    keys = ("gbit_s", "cpu_s_per_gb", "rps", "p50_us", "p99_us", "cpu_us_per_conn", "errors", "worker_share_max",
             "rss_per_conn", "thread_growth", "pipes_held", "foreign_cpus")
     return " ".join(f"{k}={result[k]:.3g}" for k in keys if isinstance(result.get(k), int | float))

@@ -16,6 +16,8 @@ VALUES: dict[str, list[tuple[str, str, bool]]] = {
     "stream8": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False), OTHER_LOAD],
     "rr": [("rps", "req/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
            ("cpu_us_per_req", "CPU-us/req", False), OTHER_LOAD],
+    "latency": [("p50_us", "p50 us", False), ("p99_us", "p99 us", False), ("p99.9_us", "p99.9 us", False),
+                ("msg_s", "msg/s", True), OTHER_LOAD],
     "connrate": [("conn_s", "conn/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
                  ("cpu_us_per_conn", "CPU-us/conn", False), ("error_pct", "errors %", False),
                  ("worker_share_max", "busiest worker", False), OTHER_LOAD],
@@ -23,6 +25,7 @@ VALUES: dict[str, list[tuple[str, str, bool]]] = {
 REFERENCES = (DIRECT, HAPROXY, STREAMS)
 METRIC_TITLES = {"stream1": "single stream (iperf3)", "stream8": "8 streams (iperf3 -P 8)",
                  "rr": "request/response",
+                 "latency": "ping-pong latency (sockperf TCP, 64 B, pinned with taskset)",
                  "connrate": "connection rate (wrk, Connection: close, nginx origin)"}
 
 

@@ -13,7 +13,7 @@ import pytest
 from bench import procs, report, summary
 from bench.competitors import nginx
 from bench.contenders import select
-from bench.drivers import procstat, relay_stats, wrk
+from bench.drivers import procstat, relay_stats, sockperf, wrk
 from bench.machine import machine
 
 
@@ -151,3 +151,33 @@ def test_nginx_configs(tmp_path: Path) -> None:
         for path in (tmp_path / "nginx-origin-8080.conf", tmp_path / "nginx-stream-udp-8082.conf"):
             done = subprocess.run(["nginx", "-t", *nginx.argv(path)[1:]], capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
+
+
+SOCKPERF_OUTPUT = """\
+sockperf: \x1b[2;35m== version #3.7-no.git == \x1b[0m
+sockperf: [Total Run] RunTime=1.000 sec; Warm up time=400 msec; SentMessages=15318; ReceivedMessages=15317
+sockperf: ========= Printing statistics for Server No: 0
+sockperf: [Valid Duration] RunTime=0.550 sec; SentMessages=8498; ReceivedMessages=8498
+sockperf: \x1b[2;35m====> avg-latency=32.370 (std-dev=111.981)\x1b[0m
+sockperf: # dropped messages = 2; # duplicated messages = 0; # out-of-order messages = 0
+sockperf: Summary: Latency is 32.370 usec
+sockperf: ---> <MAX> observation = 2299.652
+sockperf: ---> percentile 99.999 = 2299.652
+sockperf: ---> percentile 99.900 = 1928.039
+sockperf: ---> percentile 99.000 =  100.815
+sockperf: ---> percentile 50.000 =   21.206
+sockperf: ---> <MIN> observation =    5.568
+"""
+
+
+def test_sockperf_parse() -> None:
+    out = sockperf.parse(SOCKPERF_OUTPUT)
+    assert out["p50_us"] == pytest.approx(21.206)
+    assert out["p99_us"] == pytest.approx(100.815)
+    assert out["p99.9_us"] == pytest.approx(1928.039)
+    assert out["avg_us"] == pytest.approx(32.37)
+    assert (out["min_us"], out["max_us"]) == (pytest.approx(5.568), pytest.approx(2299.652))
+    assert out["msgs"] == 8498 and out["msg_s"] == pytest.approx(8498 / 0.55)
+    assert out["dropped"] == 2
+    with pytest.raises(ValueError):
+        sockperf.parse("sockperf: ERROR: connect failed\n")
