@@ -83,6 +83,7 @@ class Service:
         self.ready_line = ""
         self.protocol = "tcp"
         self.admin_socket = ""  # relay contenders: the admin socket for `stats json`
+        self.control_port = 0  # the UDP sink: where its counters are read
         self.stdout: collections.deque[str] = collections.deque(maxlen=50)
         self.stderr: collections.deque[str] = collections.deque(maxlen=50)
         self._ready = threading.Event()
@@ -120,8 +121,8 @@ class Service:
         return procstat.descendants(self.pid) if self.alive() else []
 
     def failure_reason(self) -> str:
-        lines = [ln for ln in list(self.stderr) + list(self.stdout) if ln.strip()]
-        tail = lines[-1].strip() if lines else "no output"
+        lines = [ln.strip() for ln in list(self.stderr) + list(self.stdout) if ln.strip()]
+        tail = " / ".join(lines[-2:]) if lines else "no output"  # e.g. the problem, then "1 problem"
         code = self.proc.poll()
         status = f"exit {code}" if code is not None else "still running"
         return f"{status}: {tail}"[:300]

@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.contenders import HAPROXY
 from bench.machine import machine
-from bench.summary import METRIC_TITLES, REFERENCES, VALUES, finite, summarize, targets
+from bench.summary import METRIC_TITLES, VALUES, finite, ratio_columns, summarize, targets
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -89,7 +89,8 @@ def markdown(doc: dict[str, Any]) -> str:
         if metric not in summary or not summary[metric]:
             continue
         head_key, head_unit, _ = values[0]
-        cols = [head_unit, "x direct", "x HAProxy", "x asyncio-streams"]
+        refs = ratio_columns(metric)
+        cols = [head_unit, *(f"x {'HAProxy' if ref == HAPROXY else ref}" for ref in refs)]
         cols += [unit for _, unit, _ in values[1:]]
         if "p99 us" in cols:
             cols.insert(cols.index("p99 us") + 1, "p99 x HAProxy")
@@ -100,7 +101,7 @@ def markdown(doc: dict[str, Any]) -> str:
             if entry is None:
                 continue
             head = entry[head_key]
-            cells = [_fmt(head["median"])] + [_ratio_range(head["ratio"][ref]) for ref in REFERENCES]
+            cells = [_fmt(head["median"])] + [_ratio_range(head["ratio"][ref]) for ref in refs]
             for key, _, _ in values[1:]:
                 value = entry[key]["median"]
                 if key == "foreign_cpus":

@@ -14,12 +14,14 @@ from typing import Any
 from bench import contenders, procs
 from bench.competitors import nginx
 from bench.contenders import Contender
-from bench.drivers import echo_origin, idle, iperf, procstat, relay_stats, rr, sockperf, wrk
+from bench.drivers import echo_origin, idle, iperf, procstat, relay_stats, rr, sockperf, udp, wrk
 from bench.drivers.foreign import ForeignLoad, wait_quiet
 
-METRICS = ("stream1", "stream8", "rr", "connrate", "latency")
+METRICS = ("stream1", "stream8", "rr", "connrate", "latency", "udp64", "udp1200", "udpflows")
 # The origin each metric's traffic ends at; "udp" origins make it a UDP metric.
-ORIGIN = {"stream1": "iperf", "stream8": "iperf", "rr": "echo", "connrate": "http", "latency": "sockperf"}
+ORIGIN = {"stream1": "iperf", "stream8": "iperf", "rr": "echo", "connrate": "http", "latency": "sockperf",
+          "udp64": "udp", "udp1200": "udp", "udpflows": "udp"}
+UDP_SIZE = {"udp64": 64, "udp1200": 1200, "udpflows": 64}
 
 
 def protocol(metric: str) -> str:
@@ -33,6 +35,7 @@ class Options:
     rr_conns: int = 16
     rr_size: int = 64
     conn_conns: int = 32  # wrk connections of the connection-rate metric
+    udp_rate: float = 0.0  # offered datagrams/s of the udp64/udp1200 runs (0: as fast as the blaster goes)
     idle_conns: int = 10_000
     only: list[str] | None = None
     metrics: tuple[str, ...] = METRICS
@@ -82,6 +85,8 @@ class Batch:
             if reason:
                 raise procs.StartError(reason)
             return iperf.start_server()
+        if kind == "udp":
+            return udp.start_sink(contenders.ROOT)
         if kind == "sockperf":
             return sockperf.start_server()
         if kind == "http":
@@ -156,6 +161,10 @@ class Batch:
             result["worker_shares"] = shares
             result["worker_share_max"] = shares[0] if shares else float("nan")
             return result
+        if metric in UDP_SIZE:
+            return dict(udp.run(target, self.origin("udp").control_port, UDP_SIZE[metric], self.opts.duration,
+                                0.0 if metric == "udpflows" else self.opts.udp_rate, metric == "udpflows",
+                                pids, contenders.ROOT))
         if metric == "latency":
             return dict(sockperf.run(target, self.opts.duration))
         if metric == "rr":
@@ -269,6 +278,6 @@ class Batch:
 def _short(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"error: {result['error'][:120]}"
-    keys = ("gbit_s", "cpu_s_per_gb", "rps", "p50_us", "p99_us", "cpu_us_per_conn", "errors", "worker_share_max",
+    keys = ("gbit_s", "cpu_s_per_gb", "rps", "dgram_s", "loss_pct", "cpu_s_per_mdgram", "p50_us", "p99_us", "cpu_us_per_conn", "errors", "worker_share_max",
             "rss_per_conn", "thread_growth", "pipes_held", "foreign_cpus")
     return " ".join(f"{k}={result[k]:.3g}" for k in keys if isinstance(result.get(k), int | float))

@@ -6,7 +6,7 @@ import math
 import statistics
 from typing import Any
 
-from bench.contenders import DIRECT, HAPROXY, STREAMS
+from bench.contenders import DIRECT, HAPROXY, NGINX, STREAMS
 
 # metric -> (value key, unit label, higher is better); the last column is the load of other
 # processes during the run (bench/drivers/foreign.py): a lucky or unlucky contender shows there.
@@ -16,15 +16,26 @@ VALUES: dict[str, list[tuple[str, str, bool]]] = {
     "stream8": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False), OTHER_LOAD],
     "rr": [("rps", "req/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
            ("cpu_us_per_req", "CPU-us/req", False), OTHER_LOAD],
+    **{m: [("dgram_s", "dgram/s", True), ("loss_pct", "loss %", False),
+           ("cpu_s_per_mdgram", "CPU-s/M dgram", False), ("offered_s", "sent/s", True), OTHER_LOAD]
+       for m in ("udp64", "udp1200", "udpflows")},
     "latency": [("p50_us", "p50 us", False), ("p99_us", "p99 us", False), ("p99.9_us", "p99.9 us", False),
                 ("msg_s", "msg/s", True), OTHER_LOAD],
     "connrate": [("conn_s", "conn/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
                  ("cpu_us_per_conn", "CPU-us/conn", False), ("error_pct", "errors %", False),
                  ("worker_share_max", "busiest worker", False), OTHER_LOAD],
 }
-REFERENCES = (DIRECT, HAPROXY, STREAMS)
+REFERENCES = (DIRECT, HAPROXY, STREAMS, NGINX)  # ratios are computed against each of these
+UDP_METRICS = ("udp64", "udp1200", "udpflows")
+
+
+def ratio_columns(metric: str) -> tuple[str, ...]:
+    """The references a metric's table shows ratios against."""
+    return (DIRECT, NGINX) if metric in UDP_METRICS else (DIRECT, HAPROXY, STREAMS)
 METRIC_TITLES = {"stream1": "single stream (iperf3)", "stream8": "8 streams (iperf3 -P 8)",
                  "rr": "request/response",
+                 "udp64": "UDP 64-byte datagrams", "udp1200": "UDP 1,200-byte datagrams (QUIC-sized)",
+                 "udpflows": "UDP new flows (a new source address per 64-byte datagram)",
                  "latency": "ping-pong latency (sockperf TCP, 64 B, pinned with taskset)",
                  "connrate": "connection rate (wrk, Connection: close, nginx origin)"}
 
@@ -100,6 +111,9 @@ def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str,
             ("conn/s x HAProxy", ratio("connrate", name, "conn_s", HAPROXY), ">=", 1.0),
             ("CPU-us/conn x HAProxy", ratio("connrate", name, "cpu_us_per_conn", HAPROXY), "<=", 1.0),
             ("busiest worker (connrate)", median("connrate", name, "worker_share_max"), "<=", 0.7),
+            ("UDP 64 B dgram/s x nginx", ratio("udp64", name, "dgram_s", NGINX), ">=", 1.5),
+            ("UDP 1200 B dgram/s x nginx", ratio("udp1200", name, "dgram_s", NGINX), ">=", 1.5),
+            ("UDP CPU/dgram x nginx", ratio("udp64", name, "cpu_s_per_mdgram", NGINX), "<=", 0.5),
             ("idle: thread growth", idle_row.get("thread_growth"), "<=", 0),
             ("idle: pipes held", idle_row.get("pipes_held"), "<=", 0),
             ("idle: RSS B/conn", idle_row.get("rss_per_conn"), "<=", 4096),

@@ -13,7 +13,7 @@ import pytest
 from bench import procs, report, summary
 from bench.competitors import nginx
 from bench.contenders import select
-from bench.drivers import procstat, relay_stats, sockperf, wrk
+from bench.drivers import procstat, relay_stats, sockperf, udp, udp_sink, wrk
 from bench.machine import machine
 
 
@@ -181,3 +181,31 @@ def test_sockperf_parse() -> None:
     assert out["dropped"] == 2
     with pytest.raises(ValueError):
         sockperf.parse("sockperf: ERROR: connect failed\n")
+
+
+def test_udp_result() -> None:
+    blast = {"sent": 1000.0, "seconds": 2.0, "rate": 500.0, "send_errors": 3.0}
+    out = udp.result(blast, {"datagrams": 50, "bytes": 3200}, {"datagrams": 950, "bytes": 60800}, 0.009, True)
+    assert out["received"] == 900 and out["bytes"] == 57600
+    assert out["dgram_s"] == pytest.approx(450.0) and out["offered_s"] == pytest.approx(500.0)
+    assert out["loss_pct"] == pytest.approx(10.0)
+    assert out["cpu_s_per_mdgram"] == pytest.approx(10.0)
+    assert out["send_errors"] == 3
+    direct = udp.result(blast, {"datagrams": 0, "bytes": 0}, {"datagrams": 1000, "bytes": 64000}, 0.0, False)
+    assert direct["loss_pct"] == 0 and direct["cpu_s_per_mdgram"] != direct["cpu_s_per_mdgram"]  # NaN
+
+
+def test_udp_sink_and_blaster_round_trip() -> None:
+    """The real sink and blaster processes, a few hundred datagrams each way (about a second)."""
+    root = str(Path(__file__).resolve().parents[2])
+    sink = udp.start_sink(root)
+    try:
+        out = udp.run(sink.port, sink.control_port, 64, 0.2, 2000.0, False, list, root)
+        assert 300 <= out["sent"] <= 500  # paced at 2,000/s for 0.2 s
+        assert out["received"] == out["sent"] and out["loss_pct"] == 0
+        flows = udp.run(sink.port, sink.control_port, 64, 0.2, 1000.0, True, list, root)
+        assert flows["received"] == flows["sent"] > 100
+    finally:
+        sink.stop()
+    assert udp_sink.control_port("READY 4000 control=4001") == 4001
+    assert procs.parse_ready_port("READY 4000 control=4001") == 4000
