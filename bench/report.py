@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.contenders import HAPROXY
+from bench.contenders import HAPROXY, SCALING
 from bench.machine import machine
-from bench.summary import METRIC_TITLES, VALUES, finite, ratio_columns, summarize, targets
+from bench.summary import METRIC_TITLES, VALUES, finite, ratio_columns, scaling, summarize, targets
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -115,6 +115,16 @@ def markdown(doc: dict[str, Any]) -> str:
             if entry["errors"]:
                 cells[-1] += f" ({len(entry['errors'])} failed runs: {entry['errors'][0][:80]})"
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    scaled = scaling(batch)
+    if scaled:
+        one, two = SCALING
+        out += [f"## Scaling: `{two}` (--workers 2) over `{one}` (--workers 1)", "",
+                f"| metric | {one} | {two} | ratio |", "|---|---|---|---|"]
+        for metric, row in scaled.items():
+            unit = next(u for k, u, _ in VALUES[metric] if k == row["key"])
+            out.append(f"| {METRIC_TITLES[metric]}, {unit} | {_fmt(row['one'])} | {_fmt(row['two'])} | "
+                       f"{_ratio_range(row['ratio'])} |")
         out.append("")
     if batch["idle"]:
         capped = ""

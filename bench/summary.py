@@ -6,7 +6,7 @@ import math
 import statistics
 from typing import Any
 
-from bench.contenders import DIRECT, HAPROXY, NGINX, STREAMS
+from bench.contenders import DIRECT, HAPROXY, NGINX, SCALING, STREAMS
 
 # metric -> (value key, unit label, higher is better); the last column is the load of other
 # processes during the run (bench/drivers/foreign.py): a lucky or unlucky contender shows there.
@@ -76,6 +76,24 @@ def summarize(batch: dict[str, Any]) -> dict[str, Any]:
             per_contender[name] = entry
         summary[metric] = per_contender
     return summary
+
+
+SCALING_METRICS = {"stream8": "gbit_s", "connrate": "conn_s"}
+
+
+def scaling(batch: dict[str, Any]) -> dict[str, Any]:
+    """--workers 2 over --workers 1 (SCALING), per metric: medians of both and of the per-round ratios."""
+    one, two = SCALING
+    out: dict[str, Any] = {}
+    for metric, key in SCALING_METRICS.items():
+        rows = [r["results"].get(metric, {}) for r in batch["rounds"]]
+        pairs = [(r.get(one, {}).get(key), r.get(two, {}).get(key)) for r in rows]
+        pairs = [(a, b) for a, b in pairs if finite([a, b]) == [a, b] and a]
+        if not pairs:
+            continue
+        out[metric] = {"key": key, "one": _median([a for a, _ in pairs]), "two": _median([b for _, b in pairs]),
+                       "ratio": {"median": _median([b / a for a, b in pairs]), "rounds": [b / a for a, b in pairs]}}
+    return out
 
 
 def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str, Any]) -> list[dict[str, Any]]:

@@ -209,3 +209,21 @@ def test_udp_sink_and_blaster_round_trip() -> None:
         sink.stop()
     assert udp_sink.control_port("READY 4000 control=4001") == 4001
     assert procs.parse_ready_port("READY 4000 control=4001") == 4000
+
+
+def test_scaling_rows() -> None:
+    batch = _batch()
+    for i, r in enumerate(batch["rounds"]):
+        r["results"]["connrate"] = {"relay-uring": {"conn_s": 1000.0 * (i + 1)},
+                                    "relay-uring-w2": {"conn_s": 1800.0 * (i + 1)}}
+    rows = summary.scaling(batch)
+    assert list(rows) == ["connrate"]
+    assert rows["connrate"]["ratio"]["median"] == pytest.approx(1.8)
+    assert rows["connrate"]["one"] == pytest.approx(2000.0)
+    batch["contenders"]["relay-uring-w2"] = {"kind": "relay", "status": "ok", "reason": None}
+    medians = summary.summarize(batch)
+    doc = {"date": "today", "machine": machine(), "batch": batch, "summary": medians,
+           "targets": summary.targets(medians, batch["idle"], batch["contenders"])}
+    text = report.markdown(doc)
+    assert "## Scaling: `relay-uring-w2` (--workers 2) over `relay-uring` (--workers 1)" in text
+    assert "| 2,000 | 3,600 | 1.80x |" in text
