@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from bench import charts
 from bench.contenders import HAPROXY, SCALING
 from bench.machine import machine
 from bench.summary import METRIC_TITLES, VALUES, finite, ratio_columns, scaling, summarize, targets
@@ -61,7 +63,8 @@ def _modes(modes: dict[str, str]) -> str:
     return ", ".join(f"{engine}: {names.get(mode, mode)}" for engine, mode in sorted(modes.items()))
 
 
-def markdown(doc: dict[str, Any]) -> str:
+def markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -> str:
+    """The batch as markdown; `charts` (metric -> PNG file name, same directory) adds the charts."""
     m, batch, summary = doc["machine"], doc["batch"], doc["summary"]
     opts = batch["options"]
     out = [
@@ -116,6 +119,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 cells[-1] += f" ({len(entry['errors'])} failed runs: {entry['errors'][0][:80]})"
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
+        if charts and metric in charts:
+            out += [f"![{METRIC_TITLES[metric]}]({charts[metric]})", ""]
     scaled = scaling(batch)
     if scaled:
         one, two = SCALING
@@ -200,7 +205,15 @@ def write(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     stem = time.strftime("%Y-%m-%dT%H%M", time.gmtime(doc["batch"]["started"])) + "-" + doc["machine"]["host"]
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(_clean(doc), indent=1, default=str, allow_nan=False) + "\n")
-    text = markdown(doc)
-    md_path.write_text(text + "\n")
+    drawn = charts.draw(doc["summary"], out_dir, stem)
+    md_path.write_text(markdown(doc, drawn) + "\n")
+    for old in out_dir.glob("LATEST-*.png"):
+        old.unlink()
+    latest = {metric: f"LATEST-{metric}.png" for metric in drawn}
+    for metric, name in drawn.items():
+        shutil.copyfile(out_dir / name, out_dir / latest[metric])
+    text = markdown(doc, latest)
+    if not drawn and charts.available():
+        text += f"\nCharts: {charts.available()}.\n"
     (out_dir / "LATEST.md").write_text(text + "\n")
     return json_path, md_path
