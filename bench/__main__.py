@@ -25,8 +25,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 s runs, 2,000 idle connections")
-    p.add_argument("--only", help="comma-separated contenders (uring,epoll,asyncio,haproxy,socat,"
-                                  "uvloop-protocol,asyncio-protocol,asyncio-streams,direct)")
+    p.add_argument("--only", help="comma-separated contenders (uring,epoll,asyncio,relay-uring-nolog,"
+                                  "relay-uring-w2,relay-udp,haproxy,nginx-stream,socat,uvloop-protocol,"
+                                  "asyncio-protocol,asyncio-streams,embedded,direct)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 4, quick 2)")
     p.add_argument("--duration", type=float, help="seconds per run (default 3, quick 1)")
     p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)}")

@@ -17,6 +17,7 @@ HAPROXY = "haproxy"
 STREAMS = "asyncio-streams"
 NGINX = "nginx-stream"
 EMBEDDED = "embedded"
+UVLOOP = "uvloop-protocol"
 # Which Protocol proxy variant the numbers come from (see bench/competitors/asyncio_protocol.py).
 PROTOCOL_VARIANT = "EOF closes the peer (no half-close)"
 RELAY_ENGINES = ("uring", "epoll", "asyncio")

@@ -6,7 +6,7 @@ import math
 import statistics
 from typing import Any
 
-from bench.contenders import DIRECT, HAPROXY, NGINX, SCALING, STREAMS
+from bench.contenders import DIRECT, EMBEDDED, HAPROXY, NGINX, SCALING, STREAMS, UVLOOP
 
 # metric -> (value key, unit label, higher is better); the last column is the load of other
 # processes during the run (bench/drivers/foreign.py): a lucky or unlucky contender shows there.
@@ -25,7 +25,7 @@ VALUES: dict[str, list[tuple[str, str, bool]]] = {
                  ("cpu_us_per_conn", "CPU-us/conn", False), ("error_pct", "errors %", False),
                  ("worker_share_max", "busiest worker", False), OTHER_LOAD],
 }
-REFERENCES = (DIRECT, HAPROXY, STREAMS, NGINX)  # ratios are computed against each of these
+REFERENCES = (DIRECT, HAPROXY, STREAMS, NGINX, UVLOOP)  # ratios are computed against each of these
 UDP_METRICS = ("udp64", "udp1200", "udpflows")
 
 
@@ -115,10 +115,15 @@ def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str,
 
     checks: list[dict[str, Any]] = []
     for name, info in contenders.items():
+        if name == EMBEDDED:  # issue 8: embedding costs no more than the plain uvloop Protocol proxy
+            value = ratio("connrate", name, "conn_s", UVLOOP)
+            checks.append({"contender": name, "goal": "conn/s x uvloop-protocol", "value": value, "op": ">=",
+                           "limit": 1.0, "ok": None if value is None else value >= 1.0})
         if info["kind"] != "relay":
             continue
         idle_row = idle.get(name, {})
         goals: list[tuple[str, float | None, str, float]] = [
+            ("1 stream x uvloop-protocol", ratio("stream1", name, "gbit_s", UVLOOP), ">=", 1.05),
             ("1 stream x HAProxy", ratio("stream1", name, "gbit_s", HAPROXY), ">=", 1.0),
             ("1 stream x asyncio-streams", ratio("stream1", name, "gbit_s", STREAMS), ">=", 3.0),
             ("8 streams x HAProxy", ratio("stream8", name, "gbit_s", HAPROXY), ">=", 1.05),

@@ -236,3 +236,14 @@ def test_scaling_rows() -> None:
     text = report.markdown(doc)
     assert "## Scaling: `relay-uring-w2` (--workers 2) over `relay-uring` (--workers 1)" in text
     assert "| 2,000 | 3,600 | 1.80x |" in text
+
+
+def test_embedded_goal_against_uvloop_protocol() -> None:
+    batch = _batch()
+    for r in batch["rounds"]:
+        r["results"]["connrate"] = {"embedded": {"conn_s": 600.0}, "uvloop-protocol": {"conn_s": 1200.0}}
+    for name in ("embedded", "uvloop-protocol"):
+        batch["contenders"][name] = {"kind": "competitor", "status": "ok", "reason": None}
+    medians = summary.summarize(batch)
+    goal = [t for t in summary.targets(medians, {}, batch["contenders"]) if t["contender"] == "embedded"]
+    assert [(g["goal"], g["value"], g["ok"]) for g in goal] == [("conn/s x uvloop-protocol", 0.5, False)]
