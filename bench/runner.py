@@ -157,8 +157,10 @@ class Batch:
             if svc is None or c.workers < 2 or not svc.admin_socket:
                 return run()
             # Each worker's share of the accepted connections (relay stats json, admin socket).
-            result, shares = relay_stats.shares_around(svc.admin_socket, run)
+            result, shares, why = relay_stats.shares_around(svc.admin_socket, run)
             result["worker_shares"] = shares
+            if why:
+                result["worker_shares_missing"] = why
             result["worker_share_max"] = shares[0] if shares else float("nan")
             return result
         if metric in UDP_SIZE:

@@ -48,11 +48,23 @@ def shares(before: dict[int, int], after: dict[int, int]) -> list[float]:
     return sorted((d / total for d in deltas), reverse=True) if total else []
 
 
-def shares_around(path: str, run: Callable[[], T]) -> tuple[T, list[float]]:
-    """Run `run()` between two readings of the per-worker totals; returns its result and the shares."""
+def shares_around(path: str, run: Callable[[], T]) -> tuple[T, list[float], str]:
+    """Run `run()` between two readings of the per-worker totals.
+
+    Returns its result, the shares, and why there are none ("" when read): a relay whose admin
+    socket does not answer still gets its run measured.
+    """
     time.sleep(REPORT_LAG_S)  # the previous run's last connections reach the counters
-    before = worker_totals(snapshot(path))
+    try:
+        before: dict[int, int] | None = worker_totals(snapshot(path))
+    except (OSError, ValueError) as exc:
+        before, why = None, f"stats json before the run: {exc}"
     result = run()
+    if before is None:
+        return result, [], why
     time.sleep(REPORT_LAG_S)
-    after = worker_totals(snapshot(path))
-    return result, shares(before, after)
+    try:
+        after = worker_totals(snapshot(path))
+    except (OSError, ValueError) as exc:
+        return result, [], f"stats json after the run: {exc}"
+    return result, shares(before, after), ""

@@ -247,3 +247,9 @@ def test_embedded_goal_against_uvloop_protocol() -> None:
     medians = summary.summarize(batch)
     goal = [t for t in summary.targets(medians, {}, batch["contenders"]) if t["contender"] == "embedded"]
     assert [(g["goal"], g["value"], g["ok"]) for g in goal] == [("conn/s x uvloop-protocol", 0.5, False)]
+
+
+def test_shares_without_an_admin_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_stats, "REPORT_LAG_S", 0.0)
+    result, shares, why = relay_stats.shares_around(str(tmp_path / "missing.sock"), lambda: 7)
+    assert (result, shares) == (7, []) and why.startswith("stats json before the run:")
