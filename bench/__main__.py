@@ -25,13 +25,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 s runs, 2,000 idle connections")
-    p.add_argument("--only", help="comma-separated contenders (uring,epoll,asyncio,haproxy,socat,"
-                                  "uvloop-protocol,asyncio-protocol,asyncio-streams,direct)")
+    p.add_argument("--only", help="comma-separated contenders (uring,epoll,asyncio,relay-uring-nolog,"
+                                  "relay-uring-w2,relay-udp,haproxy,nginx-stream,socat,uvloop-protocol,"
+                                  "asyncio-protocol,asyncio-streams,embedded,direct)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 4, quick 2)")
     p.add_argument("--duration", type=float, help="seconds per run (default 3, quick 1)")
     p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)}")
     p.add_argument("--idle-conns", type=int, help="idle connections (default 10000, quick 2000; 0 = skip)")
     p.add_argument("--rr-conns", type=int, default=16, help="request/response connections (default 16)")
+    p.add_argument("--udp-rate", type=float, default=0.0,
+                   help="offered datagrams/s of udp64/udp1200 (default 0: as fast as the blaster goes)")
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="before each run wait up to S seconds for other processes' load to drop "
                         "below 0.3 CPU (default 0: don't wait)")
@@ -46,6 +49,7 @@ def options(args: argparse.Namespace) -> Options:
         rounds=args.rounds or (2 if args.quick else 4),
         duration=args.duration or (1.0 if args.quick else 3.0),
         rr_conns=args.rr_conns,
+        udp_rate=args.udp_rate,
         quiet_wait=args.quiet_wait,
         idle_conns=args.idle_conns if args.idle_conns is not None else (2000 if args.quick else 10_000),
         only=[n.strip() for n in args.only.split(",") if n.strip()] if args.only else None,

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import procs
-from bench.competitors import haproxy, socat
+from bench.competitors import haproxy, nginx, socat
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 DIRECT = "direct"
 HAPROXY = "haproxy"
 STREAMS = "asyncio-streams"
+NGINX = "nginx-stream"
+EMBEDDED = "embedded"
+UVLOOP = "uvloop-protocol"
+# Which Protocol proxy variant the numbers come from (see bench/competitors/asyncio_protocol.py).
+PROTOCOL_VARIANT = "EOF closes the peer (no half-close)"
 RELAY_ENGINES = ("uring", "epoll", "asyncio")
+
+
+Start = Callable[[int, Path], procs.Service | None]
 
 
 @dataclass(frozen=True)
@@ -22,9 +31,16 @@ class Contender:
     name: str
     kind: str  # "relay" | "competitor" | "baseline"
     available: Callable[[], str | None]  # None, or why it is skipped
-    # start(backend_port, tmpdir) -> running service; None for the direct baseline.
-    start: Callable[[int, Path], procs.Service | None]
+    # start(backend_port, tmpdir) -> running TCP proxy; returns None for the direct baseline;
+    # the field is None for a contender that does not proxy TCP.
+    start: Start | None
     idle: bool = False  # also measured by the idle-connections driver
+    start_udp: Start | None = None  # the same for UDP (None: not a UDP contender)
+    variant: str = ""  # how this contender is set up, shown next to its numbers
+    workers: int = 1  # relay worker processes (per-worker shares are read when > 1)
+
+    def serves(self, protocol: str) -> bool:
+        return (self.start if protocol == "tcp" else self.start_udp) is not None
 
 
 def _python_script(name: str, module: str) -> Callable[[int, Path], procs.Service | None]:
@@ -56,65 +72,134 @@ def _start_haproxy(backend_port: int, tmp: Path) -> procs.Service:
     return procs.start_retrying(make)
 
 
-# How the relay engines were started in this batch: "cli" (python -m relay run) or "server"
+# How each relay contender was started in this batch: "cli" (python -m relay run) or "server"
 # (bench.relay_launch, through relay.serve.server.Server) when the CLI is not usable yet.
 RELAY_MODE: dict[str, str] = {}
 
 
-# Competitors do not log per connection, so neither does the relay here.
-RELAY_ARGS = ("--workers", "1", "--no-flow-log", "--drain-timeout", "1")
+@dataclass(frozen=True)
+class RelaySetup:
+    engine: str
+    workers: int = 1
+    flow_log: bool = True  # the default a user gets; `-nolog` variants turn it off
 
 
-def _relay_cli(engine: str, backend_port: int) -> procs.Service:
-    """`relay run` on port 0; its READY line ('READY pid=.. listeners=name=127.0.0.1:PORT') names the port."""
+def _relay_cli(name: str, setup: RelaySetup, backend_port: int, tmp: Path) -> procs.Service:
+    """`relay run` on port 0; its READY line ('READY pid=.. listeners=name=127.0.0.1:PORT') names the port.
+
+    The flow log (when on) goes to a file in the batch's temp dir, as it would to a log file or
+    journald in production: through a pipe the harness reads, its cost would land on the harness.
+    """
+    admin = tmp / f"{name}-{len(RELAY_MODE)}-{time.monotonic_ns() % 10**9}.sock"
     argv = [
         sys.executable, "-m", "relay", "run", "--listen", "127.0.0.1:0",
-        "--backend", f"127.0.0.1:{backend_port}", "--engine", engine, *RELAY_ARGS,
+        "--backend", f"127.0.0.1:{backend_port}", "--engine", setup.engine,
+        "--workers", str(setup.workers), "--drain-timeout", "1", "--admin-socket", str(admin),
+        "--flow-log" if setup.flow_log else "--no-flow-log", "--log-file", str(tmp / f"{name}.log"),
     ]
-    return procs.start_reporting_port(f"relay-{engine}", argv, timeout=30.0, cwd=ROOT)
+    svc = procs.start_reporting_port(name, argv, timeout=30.0, cwd=ROOT)
+    svc.admin_socket = str(admin)
+    return svc
 
 
-def _relay_server(engine: str, backend_port: int) -> procs.Service:
-    argv = [sys.executable, "-m", "bench.relay_launch", "--engine", engine, "--backend", f"127.0.0.1:{backend_port}"]
-    return procs.start_reporting_port(f"relay-{engine}", argv, timeout=30.0, cwd=ROOT)
+def _relay_server(name: str, setup: RelaySetup, backend_port: int) -> procs.Service:
+    argv = [sys.executable, "-m", "bench.relay_launch", "--engine", setup.engine,
+            "--backend", f"127.0.0.1:{backend_port}"]
+    return procs.start_reporting_port(name, argv, timeout=30.0, cwd=ROOT)
 
 
-def _relay(engine: str) -> Callable[[int, Path], procs.Service | None]:
+def _relay(name: str, setup: RelaySetup) -> Callable[[int, Path], procs.Service | None]:
     def start(backend_port: int, tmp: Path) -> procs.Service:
-        mode = RELAY_MODE.get(engine)
+        mode = RELAY_MODE.get(name)
         if mode == "server":
-            return _relay_server(engine, backend_port)
+            return _relay_server(name, setup, backend_port)
         try:
-            svc = _relay_cli(engine, backend_port)
+            svc = _relay_cli(name, setup, backend_port, tmp)
         except procs.StartError as cli_error:
-            if mode == "cli":
+            # The fallback only makes sense for the plain setup it reproduces.
+            if mode == "cli" or setup != RelaySetup(setup.engine, 1, False):
                 raise
             try:
-                svc = _relay_server(engine, backend_port)
+                svc = _relay_server(name, setup, backend_port)
             except procs.StartError as server_error:
                 raise procs.StartError(f"relay run: {cli_error}; Server(): {server_error}") from None
-            RELAY_MODE[engine] = "server"
+            RELAY_MODE[name] = "server"
             return svc
-        RELAY_MODE[engine] = "cli"
+        RELAY_MODE[name] = "cli"
         return svc
 
     return start
+
+
+UDP_CONFIG = """\
+[relay]
+workers = 1
+drain_timeout = 1.0
+log_file = "{log}"
+
+[[listener]]
+name = "udp"
+protocol = "udp"
+mode = "backend"
+bind = "127.0.0.1:0"
+backend = "127.0.0.1:{backend_port}"
+"""
+
+
+def _start_relay_udp(backend_port: int, tmp: Path) -> procs.Service:
+    """`relay run -c` with one UDP listener in backend mode (fails cleanly until relay has UDP)."""
+    cfg = tmp / f"relay-udp-{backend_port}.toml"
+    cfg.write_text(UDP_CONFIG.format(log=tmp / "relay-udp.log", backend_port=backend_port))
+    argv = [sys.executable, "-m", "relay", "run", "-c", str(cfg)]
+    return procs.start_reporting_port("relay-udp", argv, timeout=30.0, cwd=ROOT, protocol="udp")
+
+
+def _start_nginx_stream(udp: bool) -> Callable[[int, Path], procs.Service | None]:
+    def start(backend_port: int, tmp: Path) -> procs.Service:
+        def make(port: int) -> procs.Service:
+            nofile = min(procs.nofile_hard(), procs.NOFILE)
+            cfg = nginx.stream_config(tmp, port, ("127.0.0.1", backend_port), nofile, udp=udp)
+            return procs.Service("nginx-stream", nginx.argv(cfg))
+
+        return procs.start_retrying(make, protocol="udp" if udp else "tcp")
+
+    return start
+
+
+def _start_socat_udp(backend_port: int, tmp: Path) -> procs.Service:
+    return procs.start_retrying(
+        lambda port: procs.Service("socat", socat.udp_argv(port, ("127.0.0.1", backend_port))), protocol="udp")
 
 
 def _always() -> str | None:
     return None
 
 
+RELAY_VARIANTS: dict[str, RelaySetup] = {
+    **{f"relay-{e}": RelaySetup(e) for e in RELAY_ENGINES},
+    "relay-uring-nolog": RelaySetup("uring", flow_log=False),
+    "relay-uring-w2": RelaySetup("uring", workers=2),
+}
+SCALING = ("relay-uring", "relay-uring-w2")  # the --workers 1 vs --workers 2 ratio row
+
 ALL: tuple[Contender, ...] = (
-    Contender(DIRECT, "baseline", _always, lambda port, tmp: None),
-    *(Contender(f"relay-{e}", "relay", _always, _relay(e), idle=True) for e in RELAY_ENGINES),
+    Contender(DIRECT, "baseline", _always, lambda port, tmp: None, start_udp=lambda port, tmp: None),
+    *(Contender(name, "relay", _always, _relay(name, setup), idle=name in {f"relay-{e}" for e in RELAY_ENGINES},
+                variant=("flow log on" if setup.flow_log else "--no-flow-log")
+                + (f" --workers {setup.workers}" if setup.workers > 1 else ""), workers=setup.workers)
+      for name, setup in RELAY_VARIANTS.items()),
+    Contender("relay-udp", "relay", _always, None, start_udp=_start_relay_udp),
     Contender(HAPROXY, "competitor", haproxy.available, _start_haproxy, idle=True),
+    Contender(NGINX, "competitor", nginx.stream_available, _start_nginx_stream(udp=False),
+              start_udp=_start_nginx_stream(udp=True)),
     Contender("uvloop-protocol", "competitor", _uvloop_available,
-              _python_script("uvloop-protocol", "bench.competitors.uvloop_protocol")),
+              _python_script("uvloop-protocol", "bench.competitors.uvloop_protocol"), variant=PROTOCOL_VARIANT),
     Contender("asyncio-protocol", "competitor", _always,
-              _python_script("asyncio-protocol", "bench.competitors.asyncio_protocol")),
+              _python_script("asyncio-protocol", "bench.competitors.asyncio_protocol"), variant=PROTOCOL_VARIANT),
     Contender(STREAMS, "competitor", _always, _python_script(STREAMS, "bench.competitors.asyncio_streams")),
-    Contender("socat", "competitor", socat.available, _start_socat),
+    Contender(EMBEDDED, "competitor", _uvloop_available, _python_script(EMBEDDED, "bench.competitors.embedded"),
+              variant="relay.splice() on uvloop"),
+    Contender("socat", "competitor", socat.available, _start_socat, start_udp=_start_socat_udp),
 )
 
 
@@ -122,7 +207,8 @@ def select(only: list[str] | None) -> list[Contender]:
     """Contenders named in `only` (engine names like 'uring' mean 'relay-uring'); all if None."""
     if not only:
         return list(ALL)
-    aliases = {"uvloop": "uvloop-protocol", "streams": STREAMS, **{e: f"relay-{e}" for e in RELAY_ENGINES}}
+    aliases = {"uvloop": "uvloop-protocol", "streams": STREAMS, "nginx": NGINX, "relay-uring-log": "relay-uring",
+               **{e: f"relay-{e}" for e in RELAY_ENGINES}}
     wanted = {aliases.get(n, n) for n in only}
     unknown = wanted - {c.name for c in ALL}
     if unknown:

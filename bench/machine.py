@@ -26,13 +26,17 @@ def machine() -> dict[str, Any]:
         "haproxy": _first_line(["haproxy", "-v"]),
         "iperf3": _first_line(["iperf3", "--version"]),
         "socat": _first_line(["socat", "-V"], contains="socat version"),
+        "nginx": _first_line(["nginx", "-v"], stderr=True),
+        "wrk": _first_line(["wrk", "--version"], contains="wrk"),
+        "sockperf": _first_line(["sockperf", "--version"], contains="ersion"),
     }
 
 
-def _first_line(argv: list[str], contains: str = "") -> str:
+def _first_line(argv: list[str], contains: str = "", stderr: bool = False) -> str:
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "not installed"
+    out = done.stderr if stderr else done.stdout + done.stderr
     lines = [ln.strip() for ln in out.splitlines() if contains in ln]
     return lines[0] if lines else "unknown"

@@ -44,25 +44,28 @@ def max_proxied_conns() -> int:
     return max(0, (min(nofile_hard(), NOFILE) - 600) // 2)
 
 
-def free_port() -> int:
+def free_port(protocol: str = "tcp") -> int:
     """A port that was free a moment ago: only for tools that cannot bind port 0 and report it.
 
     Callers retry on EADDRINUSE (see Service.start_retrying).
     """
-    with socket.socket() as s:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def listening_ports() -> set[int]:
-    """TCP ports in LISTEN state on 127.0.0.1 or 0.0.0.0, read from /proc/net/tcp."""
+def listening_ports(protocol: str = "tcp") -> set[int]:
+    """TCP ports in LISTEN state (UDP: bound, unconnected sockets) on 127.0.0.1 or 0.0.0.0,
+    read from /proc/net/tcp or /proc/net/udp."""
     ports: set[int] = set()
-    with open("/proc/net/tcp") as f:
+    wanted = "0A" if protocol == "tcp" else "07"  # TCP_LISTEN; TCP_CLOSE = an unconnected UDP socket
+    with open(f"/proc/net/{protocol}") as f:
         next(f)
         for line in f:
             parts = line.split()
-            local, state = parts[1], parts[3]
-            if state != "0A":
+            local, state, remote = parts[1], parts[3], parts[2]
+            if state != wanted or (protocol == "udp" and not remote.endswith(":0000")):
                 continue
             addr, port = local.split(":")
             if addr in ("0100007F", "00000000"):
@@ -78,6 +81,9 @@ class Service:
         self.argv = list(argv)
         self.port = 0
         self.ready_line = ""
+        self.protocol = "tcp"
+        self.admin_socket = ""  # relay contenders: the admin socket for `stats json`
+        self.control_port = 0  # the UDP sink: where its counters are read
         self.stdout: collections.deque[str] = collections.deque(maxlen=50)
         self.stderr: collections.deque[str] = collections.deque(maxlen=50)
         self._ready = threading.Event()
@@ -115,8 +121,8 @@ class Service:
         return procstat.descendants(self.pid) if self.alive() else []
 
     def failure_reason(self) -> str:
-        lines = [ln for ln in list(self.stderr) + list(self.stdout) if ln.strip()]
-        tail = lines[-1].strip() if lines else "no output"
+        lines = [ln.strip() for ln in list(self.stderr) + list(self.stdout) if ln.strip()]
+        tail = " / ".join(lines[-2:]) if lines else "no output"  # e.g. the problem, then "1 problem"
         code = self.proc.poll()
         status = f"exit {code}" if code is not None else "still running"
         return f"{status}: {tail}"[:300]
@@ -135,7 +141,7 @@ class Service:
     def wait_listening(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if port in listening_ports():
+            if port in listening_ports(self.protocol):
                 if not self.alive():
                     raise StartError(f"{self.name} exited ({self.failure_reason()})")
                 return
@@ -165,13 +171,15 @@ class Service:
 
 
 def start_retrying(
-    make: Callable[[int], Service], attempts: int = 3, timeout: float = 20.0, ready_line: bool = False
+    make: Callable[[int], Service], attempts: int = 3, timeout: float = 20.0, ready_line: bool = False,
+    protocol: str = "tcp",
 ) -> Service:
     """Start a service on a picked port, retrying with a new port when the port was taken."""
     last = ""
     for _ in range(attempts):
-        port = free_port()
+        port = free_port(protocol)
         svc = make(port)
+        svc.protocol = protocol
         try:
             if ready_line:
                 svc.wait_ready_line(timeout)
@@ -196,9 +204,11 @@ def parse_ready_port(line: str) -> int:
     raise StartError(f"no port in READY line {line!r}")
 
 
-def start_reporting_port(name: str, argv: Sequence[str], timeout: float = 20.0, cwd: str | None = None) -> Service:
+def start_reporting_port(name: str, argv: Sequence[str], timeout: float = 20.0, cwd: str | None = None,
+                         protocol: str = "tcp") -> Service:
     """Start a script that binds port 0 and prints 'READY <port>'."""
     svc = Service(name, argv, cwd=cwd)
+    svc.protocol = protocol
     try:
         svc.port = parse_ready_port(svc.wait_ready_line(timeout))
         svc.wait_listening(svc.port, timeout)

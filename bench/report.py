@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.contenders import HAPROXY
+from bench import charts
+from bench.contenders import HAPROXY, SCALING
 from bench.machine import machine
-from bench.summary import METRIC_TITLES, REFERENCES, VALUES, finite, summarize, targets
+from bench.summary import METRIC_TITLES, VALUES, finite, ratio_columns, scaling, summarize, targets
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -61,32 +63,39 @@ def _modes(modes: dict[str, str]) -> str:
     return ", ".join(f"{engine}: {names.get(mode, mode)}" for engine, mode in sorted(modes.items()))
 
 
-def markdown(doc: dict[str, Any]) -> str:
+def markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -> str:
+    """The batch as markdown; `charts` (metric -> PNG file name, same directory) adds the charts."""
     m, batch, summary = doc["machine"], doc["batch"], doc["summary"]
     opts = batch["options"]
     out = [
         f"# relay benchmark {doc['date']}",
         "",
         f"Machine: `{m['host']}`, Linux {m['kernel']}, {m['cpu']}, nproc {m['nproc']}; "
-        f"Python {m['python']}; {m['haproxy']}; {m['iperf3']}.",
+        f"Python {m['python']}; {m['haproxy']}; {m['iperf3']}; {m.get('nginx', '-')}; {m.get('wrk', '-')}; "
+        f"{m.get('sockperf', '-')}.",
         f"Batch: {opts['rounds']} interleaved rounds (contenders shuffled per metric and round, "
         f"seed {opts['seed']}), {opts['duration']:g} s per run, request/response {opts['rr_conns']} "
         f"connections x {opts['rr_size']} B, {batch['seconds']:.0f} s in all, CPU steal "
         f"{batch.get('steal_pct', 0):.1f} %, {_foreign(batch)}. Values are medians over "
         "rounds; ratios are medians of per-round ratios (range in parentheses; only ratios within one batch mean anything "
         "on a shared VM). CPU = proxy process tree (all threads, children), GB = 1e9 bytes. "
-        f"Relay: `relay run --workers 1 --no-flow-log` per engine ({_modes(batch['relay_mode'])}); "
-        "HAProxy: `nbthread 1`, `option splice-auto`. " + _client_cpu(batch),
+        f"Relay: `relay run --workers 1` with its defaults (flow log on, to a file) unless the row "
+        f"says otherwise ({_modes(batch['relay_mode'])}); "
+        "HAProxy: `nbthread 1`, `option splice-auto`; nginx stream: 1 worker. " + _client_cpu(batch),
         "",
     ]
+    variants = [f"`{n}`: {i['variant']}" for n, i in batch["contenders"].items() if i.get("variant")]
+    if variants:
+        out += ["Variants: " + "; ".join(variants) + ".", ""]
     order = list(batch["contenders"])
     for metric, values in VALUES.items():
         if metric not in summary or not summary[metric]:
             continue
         head_key, head_unit, _ = values[0]
-        cols = [head_unit, "x direct", "x HAProxy", "x asyncio-streams"]
+        refs = ratio_columns(metric)
+        cols = [head_unit, *(f"x {'HAProxy' if ref == HAPROXY else ref}" for ref in refs)]
         cols += [unit for _, unit, _ in values[1:]]
-        if metric == "rr":
+        if "p99 us" in cols:
             cols.insert(cols.index("p99 us") + 1, "p99 x HAProxy")
         out += [f"## {METRIC_TITLES[metric]}", "", "| contender | " + " | ".join(cols) + " |",
                 "|---" * (len(cols) + 1) + "|"]
@@ -95,11 +104,13 @@ def markdown(doc: dict[str, Any]) -> str:
             if entry is None:
                 continue
             head = entry[head_key]
-            cells = [_fmt(head["median"])] + [_ratio_range(head["ratio"][ref]) for ref in REFERENCES]
+            cells = [_fmt(head["median"])] + [_ratio_range(head["ratio"][ref]) for ref in refs]
             for key, _, _ in values[1:]:
                 value = entry[key]["median"]
                 if key == "foreign_cpus":
                     cells.append("-" if value is None else f"{value:.2f}")
+                elif key == "worker_share_max":
+                    cells.append("-" if value is None else f"{100 * value:.0f} %")
                 else:
                     cells.append(_fmt(value))
                 if key == "p99_us":
@@ -107,6 +118,18 @@ def markdown(doc: dict[str, Any]) -> str:
             if entry["errors"]:
                 cells[-1] += f" ({len(entry['errors'])} failed runs: {entry['errors'][0][:80]})"
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+        if charts and metric in charts:
+            out += [f"![{METRIC_TITLES[metric]}]({charts[metric]})", ""]
+    scaled = scaling(batch)
+    if scaled:
+        one, two = SCALING
+        out += [f"## Scaling: `{two}` (--workers 2) over `{one}` (--workers 1)", "",
+                f"| metric | {one} | {two} | ratio |", "|---|---|---|---|"]
+        for metric, row in scaled.items():
+            unit = next(u for k, u, _ in VALUES[metric] if k == row["key"])
+            out.append(f"| {METRIC_TITLES[metric]}, {unit} | {_fmt(row['one'])} | {_fmt(row['two'])} | "
+                       f"{_ratio_range(row['ratio'])} |")
         out.append("")
     if batch["idle"]:
         capped = ""
@@ -182,7 +205,15 @@ def write(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     stem = time.strftime("%Y-%m-%dT%H%M", time.gmtime(doc["batch"]["started"])) + "-" + doc["machine"]["host"]
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(_clean(doc), indent=1, default=str, allow_nan=False) + "\n")
-    text = markdown(doc)
-    md_path.write_text(text + "\n")
+    drawn = charts.draw(doc["summary"], out_dir, stem)
+    md_path.write_text(markdown(doc, drawn) + "\n")
+    for old in out_dir.glob("LATEST-*.png"):
+        old.unlink()
+    latest = {metric: f"LATEST-{metric}.png" for metric in drawn}
+    for metric, name in drawn.items():
+        shutil.copyfile(out_dir / name, out_dir / latest[metric])
+    text = markdown(doc, latest)
+    if not drawn and charts.available():
+        text += f"\nCharts: {charts.available()}.\n"
     (out_dir / "LATEST.md").write_text(text + "\n")
     return json_path, md_path

@@ -12,11 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from bench import contenders, procs
+from bench.competitors import nginx
 from bench.contenders import Contender
-from bench.drivers import echo_origin, idle, iperf, procstat, rr
+from bench.drivers import echo_origin, idle, iperf, procstat, relay_stats, rr, sockperf, udp, wrk
 from bench.drivers.foreign import ForeignLoad, wait_quiet
 
-METRICS = ("stream1", "stream8", "rr")
+METRICS = ("stream1", "stream8", "rr", "connrate", "latency", "udp64", "udp1200", "udpflows")
+# The origin each metric's traffic ends at; "udp" origins make it a UDP metric.
+ORIGIN = {"stream1": "iperf", "stream8": "iperf", "rr": "echo", "connrate": "http", "latency": "sockperf",
+          "udp64": "udp", "udp1200": "udp", "udpflows": "udp"}
+UDP_SIZE = {"udp64": 64, "udp1200": 1200, "udpflows": 64}
+
+
+def protocol(metric: str) -> str:
+    return "udp" if ORIGIN[metric] == "udp" else "tcp"
 
 
 @dataclass
@@ -25,6 +34,8 @@ class Options:
     duration: float = 3.0  # seconds per iperf3 run and per request/response run
     rr_conns: int = 16
     rr_size: int = 64
+    conn_conns: int = 32  # wrk connections of the connection-rate metric
+    udp_rate: float = 0.0  # offered datagrams/s of the udp64/udp1200 runs (0: as fast as the blaster goes)
     idle_conns: int = 10_000
     only: list[str] | None = None
     metrics: tuple[str, ...] = METRICS
@@ -55,9 +66,16 @@ class Batch:
         reason = iperf.available()
         if reason:
             self.skipped_metrics.update(stream1=reason, stream8=reason)
+        reason = wrk.available() or nginx.available()
+        if reason:
+            self.skipped_metrics["connrate"] = reason
+        reason = sockperf.available()
+        if reason:
+            self.skipped_metrics["latency"] = reason
         for c in self.contenders:
             reason = c.available()
-            self.status[c.name] = {"kind": c.kind, "status": "skipped" if reason else "ok", "reason": reason}
+            self.status[c.name] = {"kind": c.kind, "status": "skipped" if reason else "ok", "reason": reason,
+                                   "variant": c.variant}
 
     # -- origins -------------------------------------------------------------------------------
 
@@ -67,6 +85,14 @@ class Batch:
             if reason:
                 raise procs.StartError(reason)
             return iperf.start_server()
+        if kind == "udp":
+            return udp.start_sink(contenders.ROOT)
+        if kind == "sockperf":
+            return sockperf.start_server()
+        if kind == "http":
+            nofile = min(procs.nofile_hard(), procs.NOFILE)
+            return procs.start_retrying(
+                lambda port: procs.Service("nginx-origin", nginx.argv(nginx.origin_config(self.tmp, port, nofile))))
         argv = [sys.executable, "-m", echo_origin.__name__, "--listen", "127.0.0.1:0"]
         return procs.start_reporting_port("echo-origin", argv, cwd=contenders.ROOT)
 
@@ -105,7 +131,9 @@ class Batch:
             self.instances.pop(key, None)
         if key not in self.instances:
             origin = self.origin(kind)
-            svc = c.start(origin.port, self.tmp)
+            start = c.start_udp if kind == "udp" else c.start
+            assert start is not None, f"{c.name} does not serve {kind}"
+            svc = start(origin.port, self.tmp)
             self.instances[key] = svc
         return self.instances[key]
 
@@ -117,11 +145,30 @@ class Batch:
 
     # -- measurements --------------------------------------------------------------------------
 
-    def measure(self, c: Contender, metric: str) -> dict[str, float]:
-        kind = "echo" if metric == "rr" else "iperf"
+    def measure(self, c: Contender, metric: str) -> dict[str, Any]:
+        kind = ORIGIN[metric]
         svc = self.instance(c, kind)
         target = svc.port if svc is not None else self.origin(kind).port
         pids = svc.pids if svc is not None else list
+        if metric == "connrate":
+            def run() -> dict[str, Any]:
+                return dict(wrk.run(target, self.opts.conn_conns, self.opts.duration, pids))
+
+            if svc is None or c.workers < 2 or not svc.admin_socket:
+                return run()
+            # Each worker's share of the accepted connections (relay stats json, admin socket).
+            result, shares, why = relay_stats.shares_around(svc.admin_socket, run)
+            result["worker_shares"] = shares
+            if why:
+                result["worker_shares_missing"] = why
+            result["worker_share_max"] = shares[0] if shares else float("nan")
+            return result
+        if metric in UDP_SIZE:
+            return dict(udp.run(target, self.origin("udp").control_port, UDP_SIZE[metric], self.opts.duration,
+                                0.0 if metric == "udpflows" else self.opts.udp_rate, metric == "udpflows",
+                                pids, contenders.ROOT))
+        if metric == "latency":
+            return dict(sockperf.run(target, self.opts.duration))
         if metric == "rr":
             return rr.run(target, self.opts.rr_conns, self.opts.rr_size, self.opts.duration, pids,
                           contenders.ROOT)
@@ -140,12 +187,13 @@ class Batch:
             if metric in self.skipped_metrics:
                 continue
             try:
-                self.origin("echo" if metric == "rr" else "iperf")  # an origin failure is no proxy's fault
+                self.origin(ORIGIN[metric])  # an origin failure is no proxy's fault
             except procs.StartError as exc:
                 self.skipped_metrics[metric] = f"origin failed to start: {exc}"
                 log(f"{metric}: skipped: {exc}")
                 continue
-            names = [c for c in self.contenders if self.status[c.name]["status"] == "ok"]
+            names = [c for c in self.contenders
+                     if self.status[c.name]["status"] == "ok" and c.serves(protocol(metric))]
             self.rng.shuffle(names)
             record["order"][metric] = [c.name for c in names]
             results: dict[str, dict[str, Any]] = {}
@@ -153,12 +201,16 @@ class Batch:
                 if self.status[c.name]["status"] != "ok":
                     continue
                 try:
-                    self.instance(c, "echo" if metric == "rr" else "iperf")  # start outside the probe
+                    self.instance(c, ORIGIN[metric])  # start outside the probe
                     waited = wait_quiet(self.opts.quiet_wait) if self.opts.quiet_wait else 0.0
                     with ForeignLoad() as load:
                         results[c.name] = self.measure(c, metric)
                     results[c.name]["foreign_cpus"] = load.cpus
                     results[c.name]["quiet_wait_s"] = waited
+                    svc = self.instances.get((c.name, ORIGIN[metric]))
+                    if svc is not None and not svc.alive():
+                        # A proxy that crashed under the load makes every ratio against it void.
+                        results[c.name] = {"error": f"died during the run: {svc.failure_reason()}"}
                 except procs.StartError as exc:
                     self.status[c.name].update(status="failed", reason=str(exc))
                     log(f"{c.name}: failed to start: {exc}")
@@ -181,6 +233,7 @@ class Batch:
             svc: procs.Service | None = None
             try:
                 origin = self.origin("echo")
+                assert c.start is not None
                 svc = c.start(origin.port, self.tmp)
                 assert svc is not None
                 self.idle[c.name] = idle.run(svc.port, count, svc.pids)
@@ -227,6 +280,6 @@ class Batch:
 def _short(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"error: {result['error'][:120]}"
-    keys = ("gbit_s", "cpu_s_per_gb", "rps", "p99_us", "rss_per_conn", "thread_growth", "pipes_held",
-            "foreign_cpus")
-    return " ".join(f"{k}={result[k]:.3g}" for k in keys if k in result)
+    keys = ("gbit_s", "cpu_s_per_gb", "rps", "dgram_s", "loss_pct", "cpu_s_per_mdgram", "p50_us", "p99_us", "cpu_us_per_conn", "errors", "worker_share_max",
+            "rss_per_conn", "thread_growth", "pipes_held", "foreign_cpus")
+    return " ".join(f"{k}={result[k]:.3g}" for k in keys if isinstance(result.get(k), int | float))

@@ -6,7 +6,7 @@ import math
 import statistics
 from typing import Any
 
-from bench.contenders import DIRECT, HAPROXY, STREAMS
+from bench.contenders import DIRECT, EMBEDDED, HAPROXY, NGINX, SCALING, STREAMS, UVLOOP
 
 # metric -> (value key, unit label, higher is better); the last column is the load of other
 # processes during the run (bench/drivers/foreign.py): a lucky or unlucky contender shows there.
@@ -16,10 +16,28 @@ VALUES: dict[str, list[tuple[str, str, bool]]] = {
     "stream8": [("gbit_s", "Gbit/s", True), ("cpu_s_per_gb", "CPU-s/GB", False), OTHER_LOAD],
     "rr": [("rps", "req/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
            ("cpu_us_per_req", "CPU-us/req", False), OTHER_LOAD],
+    **{m: [("dgram_s", "dgram/s", True), ("loss_pct", "loss %", False),
+           ("cpu_s_per_mdgram", "CPU-s/M dgram", False), ("offered_s", "sent/s", True), OTHER_LOAD]
+       for m in ("udp64", "udp1200", "udpflows")},
+    "latency": [("p50_us", "p50 us", False), ("p99_us", "p99 us", False), ("p99.9_us", "p99.9 us", False),
+                ("msg_s", "msg/s", True), OTHER_LOAD],
+    "connrate": [("conn_s", "conn/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False),
+                 ("cpu_us_per_conn", "CPU-us/conn", False), ("error_pct", "errors %", False),
+                 ("worker_share_max", "busiest worker", False), OTHER_LOAD],
 }
-REFERENCES = (DIRECT, HAPROXY, STREAMS)
+REFERENCES = (DIRECT, HAPROXY, STREAMS, NGINX, UVLOOP)  # ratios are computed against each of these
+UDP_METRICS = ("udp64", "udp1200", "udpflows")
+
+
+def ratio_columns(metric: str) -> tuple[str, ...]:
+    """The references a metric's table shows ratios against."""
+    return (DIRECT, NGINX) if metric in UDP_METRICS else (DIRECT, HAPROXY, STREAMS)
 METRIC_TITLES = {"stream1": "single stream (iperf3)", "stream8": "8 streams (iperf3 -P 8)",
-                 "rr": "request/response"}
+                 "rr": "request/response",
+                 "udp64": "UDP 64-byte datagrams", "udp1200": "UDP 1,200-byte datagrams (QUIC-sized)",
+                 "udpflows": "UDP new flows (a new source address per 64-byte datagram)",
+                 "latency": "ping-pong latency (sockperf TCP, 64 B, pinned with taskset)",
+                 "connrate": "connection rate (wrk, Connection: close, nginx origin)"}
 
 
 def finite(values: list[float]) -> list[float]:
@@ -60,6 +78,24 @@ def summarize(batch: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+SCALING_METRICS = {"stream8": "gbit_s", "connrate": "conn_s"}
+
+
+def scaling(batch: dict[str, Any]) -> dict[str, Any]:
+    """--workers 2 over --workers 1 (SCALING), per metric: medians of both and of the per-round ratios."""
+    one, two = SCALING
+    out: dict[str, Any] = {}
+    for metric, key in SCALING_METRICS.items():
+        rows = [r["results"].get(metric, {}) for r in batch["rounds"]]
+        pairs = [(r.get(one, {}).get(key), r.get(two, {}).get(key)) for r in rows]
+        pairs = [(a, b) for a, b in pairs if finite([a, b]) == [a, b] and a]
+        if not pairs:
+            continue
+        out[metric] = {"key": key, "one": _median([a for a, _ in pairs]), "two": _median([b for _, b in pairs]),
+                       "ratio": {"median": _median([b / a for a, b in pairs]), "rounds": [b / a for a, b in pairs]}}
+    return out
+
+
 def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's goals, checked for every relay engine from this batch's medians."""
 
@@ -79,10 +115,15 @@ def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str,
 
     checks: list[dict[str, Any]] = []
     for name, info in contenders.items():
+        if name == EMBEDDED:  # issue 8: embedding costs no more than the plain uvloop Protocol proxy
+            value = ratio("connrate", name, "conn_s", UVLOOP)
+            checks.append({"contender": name, "goal": "conn/s x uvloop-protocol", "value": value, "op": ">=",
+                           "limit": 1.0, "ok": None if value is None else value >= 1.0})
         if info["kind"] != "relay":
             continue
         idle_row = idle.get(name, {})
         goals: list[tuple[str, float | None, str, float]] = [
+            ("1 stream x uvloop-protocol", ratio("stream1", name, "gbit_s", UVLOOP), ">=", 1.05),
             ("1 stream x HAProxy", ratio("stream1", name, "gbit_s", HAPROXY), ">=", 1.0),
             ("1 stream x asyncio-streams", ratio("stream1", name, "gbit_s", STREAMS), ">=", 3.0),
             ("8 streams x HAProxy", ratio("stream8", name, "gbit_s", HAPROXY), ">=", 1.05),
@@ -90,6 +131,12 @@ def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str,
             ("CPU-s/GB (8 streams)", median("stream8", name, "cpu_s_per_gb"), "<=", 0.30),
             ("req/s x HAProxy", ratio("rr", name, "rps", HAPROXY), ">=", 1.0),
             ("p99 x HAProxy", ratio("rr", name, "p99_us", HAPROXY), "<=", 1.0),
+            ("conn/s x HAProxy", ratio("connrate", name, "conn_s", HAPROXY), ">=", 1.0),
+            ("CPU-us/conn x HAProxy", ratio("connrate", name, "cpu_us_per_conn", HAPROXY), "<=", 1.0),
+            ("busiest worker (connrate)", median("connrate", name, "worker_share_max"), "<=", 0.7),
+            ("UDP 64 B dgram/s x nginx", ratio("udp64", name, "dgram_s", NGINX), ">=", 1.5),
+            ("UDP 1200 B dgram/s x nginx", ratio("udp1200", name, "dgram_s", NGINX), ">=", 1.5),
+            ("UDP CPU/dgram x nginx", ratio("udp64", name, "cpu_s_per_mdgram", NGINX), "<=", 0.5),
             ("idle: thread growth", idle_row.get("thread_growth"), "<=", 0),
             ("idle: pipes held", idle_row.get("pipes_held"), "<=", 0),
             ("idle: RSS B/conn", idle_row.get("rss_per_conn"), "<=", 4096),

@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from relay.serve.flowlog import format_addr
 from relay.lab.netlab import syn_counters, three_hosts
 from relay.lab.netns import Topology, netns_unavailable_reason
 from relay.lab.origins import read_line, serve_origin, split_hostport
@@ -45,6 +44,7 @@ from relay.lab.process import (
     child_env,
     flow_records,
 )
+from relay.serve.flowlog import format_addr
 from relay.sock import arm_reset
 
 __all__ = ["main", "run_client", "transfer"]

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from helpers import REPO_ROOT
 
-from relay.serve import proxyproto
 from relay.lab.netns import CommandFailed, Topology
+from relay.serve import proxyproto
 
 REPO = REPO_ROOT
 

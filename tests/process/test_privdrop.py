@@ -13,8 +13,8 @@ import pytest
 from helpers import PYTHON, REPO_ROOT, echo_roundtrip, wait_for
 from helpers import echo as echo_handler
 
-from relay.process import budgets, privs
 from relay.lab.process import relay_config
+from relay.process import budgets, privs
 
 USER = "relaytest"
 IP_TRANSPARENT = 19

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.ops import nft
 from relay.config import loads
+from relay.ops import nft
 
 TPROXY_CONFIG = """
 [[listener]]
