@@ -1,4 +1,4 @@
-# relay: make setup | make test | make demo | make bench
+# relay: make setup | make test | make demo | make bench | make dist
 # Every target installs what it needs: Debian packages (when root) and the venv in .venv.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 DEB_PACKAGES := nftables iproute2 iperf3 haproxy socat procps util-linux libcap2-bin wrk nginx-light libnginx-mod-stream sockperf
 CORE_SRC := $(wildcard relay_ext/*.pyx relay_ext/*.pxd relay_ext/*.pxi relay_ext/includes/*) setup.py
 
-.PHONY: setup build test lint bench bench-quick demo clean system-packages
+.PHONY: setup build test lint bench bench-quick demo dist clean system-packages
 
 setup: $(VENV)/.installed build
 
@@ -22,7 +22,7 @@ system-packages:
 $(VENV)/.installed: pyproject.toml
 	$(MAKE) system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel 'Cython>=3.0,<4'
+	$(PIP) install -q --upgrade pip 'setuptools>=77' 'Cython>=3.0,<4'
 	@# python-liburing 2024.5.3 builds from source (1.5-2 min); install it once, outside build isolation
 	$(PIP) install -q 'liburing==2024.5.3'
 	$(PIP) install -q --no-build-isolation -e '.[test,bench]'
@@ -31,10 +31,11 @@ $(VENV)/.installed: pyproject.toml
 build: $(VENV)/.installed relay_ext/.built
 
 # Build outside the tree, then rename into place: overwriting the .so in place would crash
-# every process that has the old one mapped (tests, a running relay).
+# every process that has the old one mapped (tests, a running relay).  _build_info.py (what the
+# core reports about its build: it must not import Cython at run time) goes first.
 relay_ext/.built: $(CORE_SRC)
 	$(PY) setup.py -q build_ext --build-lib build/ext --build-temp build/tmp
-	@for so in build/ext/relay_ext/_core*.so build/ext/relay_ext/_udp*.so; do \
+	@for so in build/ext/relay_ext/_build_info.py build/ext/relay_ext/_core*.so build/ext/relay_ext/_udp*.so; do \
 	  cp "$$so" "relay_ext/.$${so##*/}.new" && mv -f "relay_ext/.$${so##*/}.new" "relay_ext/$${so##*/}"; done
 	touch $@
 
@@ -55,5 +56,14 @@ bench-quick: setup
 demo: setup
 	$(PY) -m relay demo
 
+# The sdist, then a wheel built from that sdist (not from the checkout: proves the sdist is
+# complete).  Without build isolation: the venv already has Cython and python-liburing, which
+# an isolated build would fetch and compile again (python-liburing: 1.5-2 min).
+dist: $(VENV)/.installed
+	rm -rf dist
+	$(PY) -m build --sdist --no-isolation --outdir dist
+	$(PIP) wheel -q --no-deps --no-build-isolation --wheel-dir dist dist/relay-*.tar.gz
+
 clean:
-	rm -rf build relay_ext/*.so relay_ext/_core.c relay_ext/_udp.c relay_ext/.built *.egg-info
+	rm -rf build dist relay_ext/*.so relay_ext/_core.c relay_ext/_udp.c relay_ext/_build_info.py \
+	  relay_ext/.built *.egg-info

@@ -23,7 +23,8 @@ concern, not by dependency:
 import os
 import warnings
 
-import Cython
+# Written by setup.py's build_ext: Cython is a build-time tool, absent where relay is installed.
+from relay_ext._build_info import CYTHON_VERSION
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -62,7 +63,6 @@ include "uring.pxi"
 include "epoll.pxi"
 include "loop.pxi"
 
-CYTHON_VERSION = Cython.__version__
 LIBURING_HEADERS = f"{RELAY_LIBURING_VERSION_MAJOR}.{RELAY_LIBURING_VERSION_MINOR}"
 
 __all__ = ["Loop", "REASONS", "EV_ACCEPT", "EV_ACCEPT_ERROR", "EV_CONNECTED", "EV_DONE",
