@@ -370,7 +370,7 @@ def test_stop_drains_then_aborts(relay_server, origin, client) -> None:
     c = client(relay.address)
     c.sendall(b"before")
     assert c.recv(100) == b"before"
-    stopper = threading.Thread(target=relay.serve.server.stop, kwargs={"drain_timeout": 1.0})
+    stopper = threading.Thread(target=relay.server.stop, kwargs={"drain_timeout": 1.0})
     t0 = time.monotonic()
     stopper.start()
     try:
