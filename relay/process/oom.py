@@ -30,6 +30,7 @@ def oom_kill_file(pid: int | str = "self") -> Path | None:
     candidates: list[Path] = []
     for line in lines:
         _hid, controllers, path = line.split(":", 2)
+        bases: tuple[Path, ...]
         if controllers == "":  # v2 unified hierarchy
             bases, name = (CGROUP_ROOT, CGROUP_ROOT / "unified"), "memory.events"
         elif "memory" in controllers.split(","):  # v1 memory controller
