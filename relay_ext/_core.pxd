@@ -34,6 +34,8 @@ cdef enum:
     EV_ACCEPT_ERROR_ = 2
     EV_CONNECTED_ = 3
     EV_DONE_ = 4
+    EV_READABLE_ = 5        # a watched fd turned readable (or hung up): loop.watch()
+    EV_WATCH_TIMEOUT_ = 6   # a watched fd stayed silent until its deadline
 
 # Accept back-off after EMFILE & co: first pause, doubling up to the cap.
 cdef enum:
@@ -51,6 +53,7 @@ cdef enum:
     PUMP_ROUNDS = 16            # fairness: at most this many reads per readiness event
     EPOLL_BATCH = 256
     ACCEPT_BATCH = 16           # accept4() calls per listener wakeup (listeners.pxi)
+    SHRINK_BATCH = 64           # idle pipes closed per timer scan at most (pipes.pxi)
 
 
 # ------------------------------------------------------------------ user_data (userdata.pxi)
@@ -78,6 +81,7 @@ cdef enum:
     ST_FREE = 0
     ST_CONNECTING = 1
     ST_RELAY = 2
+    ST_WATCH = 3        # not a pair: one caller-owned fd watched for readability (loop.watch)
 
 cdef enum:
     HF_EOF = 1          # the source sent FIN (read returned 0)
@@ -115,7 +119,9 @@ cdef struct Conn:
     uint64_t start_ns
     uint64_t last_ns        # last byte moved either way
     uint64_t connect_us
-    uint32_t outq_seen      # send-queue bytes at the last timeout check (progress detector)
+    uint32_t outq_seen      # both send queues' bytes (SIOCOUTQ) at the last sample ...
+    uint64_t outq_ns        # ... taken at this time: a change while idle is the peer draining
+    uint64_t deadline_ns    # ST_WATCH: when EV_WATCH_TIMEOUT fires
 
 
 # ------------------------------------------------------------------ pipes (pipes.pxi)
@@ -133,6 +139,10 @@ cdef struct PipePool:
     uint64_t setsz_denied     # F_SETPIPE_SZ refused (EPERM past pipe-user-pages-soft)
     uint64_t killed           # closed while still holding bytes
     uint64_t cooldown_until   # after a refusal, copy for a while instead of retrying each read
+    uint64_t* free_since      # when each idle pipe was put back (oldest at index 0)
+    int keep_idle             # idle pipes kept whatever their age (low-water mark) ...
+    uint64_t release_after_ns # ... the rest are closed once idle this long
+    uint64_t released         # idle pipes closed by the shrinking
 
 
 # ------------------------------------------------------------------ events (events.pxi)
@@ -180,6 +190,7 @@ cdef class Loop:
     cdef uint32_t n_free_slots
     cdef uint32_t high_water
     cdef uint32_t n_open
+    cdef uint32_t n_watching    # slots in ST_WATCH (not pairs: not in n_open)
     # listeners
     cdef Listener listeners[MAX_LISTENERS]
     cdef int n_listener_slots
@@ -193,6 +204,7 @@ cdef class Loop:
     cdef uint64_t idle_timeout_ns
     cdef uint64_t half_close_timeout_ns
     cdef uint64_t scan_interval_ns
+    cdef uint64_t outq_sample_ns    # how often an idle pair's send queues are sampled
     cdef uint64_t next_scan
     cdef uint64_t now
     cdef bint interrupted       # a signal cut the wait short: return so Python can run it
@@ -214,11 +226,14 @@ cdef class Loop:
     cdef int last_submit_errno
     cdef uint64_t st_wakeups
     cdef uint64_t st_events_dropped
+    cdef uint64_t st_watches
+    cdef uint64_t st_watch_timeouts
     cdef uint64_t st_closes[N_REASONS]
     cdef dict final_stats       # stats() as they were when close() ran
 
     cdef _ensure_alive(self)
     cdef int _listener_slot(self, int64_t tag) except -1
+    cdef Conn* _take_slot(self) except NULL
     cdef int _probe_pipe_size(self)
     cdef dict _counters(self)
     cdef void _free_memory(self) noexcept
@@ -235,12 +250,16 @@ cdef int connect_reason(int err) noexcept nogil
 cdef void _arm_side(Loop self, Conn* c, int side, uint8_t want) noexcept nogil
 cdef void _disarm_all(Loop self, Conn* c) noexcept nogil
 cdef void _close_conn(Loop self, Conn* c, int reason, int err, bint reset) noexcept nogil
+cdef void _free_slot(Loop self, Conn* c) noexcept nogil
+cdef void _watch_end(Loop self, Conn* c, int kind) noexcept nogil
 
 # pipes.pxi
-cdef int pipe_pool_init(PipePool* pp, int max_pipes, int size) except -1
+cdef int pipe_pool_init(PipePool* pp, int max_pipes, int size, int keep_idle,
+                        uint64_t release_after_ns) except -1
 cdef void pipe_pool_destroy(PipePool* pp) noexcept nogil
 cdef int pipe_get(PipePool* pp, Half* h, uint64_t now) noexcept nogil
-cdef void pipe_put(PipePool* pp, Half* h) noexcept nogil
+cdef void pipe_put(PipePool* pp, Half* h, uint64_t now) noexcept nogil
+cdef void pipe_pool_shrink(PipePool* pp, uint64_t now) noexcept nogil
 
 # events.pxi
 cdef Event* _push_event(Loop self, int kind, int64_t a, int64_t b) noexcept nogil

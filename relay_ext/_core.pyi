@@ -7,6 +7,8 @@ EV_ACCEPT: Final[int]
 EV_ACCEPT_ERROR: Final[int]
 EV_CONNECTED: Final[int]
 EV_DONE: Final[int]
+EV_READABLE: Final[int]
+EV_WATCH_TIMEOUT: Final[int]
 REASONS: Final[tuple[str, ...]]
 ACCEPT_PAUSE_ERRNOS: Final[frozenset[int]]
 ACCEPT_BACKOFF_FIRST_S: Final[float]
@@ -20,6 +22,8 @@ LIBURING_HEADERS: Final[str]
 #   (EV_ACCEPT_ERROR, listener_tag, errno)
 #   (EV_CONNECTED, conn_id, tag, connect_us)
 #   (EV_DONE, conn_id, tag, reason, c2s_bytes, s2c_bytes, spliced, copied, duration_us, errno)
+#   (EV_READABLE, watch_tag, fd)        a watched fd turned readable (or hung up)
+#   (EV_WATCH_TIMEOUT, watch_tag, fd)   a watched fd stayed silent until its deadline
 Event = tuple[int, ...]
 
 class Loop:
@@ -36,6 +40,8 @@ class Loop:
         idle_timeout_ms: int = 300000,
         half_close_timeout_ms: int = 60000,
         ring_entries: int = 1024,
+        pipes_keep_idle: int = 8,
+        pipe_release_ms: int = 10000,
     ) -> None: ...
     @property
     def backend(self) -> str: ...
@@ -53,6 +59,9 @@ class Loop:
         prefix: bytes = b"",
     ) -> int: ...
     def abort(self, cid: int) -> bool: ...
+    def watch(self, fd: int, tag: int, timeout_ms: int) -> int:
+        """One EV_READABLE or EV_WATCH_TIMEOUT for `fd` (not read, not owned); returns an id."""
+    def unwatch(self, wid: int) -> bool: ...
     def run(self, timeout_ms: int = 0) -> list[Event]: ...
     def stats(self) -> dict[str, int]:
         """Counters; after close() the counters as close() left them (never raises)."""

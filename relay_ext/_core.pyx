@@ -28,7 +28,7 @@ from relay_ext._build_info import CYTHON_VERSION
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 
 # python-liburing: header-inline helpers and structs from its .pxd (no linking needed) ...
 from liburing.lib.uring cimport (
@@ -66,5 +66,6 @@ include "loop.pxi"
 LIBURING_HEADERS = f"{RELAY_LIBURING_VERSION_MAJOR}.{RELAY_LIBURING_VERSION_MINOR}"
 
 __all__ = ["Loop", "REASONS", "EV_ACCEPT", "EV_ACCEPT_ERROR", "EV_CONNECTED", "EV_DONE",
+           "EV_READABLE", "EV_WATCH_TIMEOUT",
            "ACCEPT_PAUSE_ERRNOS", "ACCEPT_BACKOFF_FIRST_S", "ACCEPT_BACKOFF_MAX_S",
            "CONNECT_ERRNO_REASONS", "CYTHON_VERSION", "LIBURING_HEADERS"]

@@ -10,9 +10,21 @@ cdef inline void half_reset(Half* h) noexcept nogil:
 
 cdef inline void set_linger_zero(int fd) noexcept nogil:
     # close() with SO_LINGER {1, 0} sends an RST instead of a FIN: the peer must see a
-    # truncated stream as a reset, never as a clean end of data.
+    # truncated stream as a reset, never as a clean end of data.  Armed on both sockets for as
+    # long as they relay (add_pair), because the kernel closes a dead process's sockets the same
+    # way: a worker killed mid-stream (SIGKILL, the OOM killer, the heartbeat) then resets its
+    # peers instead of sending them a FIN that looks like the end of the data.
     cdef linger lg
     lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+cdef inline void clear_linger(int fd) noexcept nogil:
+    # SO_LINGER {0, 0}: the default again, a close() that sends a FIN after whatever is still
+    # queued.  Only just before a graceful close, when both directions are complete.
+    cdef linger lg
+    lg.l_onoff = 0
     lg.l_linger = 0
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
 
@@ -37,16 +49,15 @@ cdef void _disarm_all(Loop self, Conn* c) noexcept nogil:
 
 cdef void _close_conn(Loop self, Conn* c, int reason, int err, bint reset) noexcept nogil:
     cdef int side, i
-    cdef uint32_t idx = <uint32_t>(c - self.conns)
     _disarm_all(self, c)
     for side in range(2):
-        if reset:
-            set_linger_zero(c.fd[side])
+        if not reset:
+            clear_linger(c.fd[side])    # armed since add_pair: a reset is the default here
         close(c.fd[side])
     if reset:
         self.st_resets_sent += 1
     for i in range(2):
-        pipe_put(&self.pipes, &c.half[i])
+        pipe_put(&self.pipes, &c.half[i], self.now)
         if c.half[i].buf != NULL:
             free(c.half[i].buf)
             c.half[i].buf = NULL
@@ -60,8 +71,22 @@ cdef void _close_conn(Loop self, Conn* c, int reason, int err, bint reset) noexc
         ev.v[4] = <int64_t>(c.half[0].copied + c.half[1].copied)
         ev.v[5] = <int64_t>((self.now - c.start_ns) // 1000)
         ev.v[6] = err
+    self.n_open -= 1
+    _free_slot(self, c)
+
+
+cdef void _free_slot(Loop self, Conn* c) noexcept nogil:
+    # Bumping the generation makes completions and ids of the old occupant stale.
     c.state = ST_FREE
     c.gen += 1
-    self.free_slots[self.n_free_slots] = idx
+    self.free_slots[self.n_free_slots] = <uint32_t>(c - self.conns)
     self.n_free_slots += 1
-    self.n_open -= 1
+
+
+cdef void _watch_end(Loop self, Conn* c, int kind) noexcept nogil:
+    """End watch `c` with event `kind` (0: none, e.g. unwatch); the fd stays the caller's."""
+    _disarm_all(self, c)
+    if kind:
+        _push_event(self, kind, c.tag, c.fd[SIDE_CLIENT])
+    self.n_watching -= 1
+    _free_slot(self, c)

@@ -68,7 +68,7 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
         #    the pipe/buffer empty, or the last bytes would be cut off.
         if h.flags & HF_EOF:
             if h.pipe_r >= 0:
-                pipe_put(&self.pipes, h)
+                pipe_put(&self.pipes, h, self.now)
             shutdown(dst, SHUT_WR)
             h.flags |= HF_SHUT
             return 0
@@ -98,7 +98,7 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
                 # full" (16+ skb fragments can fill it far below its byte size).  The
                 # pipe was flushed to empty above, so here it means the socket is empty.
                 # Give the pipe back: an idle connection holds no pipe.
-                pipe_put(&self.pipes, h)
+                pipe_put(&self.pipes, h, self.now)
                 h.flags |= HF_WANT_READ
                 return 0
             if errno == EINTR:
@@ -106,7 +106,7 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
             if errno == EINVAL or errno == ENOSYS:
                 # splice unsupported for this socket type: copy for the rest of this flow.
                 h.flags = (h.flags & ~HF_STREAM) | HF_NO_SPLICE
-                pipe_put(&self.pipes, h)
+                pipe_put(&self.pipes, h, self.now)
                 continue
             return _fail_read(self, c, d, errno)
         n = recv(src, self.scratch, SCRATCH_SIZE, MSG_DONTWAIT)
@@ -180,7 +180,10 @@ cdef inline uint8_t _wanted(Loop self, Conn* c, int side) noexcept nogil:
     return want
 
 cdef void _on_ready(Loop self, Conn* c, int side, bint readable, bint writable) noexcept nogil:
-    cdef uint32_t gen = c.gen
+    if c.state == ST_WATCH:
+        if readable:
+            _watch_end(self, c, EV_READABLE_)
+        return
     if c.state == ST_CONNECTING:
         if side == SIDE_UPSTREAM and writable:
             _finish_connect(self, c)

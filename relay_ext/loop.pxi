@@ -24,7 +24,8 @@ cdef class Loop:
     def __init__(self, str backend="uring", *, int pipe_size=1 << 20, int max_pipes=256,
                  int max_conns=65536, int splice_min=4096, bint splice=True,
                  int connect_timeout_ms=5000, int idle_timeout_ms=300000,
-                 int half_close_timeout_ms=60000, int ring_entries=1024):
+                 int half_close_timeout_ms=60000, int ring_entries=1024,
+                 int pipes_keep_idle=8, int pipe_release_ms=10000):
         if backend not in ("uring", "epoll"):
             raise ValueError(f"relay core: backend must be 'uring' or 'epoll', not {backend!r}")
         if max_conns < 1 or max_conns > 16_000_000:
@@ -35,6 +36,9 @@ cdef class Loop:
             raise ValueError("relay core: timeouts must be > 0 ms")
         if ring_entries < 8 or ring_entries > 32768:
             raise ValueError(f"relay core: ring_entries={ring_entries}: must be 8..32768")
+        if pipes_keep_idle < 0 or pipe_release_ms <= 0:
+            raise ValueError(f"relay core: pipes_keep_idle={pipes_keep_idle}, "
+                             f"pipe_release_ms={pipe_release_ms}: must be >= 0 and > 0")
         self.backend_id = BACKEND_URING if backend == "uring" else BACKEND_EPOLL
         self.max_conns = max_conns
         self.splice_min = max(splice_min, 1)
@@ -42,8 +46,13 @@ cdef class Loop:
         self.connect_timeout_ns = <uint64_t>connect_timeout_ms * 1000000ULL
         self.idle_timeout_ns = <uint64_t>idle_timeout_ms * 1000000ULL
         self.half_close_timeout_ns = <uint64_t>half_close_timeout_ms * 1000000ULL
-        shortest = min(connect_timeout_ms, idle_timeout_ms, half_close_timeout_ms)
+        shortest = min(connect_timeout_ms, idle_timeout_ms, half_close_timeout_ms,
+                       pipe_release_ms)
         self.scan_interval_ns = <uint64_t>max(5, min(200, shortest // 10)) * 1000000ULL
+        # An idle pair's send queues are sampled about 8 times per timeout (timers.pxi).
+        self.outq_sample_ns = max(self.scan_interval_ns,
+                                  <uint64_t>min(idle_timeout_ms, half_close_timeout_ms)
+                                  * 1000000ULL // 8)
         # calloc'd pages stay untouched (no RSS) until a slot is first used: slots are
         # handed out low-first, so memory follows the peak number of open pairs.
         self.conns = <Conn*>calloc(max_conns, sizeof(Conn))
@@ -54,7 +63,8 @@ cdef class Loop:
         if not (self.conns and self.free_slots and self.scratch and self.evq):
             self._free_memory()
             raise MemoryError("relay core: cannot allocate the connection table")
-        pipe_pool_init(&self.pipes, max_pipes if self.splice_enabled else 0, pipe_size)
+        pipe_pool_init(&self.pipes, max_pipes if self.splice_enabled else 0, pipe_size,
+                       pipes_keep_idle, <uint64_t>pipe_release_ms * 1000000ULL)
         try:
             if self.backend_id == BACKEND_URING:
                 _uring_setup(self, ring_entries)
@@ -90,7 +100,9 @@ cdef class Loop:
         cdef Conn* c
         for i in range(self.high_water):
             c = &self.conns[i]
-            if c.state != ST_FREE:
+            if c.state == ST_WATCH:
+                _watch_end(self, c, 0)      # the fd is the caller's: left open
+            elif c.state != ST_FREE:
                 _close_conn(self, c, R_ABORTED, 0, True)
         self.evq_len = 0        # nobody will read them; accepted fds were closed below
         for i in range(self.n_listener_slots):
@@ -213,19 +225,9 @@ cdef class Loop:
         self._ensure_alive()
         if client_fd < 0 or upstream_fd < 0 or client_fd == upstream_fd:
             raise ValueError(f"relay core: bad fds {client_fd}, {upstream_fd}")
-        if self.n_free_slots == 0 and self.high_water >= self.max_conns:
-            raise OSError(EMFILE, f"relay core: connection table full ({self.max_conns})")
-        cdef uint32_t idx
-        if self.n_free_slots:
-            self.n_free_slots -= 1
-            idx = self.free_slots[self.n_free_slots]
-        else:
-            idx = self.high_water
-            self.high_water += 1
-        cdef Conn* c = &self.conns[idx]
+        cdef Conn* c = self._take_slot()
+        cdef uint32_t idx = <uint32_t>(c - self.conns)
         cdef uint32_t gen = c.gen
-        memset(c, 0, sizeof(Conn))
-        c.gen = gen
         c.fd[SIDE_CLIENT] = client_fd
         c.fd[SIDE_UPSTREAM] = upstream_fd
         half_reset(&c.half[0])
@@ -238,6 +240,7 @@ cdef class Loop:
             flags = fcntl(fd, F_GETFL)
             if flags >= 0 and not (flags & O_NONBLOCK):
                 fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+            set_linger_zero(fd)     # until a graceful close: a dead worker resets (conn.pxi)
         cdef Py_ssize_t plen = len(prefix)
         if plen:
             c.half[0].buf = <char*>malloc(plen)
@@ -258,6 +261,65 @@ cdef class Loop:
         _uring_flush(self)
         return cid
 
+    cdef Conn* _take_slot(self) except NULL:
+        """A zeroed slot (generation kept) for a pair or a watch; OSError when full."""
+        if self.n_free_slots == 0 and self.high_water >= self.max_conns:
+            raise OSError(EMFILE, f"relay core: connection table full ({self.max_conns})")
+        cdef uint32_t idx
+        if self.n_free_slots:
+            self.n_free_slots -= 1
+            idx = self.free_slots[self.n_free_slots]
+        else:
+            idx = self.high_water
+            self.high_water += 1
+        cdef Conn* c = &self.conns[idx]
+        cdef uint32_t gen = c.gen
+        memset(c, 0, sizeof(Conn))
+        c.gen = gen
+        c.fd[SIDE_CLIENT] = -1
+        c.fd[SIDE_UPSTREAM] = -1
+        return c
+
+    def watch(self, int fd, int64_t tag, int timeout_ms):
+        """Report once when `fd` turns readable (or hangs up): (EV_READABLE, tag, fd); or, if
+        it stays silent for timeout_ms, (EV_WATCH_TIMEOUT, tag, fd).  No byte is read and the
+        fd stays the caller's (it must stay open until the event or unwatch()).  One event per
+        watch: watch again for more.  Returns an id for unwatch().  For a connection that must
+        say something before it is relayed (a PROXY header), without blocking the loop."""
+        self._ensure_alive()
+        if fd < 0:
+            raise ValueError(f"relay core: bad fd {fd}")
+        if timeout_ms < 0:
+            timeout_ms = 0
+        cdef Conn* c = self._take_slot()
+        c.fd[SIDE_CLIENT] = fd
+        c.tag = tag
+        self.now = now_ns()
+        c.start_ns = self.now
+        c.deadline_ns = self.now + <uint64_t>timeout_ms * 1000000ULL
+        c.state = ST_WATCH
+        self.n_watching += 1
+        self.st_watches += 1
+        if self.next_scan > c.deadline_ns:
+            self.next_scan = c.deadline_ns
+        with nogil:
+            _arm_side(self, c, SIDE_CLIENT, POLL_BIT_IN)
+        _uring_flush(self)
+        return pack_cid(c.gen, <uint32_t>(c - self.conns))
+
+    def unwatch(self, int64_t wid):
+        """Cancel watch `wid` without an event (the fd stays open).  False if it is over."""
+        self._ensure_alive()
+        cdef uint32_t idx = ud_slot(<uint64_t>wid)
+        if idx >= self.high_water:
+            return False
+        cdef Conn* c = &self.conns[idx]
+        if c.state != ST_WATCH or not gen_matches(c.gen, ud_gen(<uint64_t>wid)):
+            return False
+        _watch_end(self, c, 0)
+        _uring_flush(self)
+        return True
+
     def abort(self, int64_t cid):
         """Reset both sides of pair `cid` now (reason "aborted").  Unknown ids are ignored."""
         self._ensure_alive()
@@ -266,7 +328,7 @@ cdef class Loop:
         if idx >= self.high_water:
             return False
         cdef Conn* c = &self.conns[idx]
-        if c.state == ST_FREE or not gen_matches(c.gen, gen):
+        if c.state == ST_FREE or c.state == ST_WATCH or not gen_matches(c.gen, gen):
             return False
         _close_conn(self, c, R_ABORTED, 0, True)
         _uring_flush(self)
@@ -338,6 +400,7 @@ cdef class Loop:
             "pipes_max": self.pipes.max_pipes,
             "pipes_created": self.pipes.created,
             "pipes_killed": self.pipes.killed,
+            "pipes_released": self.pipes.released,
             "pipe_refused": self.pipes.refused,
             "pipe_resize_denied": self.pipes.setsz_denied,
             "pipe_size_requested": self.pipes.size_requested,
@@ -351,6 +414,9 @@ cdef class Loop:
             "submit_last_errno": self.last_submit_errno,
             "events_dropped": self.st_events_dropped,
             "conn_slots_used": self.high_water,
+            "watching": self.n_watching,
+            "watches": self.st_watches,
+            "watch_timeouts": self.st_watch_timeouts,
         }
         for i, name in enumerate(REASONS):
             d["closed_" + name] = self.st_closes[i]
@@ -364,7 +430,7 @@ cdef class Loop:
         if self.pipes.max_pipes == 0:
             return 0
         if pipe_get(&self.pipes, &tmp, now_ns()) == 0:
-            pipe_put(&self.pipes, &tmp)
+            pipe_put(&self.pipes, &tmp, now_ns())
         return self.pipes.size_granted
 
     cdef void _drain_eventfd(self) noexcept:

@@ -96,6 +96,23 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             description="seconds a half-closed connection may stay idle before it is closed",
         ),
     ] = 60.0
+    proxy_header_timeout: Annotated[
+        float,
+        Meta(
+            ge=MIN_SECONDS,
+            le=MAX_SECONDS,
+            description="seconds a trusted proxy's connection may take to send its PROXY v2 "
+            "header (it waits parked, never blocking the worker) before it is reset",
+        ),
+    ] = 3.0
+    proxy_header_max_waiting: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="connections per worker that may wait for their PROXY v2 header at "
+            "once; more are reset and counted (denied proxy_header_overflow)",
+        ),
+    ] = 1024
     drain_timeout: Annotated[
         float,
         Meta(

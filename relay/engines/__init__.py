@@ -18,6 +18,8 @@ from relay.engines.constants import (
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
     EV_DONE,
+    EV_READABLE,
+    EV_WATCH_TIMEOUT,
     REASONS,
 )
 
@@ -27,6 +29,8 @@ __all__ = [
     "EV_ACCEPT_ERROR",
     "EV_CONNECTED",
     "EV_DONE",
+    "EV_READABLE",
+    "EV_WATCH_TIMEOUT",
     "REASONS",
     "EngineLoop",
     "available",
@@ -52,6 +56,8 @@ class EngineLoop(Protocol):
     def add_pair(self, client_fd: int, upstream_fd: int, tag: int = 0,
                  connecting: bool = False, prefix: bytes = b"") -> int: ...
     def abort(self, cid: int) -> None: ...
+    def watch(self, fd: int, tag: int, timeout_ms: int) -> int: ...
+    def unwatch(self, wid: int) -> bool: ...
     def run(self, timeout_ms: int) -> list[tuple[Any, ...]]: ...
     def stats(self) -> dict[str, int]: ...
     def close(self) -> None: ...

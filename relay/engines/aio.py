@@ -12,9 +12,14 @@ TCP semantics (the same in every engine):
   empty: a FIN is forwarded after the read side hit EOF *and* the buffer of that direction drained.
 * reset: a read or write error on one socket (ECONNRESET, EPIPE...) aborts the other with
   ``SO_LINGER {1, 0}`` so the kernel sends an RST instead of a FIN: a truncated stream never looks
-  like a clean close.
+  like a clean close.  Both sockets carry ``SO_LINGER {1, 0}`` from ``add_pair`` on, cleared just
+  before the graceful close, so a process that dies mid-stream resets its peers too.
 * timeouts: one lazily re-armed timer per pair (data only updates a timestamp): connect, idle (no
-  byte either way), half-close (one direction finished, the other idle).
+  byte either way), half-close (one direction finished, the other idle).  Bytes leaving a write
+  buffer while nothing is read are progress: the buffered amount is sampled about 8 times per
+  timeout, from a baseline taken after the last activity, so a stalled peer times out on time.
+* watch: ``watch(fd, tag, timeout_ms)`` reports once (EV_READABLE or EV_WATCH_TIMEOUT) without
+  reading; the fd stays the caller's.
 * accept: EMFILE/ENFILE/ENOBUFS/ENOMEM pause the listener (a pending connection stays in the
   backlog, so a level-triggered retry would spin) and resume it after 100 ms, doubling to 1 s.
 """
@@ -27,6 +32,7 @@ import logging
 import os
 import selectors
 import socket
+import struct
 import time
 from typing import Any
 
@@ -38,6 +44,8 @@ from relay.engines.constants import (
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
     EV_DONE,
+    EV_READABLE,
+    EV_WATCH_TIMEOUT,
     R_ABORTED,
     R_CONNECT_TIMEOUT,
     R_EOF,
@@ -49,7 +57,7 @@ from relay.engines.constants import (
     REASONS,
     connect_failure_reason,
 )
-from relay.sock import arm_reset
+from relay.sock import LINGER_RST, arm_reset
 
 __all__ = ["AioLoop", "REASONS"]
 
@@ -59,6 +67,8 @@ log = logging.getLogger("relay.engines.aio")
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 _CLOSED_KEYS = tuple(f"closed_{name}" for name in REASONS)  # per-reason counters, as the core
 _ACCEPT_BATCH = 64  # accepts per readiness callback: fairness with the established pairs
+_LINGER_OFF = struct.pack("ii", 0, 0)  # SO_LINGER {0, 0}: the default close (FIN after the data)
+_SAMPLES_PER_TIMEOUT = 8  # write-buffer samples per idle/half-close timeout
 
 
 class _PrivateEventLoop(asyncio.SelectorEventLoop):
@@ -123,7 +133,7 @@ class _Pair:
     __slots__ = (
         "cid", "tag", "engine", "client_sock", "upstream_sock", "client", "origin", "prefix",
         "started", "connect_started", "last_activity", "c2s", "s2c", "reason", "errno",
-        "timer", "connecting", "finished", "pending_seen",
+        "timer", "connecting", "finished", "pending_seen", "pending_at",
     )
 
     def __init__(self, engine: AioLoop, cid: int, tag: int, client_sock: socket.socket,
@@ -149,6 +159,15 @@ class _Pair:
         self.connecting = False
         self.finished = False
         self.pending_seen = 0
+        self.pending_at = 0.0  # when pending_seen was sampled
+
+
+def _set_linger(sock: socket.socket | None, value: bytes) -> None:
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
+        except OSError:
+            pass  # already gone
 
 
 def _reset_raw_sockets(pair: _Pair) -> None:
@@ -197,6 +216,8 @@ class AioLoop:
         connect_timeout_ms: int = 5000,
         idle_timeout_ms: int = 300_000,
         half_close_timeout_ms: int = 60_000,
+        pipes_keep_idle: int = 8,
+        pipe_release_ms: int = 10_000,
     ) -> None:
         if backend != "asyncio":
             raise ValueError(f"AioLoop: backend={backend!r}: this engine only provides 'asyncio'")
@@ -206,7 +227,9 @@ class AioLoop:
         for name, value in (("max_pipes", max_pipes), ("splice_min", splice_min),
                             ("connect_timeout_ms", connect_timeout_ms),
                             ("idle_timeout_ms", idle_timeout_ms),
-                            ("half_close_timeout_ms", half_close_timeout_ms)):
+                            ("half_close_timeout_ms", half_close_timeout_ms),
+                            ("pipes_keep_idle", pipes_keep_idle),
+                            ("pipe_release_ms", pipe_release_ms)):
             if value < 0:
                 raise ValueError(f"AioLoop: {name}={value}: must be >= 0")
         # The write-buffer high-water mark stands in for the pipe: it bounds what one direction
@@ -225,6 +248,7 @@ class AioLoop:
         self._loop.add_reader(self._wakefd, self._drain_wakeup)
         self._listeners: dict[int, _Listener] = {}
         self._pairs: dict[int, _Pair] = {}
+        self._watches: dict[int, tuple[int, int, asyncio.TimerHandle]] = {}  # id: fd, tag, timer
         self._events: list[tuple[int, ...]] = []
         self._next_cid = 1
         self._closed = False
@@ -239,6 +263,8 @@ class AioLoop:
             "accept_paused": 0,
             "connect_failures": 0,
             "resets_sent": 0,
+            "watches": 0,
+            "watch_timeouts": 0,
         }
         self._stats.update(dict.fromkeys(_CLOSED_KEYS, 0))
 
@@ -256,6 +282,8 @@ class AioLoop:
             self._reset_pair(pair, R_ABORTED, 0)
         for tag in list(self._listeners):
             self.remove_listener(tag)
+        for wid in list(self._watches):
+            self.unwatch(wid)
         # Let the transports run their connection_lost callbacks, which close the sockets.
         for _ in range(100):
             if not self._pairs and not self._loop.has_ready_callbacks():
@@ -379,6 +407,8 @@ class AioLoop:
             raise
         client_sock.setblocking(False)
         upstream_sock.setblocking(False)
+        _set_linger(client_sock, LINGER_RST)  # until the graceful close: a dead process resets
+        _set_linger(upstream_sock, LINGER_RST)
         cid = self._next_cid
         self._next_cid += 1
         pair = _Pair(self, cid, tag, client_sock, upstream_sock, bytes(prefix))
@@ -468,8 +498,9 @@ class AioLoop:
             # Both read sides are done: close() flushes each write buffer, then closes (FIN).
             pair.reason = R_EOF
             self._cancel_timer(pair)
-            half.transport.close()
-            peer.transport.close()
+            for h in (half, peer):
+                _set_linger(h.transport.get_extra_info("socket"), _LINGER_OFF)
+                h.transport.close()
             return
         try:
             # asyncio shuts the write side down only once the buffer has drained.
@@ -537,6 +568,47 @@ class AioLoop:
         self._emit((EV_DONE, pair.cid, pair.tag, reason, pair.c2s, pair.s2c, 0, copied,
                     duration_us, pair.errno))
 
+    # -- watches -------------------------------------------------------------------------------
+
+    def watch(self, fd: int, tag: int, timeout_ms: int) -> int:
+        """Report once: (EV_READABLE, tag, fd) when ``fd`` turns readable, or
+        (EV_WATCH_TIMEOUT, tag, fd) after ``timeout_ms``; nothing is read, the fd stays the
+        caller's. Returns an id for ``unwatch``."""
+        self._ensure_open()
+        if fd < 0:
+            raise ValueError(f"AioLoop: bad fd {fd}")
+        if len(self._pairs) + len(self._watches) >= self._max_conns:
+            raise OSError(errno.ENFILE, f"connection table full (max_conns={self._max_conns})")
+        wid = self._next_cid
+        self._next_cid += 1
+        self._loop.add_reader(fd, self._watch_end, wid, EV_READABLE)
+        timer = self._loop.call_later(max(timeout_ms, 0) / 1000.0, self._watch_end, wid,
+                                      EV_WATCH_TIMEOUT)
+        self._watches[wid] = (fd, tag, timer)
+        self._stats["watches"] += 1
+        self._wakeup()
+        return wid
+
+    def unwatch(self, wid: int) -> bool:
+        """Cancel a watch without an event; False when it is already over."""
+        entry = self._watches.pop(wid, None)
+        if entry is None:
+            return False
+        fd, _tag, timer = entry
+        timer.cancel()
+        self._loop.remove_reader(fd)
+        return True
+
+    def _watch_end(self, wid: int, kind: int) -> None:
+        entry = self._watches.get(wid)
+        if entry is None:
+            return
+        fd, tag, _timer = entry
+        self.unwatch(wid)
+        if kind == EV_WATCH_TIMEOUT:
+            self._stats["watch_timeouts"] += 1
+        self._emit((kind, tag, fd))
+
     # -- timeouts ------------------------------------------------------------------------------
 
     def _arm_timer(self, pair: _Pair) -> None:
@@ -545,7 +617,8 @@ class AioLoop:
             pair.timer.cancel()
             pair.timer = None
         if limit > 0:
-            pair.timer = self._loop.call_at(self._loop.time() + limit, self._timer_fired, pair)
+            pair.timer = self._loop.call_later(limit / _SAMPLES_PER_TIMEOUT, self._timer_fired,
+                                               pair)
 
     def _current_limit(self, pair: _Pair) -> float:
         if (pair.client.eof or pair.origin.eof) and self._half_close_timeout > 0:
@@ -563,13 +636,15 @@ class AioLoop:
             return
         now = time.monotonic()
         # Bytes leaving a write buffer are activity too (a slow reader draining what we hold);
-        # asyncio only reports that at low water, so also compare the buffered amounts.
+        # asyncio only reports that at low water, so also compare the buffered amounts.  Only
+        # against a sample taken after the last byte was read (before it, the amount changed
+        # because of that byte): the first sample after activity is the baseline.
         pending = (pair.client.transport.get_write_buffer_size()
                    + pair.origin.transport.get_write_buffer_size())
-        if pending != pair.pending_seen:
-            pair.pending_seen = pending
-            if pending:
-                pair.last_activity = now
+        if pair.pending_at >= pair.last_activity and pending != pair.pending_seen:
+            pair.last_activity = now
+        pair.pending_seen = pending
+        pair.pending_at = now
         idle_for = now - pair.last_activity
         if idle_for >= limit:
             half_closed = pair.client.eof or pair.origin.eof
@@ -577,7 +652,8 @@ class AioLoop:
                 self._idle_timeout <= 0 or self._half_close_timeout <= self._idle_timeout)
             self._reset_pair(pair, R_HALF_CLOSE_TIMEOUT if hc_expired else R_IDLE_TIMEOUT, 0)
             return
-        pair.timer = self._loop.call_later(limit - idle_for, self._timer_fired, pair)
+        pair.timer = self._loop.call_later(min(limit - idle_for, limit / _SAMPLES_PER_TIMEOUT),
+                                           self._timer_fired, pair)
 
     @staticmethod
     def _cancel_timer(pair: _Pair) -> None:
@@ -651,7 +727,9 @@ class AioLoop:
         s["conns_open"] = len(self._pairs)
         s["conn_slots_used"] = len(self._pairs)
         # The core's pipe and ring counters, all 0 here: same keys whatever the engine.
+        s["watching"] = len(self._watches)
         for key in ("pipes_in_use", "pipes_free", "pipes_max", "pipes_created", "pipes_killed",
+                    "pipes_released",
                     "pipe_refused", "pipe_resize_denied", "sqe_starved", "submit_errors",
                     "events_dropped"):
             s[key] = 0

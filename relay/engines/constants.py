@@ -15,6 +15,8 @@ EV_ACCEPT = 1  # (EV_ACCEPT, listener_tag, fd)
 EV_ACCEPT_ERROR = 2  # (EV_ACCEPT_ERROR, listener_tag, errno)
 EV_CONNECTED = 3  # (EV_CONNECTED, cid, tag, connect_us)
 EV_DONE = 4  # (EV_DONE, cid, tag, reason, c2s, s2c, spliced, copied, duration_us, errno)
+EV_READABLE = 5  # (EV_READABLE, tag, fd): a watched fd turned readable (loop.watch)
+EV_WATCH_TIMEOUT = 6  # (EV_WATCH_TIMEOUT, tag, fd): a watched fd stayed silent until its deadline
 
 REASONS: tuple[str, ...] = (
     "eof",

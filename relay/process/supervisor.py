@@ -44,6 +44,7 @@ import msgspec
 from relay.config.model import Config, Listener
 from relay.process import privs, systemd
 from relay.process.heartbeat import Heartbeat
+from relay.process.oom import OomCounter
 from relay.process.worker import BootFailed, Serving, StatsReport, decode, run_worker
 from relay.sock import arm_reset
 
@@ -212,6 +213,7 @@ class Supervisor:
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.started = time.monotonic()
+        self.oom = OomCounter()  # workers are forked into our memory cgroup
         self.selector = selectors.DefaultSelector()
         self.signal_queue: deque[int] = deque()
         self.listeners: dict[tuple[str, str, str], socket.socket] = {}
@@ -543,6 +545,9 @@ class Supervisor:
         worker.heartbeat.close()
         self.metrics.retire(worker.stats)
         how = describe_status(status)
+        if (self.oom.moved() and os.WIFSIGNALED(status)
+                and os.WTERMSIG(status) == signal.SIGKILL):
+            how += " (possibly the OOM killer: the memory cgroup's oom_kill counter went up)"
         if worker.hung:
             how += " (hung: no heartbeat)"
         if self.stopping or worker.state == "draining":

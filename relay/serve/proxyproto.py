@@ -22,6 +22,7 @@ __all__ = [
     "SIGNATURE",
     "HEADER_FIXED_LEN",
     "MAX_HEADER_LEN",
+    "HeaderReader",
     "ProxyInfo",
     "ProxyProtocolError",
     "ProxyProtocolIncomplete",
@@ -152,6 +153,44 @@ def parse(data: bytes | bytearray | memoryview) -> tuple[int, ProxyInfo]:
     src = (socket.inet_ntop(af, s), sp)
     dst = (socket.inet_ntop(af, d), dp)
     return total, ProxyInfo("PROXY", int(af), src, dst, tlvs)
+
+
+class HeaderReader:
+    """Reads one PROXY v2 header from a non-blocking socket, as far as the bytes have arrived,
+    without consuming a byte behind it.
+
+    Each recv asks for no more than the header still lacks (16 bytes, then the rest of the
+    length they announce), so the payload stays in the socket for the relay. Not MSG_PEEK:
+    peeked bytes leave the socket readable, and a level-triggered wait for the rest of a
+    dribbled header would wake at once, again and again.
+    """
+
+    __slots__ = ("buf", "need")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.need = HEADER_FIXED_LEN
+
+    def read_from(self, sock: socket.socket) -> ProxyInfo | None:
+        """The header once complete, None while bytes are missing (wait for readability and
+        call again). Raises ProxyProtocolError when invalid or cut by EOF, OSError when the
+        socket failed (a reset)."""
+        while True:
+            try:
+                chunk = sock.recv(self.need - len(self.buf), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            except InterruptedError:
+                continue
+            if not chunk:
+                raise ProxyProtocolError(f"EOF after {len(self.buf)} header bytes")
+            self.buf += chunk
+            try:
+                _length, info = parse(self.buf)
+            except ProxyProtocolIncomplete as exc:
+                self.need = exc.needed
+                continue
+            return info
 
 
 def _check_ver_cmd(ver_cmd: int) -> None:

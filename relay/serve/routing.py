@@ -22,10 +22,13 @@ port the kernel picked is checked after connect(); outside the slice -> Denied, 
 
 PROXY protocol v2: with proxy_protocol = "v2" the upstream first receives a header naming the
 client and the address it connected to. Clients whose source is in trusted_proxies must start
-with a PROXY v2 header themselves: it is read (only its exact length, so no payload byte is
-consumed), parsed strictly, and its addresses are forwarded instead of the proxy's. Bytes from
-any other source are never parsed. Reading it may wait up to `proxy_header_timeout` seconds
-(trusted proxies send the header with their first segment, so normally no wait at all).
+with a PROXY v2 header themselves (`needs_header`): it is read (only its exact length, so no
+payload byte is consumed, `proxyproto.HeaderReader`), parsed strictly, and its addresses are
+forwarded instead of the proxy's. Bytes from any other source are never parsed. The server reads
+it without waiting (a connection whose header is incomplete is parked in the engine loop until
+readable, relay.serve.proxywait) and passes it to open_upstream(..., header=info,
+header_read=True); a caller without a loop lets open_upstream read it, waiting up to
+`proxy_header_timeout` seconds.
 
 Each open_upstream is a few system calls: no DNS, no allocation beyond the socket, tables built
 in the constructor.
@@ -63,6 +66,7 @@ REASONS = (
     "no_original_destination",  # redirect mode: conntrack knows no pre-NAT destination
     "proxy_header_invalid",  # trusted source sent a malformed or truncated PROXY v2 header
     "proxy_header_timeout",  # trusted source sent no complete header in time
+    "proxy_header_overflow",  # too many connections already waiting for their header
 )
 
 _EXHAUSTED_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
@@ -196,22 +200,36 @@ class Router:
 
     # ------------------------------------------------------------------ per connection
 
-    def open_upstream(self, client: socket.socket, peer: tuple | None = None) -> Upstream:
+    def needs_header(self, client: socket.socket, peer: tuple | None) -> bool:
+        """Must this client send a PROXY v2 header first (its source is a trusted proxy)?"""
+        if not self.trusted or client.family == socket.AF_UNIX:
+            return False
+        if peer is None:
+            peer = client.getpeername()
+        return peer[0] in self.trusted
+
+    def open_upstream(
+        self,
+        client: socket.socket,
+        peer: tuple | None = None,
+        header: proxyproto.ProxyInfo | None = None,
+        header_read: bool = False,
+    ) -> Upstream:
         """Open (start connecting) the upstream for accepted socket `client`.
 
         `peer`: client.getpeername() if the caller already has it (saves a system call).
+        `header_read`: the caller already read the client's PROXY v2 header (`header`, or None
+        when the client needs none); otherwise a trusted client's header is read here, waiting
+        up to proxy_header_timeout (never from an event loop: see the module docstring).
         Raises Denied (reason in REASONS; SliceExhausted for "slice_exhausted") when the
         connection must be refused, OSError when a socket call fails. Either way nothing is
         left open; the caller resets the client.
         """
         if self.closed:
             raise RuntimeError(f"router for listener {self.name} is closed")
-        info: proxyproto.ProxyInfo | None = None
-        if self.trusted and client.family != socket.AF_UNIX:
-            if peer is None:
-                peer = client.getpeername()
-            if peer[0] in self.trusted:
-                info = self._read_proxy_header(client)
+        info = header
+        if not header_read and self.needs_header(client, peer):
+            info = self._read_proxy_header(client)
         if self.mode == "backend":
             return self._open_backend(client, peer, info)
         return self._open_transparent(client, peer, info)
@@ -331,38 +349,23 @@ class Router:
         )
 
     def _read_proxy_header(self, client: socket.socket) -> proxyproto.ProxyInfo:
-        """Read exactly one PROXY v2 header from a trusted client. Each recv asks for no more
-        than the header still lacks, so the payload behind it stays in the socket for the core.
-        """
+        """Read exactly one PROXY v2 header from a trusted client, waiting up to
+        proxy_header_timeout for the rest of it (blocking: for callers without a loop)."""
         deadline = time.monotonic() + self.proxy_header_timeout
-        buf = bytearray()
-        need = proxyproto.HEADER_FIXED_LEN
-        poller: select.poll | None = None
+        reader = proxyproto.HeaderReader()
+        poller = select.poll()
+        poller.register(client.fileno(), select.POLLIN)
         while True:
             try:
-                chunk = client.recv(need - len(buf), socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                chunk = None
-            except InterruptedError:
-                continue
-            if chunk == b"":
-                raise Denied("proxy_header_invalid", f"EOF after {len(buf)} header bytes")
-            if chunk:
-                buf += chunk
-                try:
-                    _length, info = proxyproto.parse(buf)
-                    return info
-                except proxyproto.ProxyProtocolIncomplete as exc:
-                    need = exc.needed
-                except proxyproto.ProxyProtocolError as exc:
-                    raise Denied("proxy_header_invalid", str(exc)) from None
-                continue
+                info = reader.read_from(client)
+            except proxyproto.ProxyProtocolError as exc:
+                raise Denied("proxy_header_invalid", str(exc)) from None
+            if info is not None:
+                return info
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Denied("proxy_header_timeout", f"{len(buf)} of {need} bytes in time")
-            if poller is None:
-                poller = select.poll()
-                poller.register(client.fileno(), select.POLLIN)
+                raise Denied("proxy_header_timeout",
+                             f"{len(reader.buf)} of {reader.need} bytes in time")
             poller.poll(max(1, int(remaining * 1000)))
 
     def close(self) -> None:

@@ -8,7 +8,9 @@
 
 On EV_ACCEPT the listener's router opens the upstream (backend / original destination through
 the policy and the egress slice, optional PROXY v2 prefix) and the pair goes to the loop with
-``connecting=True``; on EV_DONE the flow is logged and counted. Limits are enforced here: the
+``connecting=True``; on EV_DONE the flow is logged and counted. A trusted proxy's client whose
+PROXY v2 header has not fully arrived is parked in the loop (relay.serve.proxywait), never
+waited for. Limits are enforced here: the
 global maxconn and the per-source maxconn of this worker (the configured numbers divided by the
 worker count, rounded up); a connection over a limit is reset at once and counted.
 """
@@ -34,11 +36,15 @@ from relay.engines.constants import (
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
     EV_DONE,
+    EV_READABLE,
+    EV_WATCH_TIMEOUT,
     REASONS,
     connect_failure_reason,
 )
 from relay.ops.log import log_every
 from relay.serve.flowlog import log_flow
+from relay.serve.proxyproto import ProxyInfo
+from relay.serve.proxywait import HeaderWaits, Waiting
 from relay.serve.routing import Denied, Router
 from relay.sock import UNIX_PREFIX, open_listener, reset_and_close
 
@@ -165,6 +171,8 @@ class Server:
             self.engine_name: str = self._loop.backend
             for lst in self._listeners:
                 self._loop.add_listener(lst.sock.fileno(), lst.tag)
+            self._header_waits = HeaderWaits(self._loop, float(settings.proxy_header_timeout),
+                                             int(settings.proxy_header_max_waiting))
         except BaseException:
             self._close_listeners()
             loop = getattr(self, "_loop", None)
@@ -247,7 +255,7 @@ class Server:
                         deadline = self._begin_drain()
                     elif not self._stop_drain and deadline > time.monotonic():
                         deadline = time.monotonic()  # a fast stop after a drain request
-                    if not self._flows:
+                    if not self._flows and not self._header_waits:
                         break
                     now = time.monotonic()
                     if now >= deadline:
@@ -301,6 +309,7 @@ class Server:
             self._refresh_loop_stats()
         s: dict[str, Any] = dict(self._loop_stats)
         s["flows_open"] = self._open
+        s["proxy_header_waiting"] = len(self._header_waits)
         s["flows_accepted"] = self._accepted
         s["maxconn"] = self._maxconn
         s["maxconn_per_source"] = self._maxconn_per_source
@@ -326,6 +335,8 @@ class Server:
                 self._on_done(ev)
             elif kind == EV_CONNECTED:
                 self._connect_hist.observe(ev[3] / 1e6)
+            elif kind == EV_READABLE or kind == EV_WATCH_TIMEOUT:
+                self._on_header_wait_over(ev[2], kind == EV_WATCH_TIMEOUT)
             elif kind == EV_ACCEPT_ERROR:
                 self._on_accept_error(ev[1], ev[2])
 
@@ -342,7 +353,7 @@ class Server:
         except OSError:
             client.close()  # reset before we got to it: nothing to relay, nobody to tell
             return
-        if self._open >= self._maxconn:
+        if self._open + len(self._header_waits) >= self._maxconn:
             self._reject(client, lst, "maxconn", peer)
             return
         source = None
@@ -353,14 +364,59 @@ class Server:
                 return
         router = lst.router
         assert router is not None
+        if router.needs_header(client, peer):
+            waiting = Waiting(lst, tag, client, peer, source)
+            try:
+                info = self._header_waits.begin(waiting)
+            except (Denied, OSError) as exc:
+                self._header_failed(waiting, exc)
+                return
+            if info is not None:
+                self._relay(lst, tag, client, peer, source, info)
+            return
+        self._relay(lst, tag, client, peer, source, None)
+
+    def _on_header_wait_over(self, fd: int, timed_out: bool) -> None:
+        waiting = self._header_waits.pop(fd)
+        if waiting is None:
+            return
         try:
-            up = router.open_upstream(client, peer)
+            info = self._header_waits.resume(waiting, timed_out)
+        except (Denied, OSError) as exc:
+            self._header_failed(waiting, exc)
+            return
+        if info is not None:
+            self._relay(waiting.listener, waiting.tag, waiting.client, waiting.peer,
+                        waiting.source, info)
+
+    def _header_failed(self, waiting: Waiting, exc: Denied | OSError) -> None:
+        if isinstance(exc, Denied):
+            self._deny(waiting.listener, waiting.client, waiting.peer, exc)
+            return
+        # The client reset (or broke) its connection before its header was complete.
+        self._closed_by_reason["reset_client"] += 1
+        reset_and_close(waiting.client)
+        self._log_unrelayed(waiting.listener, waiting.peer, None, "reset_client",
+                            exc.errno or 0)
+
+    def _deny(self, lst: _Listener, client: socket.socket, peer: Any, exc: Denied) -> None:
+        self._denied[exc.reason] = self._denied.get(exc.reason, 0) + 1
+        # In tproxy mode the local address is where the client was going: log it.
+        router = lst.router
+        dest = _local_address(client) if router is not None and router.mode == "tproxy" else None
+        reset_and_close(client)
+        self._log_unrelayed(lst, peer, dest, "denied_" + exc.reason, 0)
+
+    def _relay(self, lst: _Listener, tag: int, client: socket.socket, peer: Any,
+               source: str | None, header: ProxyInfo | None) -> None:
+        """Open the upstream (the client's header, if any, already read) and hand the pair to
+        the loop."""
+        router = lst.router
+        assert router is not None
+        try:
+            up = router.open_upstream(client, peer, header, header_read=True)
         except Denied as exc:
-            self._denied[exc.reason] = self._denied.get(exc.reason, 0) + 1
-            # In tproxy mode the local address is where the client was going: log it.
-            dest = _local_address(client) if router.mode == "tproxy" else None
-            reset_and_close(client)
-            self._log_unrelayed(lst, peer, dest, "denied_" + exc.reason, 0)
+            self._deny(lst, client, peer, exc)
             return
         except OSError as exc:
             err = exc.errno or 0
@@ -465,6 +521,14 @@ class Server:
             log.warning("server: drain deadline reached; aborting %d pairs", len(self._flows))
         for cid in list(self._flows):
             self._loop.abort(cid)
+        self._reset_header_waits()
+
+    def _reset_header_waits(self) -> None:
+        """Reset every client still waiting for its header (stopping)."""
+        for waiting in self._header_waits:
+            self._header_waits.discard(waiting)
+            self._closed_by_reason["aborted"] += 1
+            reset_and_close(waiting.client)
 
     def _deactivate_listener(self, lst: _Listener) -> None:
         if lst.active and not self._loop_closed:
@@ -493,6 +557,7 @@ class Server:
         for lst in self._listeners:
             self._deactivate_listener(lst)
         self._refresh_loop_stats()
+        self._reset_header_waits()
         # close() resets whatever is still open; their EV_DONE will never be read.
         self._loop.close()
         self._loop_closed = True
