@@ -247,9 +247,13 @@ def test_pipe_pool_shrinks_after_a_burst(make_loop, engine: str) -> None:
         for client, _origin in pairs:
             client.shutdown(socket.SHUT_WR)
         assert wait_until(lambda: (loop.run(10) or True) and loop.stats()["conns_open"] == 0, 10)
-        idle_at_peak = loop.stats()["pipes_free"]
+        # On a loaded machine the drain above can outlast release_ms, so some pipes may already
+        # be released: count those with the idle ones.
+        st = loop.stats()
+        released_before = st["pipes_released"]
+        idle_at_peak = st["pipes_free"] + released_before
         assert idle_at_peak >= 100, f"{idle_at_peak} idle pipes after the burst"
-        pipes_then = count_pipes()
+        pipes_then = count_pipes() + 2 * released_before
         assert wait_until(lambda: (loop.run(20) or True) and loop.stats()["pipes_free"] <= 8,
                           release_ms / 1000 + 3), f"still {loop.stats()['pipes_free']} idle"
         stats = loop.stats()
