@@ -47,6 +47,10 @@ _LOG_INTERVAL_S = 10.0
 REFUSE_HOLD_MS = 1000
 # Slice exhaustion is a transient state (a flow towards that destination ends): hold shorter.
 EXHAUSTED_HOLD_MS = 250
+# After a release, flows keep relaying this long before they are closed: a request sent just
+# before a reload still gets its answer (a DNS or QUIC handshake round trip), while the
+# hand-over to the next generation stays short (the supervisor waits UDP_RELEASE_TIMEOUT).
+RELEASE_GRACE_S = 0.25
 # UdpLoop.stats() drop counters -> the udp_drops label.
 DROP_REASONS = ("pending_full", "no_flow_slot", "truncated", "refused", "send", "no_origdst",
                 "pending_expired")
@@ -182,10 +186,19 @@ class UdpService:
             if now - refreshed >= _STATS_REFRESH_S:
                 self._core = loop.stats()
                 refreshed = now
-        # Released: stop reading, end every flow now and log it with the release's reason.
+        # Released: stop reading the listeners (new datagrams wait in their buffers for the
+        # next generation), let replies already on their way reach the flows that just sent a
+        # request (RELEASE_GRACE_S), then end every flow and log it with the release's reason.
         reason = self._release_reason
         for tag, _lst, _sock in self._listeners:
             loop.remove_listener(tag)
+        grace_end = time.monotonic() + RELEASE_GRACE_S
+        while self._flows and time.monotonic() < grace_end:
+            for ev in loop.run(10):
+                if ev[0] == UEV_NEW_FLOW:
+                    self._on_new(loop, ev)  # read before the release: decided as usual
+                elif ev[0] == UEV_FLOW_DONE:
+                    self._on_done(ev, None)
         for fid in list(self._flows):
             loop.close_flow(fid)
         deadline = time.monotonic() + 1.0
