@@ -129,3 +129,59 @@ def test_a_share_smaller_than_the_worker_count_is_empty_and_fails_closed() -> No
     (egress,) = _table(("203.0.113.7", "40000-40001")).entries
     share = PortAllocator((egress,), 2, 3).slice_of(egress)
     assert len(share.ports) == 0 and share.take(("192.0.2.1", 1)) is None
+
+
+def test_router_binds_slice_ports_shared_across_destinations_and_fails_closed() -> None:
+    """Loopback stands in for a soft-unicast address (local: no IP_TRANSPARENT needed); the
+    policy step is skipped because it refuses loopback destinations, as it should."""
+    import socket
+
+    from relay.serve.routing import SliceExhausted
+    from relay.serve.udp_routing import UdpRouter
+
+    cfg = loads('''
+[[listener]]
+name = "t"
+protocol = "udp"
+bind = "127.0.0.1:0"
+mode = "tproxy"
+[[egress]]
+address = "127.0.0.1"
+ports = "45000-45001"
+''')
+    table = EgressTable(cfg.egress)
+    router = UdpRouter(cfg.listener[0], cfg, set(), PortAllocator(table.entries, 0, 1), table)
+    egress = table.lookup("127.0.0.1")
+    origins = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    flows = []
+    try:
+        for o in origins:
+            o.bind(("127.0.0.1", 0))
+            o.settimeout(2)
+            for _ in range(2):
+                flows.append(router._open_upstream("127.0.0.1", o.getsockname()[1], egress))
+        assert sorted((f.egress, f.dest[1]) for f in flows) == sorted(
+            (("127.0.0.1", p), o.getsockname()[1]) for p in (45000, 45001) for o in origins)
+        with pytest.raises(SliceExhausted):
+            router._open_upstream("127.0.0.1", origins[0].getsockname()[1], egress)
+        # Each reply reaches the socket connected to the origin that sent it.
+        for f in flows:
+            up = socket.socket(fileno=f.upstream_fd)
+            up.settimeout(2)
+            up.send(b"%d" % f.upstream_fd)
+            o = next(o for o in origins if o.getsockname()[1] == f.dest[1])
+            data, peer = o.recvfrom(64)
+            assert peer == f.egress
+            o.sendto(data, peer)
+            assert up.recv(64) == data
+            f.upstream_fd = up.detach()
+        router.release(flows[0])
+        again = router._open_upstream("127.0.0.1", flows[0].dest[1], egress)
+        assert again.egress == flows[0].egress
+        flows.append(again)
+    finally:
+        for f in flows:
+            if f.upstream_fd >= 0:
+                socket.socket(fileno=f.upstream_fd).close()
+        for o in origins:
+            o.close()
