@@ -8,6 +8,7 @@ to (one socket per address); its nft counters tell datagrams from the slice from
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 from helpers import require_netns, wait_until
 
 from relay.lab.netlab import Lab
+from relay.lab.origins import split_hostport
 from relay.lab.udp import UdpLabEnv, exchange, receive, running_udp_lab, udp_lab_config
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
@@ -72,7 +74,8 @@ def _wait_records(env: UdpLabEnv, match: Any, count: int, timeout: float) -> lis
         return len(found) >= count
 
     assert wait_until(enough, timeout, 0.05), (
-        f"{len(found)} of {count} flow records:\n{env.relay.output()[-3000:]}")
+        f"{len(found)} of {count} flow records; stats {_udp_stats(env)}; "
+        f"records {[(r['client'], r['dest'], r['reason']) for r in found][:20]}")
     return found
 
 
@@ -223,15 +226,23 @@ def test_client_spoofing_many_source_ports(env: UdpLabEnv) -> None:
     before = env.counters()
     socks = [env.client() for _ in range(200)]
     try:
-        for sock in socks:
+        for i, sock in enumerate(socks):
             sock.sendto(b"spoof", dest)
+            if i % 25 == 24:
+                # 200 back-to-back datagrams can overrun the listener's receive buffer
+                # (rmem_default): the kernel's drop, not the relay's. Pace them.
+                time.sleep(0.002)
         assert wait_until(lambda: echo.datagrams_to(dest) >= 8, 3.0)
+        # Every datagram the relay read became one of the 8 flows or a logged refusal. (Up to
+        # a few may instead land on a new flow's reply socket between its bind() and
+        # connect(): docs/udp.md, open questions. Those never start a flow.)
         exhausted = _wait_records(env, lambda r: r["dest"] == _fmt(dest)
-                                  and r["reason"] == "slice_exhausted", 192, 5)
-        assert len(exhausted) == 192
+                                  and r["reason"] == "slice_exhausted", 188, 5)
         time.sleep(0.2)
-        assert echo.datagrams_to(dest) == 8
-        assert sum(receive(sock, 0.0) is not None for sock in socks) == 8
+        assert len({s.peer for s in echo.seen() if s.local == dest}) == 8  # 8 flows, no more
+        assert {split_hostport(r["client"])[1] for r in exhausted} <= {
+            s.getsockname()[1] for s in socks}
+        assert sum(receive(sock, 0.0) is not None for sock in socks) >= 8
         assert env.counters()["outside"] == before["outside"]
         with env.client() as other:  # another destination is still served
             assert exchange(other, (env.lab.dests4[0], 53)) is not None
@@ -263,12 +274,16 @@ def test_flood_beyond_udp_max_flows_is_refused_and_counted(
             def full() -> bool:
                 nonlocal stats
                 stats = _udp_stats(env)
+                # 60 - limit refused; see docs/udp.md, open questions, for the one or two that
+                # can land on a new flow's reply socket before it is connected.
                 return (stats.get("udp_flows_open") == limit
-                        and stats.get("udp_drops", {}).get("no_flow_slot", 0) >= 60 - limit)
+                        and stats.get("udp_drops", {}).get("no_flow_slot", 0) >= 60 - limit - 2)
 
-            assert wait_until(full, 5.0, 0.1), stats
-            assert sum(s.datagrams for s in sink.seen()) == limit
-            assert len(sink.seen()) == limit
+            assert wait_until(full, 5.0, 0.1), json.dumps(stats)
+            assert len(sink.seen()) == limit  # 16 flows reached the origin, no more
+            # Every datagram read went to one of the flows or was dropped and counted.
+            assert stats["udp_recv_dgrams"] == stats["udp_dgrams_c2s"] + stats["udp_drops"][
+                "no_flow_slot"], json.dumps(stats)
             # Sent again: still no growth, and the drops keep being counted.
             for i, sock in enumerate(socks):
                 sock.sendto(b"again", (Lab.dests4[i % 3], 7))
@@ -276,9 +291,9 @@ def test_flood_beyond_udp_max_flows_is_refused_and_counted(
             def counted() -> bool:
                 nonlocal stats
                 stats = _udp_stats(env)
-                return stats["udp_drops"]["no_flow_slot"] >= 2 * (60 - limit)
+                return stats["udp_drops"]["no_flow_slot"] >= 2 * (60 - limit) - 2
 
-            assert wait_until(counted, 5.0, 0.1), stats
+            assert wait_until(counted, 5.0, 0.1), json.dumps(stats)
             assert stats["udp_flows_open"] == limit
             assert len(sink.seen()) == limit
             assert env.counters()["outside"] == before["outside"]
