@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import select
 import socket
 import threading
@@ -43,6 +44,8 @@ __all__ = [
     "UdpLabEnv",
     "UdpReply",
     "counters",
+    "dnsmasq_argv",
+    "dnsmasq_queries",
     "exchange",
     "parse_reply",
     "receive",
@@ -235,6 +238,32 @@ def udp_counters(slices: Sequence[tuple[str, int, int]]) -> str:
         "    }\n"
         "}\n"
     )
+
+
+def dnsmasq_argv(listen: Sequence[str], answers: dict[str, Sequence[str]]) -> list[str]:
+    """`dnsmasq` in the foreground, serving only ``answers`` (name -> addresses) on the
+    ``listen`` addresses (one socket each: it answers from the address it was asked), port 53,
+    logging every query with its source address and port to stdout."""
+    argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+            "--no-hosts", "--bind-interfaces", "--port=53", "--user=root", "--pid-file=",
+            "--log-queries=extra", "--log-facility=-"]
+    argv += [f"--listen-address={a}" for a in listen]
+    argv += [f"--address=/{name}/{a}" for name, addrs in answers.items() for a in addrs]
+    return argv
+
+
+_DNSMASQ_QUERY = re.compile(r" query\[(\w+)\] (\S+) from (\S+)")
+_DNSMASQ_SOURCE = re.compile(r"\d+ (\S+)/(\d+) query\[")
+
+
+def dnsmasq_queries(log: str) -> list[tuple[str, str, tuple[str, int]]]:
+    """(type, name, (source address, port)) of every query in a ``dnsmasq_argv`` log."""
+    out = []
+    for line in log.splitlines():
+        query, source = _DNSMASQ_QUERY.search(line), _DNSMASQ_SOURCE.search(line)
+        if query and source:
+            out.append((query.group(1), query.group(2), (source.group(1), int(source.group(2)))))
+    return out
 
 
 def udp_lab_config(

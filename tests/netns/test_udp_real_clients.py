@@ -19,7 +19,13 @@ from relay.lab.netlab import Lab
 from relay.lab.origins import split_hostport
 from relay.lab.process import PYTHON, ReadyProcess
 from relay.lab.quic import quic_unavailable_reason, self_signed
-from relay.lab.udp import UdpLabEnv, running_udp_lab, udp_lab_config
+from relay.lab.udp import (
+    UdpLabEnv,
+    dnsmasq_argv,
+    dnsmasq_queries,
+    running_udp_lab,
+    udp_lab_config,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -45,11 +51,7 @@ class RealLab:
 
 
 def _dnsmasq(env: UdpLabEnv, log: Path) -> None:
-    cmd = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-           "--no-hosts", "--bind-interfaces", f"--listen-address={DNS4}",
-           f"--listen-address={DNS6}", "--port=53", "--user=root", "--pid-file=",
-           f"--address=/example.test/{ANSWER4}", f"--address=/example.test/{ANSWER6}",
-           "--log-queries", "--log-facility=-"]
+    cmd = dnsmasq_argv([DNS4, DNS6], {"example.test": [ANSWER4, ANSWER6]})
     out = open(log, "wb")  # noqa: SIM115 - the process keeps it; closed with the topology
     env.topo.popen(env.lab.origin, cmd, stdout=out, stderr=subprocess.STDOUT)
     out.close()
@@ -95,9 +97,9 @@ def test_dig_against_dnsmasq_through_tproxy(real: RealLab) -> None:
         address, port = split_hostport(record["egress"])
         assert address == egress and SLICE[0] <= port <= SLICE[1]
         assert record["c2s_dgrams"] == 1 and record["s2c_dgrams"] == 1
-    log = real.dnsmasq_log.read_text()
-    assert f"query[A] example.test from {Lab.egress4}" in log
-    assert f"query[AAAA] example.test from {Lab.egress6}" in log
+    queries = dnsmasq_queries(real.dnsmasq_log.read_text())
+    assert ("A", "example.test", split_hostport(v4["egress"])) in queries
+    assert ("AAAA", "example.test", split_hostport(v6["egress"])) in queries
     after = env.counters()
     assert after["in_slice"] - before["in_slice"] == 2 and after["outside"] == before["outside"]
 
