@@ -135,6 +135,8 @@ class UdpService:
         core = self._core
         s: dict[str, Any] = {f"udp_{k}": core.get(k, 0) for k in _CORE_COUNTERS}
         s["udp_drops"] = {r: core.get("drop_" + r, 0) for r in DROP_REASONS}
+        # Other clients' datagrams caught by a flow socket before its connect() (udp_routing).
+        s["udp_drops"]["foreign"] = sum(r.foreign_dropped for r in self._routers.values())
         s["udp_closed"] = dict(self._closed)
         s["udp_denied"] = dict(self._denied)
         s["udp_max_flows"] = self._options["max_flows"]

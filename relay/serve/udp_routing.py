@@ -75,6 +75,33 @@ def _set_transparent(sock: socket.socket, what: str) -> None:
                       "it needs CAP_NET_ADMIN or CAP_NET_RAW") from None
 
 
+def _drop_foreign(sock: socket.socket, peer: tuple[str, int]) -> int:
+    """Drop the datagrams queued from anyone but ``peer``; returns how many.
+
+    Between bind() and connect() a socket is an unconnected socket on its (address, port): the
+    kernel's UDP lookup (and nft tproxy's, for a transparent reply socket bound to the original
+    destination) may queue on it a datagram of *another* client or origin, and connect() does
+    not purge the queue. Those must never reach the core as this flow's datagrams. The peer's
+    own datagrams stay (the first one from the peer ends the scan: anything queued after it
+    arrived in the same microseconds, and arrives after connect() only from the peer).
+    """
+    dropped = 0
+    while True:
+        try:
+            _data, src = sock.recvfrom(1, socket.MSG_PEEK | socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            return dropped
+        except OSError:  # a queued ICMP error: the core reports it as the flow's error
+            return dropped
+        if _unmap(str(src[0])) == _unmap(peer[0]) and src[1] == peer[1]:
+            return dropped
+        try:
+            sock.recv(1, socket.MSG_DONTWAIT)
+        except OSError:
+            return dropped
+        dropped += 1
+
+
 def _is_local(address: str) -> bool:
     """True when this host owns ``address`` (a plain bind works without IP_TRANSPARENT)."""
     try:
@@ -115,6 +142,7 @@ class UdpRouter:
         own |= {lst.bind_address.host for lst in cfg.listener}
         self.policy = Policy(cfg.policy, own)
         self._local: dict[str, bool] = {}
+        self.foreign_dropped = 0  # datagrams queued in the bind()-connect() window (others')
         self._slices: dict[str, tuple[tuple[int, int], ...]] = {}
         for e in self.egress.entries:
             self._slices[e.address] = self._slices.get(e.address, ()) + ((e.lo, e.hi),)
@@ -175,6 +203,7 @@ class UdpRouter:
                     _set_transparent(sock, f"egress {egress.address}")
                 sock.bind((egress.address, chosen))
                 sock.connect(dest)
+                self.foreign_dropped += _drop_foreign(sock, dest)
             except OSError as exc:
                 sock.close()
                 share.give_back(dest, chosen)
@@ -199,6 +228,7 @@ class UdpRouter:
             _set_transparent(sock, f"reply socket {orig_dst[0]}:{orig_dst[1]}")
             sock.bind(orig_dst)
             sock.connect(client)
+            self.foreign_dropped += _drop_foreign(sock, client)
         except BaseException:
             sock.close()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
@@ -185,3 +186,24 @@ ports = "45000-45001"
                 socket.socket(fileno=f.upstream_fd).close()
         for o in origins:
             o.close()
+
+
+def test_datagrams_queued_before_connect_from_others_are_dropped() -> None:
+    import socket
+
+    from relay.serve.udp_routing import _drop_foreign
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flow, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        flow.bind(("127.0.0.1", 0))
+        peer.bind(("127.0.0.1", 0))
+        other.sendto(b"not yours", flow.getsockname())
+        other.sendto(b"nor this", flow.getsockname())
+        flow.connect(peer.getsockname())
+        peer.sendto(b"mine", flow.getsockname())
+        time.sleep(0.05)
+        assert _drop_foreign(flow, peer.getsockname()) == 2
+        flow.settimeout(1)
+        assert flow.recv(64) == b"mine"
+        assert _drop_foreign(flow, peer.getsockname()) == 0
