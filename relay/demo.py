@@ -9,7 +9,10 @@ Part 2, root only: three hosts in network namespaces (client, relay, origin). Th
 several "internet" addresses; the relay host intercepts the client's connections with TPROXY
 (rules from `relay nft`) and relays them from a soft-unicast address that is on none of its
 interfaces (relay/data/demo.toml). Summary: the flow table (original destination -> soft-unicast
-source) checked against what the origin saw, and the throughput.
+source) checked against what the origin saw, and the throughput. Then UDP through the same
+slice: DNS (`dig` -> `dnsmasq`) and an HTTP/3 request over QUIC (aioquic), each flow's egress
+checked against what the server saw, and the origin's counters of UDP from inside and outside
+the slice (a missing tool skips its part, with the reason).
 
 Every process and namespace the demo creates is removed before it returns, also on failure.
 Internal roles (used by the demo itself, in its namespaces): ``--serve-origin`` and
@@ -22,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,6 +48,8 @@ from relay.lab.process import (
     child_env,
     flow_records,
 )
+from relay.lab.quic import quic_unavailable_reason, self_signed
+from relay.lab.udp import UDP_TABLE, dnsmasq_argv, dnsmasq_queries, udp_counters
 from relay.serve.flowlog import format_addr
 from relay.sock import arm_reset
 
@@ -249,6 +255,109 @@ def print_part1(s: dict[str, Any]) -> None:
 
 DESTINATIONS = ("198.51.100.10:80", "198.51.100.11:443", "198.51.100.12:8080",
                 "[2001:db8:100::10]:443")
+DNS_SERVERS = ("198.51.100.10", "2001:db8:100::10")  # dnsmasq, port 53
+DNS_NAME, DNS_ANSWERS = "www.example.test", ("192.0.2.80", "2001:db8::80")
+HTTP3_SERVERS = ("198.51.100.11:443", "[2001:db8:100::11]:443")  # aioquic, UDP
+
+
+class _UdpPart:
+    """Part 2's UDP: dnsmasq and an HTTP/3 server in the origin host, dig and an HTTP/3 client
+    in the client host; whatever is missing is skipped with the reason."""
+
+    def __init__(self, topo: Topology, origin: str, client: str, workdir: str,
+                 procs: list[Any], env: dict[str, str | None]) -> None:
+        self.topo, self.origin, self.client, self.workdir = topo, origin, client, workdir
+        self.skipped: dict[str, str] = {}
+        self.dig: list[dict[str, str]] = []
+        self.http3: list[dict[str, Any]] = []
+        self.dnsmasq_log = os.path.join(workdir, "dnsmasq.log")
+        self.counters_before = {"in_slice": 0, "outside": 0}
+        missing = [t for t in ("dig", "dnsmasq") if shutil.which(t) is None]
+        if missing:
+            self.skipped["dns"] = (f"{' and '.join(missing)} not installed (Debian: "
+                                   "bind9-dnsutils, dnsmasq-base)")
+        else:
+            with open(self.dnsmasq_log, "wb") as out:
+                topo.popen(origin, dnsmasq_argv(DNS_SERVERS, {DNS_NAME: DNS_ANSWERS}),
+                           stdout=out, stderr=subprocess.STDOUT)
+        self.ca = ""
+        reason = quic_unavailable_reason()
+        if reason is not None:
+            self.skipped["http3"] = reason
+        else:
+            cert, key = self_signed(workdir)
+            self.ca = str(cert)
+            _started(procs, ReadyProcess(
+                _python("relay.lab.quic", "serve", "--cert", str(cert), "--key", str(key),
+                        *HTTP3_SERVERS), name="HTTP/3 origin", netns=origin, env=env))
+
+    def ready(self) -> None:
+        """Wait until dnsmasq answers (asked inside the origin host), then take the counters'
+        baseline: from here on they count what came through the relay."""
+        if "dns" not in self.skipped:
+            deadline = time.monotonic() + 10
+            while self._dig(self.origin, DNS_SERVERS[0], "A") != DNS_ANSWERS[0]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("dnsmasq did not answer in 10 s")
+                time.sleep(0.1)
+        self.counters_before = self.counters()
+
+    def _dig(self, ns: str, server: str, qtype: str) -> str:
+        res = self.topo.run(ns, ["dig", "+short", "+tries=1", "+time=3", f"@{server}",
+                                 DNS_NAME, qtype], check=False)
+        return res.stdout.strip()
+
+    def run_clients(self) -> None:
+        if "dns" not in self.skipped:
+            for server, qtype in zip(DNS_SERVERS, ("A", "AAAA"), strict=True):
+                self.dig.append({"server": server, "query": f"{DNS_NAME} {qtype}",
+                                 "answer": self._dig(self.client, server, qtype)})
+        if "http3" not in self.skipped:
+            for dest in HTTP3_SERVERS:
+                res = self.topo.run(self.client, _python(
+                    "relay.lab.quic", "get", "--ca", self.ca, dest, "/"), check=False,
+                    timeout=30)
+                if res.returncode != 0:
+                    raise RuntimeError(f"HTTP/3 GET {dest}: {res.stderr.strip()[-300:]}")
+                self.http3.append(json.loads(res.stdout))
+
+    def counters(self) -> dict[str, int]:
+        return {name: self.topo.nft_counter(self.origin, "inet", UDP_TABLE, name)[0]
+                for name in ("in_slice", "outside")}
+
+    def summary(self, flows: list[dict[str, Any]], after: dict[str, int]) -> dict[str, Any]:
+        """The UDP flow table: each flow's egress (flow log) next to the source its server
+        saw (dnsmasq's query log, the HTTP/3 server's answer)."""
+        seen: dict[str, str] = {}
+        if "dns" not in self.skipped and os.path.exists(self.dnsmasq_log):
+            with open(self.dnsmasq_log) as log:
+                for _qtype, _name, source in dnsmasq_queries(log.read()):
+                    seen[format_addr(source)] = "dnsmasq"
+        for res in self.http3:
+            words = res["body"].split()
+            if words[:1] == ["SEEN"]:
+                seen[words[1]] = "HTTP/3 server"
+        rows = []
+        for f in flows:
+            port = split_hostport(f["dest"])[1]
+            rows.append({
+                "app": {53: "dns", 443: "http3"}.get(port, "udp"),
+                "destination": f["dest"],
+                "relay_egress": f["egress"],
+                "server_saw_it": seen.get(f["egress"], ""),
+                "c2s_dgrams": f["c2s_dgrams"],
+                "s2c_dgrams": f["s2c_dgrams"],
+                "reason": f["reason"],
+            })
+        return {
+            "skipped": self.skipped,
+            "dig": self.dig,
+            "http3": [{"dest": r["dest"], "status": r["status"], "seconds": r["seconds"]}
+                      for r in self.http3],
+            "flows": sorted(rows, key=lambda r: (r["app"], r["destination"])),
+            "dgrams_from_slice": after["in_slice"] - self.counters_before["in_slice"],
+            "dgrams_from_elsewhere": after["outside"] - self.counters_before["outside"],
+        }
 
 
 def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
@@ -266,8 +375,11 @@ def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
         lab = three_hosts(topo)
         try:
             topo.nft(lab.origin, syn_counters(slices))
+            topo.nft(lab.origin, udp_counters(slices))
             _started(procs, ReadyProcess(_python("relay.demo", "--serve-origin", *DESTINATIONS),
                                          name="origin", netns=lab.origin, env=env))
+            udp = _UdpPart(topo, lab.origin, lab.client, workdir, procs, env)
+            udp.ready()
             rules = topo.run(lab.relay, _python("relay", "nft", "-c", config, "--ingress",
                                                 lab.relay_ingress, "--apply"), check=False)
             if rules.returncode != 0:
@@ -284,13 +396,17 @@ def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
                 raise RuntimeError(f"client: {client.stderr.strip()[-500:]}")
             report = json.loads(client.stdout)
             results, wall = report["results"], report["wall"]
-            relay.stop()  # SIGTERM: drain and log every flow
+            udp.run_clients()
+            relay.stop()  # SIGTERM: drain and log every flow (open UDP flows end "closed")
             syns = {name: topo.nft_counter(lab.origin, "inet", "origin", name)[0]
                     for name in ("in_slice", "outside")}
+            udp_after = udp.counters()
         finally:
             for proc in reversed(procs):
                 proc.stop()
-    flows = _flows(log_path)
+    every = _flows(log_path)
+    flows = [f for f in every if f.get("protocol", "tcp") == "tcp"]
+    udp_summary = udp.summary([f for f in every if f.get("protocol") == "udp"], udp_after)
     # A flow log line and a client result belong together when the relay's upstream socket
     # (egress) is the source the origin saw.
     by_egress = {f["egress"]: f for f in flows}
@@ -314,6 +430,7 @@ def part2(workdir: str, nbytes: int, per_dest: int) -> dict[str, Any]:
         "connections": len(results),
         "spliced_bytes": sum(int(f["spliced_bytes"]) for f in flows),
         "copied_bytes": sum(int(f["copied_bytes"]) for f in flows),
+        "udp": udp_summary,
     }
 
 
@@ -331,6 +448,26 @@ def print_part2(s: dict[str, Any]) -> None:
           f"{s['spliced_bytes']} bytes spliced, {s['copied_bytes']} copied")
     print(f"  SYNs at the origin (nft counters): {s['syns_from_slice']} from the slice, "
           f"{s['syns_from_elsewhere']} from anywhere else")
+    _print_udp(s["udp"])
+
+
+def _print_udp(u: dict[str, Any]) -> None:
+    print("  UDP through the same slice (TPROXY UDP), one line per flow from the flow log:")
+    for part, why in u["skipped"].items():
+        print(f"    {part}: skipped: {why}")
+    for d in u["dig"]:
+        print(f"    dig @{d['server']} {d['query']} -> {d['answer'] or '(no answer)'}")
+    for h in u["http3"]:
+        print(f"    HTTP/3 GET https://{h['dest']}/ -> {h['status']} in {h['seconds']:.3f} s")
+    print(f"    {'app':<6} {'original destination':<24} {'soft-unicast source':<26} "
+          f"{'server saw it':<14} {'dgrams c2s/s2c':>14}  end")
+    for row in u["flows"]:
+        saw = row["server_saw_it"] or "MISMATCH"
+        dgrams = f"{row['c2s_dgrams']}/{row['s2c_dgrams']}"
+        print(f"    {row['app']:<6} {row['destination']:<24} {row['relay_egress']:<26} "
+              f"{saw:<14} {dgrams:>14}  {row['reason']}")
+    print(f"  UDP datagrams at the origin (nft counters): {u['dgrams_from_slice']} from the "
+          f"slice, {u['dgrams_from_elsewhere']} from anywhere else")
 
 
 # -- entry point ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Everything here runs at start (listeners) or once per accepted connection
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -24,8 +25,11 @@ __all__ = [
     "IP6T_SO_ORIGINAL_DST",
     "LISTEN_BACKLOG",
     "UNIX_PREFIX",
+    "IP_RECVORIGDSTADDR",
+    "IPV6_RECVORIGDSTADDR",
     "format_address",
     "open_listener",
+    "open_udp_listeners",
     "original_destination",
 ]
 
@@ -44,6 +48,10 @@ SO_ORIGINAL_DST = 80
 IPV6_TRANSPARENT = 75
 # <linux/netfilter_ipv6/ip6_tables.h>: SO_ORIGINAL_DST for IPv6 (SOL_IPV6).
 IP6T_SO_ORIGINAL_DST = 80
+# <linux/in.h> / <linux/in6.h>: each received datagram carries its original destination in an
+# IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message (nft tproxy leaves the header untouched).
+IP_RECVORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
 
 LISTEN_BACKLOG = 4096
 UNIX_PREFIX = "unix:"
@@ -123,6 +131,75 @@ def open_listener(address: tuple[str, int] | str, *, transparent: bool = False) 
         sock.close()
         raise
     return sock
+
+
+def open_udp_listeners(
+    address: tuple[str, int],
+    count: int,
+    *,
+    transparent: bool = False,
+    existing: list[socket.socket] | None = None,
+) -> list[socket.socket]:
+    """``count`` UDP sockets bound to ``address`` in one SO_REUSEPORT group (one per worker
+    slot): the kernel hashes each datagram's 4-tuple over the group, so a flow always reaches
+    the same socket, also through nft tproxy's socket lookup.
+
+    ``existing``: the group bound earlier (a reload): they are kept, in order, and only the
+    missing ones are bound (to the port of the first). Otherwise a probe bind without
+    SO_REUSEPORT first: when another process already serves that UDP address, EADDRINUSE with a
+    clear message rather than silently sharing its datagrams. ``transparent``: IP_TRANSPARENT and
+    IP_RECVORIGDSTADDR (IPv6: IPV6_TRANSPARENT, IPV6_RECVORIGDSTADDR). Non-blocking; IPv6 binds
+    are IPV6_V6ONLY.
+    """
+    host, port = address
+    shown = format_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    group = list(existing or [])
+    if group:
+        port = group[0].getsockname()[1]
+    elif port:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                why = ("another process already serves this UDP address"
+                       if exc.errno == errno.EADDRINUSE else exc.strerror)
+                raise OSError(exc.errno, f"UDP listener {shown}: bind failed: {why}") from None
+    fresh: list[socket.socket] = []
+    try:
+        while len(group) + len(fresh) < count:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            fresh.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
+            if transparent:
+                try:
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(_SOL_IPV6, IPV6_TRANSPARENT, 1)
+                        sock.setsockopt(_SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
+                    else:
+                        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+                except PermissionError as exc:
+                    raise PermissionError(
+                        exc.errno,
+                        f"UDP listener {shown}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW",
+                    ) from None
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"UDP listener {shown}: bind failed: {exc.strerror}"
+                              ) from None
+            port = sock.getsockname()[1]
+            sock.setblocking(False)
+    except BaseException:
+        for sock in fresh:
+            sock.close()
+        raise
+    return (group + fresh)[:count]
 
 
 def _open_unix_listener(path: str) -> socket.socket:

@@ -33,11 +33,13 @@ __all__ = [
     "Listener",
     "Mode",
     "PolicyRules",
+    "Protocol",
     "ProxyProtocol",
 ]
 
 Mode = Literal["backend", "tproxy", "redirect"]
 ProxyProtocol = Literal["", "v2"]
+Protocol = Literal["tcp", "udp"]
 Backend = HostPort | str  # (host, port) or the path of a unix socket ("unix:/path" in the file)
 
 _EVERYWHERE = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
@@ -56,6 +58,12 @@ class Listener:
     backend_family: socket.AddressFamily = socket.AF_UNSPEC
     proxy_protocol: ProxyProtocol = ""
     trusted_networks: tuple[IPNetwork, ...] = ()
+    protocol: Protocol = "tcp"
+    udp_responses: int = 0  # UDP: end a flow after this many replies; 0 = unlimited
+
+    @property
+    def is_udp(self) -> bool:
+        return self.protocol == "udp"
 
     @property
     def transparent(self) -> bool:

@@ -5,8 +5,8 @@ schema`` (JSON schema for editors), the per-key checks of relay.config.validate 
 of ``relay config dump``.  The values the relay runs on are relay.config.model's.  Tables::
 
     [relay]          process-wide settings, declared in relay.config.settings
-    [[listener]]     name, bind, mode (backend|tproxy|redirect), backend, proxy_protocol,
-                     trusted_proxies
+    [[listener]]     name, protocol (tcp|udp), bind, mode (backend|tproxy|redirect), backend,
+                     proxy_protocol, trusted_proxies, udp_responses
     [[egress]]       address, ports "lo-hi", destinations (CIDRs)
     [policy]         allow, deny: "CIDR" or "CIDR:80,443,8000-8999"
 """
@@ -22,7 +22,7 @@ import msgspec
 from msgspec import Meta
 
 from relay.config.model import Config as ConfigModel
-from relay.config.model import Mode, ProxyProtocol
+from relay.config.model import Mode, Protocol, ProxyProtocol
 from relay.config.settings import RelaySettings
 
 __all__ = [
@@ -62,6 +62,18 @@ class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
         list[str],
         Meta(description="CIDRs allowed to send us a PROXY v2 header; empty = never parse one"),
     ] = []
+    protocol: Annotated[
+        Protocol,
+        Meta(description='"tcp" or "udp" (UDP: modes backend and tproxy; see docs/udp.md)'),
+    ] = "tcp"
+    udp_responses: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1 << 30,
+            description="UDP only: end a flow after this many replies (DNS = 1); 0 = unlimited",
+        ),
+    ] = 0
 
 
 class EgressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -172,6 +172,23 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             extra={"metavar": "PATH"},
         ),
     ] = ""
+    udp_idle_timeout: Annotated[
+        float,
+        Meta(
+            ge=MIN_SECONDS,
+            le=MAX_SECONDS,
+            description="seconds without a datagram either way before a UDP flow ends",
+        ),
+    ] = 60.0
+    udp_max_flows: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=4_000_000,
+            description="UDP flows open at once per worker; datagrams of new flows beyond it "
+            "are dropped and counted",
+        ),
+    ] = 16384
     metrics_listen: Annotated[
         str,
         Meta(
@@ -206,6 +223,13 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             "connect_timeout_ms": round(self.connect_timeout * 1000),
             "idle_timeout_ms": round(self.idle_timeout * 1000),
             "half_close_timeout_ms": round(self.half_close_timeout * 1000),
+        }
+
+    def udp_loop_options(self) -> dict[str, int]:
+        """Keyword arguments for ``relay_ext._udp.UdpLoop`` (one per worker)."""
+        return {
+            "max_flows": self.udp_max_flows,
+            "idle_timeout_ms": max(1, round(self.udp_idle_timeout * 1000)),
         }
 
 

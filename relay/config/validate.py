@@ -237,7 +237,19 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
         _check_call(p, f"{path}.trusted_proxies[{j}]", cidr, parse_network)
         for j, cidr in enumerate(v.get("trusted_proxies", ()))
     )
-    if len(p.lines) != ok or bind is None or mode is None or "proxy_protocol" not in v:
+    protocol = v.get("protocol")
+    if protocol == "udp":
+        _validate_udp_listener(path, v, backend_address, p)
+    elif protocol == "tcp" and v.get("udp_responses"):
+        p.add(f"{path}.udp_responses", v["udp_responses"], 'only used with protocol = "udp"')
+    if (
+        len(p.lines) != ok
+        or bind is None
+        or mode is None
+        or protocol is None
+        or "proxy_protocol" not in v
+        or "udp_responses" not in v
+    ):
         return None
     return Listener(
         name=str(name),
@@ -248,7 +260,40 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
         backend_family=_backend_family(backend_address),
         proxy_protocol=v["proxy_protocol"],
         trusted_networks=trusted,
+        protocol=protocol,
+        udp_responses=v["udp_responses"],
     )
+
+
+def _validate_udp_listener(
+    path: str, v: dict[str, Any], backend: HostPort | str | None, p: _Problems
+) -> None:
+    """What cannot work for a UDP listener, with the reason (docs/udp.md)."""
+    if v.get("mode") == "redirect":
+        p.add(
+            f"{path}.mode",
+            "redirect",
+            'not available for protocol = "udp": SO_ORIGINAL_DST needs a connected TCP socket; '
+            'use mode = "tproxy" (nft tproxy keeps the original destination per datagram)',
+        )
+    if isinstance(backend, str):
+        p.add(
+            f"{path}.backend",
+            v.get("backend", ""),
+            'a unix socket backend cannot carry protocol = "udp" datagrams; use "HOST:PORT"',
+        )
+    if v.get("proxy_protocol"):
+        p.add(
+            f"{path}.proxy_protocol",
+            v["proxy_protocol"],
+            'TCP only: a PROXY header is a stream prefix; not available for protocol = "udp"',
+        )
+    if v.get("trusted_proxies"):
+        p.add(
+            f"{path}.trusted_proxies",
+            v["trusted_proxies"],
+            'TCP only (PROXY headers); not available for protocol = "udp"',
+        )
 
 
 def _validate_egress(path: str, v: dict[str, Any], p: _Problems) -> EgressSlice | None:
@@ -295,7 +340,7 @@ def _validate_listener_set(
     if not listeners and require_listener and not any(k.startswith("listener") for k in p.paths):
         p.add("listener", _MISSING, "at least one [[listener]] is required")
     seen_names: dict[str, int] = {}
-    seen_binds: dict[tuple[str, int], int] = {}
+    seen_binds: dict[tuple[str, tuple[str, int]], int] = {}  # TCP and UDP ports are apart
     for i, v in enumerate(listeners):
         name = v.get("name")
         if name is not None:
@@ -306,9 +351,10 @@ def _validate_listener_set(
             bind = _bind_hostport(v["bind"])
         except (KeyError, ValueError):
             continue
-        if bind[1] and bind in seen_binds:
-            p.add(f"listener[{i}].bind", v["bind"], f"same address as listener[{seen_binds[bind]}]")
-        seen_binds.setdefault(bind, i)
+        key = (str(v.get("protocol", "tcp")), bind)
+        if bind[1] and key in seen_binds:
+            p.add(f"listener[{i}].bind", v["bind"], f"same address as listener[{seen_binds[key]}]")
+        seen_binds.setdefault(key, i)
 
 
 def _tables(data: Any, path: str, table: str, p: _Problems) -> list[Any]:

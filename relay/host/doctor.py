@@ -33,6 +33,9 @@ from relay.host.probes import (
     port_range_sysctl,
     splice_roundtrip,
     tcp_socket,
+    udp_origdst_roundtrip,
+    udp_port_sharing,
+    udp_reuseport,
     versions,
 )
 from relay.process import budgets as limits
@@ -69,6 +72,15 @@ URING_OPS_NEEDED = (
     "RECV",
     "SEND",
 )
+
+
+# What a UDP socket's queues should hold between two reads of the core: one burst of
+# QUIC-sized datagrams. The core reads up to 8 recvmmsg rounds of 32 per wakeup (docs/udp-core.md);
+# a 1,200-byte datagram costs 2,304 bytes of the socket's buffer (skb truesize, measured with
+# /proc/net/udp rx_queue), so net.core.rmem_default = 212992 holds only 92 of them.
+UDP_BURST_DATAGRAMS = 256
+UDP_DATAGRAM_TRUESIZE = 2304
+UDP_BURST_BYTES = UDP_BURST_DATAGRAMS * UDP_DATAGRAM_TRUESIZE
 
 
 class Check(msgspec.Struct, kw_only=True):
@@ -109,6 +121,14 @@ class Doctor:
     @property
     def needs_nft(self) -> bool:
         return any(lst.mode in ("tproxy", "redirect") for lst in self.cfg.listener)
+
+    @property
+    def needs_udp(self) -> bool:
+        return any(lst.is_udp for lst in self.cfg.listener)
+
+    @property
+    def needs_udp_tproxy(self) -> bool:
+        return any(lst.is_udp and lst.mode == "tproxy" for lst in self.cfg.listener)
 
     def _severity(self, needed: bool) -> Status:
         return "FAIL" if needed else "WARN"
@@ -448,6 +468,135 @@ class Doctor:
             fix="run as root / CAP_NET_ADMIN; the kernel needs nft_tproxy (modprobe nft_tproxy)",
         )
 
+    # ------------------------------------------------------------------ UDP
+
+    def check_udp_transparent(self) -> Check:
+        """A transparent UDP listener in miniature: IP_TRANSPARENT (CAP_NET_ADMIN) and the
+        original destination of a real datagram from its IP_ORIGDSTADDR control message."""
+        families = [socket.AF_INET]
+        if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
+            families.append(socket.AF_INET6)
+        done = []
+        for family in families:
+            label = "IPv6" if family == socket.AF_INET6 else "IPv4"
+            try:
+                host, port = udp_origdst_roundtrip(family)
+            except OSError as exc:
+                eperm = exc.errno == errno.EPERM
+                return Check(
+                    name="udp_transparent",
+                    status=self._severity(self.needs_udp_tproxy),
+                    detail=f"{label}: transparent UDP socket with RECVORIGDSTADDR: "
+                    f"{exc.strerror or exc} (needed by UDP tproxy listeners and the reply "
+                    "sockets that answer from the original destination)",
+                    fix="run as root or with CAP_NET_ADMIN (systemd: "
+                    "AmbientCapabilities=CAP_NET_ADMIN)" if eperm else
+                    "the kernel must support IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR",
+                )
+            done.append(f"{label} {host}:{port}" if label == "IPv4" else f"{label} [{host}]:{port}")
+        return Check(
+            name="udp_transparent",
+            status="PASS",
+            detail="IP_TRANSPARENT set, ORIGDSTADDR received: " + ", ".join(done),
+        )
+
+    def check_udp_port_sharing(self) -> Check:
+        needed = self.needs_udp and bool(self.cfg.egress)
+        try:
+            port = udp_port_sharing()
+        except OSError as exc:
+            return Check(
+                name="udp_port_sharing",
+                status=self._severity(needed),
+                detail=f"two SO_REUSEADDR sockets on one port, connected to two destinations: "
+                f"{exc.strerror or exc} (UDP egress shares each slice port across destinations)",
+                fix="needs a Linux kernel whose UDP lookup prefers connected sockets; without "
+                "it each slice port serves one UDP flow at a time",
+            )
+        return Check(
+            name="udp_port_sharing",
+            status="PASS",
+            detail=f"port {port} shared by two connected sockets, each got only its own reply",
+        )
+
+    def check_udp_reuseport(self) -> Check:
+        try:
+            port = udp_reuseport(2)
+        except OSError as exc:
+            return Check(
+                name="udp_reuseport",
+                status=self._severity(self.needs_udp),
+                detail=f"two UDP sockets with SO_REUSEPORT on one port: {exc.strerror or exc}",
+                fix="SO_REUSEPORT needs Linux 3.9+; run relay with workers = 1 meanwhile",
+            )
+        return Check(name="udp_reuseport", status="PASS",
+                     detail=f"two UDP sockets share port {port} with SO_REUSEPORT")
+
+    def check_udp_tproxy(self) -> Check:
+        nft = shutil.which("nft")
+        needed = self.needs_udp_tproxy
+        if nft is None:
+            return Check(
+                name="udp_tproxy",
+                status=self._severity(needed),
+                detail="not checked: nft not found",
+                fix="apt-get install nftables",
+            )
+        ruleset = (
+            "table inet relay_doctor {\n"
+            "  chain prerouting {\n"
+            "    type filter hook prerouting priority mangle; policy accept;\n"
+            "    meta l4proto udp socket transparent 1 meta mark set 1 accept\n"
+            "    meta l4proto udp tproxy ip to 127.0.0.1:1 meta mark set 1 accept\n"
+            "    meta l4proto udp tproxy ip6 to [::1]:1 meta mark set 1 accept\n"
+            "  }\n"
+            "}\n"
+        )
+        try:
+            res = subprocess.run([nft, "-c", "-f", "-"], input=ruleset, capture_output=True,
+                                 text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return Check(name="udp_tproxy", status=self._severity(needed), detail=f"nft -c: {exc}")
+        if res.returncode == 0:
+            return Check(name="udp_tproxy", status="PASS",
+                         detail="nft -c accepts udp tproxy (ip, ip6) and the udp socket match")
+        reason = " ".join(res.stderr.split())[:300] or f"exit status {res.returncode}"
+        return Check(
+            name="udp_tproxy",
+            status=self._severity(needed),
+            detail=f"nft -c rejects the UDP tproxy rules: {reason}",
+            fix="run as root / CAP_NET_ADMIN; the kernel needs nft_tproxy and nft_socket "
+            "(modprobe nft_tproxy nft_socket)",
+        )
+
+    def check_udp_buffers(self) -> Check:
+        """Socket buffer sysctls against one burst: a datagram that finds the receive queue
+        full is dropped by the kernel (UdpRcvbufErrors), never seen by the relay."""
+        values = {
+            key: read_int(f"/proc/sys/net/core/{key}")
+            for key in ("rmem_default", "rmem_max", "wmem_default", "wmem_max")
+        }
+        detail = ", ".join(f"net.core.{k}={v}" for k, v in values.items())
+        detail += (
+            f"; one burst = {UDP_BURST_DATAGRAMS} datagrams of 1200 bytes = "
+            f"{UDP_BURST_BYTES} bytes of buffer"
+        )
+        short = [k for k in ("rmem_default", "wmem_default")
+                 if (values[k] or 0) < UDP_BURST_BYTES]
+        if not short:
+            return Check(name="udp_buffers", status="PASS", detail=detail)
+        if not self.needs_udp:
+            return Check(name="udp_buffers", status="PASS",
+                         detail=detail + f"; {', '.join(short)} below it (no UDP listener)")
+        fix = " ".join(f"sysctl -w net.core.{k}={UDP_BURST_BYTES}" for k in short)
+        return Check(
+            name="udp_buffers",
+            status="WARN",
+            detail=detail + f"; {', '.join(short)} cannot hold it: bursts are dropped by the "
+            "kernel (netstat -su: receive buffer errors)",
+            fix=fix,
+        )
+
     # ------------------------------------------------------------------ engines, config
 
     def check_engines(self) -> Check:
@@ -506,6 +655,11 @@ class Doctor:
             self.check_nofile,
             self.check_nftables,
             self.check_tproxy,
+            self.check_udp_transparent,
+            self.check_udp_port_sharing,
+            self.check_udp_reuseport,
+            self.check_udp_tproxy,
+            self.check_udp_buffers,
             self.check_engines,
         ]
         if self.config_path is not None:
@@ -526,6 +680,11 @@ CHECK_NAMES: tuple[str, ...] = (
     "nofile",
     "nftables",
     "tproxy",
+    "udp_transparent",
+    "udp_port_sharing",
+    "udp_reuseport",
+    "udp_tproxy",
+    "udp_buffers",
     "engines",
 )
 

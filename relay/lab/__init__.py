@@ -8,6 +8,9 @@
   removed on exit even on failure; ``netns_unavailable_reason`` says why it cannot work here).
 - ``relay.lab.netlab``: client <-> relay host <-> origin in three namespaces, TPROXY rules from
   `relay nft`, SYN counters at the origin.
+- ``relay.lab.udp``: UDP origins (one socket per address), the origin's UDP counters inside /
+  outside the slices, UDP clients, dnsmasq, and the three-host lab with a UDP relay.
+- ``relay.lab.quic``: an HTTP/3 server and client (aioquic) that run in the namespaces.
 
 Nothing here imports pytest: the tests wrap the skip helpers (tests/helpers.py).
 """

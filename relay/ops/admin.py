@@ -295,8 +295,19 @@ def format_stats(snap: dict[str, Any]) -> str:
     for name, total in sorted(t.get("listener_total", {}).items()):
         lines.append(f"listener {name}: open {t.get('listener_open', {}).get(name, 0)}, "
                      f"total {total}")
+    if any(k.startswith("udp_") for k in t):
+        lines.append(
+            f"udp: flows open {t.get('udp_flows_open', 0)}, total {t.get('udp_flows_total', 0)}; "
+            f"datagrams client->origin {t.get('udp_dgrams_c2s', 0)} "
+            f"({_human_bytes(t.get('udp_bytes_c2s', 0))}), "
+            f"origin->client {t.get('udp_dgrams_s2c', 0)} "
+            f"({_human_bytes(t.get('udp_bytes_s2c', 0))})"
+        )
     for title, key in (("closes", "closed"), ("denied", "denied"),
-                       ("egress ports in use", "egress_ports_in_use")):
+                       ("egress ports in use", "egress_ports_in_use"),
+                       ("udp drops", "udp_drops"), ("udp closes", "udp_closed"),
+                       ("udp denied", "udp_denied"),
+                       ("udp egress ports in use", "udp_egress_ports_in_use")):
         values = {k: v for k, v in t.get(key, {}).items() if v}
         if values:
             lines.append(f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items())))

@@ -30,6 +30,9 @@ GAUGES = frozenset({
     "pipe_size_requested", "flows_open", "maxconn", "maxconn_per_source", "draining",
     "accept_paused_listeners", "conn_slots_used", "listeners", "listener_open",
     "egress_ports_in_use",
+    # UDP (docs/udp.md)
+    "udp_flows_open", "udp_pending_flows", "udp_pending_bytes", "udp_holds", "udp_max_flows",
+    "udp_started", "udp_egress_ports_in_use",
 })
 # Gauges whose sum means nothing: the largest worker value is shown.
 MAX_GAUGES = frozenset({"pipe_size_granted", "pipe_size_requested"})
@@ -206,8 +209,41 @@ class RelayCollector(Collector):
         yield gauge("relay_accept_paused_listeners", "Listeners paused right now (per worker)",
                     t.get("accept_paused_listeners", 0))
 
+        yield from _udp_metrics(t)
+
         hist = t.get("connect_seconds")
         if hist and hist.get("buckets"):
             h = HistogramMetricFamily("relay_connect_seconds", "Upstream connect latency")
             h.add_metric([], [(str(b), c) for b, c in hist["buckets"]], hist.get("sum", 0.0))
             yield h
+
+
+def _udp_metrics(t: dict[str, Any]) -> Iterator[Metric]:
+    """The UDP families (docs/udp.md), from the workers' udp_* stats."""
+    yield GaugeMetricFamily("relay_udp_flows_open", "UDP flows open",
+                            value=t.get("udp_flows_open", 0))
+    yield CounterMetricFamily("relay_udp_flows", "UDP flows created",
+                              value=t.get("udp_flows_total", 0))
+    dgrams = CounterMetricFamily("relay_udp_datagrams", "UDP datagrams relayed, by direction",
+                                 labels=["direction"])
+    size = CounterMetricFamily("relay_udp_bytes", "UDP payload bytes relayed, by direction",
+                               labels=["direction"])
+    for way in ("c2s", "s2c"):
+        dgrams.add_metric([way], t.get(f"udp_dgrams_{way}", 0))
+        size.add_metric([way], t.get(f"udp_bytes_{way}", 0))
+    yield dgrams
+    yield size
+    for name, doc, key, label in (
+        ("relay_udp_drops", "UDP datagrams dropped, by reason", "udp_drops", "reason"),
+        ("relay_udp_closes", "UDP flows ended, by reason", "udp_closed", "reason"),
+        ("relay_udp_denied", "UDP flows refused before relaying, by reason", "udp_denied",
+         "reason"),
+    ):
+        family = CounterMetricFamily(name, doc, labels=[label])
+        _labelled(family, t.get(key, {}))
+        yield family
+    ports = GaugeMetricFamily("relay_udp_egress_ports_in_use",
+                              "Slice ports held by UDP flows, per egress address",
+                              labels=["address"])
+    _labelled(ports, t.get("udp_egress_ports_in_use", {}))
+    yield ports

@@ -12,6 +12,14 @@ and ``ip rule fwmark 1 lookup 100`` + ``local 0.0.0.0/0 dev lo table 100`` deliv
 The same path brings replies home to a soft-unicast egress address that is not on any interface
 here: the outgoing socket has IP_TRANSPARENT, so `socket transparent 1` finds it for every reply
 (SYN-ACK included) and the mark routes the reply locally instead of forwarding or dropping it.
+
+UDP (listeners with ``protocol = "udp"``) takes the same path with `meta l4proto udp`: the
+`tproxy` rule hands a datagram for any destination to the transparent listener, whose
+IP_RECVORIGDSTADDR control message carries the original destination. `socket transparent 1`
+matches the flow's two transparent sockets: the upstream socket bound to (soft-unicast address,
+slice port) receives the destination's replies through it, and the reply socket bound to the
+original destination and connected to the client receives the client's later datagrams through
+it (the socket lookup prefers a connected socket to the listener).
 """
 
 from __future__ import annotations
@@ -125,7 +133,7 @@ def render(
 ) -> Plan:
     """The nft ruleset and `ip` commands that ``cfg`` needs.
 
-    ``ingress``: interfaces whose TCP is intercepted; empty means every interface except lo.
+    ``ingress``: interfaces whose TCP and UDP are intercepted; empty means every interface except lo.
     ``local``: this host's own addresses (default: read from the current namespace); an egress
     address among them needs no return path.
     """
@@ -151,6 +159,7 @@ def render(
     for listener in cfg.listener:
         if listener.mode != "tproxy":
             continue
+        proto = listener.protocol
         host, port = listener.bind_address
         if port == 0:
             raise PlumbingError(
@@ -165,23 +174,33 @@ def render(
         skip_egress = egress_by_version[version]
         not_egress = f" {family} daddr != {{ {', '.join(skip_egress)} }}" if skip_egress else ""
         intercept.append(
-            f"        {where} meta l4proto tcp fib daddr type != local{not_egress} "
+            f"        {where} meta l4proto {proto} fib daddr type != local{not_egress} "
             f"tproxy {family} to {target} meta mark set {FWMARK} accept"
             f"  # listener {listener.name}"
         )
         notes.append(
-            f"listener {listener.name} ({listener.bind}): TCP arriving on "
+            f"listener {listener.name} ({listener.bind}): {proto.upper()} arriving on "
             f"{', '.join(ingress) if ingress else 'any interface but lo'} for a non-local "
             f"IPv{version} destination is delivered to it"
         )
 
+    # A packet that belongs to a transparent socket we already have (an accepted TPROXY
+    # connection or an egress connection from a soft-unicast address; for UDP a flow's upstream
+    # or reply socket): route it locally.
+    own_sockets = [f"        meta l4proto tcp socket transparent 1 meta mark set {FWMARK} accept"]
+    if any(listener.is_udp for listener in cfg.listener):
+        own_sockets.append(
+            f"        meta l4proto udp socket transparent 1 meta mark set {FWMARK} accept"
+        )
+        notes.append(
+            "udp: datagrams for a flow's transparent sockets (replies to the soft-unicast "
+            "source port, the client's later datagrams to its reply socket) are delivered to them"
+        )
     body = [
         f"table inet {TABLE} {{",
         "    chain prerouting {",
         "        type filter hook prerouting priority mangle; policy accept;",
-        # A packet that belongs to a transparent socket we already have (an accepted TPROXY
-        # connection or an egress connection from a soft-unicast address): route it locally.
-        f"        meta l4proto tcp socket transparent 1 meta mark set {FWMARK} accept",
+        *own_sockets,
         *intercept,
         "    }",
         "}",
@@ -269,7 +288,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="IFACE",
-        help="intercept TCP only on this interface (repeatable); default: all but lo",
+        help="intercept TCP and UDP only on this interface (repeatable); default: all but lo",
     )
     action = p.add_mutually_exclusive_group()
     action.add_argument("--apply", action="store_true", help="install in this network namespace")

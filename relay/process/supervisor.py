@@ -18,6 +18,14 @@ serving); for a restarted worker it backs off and gives up after MAX_BOOT_FAILUR
 A worker that dies while serving is restarted at once, then after 1, 2, 4... s (BACKOFF_MAX);
 one whose heartbeat stops for relay.heartbeat_timeout is killed and replaced the same way.
 
+UDP listeners (docs/udp.md) are SO_REUSEPORT groups, one socket per worker slot, bound here
+and inherited by that slot's worker of every generation. UDP is handed over between generations
+by messages on the worker channel, so that no two workers ever hold UDP egress ports at once
+unless their slice partitions are disjoint: a new generation starts with UDP held; once it
+serves, the old workers get UdpRelease("reload") (they end every UDP flow at once and answer
+UdpReleased; one that does not within UDP_RELEASE_TIMEOUT is SIGKILLed), and only then do the
+new workers get UdpStart. Datagrams wait in the listener sockets' buffers meanwhile.
+
 Stop: SIGTERM drains (workers finish their transfers up to drain_timeout), SIGINT/SIGQUIT abort;
 either way the listening sockets are shut down first so new clients are refused at once.
 """
@@ -45,7 +53,18 @@ from relay.config.model import Config, Listener
 from relay.process import privs, systemd
 from relay.process.heartbeat import Heartbeat
 from relay.process.oom import OomCounter
-from relay.process.worker import BootFailed, Serving, StatsReport, decode, run_worker
+from relay.process.worker import (
+    BootFailed,
+    Command,
+    Serving,
+    StatsReport,
+    UdpRelease,
+    UdpReleased,
+    UdpStart,
+    decode,
+    encode_command,
+    run_worker,
+)
 from relay.sock import arm_reset
 
 __all__ = ["Supervisor", "run"]
@@ -64,6 +83,9 @@ TICK = 0.5  # main loop wake-up for deadlines and heartbeats
 STALL_WATCH = 5.0  # seconds after accepting processes leave during which accept queues are watched
 STALL_AFTER = 0.3  # a listening socket readable this long while workers serve is stalled
 STALL_TICK = 0.1
+# An old worker told to release UDP that has not answered by then is SIGKILLed: its egress
+# sockets must be gone before the new generation creates UDP flows (docs/udp.md).
+UDP_RELEASE_TIMEOUT = 2.0
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -186,13 +208,15 @@ class Worker:
     boot_error: str = ""
     kill_at: float | None = None  # SIGKILL deadline once told to stop
     hung: bool = False
+    udp: str = "held"  # held -> started (sent UdpStart) -> released (answered UdpReleased)
+    udp_kill_at: float | None = None  # SIGKILL deadline for a UdpRelease without an answer
 
 
 @dataclasses.dataclass(eq=False)
 class Generation:
     number: int
     cfg: Config  # as the workers see it (pipe budget applied)
-    sockets: dict[str, socket.socket]  # listener name -> listening socket
+    sockets: dict[str, socket.socket]  # listener name -> listening socket (TCP)
     size: int
     target: privs.Target | None  # who its workers become
     capabilities: frozenset[int]  # what they keep
@@ -203,6 +227,15 @@ class Generation:
     boot_failures: dict[int, int] = dataclasses.field(default_factory=dict)
     restart_at: dict[int, float] = dataclasses.field(default_factory=dict)
     replies: list[ReplyFn] = dataclasses.field(default_factory=list)
+    # UDP listener name -> one SO_REUSEPORT socket per worker slot
+    udp_sockets: dict[str, list[socket.socket]] = dataclasses.field(default_factory=dict)
+    udp_go: bool = False  # its workers may create UDP flows (no other generation holds any)
+
+    def slot_sockets(self, slot: int) -> dict[str, socket.socket]:
+        """What slot `slot`'s worker inherits: the TCP listeners and its UDP sockets."""
+        out = dict(self.sockets)
+        out.update({name: group[slot] for name, group in self.udp_sockets.items()})
+        return out
 
 
 class Supervisor:
@@ -217,6 +250,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.signal_queue: deque[int] = deque()
         self.listeners: dict[tuple[str, str, str], socket.socket] = {}
+        self.udp_listeners: dict[tuple[str, str, str], list[socket.socket]] = {}
         self.generations: list[Generation] = []
         self.workers: dict[int, Worker] = {}
         self.next_generation = 1
@@ -261,7 +295,8 @@ class Supervisor:
                         "listeners are bound")
         self._install_signals()
         sockets = self._bind_listeners(self.cfg)
-        gen = self._new_generation(self.cfg, sockets, target)
+        udp_sockets = self._bind_udp_listeners(self.cfg)
+        gen = self._new_generation(self.cfg, sockets, target, udp_sockets)
         self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics)
         self.admin.open(self.cfg)
         log.info(
@@ -350,6 +385,8 @@ class Supervisor:
         out: dict[str, socket.socket] = {}
         try:
             for lst in cfg.listener:
+                if lst.is_udp:
+                    continue
                 sock = self._existing_listener(lst, taken=out.values())
                 if sock is None:
                     sock = open_listener(lst.bind_address, transparent=lst.transparent)
@@ -361,6 +398,34 @@ class Supervisor:
             raise
         for key, sock in fresh:
             self.listeners[key] = sock
+        return out
+
+    def _bind_udp_listeners(self, cfg: Config) -> dict[str, list[socket.socket]]:
+        """One SO_REUSEPORT UDP socket per worker slot for each UDP listener of `cfg`: the
+        group bound for the same (name, address, mode) earlier is kept and grown if needed."""
+        from relay.sock import open_udp_listeners
+
+        size = cfg.relay.resolved_workers
+        out: dict[str, list[socket.socket]] = {}
+        grown: list[tuple[tuple[str, str, str], list[socket.socket], int]] = []
+        try:
+            for lst in cfg.listener:
+                if not lst.is_udp:
+                    continue
+                key = listener_key(lst)
+                existing = self.udp_listeners.get(key, [])
+                group = open_udp_listeners(lst.bind_address, size, transparent=lst.transparent,
+                                           existing=existing)
+                grown.append((key, group, len(existing)))
+                out[lst.name] = group
+        except BaseException:
+            for _key, group, kept in grown:
+                for sock in group[kept:]:
+                    sock.close()
+            raise
+        for key, group, _kept in grown:
+            have = self.udp_listeners.setdefault(key, [])
+            have.extend(group[len(have):])
         return out
 
     def _existing_listener(self, lst: Listener, taken: Iterable[socket.socket]
@@ -391,14 +456,29 @@ class Supervisor:
                 log.info("listener %s (%s, %s) closed: not in the config any more", *key)
                 sock.close()
                 del self.listeners[key]
+        used_udp = {id(s) for gen in self.generations for group in gen.udp_sockets.values()
+                    for s in group}
+        for key, group in list(self.udp_listeners.items()):
+            keep = [s for s in group if id(s) in used_udp]
+            for sock in group:
+                if id(sock) not in used_udp:
+                    sock.close()
+            if keep:
+                self.udp_listeners[key] = keep
+            else:
+                log.info("UDP listener %s (%s, %s) closed: not in the config any more", *key)
+                del self.udp_listeners[key]
 
     def _listener_text(self, gen: Generation) -> str:
-        return ",".join(f"{name}={format_address(s)}" for name, s in gen.sockets.items())
+        names = {**gen.sockets, **{n: g[0] for n, g in gen.udp_sockets.items() if g}}
+        return ",".join(f"{lst.name}={format_address(names[lst.name])}"
+                        for lst in gen.cfg.listener if lst.name in names)
 
     # ------------------------------------------------------------------ workers
 
     def _new_generation(
-        self, cfg: Config, sockets: dict[str, socket.socket], target: privs.Target | None
+        self, cfg: Config, sockets: dict[str, socket.socket], target: privs.Target | None,
+        udp_sockets: dict[str, list[socket.socket]] | None = None,
     ) -> Generation:
         from relay.process.budgets import nofile_needed_for, pipe_budget, raise_nofile
 
@@ -422,7 +502,8 @@ class Supervisor:
         log.log(logging.INFO if nofile.ok else logging.WARNING, "budget: %s", text)
         _give_log_file(cfg, target)
         gen = Generation(self.next_generation, cfg, sockets, size, target,
-                         privs.needed_capabilities(cfg), text)
+                         privs.needed_capabilities(cfg), text,
+                         udp_sockets=dict(udp_sockets or {}))
         self.next_generation += 1
         self.generations.append(gen)
         return gen
@@ -455,10 +536,11 @@ class Supervisor:
             try:
                 parent_end.close()
                 code = run_worker(
-                    gen.cfg, gen.sockets, child_end, heartbeat,
+                    gen.cfg, gen.slot_sockets(slot), child_end, heartbeat,
                     (gen.target, gen.capabilities),
-                    lambda: self._close_in_child(gen),
+                    lambda: self._close_in_child(gen, slot),
                     supervisor_pid,
+                    (slot, gen.size),
                 )
             finally:
                 os._exit(code)
@@ -470,12 +552,16 @@ class Supervisor:
         self.selector.register(parent_end, selectors.EVENT_READ, lambda: self._on_channel(worker))
         log.info("worker %d started (generation %d, slot %d)", pid, gen.number, slot)
 
-    def _close_in_child(self, gen: Generation) -> None:
+    def _close_in_child(self, gen: Generation, slot: int = 0) -> None:
         """In a fresh worker: close what belongs to the supervisor (objects, not fd numbers)."""
-        keep = {id(s) for s in gen.sockets.values()}
+        keep = {id(s) for s in gen.slot_sockets(slot).values()}
         for sock in self.listeners.values():
             if id(sock) not in keep:
                 sock.close()
+        for group in self.udp_listeners.values():
+            for sock in group:
+                if id(sock) not in keep:
+                    sock.close()
         for other in self.workers.values():
             other.channel.close()
             other.heartbeat.close()
@@ -513,8 +599,50 @@ class Supervisor:
                     log.info("worker %d serving (engine %s%s)", worker.pid, msg.engine,
                              f": {msg.engine_reason}" if msg.engine_reason else "")
                     self._generation_progress(worker.generation)
+                    self._udp_progress()
             elif isinstance(msg, BootFailed):
                 worker.boot_error = msg.error
+            elif isinstance(msg, UdpReleased):
+                if worker.udp == "started":
+                    worker.udp = "released"
+                    worker.udp_kill_at = None
+                    self._udp_progress()
+
+    def _command(self, worker: Worker, cmd: Command) -> None:
+        try:
+            worker.channel.send(encode_command(cmd), socket.MSG_DONTWAIT)
+        except OSError as exc:  # a dead worker: its reaping does the rest
+            log.debug("worker %d: command not sent: %s", worker.pid, exc)
+
+    def _release_udp(self, workers: Iterable[Worker], reason: str, deadline: bool) -> None:
+        for w in workers:
+            if w.udp == "started":
+                self._command(w, UdpRelease(reason))
+                if deadline and w.udp_kill_at is None:
+                    w.udp_kill_at = time.monotonic() + UDP_RELEASE_TIMEOUT
+
+    def _udp_progress(self) -> None:
+        """Let the newest serving generation create UDP flows once no worker of any other
+        generation holds UDP (told to start and not yet released or gone); then tell each of
+        its serving workers (also ones restarted later) to start."""
+        if self.stopping:
+            return
+        serving = [g for g in self.generations if g.state == "serving"]
+        if not serving:
+            return
+        gen = serving[-1]
+        if not gen.udp_go:
+            holders = [w for w in self.workers.values()
+                       if w.generation is not gen and w.udp == "started"]
+            if holders:
+                return
+            gen.udp_go = True
+            if gen.udp_sockets:
+                log.info("generation %d: UDP started", gen.number)
+        for w in gen.workers.values():
+            if w.state == "serving" and w.udp == "held":
+                w.udp = "started"
+                self._command(w, UdpStart())
 
     def _signal_workers(self, sig: int, workers: list[Worker]) -> None:
         for w in workers:
@@ -544,6 +672,7 @@ class Supervisor:
         worker.channel.close()
         worker.heartbeat.close()
         self.metrics.retire(worker.stats)
+        worker.udp = "released"  # its sockets died with it
         how = describe_status(status)
         if (self.oom.moved() and os.WIFSIGNALED(status)
                 and os.WTERMSIG(status) == signal.SIGKILL):
@@ -557,6 +686,7 @@ class Supervisor:
         else:
             self._crashed(worker, how)
         self._retire_finished_generations()
+        self._udp_progress()
 
     def _boot_failed(self, gen: Generation, slot: int, pid: int, error: str) -> None:
         log.error("worker %s (generation %d, slot %d) failed to boot: %s",
@@ -600,7 +730,13 @@ class Supervisor:
     def _check_workers(self) -> None:
         now = time.monotonic()
         for w in list(self.workers.values()):
-            if w.kill_at is not None and now >= w.kill_at:
+            if w.udp == "started" and w.udp_kill_at is not None and now >= w.udp_kill_at:
+                log.warning("worker %d did not release UDP within %.0fs: SIGKILL (its UDP "
+                            "sockets must be gone before the new generation starts UDP)",
+                            w.pid, UDP_RELEASE_TIMEOUT)
+                w.udp_kill_at = None
+                self._signal_workers(signal.SIGKILL, [w])
+            elif w.kill_at is not None and now >= w.kill_at:
                 log.warning("worker %d still running at its stop deadline: SIGKILL", w.pid)
                 w.kill_at = None
                 self._signal_workers(signal.SIGKILL, [w])
@@ -692,6 +828,7 @@ class Supervisor:
             if w.state != "draining":
                 w.state = "draining"
                 w.kill_at = deadline
+        self._release_udp(gen.workers.values(), "reload", deadline=True)
         self._signal_workers(signal.SIGTERM, list(gen.workers.values()))
         log.info("generation %d draining (%d workers, up to %.0fs)",
                  gen.number, len(gen.workers), gen.cfg.relay.drain_timeout)
@@ -749,6 +886,11 @@ class Supervisor:
             cfg = load(self.config_path, check_kernel=True, overrides=self.overrides)
             target = privs.resolve_target(cfg.relay.user, cfg.relay.group)
             sockets = self._bind_listeners(cfg)
+            try:
+                udp_sockets = self._bind_udp_listeners(cfg)
+            except BaseException:
+                self._close_unused_listeners()
+                raise
         except ConfigError as exc:
             problems = "\n".join(exc.problems)
             log.error("reload refused, the running configuration stays:\n%s", problems)
@@ -760,7 +902,7 @@ class Supervisor:
             systemd.notify(f"READY=1\nSTATUS=reload refused: {exc}")
             answer(False, f"reload refused: {exc}")
             return
-        gen = self._new_generation(cfg, sockets, target)
+        gen = self._new_generation(cfg, sockets, target, udp_sockets)
         if reply is not None:
             gen.replies.append(reply)
         log.info("reload: starting generation %d (%d workers)", gen.number, gen.size)
@@ -784,6 +926,11 @@ class Supervisor:
                 sock.shutdown(socket.SHUT_RD)
             sock.close()
         self.listeners.clear()
+        for group in self.udp_listeners.values():
+            for sock in group:
+                sock.close()
+        self.udp_listeners.clear()
+        self._release_udp(self.workers.values(), "closed", deadline=False)
         timeout = self.cfg.relay.drain_timeout + DRAIN_GRACE if drain else FAST_STOP_TIMEOUT
         deadline = time.monotonic() + timeout
         for gen in self.generations:
@@ -804,6 +951,10 @@ class Supervisor:
         for sock in self.listeners.values():
             sock.close()
         self.listeners.clear()
+        for group in self.udp_listeners.values():
+            for sock in group:
+                sock.close()
+        self.udp_listeners.clear()
         for w in list(self.workers.values()):
             # Only reached on a start failure or an exception in the loop: leave no orphan.
             self._signal_workers(signal.SIGKILL, [w])
@@ -846,7 +997,7 @@ class Supervisor:
             "engine": self.cfg.relay.engine,
             "engines": sorted({w["engine"] for w in workers if w["engine"]}),
             "listeners": (
-                {name: format_address(s) for name, s in current.sockets.items()
+                {name: format_address(s) for name, s in current.slot_sockets(0).items()
                  if s.fileno() >= 0} if current else {}
             ),
             "admin": self.admin.addresses() if self.admin is not None else {},

@@ -34,8 +34,14 @@ __all__ = [
     "Serving",
     "StatsReport",
     "Message",
+    "Command",
+    "UdpRelease",
+    "UdpReleased",
+    "UdpStart",
     "decode",
+    "decode_command",
     "encode",
+    "encode_command",
     "run_worker",
 ]
 
@@ -69,10 +75,33 @@ class StatsReport(msgspec.Struct, tag="stats"):
     final: bool = False
 
 
-Message = Serving | BootFailed | StatsReport
+class UdpReleased(msgspec.Struct, tag="udp_released"):
+    """The worker stopped reading UDP and closed every UDP flow and egress socket."""
+
+    pid: int
+
+
+Message = Serving | BootFailed | StatsReport | UdpReleased
+
+
+# Supervisor -> worker (docs/udp.md: a generation creates UDP flows only once no other
+# generation holds any, so no two flows can ever share an egress 4-tuple).
+class UdpStart(msgspec.Struct, tag="udp_start"):
+    """Start reading the UDP listeners."""
+
+
+class UdpRelease(msgspec.Struct, tag="udp_release"):
+    """Stop UDP now: end every UDP flow with `reason` ("reload" or "closed"), then answer
+    UdpReleased."""
+
+    reason: str = "closed"
+
+
+Command = UdpStart | UdpRelease
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
+_command_decoder = msgspec.msgpack.Decoder(Command)
 
 
 def encode(msg: Message) -> bytes:
@@ -81,6 +110,38 @@ def encode(msg: Message) -> bytes:
 
 def decode(data: bytes) -> Message:
     return _decoder.decode(data)
+
+
+def encode_command(cmd: Command) -> bytes:
+    return _encoder.encode(cmd)
+
+
+def decode_command(data: bytes) -> Command:
+    return _command_decoder.decode(data)
+
+
+def _read_commands(channel: socket.socket, srv: Any) -> None:
+    """Thread: the supervisor's commands (UdpStart, UdpRelease). EOF: the supervisor is gone,
+    so UDP stops (the parent-death SIGTERM drains TCP)."""
+    while True:
+        try:
+            data = channel.recv(4096)
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            srv.release_udp("closed")
+            return
+        try:
+            cmd = decode_command(data)
+        except msgspec.DecodeError as exc:
+            log.warning("worker %d: undecodable supervisor command: %s", os.getpid(), exc)
+            continue
+        if isinstance(cmd, UdpStart):
+            srv.start_udp()
+        else:
+            srv.release_udp(cmd.reason)
 
 
 def _send(channel: socket.socket, msg: Message) -> None:
@@ -155,9 +216,11 @@ def _import_while_privileged() -> None:
     import relay.engines.aio  # noqa: F401
     import relay.ops.log  # noqa: F401
     import relay.serve.server  # noqa: F401
+    import relay.serve.udp  # noqa: F401
 
     try:
         import relay_ext._core  # noqa: F401  (importing creates no ring; Server does, later)
+        import relay_ext._udp  # noqa: F401
     except (ImportError, OSError):
         pass  # not built or unreadable: the engine selection explains it when the Server starts
 
@@ -170,12 +233,15 @@ def run_worker(
     privileges: tuple[Any, frozenset[int]],
     close_parent: Callable[[], None],
     supervisor_pid: int,
+    slot: tuple[int, int] = (0, 1),
 ) -> int:
     """Body of a forked worker; returns its exit code (the caller must os._exit with it).
 
     `close_parent` closes the supervisor's own objects inherited by the fork (admin sockets,
     other workers' channels and heartbeats, listeners this generation does not use): closing the
     Python objects, not raw fd numbers, so nothing can close a reused descriptor later.
+    `slot`: (this worker's slot, workers in its generation): its share of the egress slices
+    for UDP flows. UDP starts and stops on the supervisor's commands (docs/udp.md).
     """
     _reset_signals()
     close_parent()
@@ -197,7 +263,9 @@ def run_worker(
         privs.set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != supervisor_pid:
             raise RuntimeError(f"supervisor {supervisor_pid} died while this worker started")
-        srv = Server(cfg, engine=cfg.relay.engine, sockets=sockets)
+        srv = Server(cfg, engine=cfg.relay.engine, sockets=sockets, udp_slot=slot,
+                     udp_supervised=True,
+                     udp_on_released=lambda: _send(channel, UdpReleased(os.getpid())))
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         log.error("worker %d failed to boot: %s", pid, error)
@@ -226,6 +294,10 @@ def run_worker(
     signal.signal(signal.SIGQUIT, stop_now)
     signal.signal(signal.SIGUSR1, reopen_logs)
 
+    import threading
+
+    threading.Thread(target=_read_commands, args=(channel, srv), name="relay-commands",
+                     daemon=True).start()
     engine = str(getattr(srv, "engine_name", "") or cfg.relay.engine)
     reason = str(getattr(srv, "engine_reason", ""))
     _send(channel, Serving(pid, engine, reason))

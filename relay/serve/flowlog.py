@@ -16,7 +16,12 @@ them as ``key=value`` in text mode and as JSON members in json mode):
 ``reason``         how it ended: one of relay.engines.REASONS, or "denied_<why>" /
                    "rejected_<limit>" for connections refused before relaying
 ``errno``          errno name behind the reason ("ECONNRESET"), "" when none
+``protocol``       "tcp" or "udp"
+``c2s_dgrams``     UDP only: datagrams client -> origin (``s2c_dgrams``: origin -> client)
 =================  ==========================================================================
+
+UDP flows (docs/udp.md) add the reasons ``responses``, ``closed``, ``reload`` and
+``slice_exhausted``; their bytes are all copied (``spliced_bytes`` 0).
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ def log_flow(
     duration: float,
     reason: str,
     errno: int = 0,
+    protocol: str = "tcp",
+    c2s_dgrams: int | None = None,
+    s2c_dgrams: int | None = None,
 ) -> None:
     """Emit the record at INFO (cheap no-op when ``relay.flow`` is not enabled for INFO)."""
     if not FLOW_LOGGER.isEnabledFor(logging.INFO):
@@ -82,5 +90,7 @@ def log_flow(
             "duration": round(duration, 6),
             "reason": reason,
             "errno": err_name,
+            "protocol": protocol,
+            **({} if c2s_dgrams is None else {"c2s_dgrams": c2s_dgrams, "s2c_dgrams": s2c_dgrams}),
         },
     )

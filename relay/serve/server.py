@@ -46,7 +46,8 @@ from relay.serve.flowlog import log_flow
 from relay.serve.proxyproto import ProxyInfo
 from relay.serve.proxywait import HeaderWaits, Waiting
 from relay.serve.routing import Denied, Router
-from relay.sock import UNIX_PREFIX, open_listener, reset_and_close
+from relay.serve.udp import UdpService
+from relay.sock import UNIX_PREFIX, open_listener, open_udp_listeners, reset_and_close
 
 __all__ = ["CONNECT_BUCKETS", "Server"]
 
@@ -121,7 +122,13 @@ class Server:
     """
 
     def __init__(self, cfg: Config, engine: str | None = None,
-                 sockets: dict[str, socket.socket] | None = None) -> None:
+                 sockets: dict[str, socket.socket] | None = None, *,
+                 udp_slot: tuple[int, int] = (0, 1), udp_supervised: bool = False,
+                 udp_on_released: Any = None) -> None:
+        """``udp_slot``: (worker slot, workers) whose share of each egress slice UDP flows use
+        (docs/udp.md); ``udp_supervised``: UDP starts on ``start_udp()`` and ends on
+        ``release_udp()`` or at the end of ``serve_forever`` (the supervisor sequences it across
+        generations), else it starts with ``serve_forever`` and ends on any stop request."""
         self.cfg = cfg
         self._id = next(_server_ids)
         settings = cfg.relay
@@ -152,20 +159,40 @@ class Server:
         self._serve_thread_id: int | None = None
         self._thread: threading.Thread | None = None
         self._loop_closed = False
+        self._udp: UdpService | None = None
+        self._udp_supervised = udp_supervised
+        self._udp_on_released_direct = udp_on_released  # no UDP listener: answer at once
+        self._udp_sockets: list[tuple[int, Any, socket.socket, bool]] = []  # tag, cfg, sock, owned
 
         sockets = dict(sockets or {})
+        tcp_cfgs = [lcfg for lcfg in cfg.listener if not lcfg.is_udp]
         try:
             for tag, lcfg in enumerate(cfg.listener):
                 inherited = sockets.pop(lcfg.name, None)
+                if lcfg.is_udp:
+                    if inherited is None:
+                        inherited_udp = open_udp_listeners(
+                            lcfg.bind_address, 1, transparent=lcfg.transparent)[0]
+                        self._udp_sockets.append((tag, lcfg, inherited_udp, True))
+                    else:
+                        inherited.setblocking(False)
+                        self._udp_sockets.append((tag, lcfg, inherited, False))
+                    continue
                 if inherited is None:
                     sock = open_listener(lcfg.bind_address, transparent=lcfg.transparent)
                 else:
                     sock = inherited
                 sock.setblocking(False)
-                self._listeners.append(_Listener(tag, lcfg.name, sock, inherited is None))
+                self._listeners.append(
+                    _Listener(len(self._listeners), lcfg.name, sock, inherited is None))
             own = self._own_addresses()
-            for lst, lcfg in zip(self._listeners, cfg.listener, strict=True):
+            for lst, lcfg in zip(self._listeners, tcp_cfgs, strict=True):
                 lst.router = Router(lcfg, cfg, own)
+            if self._udp_sockets:
+                self._udp = UdpService(
+                    cfg, [(tag, lcfg, sock) for tag, lcfg, sock, _o in self._udp_sockets], own,
+                    slot=udp_slot[0], nworkers=udp_slot[1], flow_log=bool(settings.flow_log),
+                    on_released=udp_on_released)
             name = engine or settings.engine
             self._loop, self.engine_reason = engines.create(name, **settings.loop_options(workers))
             self.engine_name: str = self._loop.backend
@@ -175,6 +202,7 @@ class Server:
                                              int(settings.proxy_header_max_waiting))
         except BaseException:
             self._close_listeners()
+            self._close_udp_sockets()
             loop = getattr(self, "_loop", None)
             if loop is not None:
                 loop.close()
@@ -185,7 +213,9 @@ class Server:
         self._loop_stats: dict[str, int] = self._loop.stats()
         self._loop_stats_at = time.monotonic()
         log.info("server: engine %s (%s); listeners: %s", self.engine_name, self.engine_reason,
-                 ", ".join(f"{lst.name}={lst.sock.getsockname()}" for lst in self._listeners))
+                 ", ".join([f"{lst.name}={lst.sock.getsockname()}" for lst in self._listeners]
+                           + [f"{lcfg.name}=udp:{sock.getsockname()}"
+                              for _t, lcfg, sock, _o in self._udp_sockets]))
 
     def _own_addresses(self) -> set[str]:
         own: set[str] = {e.address for e in self.cfg.egress}
@@ -194,19 +224,40 @@ class Server:
                 host = lst.sock.getsockname()[0]
                 if host not in ("0.0.0.0", "::"):
                     own.add(host)
+        for _tag, _lcfg, sock, _owned in self._udp_sockets:
+            host = sock.getsockname()[0]
+            if host not in ("0.0.0.0", "::"):
+                own.add(host)
         return own
 
     # -- public API ----------------------------------------------------------------------------
 
     def bound_addresses(self) -> dict[str, tuple]:
         """Listener name -> ``getsockname()`` (a path str for unix listeners)."""
-        return {lst.name: lst.sock.getsockname() for lst in self._listeners}
+        out = {lst.name: lst.sock.getsockname() for lst in self._listeners}
+        out.update({lcfg.name: sock.getsockname() for _t, lcfg, sock, _o in self._udp_sockets})
+        return out
+
+    def start_udp(self) -> None:
+        """Start reading the UDP listeners (supervised workers: when the supervisor says)."""
+        if self._udp is not None and not self._loop_closed:
+            self._udp.start()
+
+    def release_udp(self, reason: str = "closed") -> None:
+        """Stop UDP now: every UDP flow ends with ``reason``; ``udp_on_released`` is called
+        once done (from the UDP thread, or from here if UDP never started). Any thread."""
+        if self._udp is not None:
+            self._udp.release(reason)
+        elif self._udp_on_released_direct is not None:
+            self._udp_on_released_direct()
 
     def request_stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Ask ``serve_forever`` to stop: ``drain`` lets open pairs finish until ``timeout``
         (default ``relay.drain_timeout``) then aborts them; ``drain=False`` aborts at once.
         Only sets attributes, so it is safe from a signal handler; a later call may shorten a
         drain (TERM then INT) but never lengthen it."""
+        if self._udp is not None and not self._udp_supervised:
+            self._udp.release("closed")
         if self._stop_requested and not drain:
             self._stop_drain = False
         elif not self._stop_requested:
@@ -243,6 +294,8 @@ class Server:
             raise RuntimeError("serve_forever: server already running or stopped")
         self._serving = True
         self._serve_thread_id = threading.get_ident()
+        if not self._udp_supervised:
+            self.start_udp()
         loop = self._loop
         run = loop.run
         dispatch = self._dispatch
@@ -322,6 +375,8 @@ class Server:
         s["listener_total"] = {lst.name: lst.total for lst in self._listeners}
         s["egress_ports_in_use"] = dict(self._egress_in_use)
         s["connect_seconds"] = self._connect_hist.snapshot()
+        if self._udp is not None:
+            s.update(self._udp.stats())
         return s
 
     # -- event handling ------------------------------------------------------------------------
@@ -553,6 +608,12 @@ class Server:
     def _shutdown(self) -> None:
         if self._loop_closed:
             return
+        if self._udp is not None:
+            self._udp.release("closed")
+            if not self._udp.wait_released(5.0):
+                log.error("server: the UDP loop did not stop within 5s")
+            self._udp.join(1.0)
+        self._close_udp_sockets()
         self._draining = True
         for lst in self._listeners:
             self._deactivate_listener(lst)
@@ -570,6 +631,11 @@ class Server:
         self._egress_in_use = dict.fromkeys(self._egress_in_use, 0)
         self._close_listeners()
         self._loop_stats["conns_open"] = 0
+
+    def _close_udp_sockets(self) -> None:
+        for _tag, _lcfg, sock, owned in self._udp_sockets:
+            if owned:
+                sock.close()
 
     def _refresh_loop_stats(self) -> None:
         self._loop_stats = self._loop.stats()

@@ -1,0 +1,105 @@
+"""relay.ops.nft for UDP listeners: the rendered plan (no kernel). Applying it in a namespace:
+tests/netns/test_udp_nft_apply.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.config import loads
+from relay.ops import nft
+
+TCP_ONLY = """
+[[listener]]
+name = "in4"
+bind = "127.0.0.1:7000"
+mode = "tproxy"
+
+[[egress]]
+address = "203.0.113.7"
+ports = "40000-40007"
+"""
+
+
+def _rules(plan: nft.Plan) -> list[str]:
+    return [line.strip() for line in plan.ruleset.splitlines() if "meta mark set" in line]
+
+UDP_CONFIG = """
+[[listener]]
+name = "tcp4"
+bind = "127.0.0.1:7000"
+mode = "tproxy"
+
+[[listener]]
+name = "udp4"
+bind = "127.0.0.1:7000"
+mode = "tproxy"
+protocol = "udp"
+
+[[listener]]
+name = "udp6"
+bind = "[::1]:7053"
+mode = "tproxy"
+protocol = "udp"
+
+[[egress]]
+address = "203.0.113.7"
+ports = "40000-40007"
+
+[[egress]]
+address = "2001:db8:7::7"
+ports = "40000-40007"
+"""
+
+
+def test_render_udp_listeners_get_udp_tproxy_and_socket_rules() -> None:
+    plan = nft.render(loads(UDP_CONFIG), local=set())
+    rules = _rules(plan)
+    # Own transparent sockets first, both protocols: TCP connections, and a UDP flow's upstream
+    # socket (replies to the slice port) and reply socket (the client's later datagrams).
+    assert rules[:2] == [
+        "meta l4proto tcp socket transparent 1 meta mark set 1 accept",
+        "meta l4proto udp socket transparent 1 meta mark set 1 accept",
+    ]
+    tproxy = rules[2:]
+    assert len(tproxy) == 3
+    tcp4, udp4, udp6 = tproxy
+    assert "meta l4proto tcp " in tcp4 and "tproxy ip to 127.0.0.1:7000" in tcp4
+    # The same port for TCP and UDP: two namespaces, two sockets, two rules.
+    assert "meta l4proto udp " in udp4 and "tproxy ip to 127.0.0.1:7000" in udp4
+    assert udp4.endswith("# listener udp4")
+    assert "meta l4proto udp " in udp6 and "tproxy ip6 to [::1]:7053" in udp6
+    for rule in (udp4, udp6):
+        assert 'iifname != "lo"' in rule and "fib daddr type != local" in rule
+    assert "ip daddr != { 203.0.113.7 }" in udp4  # replies to a finished flow: not a new flow
+    assert "ip6 daddr != { 2001:db8:7::7 }" in udp6
+    assert plan.families == (4, 6)  # the same ip rule and local table serve both protocols
+    assert len(plan.route_commands) == 4
+    assert any(note.startswith("listener udp6 ([::1]:7053): UDP arriving") for note in plan.notes)
+
+
+def test_render_tcp_only_config_has_no_udp_rules() -> None:
+    plan = nft.render(loads(TCP_ONLY), local=set())
+    assert "udp" not in plan.ruleset
+
+
+def test_render_udp_backend_listener_intercepts_nothing() -> None:
+    """A UDP listener in backend mode gets no tproxy rule; the UDP socket rule is there for any
+    UDP listener, and the non-local egress address still gets its return path."""
+    cfg = loads(
+        '[[listener]]\nname = "dns"\nbind = "127.0.0.1:5353"\nprotocol = "udp"\n'
+        'backend = "198.51.100.10:53"\n'
+        '[[egress]]\naddress = "203.0.113.7"\nports = "40000-40007"\n'
+    )
+    plan = nft.render(cfg, local=set())
+    assert _rules(plan) == [
+        "meta l4proto tcp socket transparent 1 meta mark set 1 accept",
+        "meta l4proto udp socket transparent 1 meta mark set 1 accept",
+    ]
+    assert plan.families == (4,)
+
+
+def test_render_refuses_udp_tproxy_listener_on_port_zero() -> None:
+    cfg = loads('[[listener]]\nname = "u"\nbind = "127.0.0.1:0"\nmode = "tproxy"\n'
+                'protocol = "udp"\n')
+    with pytest.raises(nft.PlumbingError, match="listener u .*needs a fixed port"):
+        nft.render(cfg, local=set())
