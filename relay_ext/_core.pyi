@@ -21,6 +21,8 @@ LIBURING_HEADERS: Final[str]
 #   (EV_CONNECTED, conn_id, tag, connect_us)
 #   (EV_DONE, conn_id, tag, reason, c2s_bytes, s2c_bytes, spliced, copied, duration_us, errno)
 Event = tuple[int, ...]
+# pair_info() / pairs(): (cid, tag, connecting, c2s_bytes, s2c_bytes, age_us, idle_us)
+PairInfo = tuple[int, int, bool, int, int, int, int]
 
 class Loop:
     def __init__(
@@ -53,6 +55,10 @@ class Loop:
         prefix: bytes = b"",
     ) -> int: ...
     def abort(self, cid: int) -> bool: ...
+    def kill(self, cid: int) -> bool:
+        """abort() at an operator's request: the pair ends with reason "killed"."""
+    def pair_info(self, cid: int) -> PairInfo | None: ...
+    def pairs(self) -> list[PairInfo]: ...
     def run(self, timeout_ms: int = 0) -> list[Event]: ...
     def stats(self) -> dict[str, int]:
         """Counters; after close() the counters as close() left them (never raises)."""
