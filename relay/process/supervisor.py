@@ -44,6 +44,7 @@ import msgspec
 from relay.config.model import Config, Listener
 from relay.process import privs, systemd
 from relay.process.heartbeat import Heartbeat
+from relay.process.sessions import SessionBroker, SessionsReply
 from relay.process.worker import BootFailed, Serving, StatsReport, decode, run_worker
 from relay.sock import arm_reset
 
@@ -225,6 +226,7 @@ class Supervisor:
         self.accept_watch = AcceptQueueWatch()
         self.admin: Any = None
         self.metrics: Any = None
+        self.sessions = SessionBroker(lambda: list(self.workers.values()))
         self._wakeup_r = -1
         self._wakeup_w = -1
 
@@ -260,7 +262,8 @@ class Supervisor:
         self._install_signals()
         sockets = self._bind_listeners(self.cfg)
         gen = self._new_generation(self.cfg, sockets, target)
-        self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics)
+        self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics,
+                                 sessions=self.sessions.handle)
         self.admin.open(self.cfg)
         log.info(
             "relay supervisor %d: %d workers, engine %s, listeners %s",
@@ -288,7 +291,7 @@ class Supervisor:
                 pass
 
     def _run_once(self) -> None:
-        timeout = STALL_TICK if self.accept_watch.active else TICK
+        timeout = STALL_TICK if self.accept_watch.active or self.sessions.pending else TICK
         if self.signal_queue:
             timeout = 0
         for key, _ in self.selector.select(timeout):
@@ -301,6 +304,7 @@ class Supervisor:
                 handler()
         self._reap()
         self._check_workers()
+        self.sessions.check()
         if not self.stopping:
             self.accept_watch.check(s for g in self.generations if g.state == "serving"
                                     for s in g.sockets.values())
@@ -513,6 +517,8 @@ class Supervisor:
                     self._generation_progress(worker.generation)
             elif isinstance(msg, BootFailed):
                 worker.boot_error = msg.error
+            elif isinstance(msg, SessionsReply):
+                self.sessions.on_reply(msg)
 
     def _signal_workers(self, sig: int, workers: list[Worker]) -> None:
         for w in workers:

@@ -26,6 +26,7 @@ import msgspec
 
 from relay.config.model import Config
 from relay.process.heartbeat import Heartbeat
+from relay.process.sessions import SessionResponder, SessionsReply
 
 __all__ = [
     "EXIT_BOOT_FAILED",
@@ -69,7 +70,7 @@ class StatsReport(msgspec.Struct, tag="stats"):
     final: bool = False
 
 
-Message = Serving | BootFailed | StatsReport
+Message = Serving | BootFailed | StatsReport | SessionsReply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -229,6 +230,7 @@ def run_worker(
     engine = str(getattr(srv, "engine_name", "") or cfg.relay.engine)
     reason = str(getattr(srv, "engine_reason", ""))
     _send(channel, Serving(pid, engine, reason))
+    srv.set_control_hook(SessionResponder(srv, channel).poll)
     reporter = _Reporter(srv, channel, heartbeat)
     reporter.report()
     reporter.start()
