@@ -64,6 +64,12 @@ dist: $(VENV)/.installed
 	$(PY) -m build --sdist --no-isolation --outdir dist
 	$(PIP) wheel -q --no-deps --no-build-isolation --wheel-dir dist dist/relay-*.tar.gz
 
+# relay(1), generated from the command-line parser (`relay gen man`); `man -l docs/relay.1`.
+man: docs/relay.1
+
+docs/relay.1: relay/cli.py relay/cli_docs.py relay/config/settings.py
+	PYTHONPATH=$(CURDIR) $(PY) -m relay gen man -o $@
+
 clean:
 	rm -rf build dist relay_ext/*.so relay_ext/_core.c relay_ext/_udp.c relay_ext/_build_info.py \
 	  relay_ext/.built *.egg-info

@@ -6,6 +6,8 @@
     relay doctor [-c FILE] [--json]  host checks, PASS/WARN/FAIL with the fix
     relay version | relay --version
     relay nft -c FILE [--apply|--remove]    relay demo    relay stats|reload    relay gen systemd
+    relay sessions [--json] [FILTERS]       relay kill ID... | relay kill [--all] FILTERS
+    relay completion bash|zsh               relay gen man     (both from this parser: cli_docs)
 
 Every ``[relay]`` setting is also a flag of run/check/config dump (``--connect-timeout 2``) and an
 environment variable (``RELAY_CONNECT_TIMEOUT=2``); the command line wins over the environment,
@@ -229,6 +231,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(handler=cmd_admin, parser=p)
 
+    for name, help_text in (
+        ("sessions", "list the open connections of a running relay (the session table)"),
+        ("kill", "reset open connections of a running relay (close reason \"killed\")"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        if name == "kill":
+            p.add_argument("ids", nargs="*", metavar="ID",
+                           help="session ids as `relay sessions` shows them (PID-N)")
+        p.add_argument("-c", "--config", metavar="FILE", help="find the admin socket here")
+        p.add_argument("--socket", metavar="PATH", help="admin socket (as for `relay stats`)")
+        p.add_argument("--listener", metavar="NAME", help="only this listener's sessions")
+        p.add_argument("--destination", metavar="ADDR",
+                       help="original destination or backend: CIDR, IP, IP:PORT, [V6]:PORT, "
+                       "CIDR:PORTS or unix:/path")
+        p.add_argument("--source", metavar="ADDR", help="client address, same forms")
+        if name == "kill":
+            p.add_argument("--all", action="store_true",
+                           help="kill every session the filters match (without it a filter "
+                           "must match exactly one)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(handler=cmd_admin, parser=p)
+
+    p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete for")
+    p.set_defaults(handler=cmd_completion, parser=p)
+
     p = sub.add_parser("gen", help="generate deployment files")
     gen_sub = p.add_subparsers(dest="gen_command", metavar="WHAT", parser_class=_Parser)
     gen_sub.required = True
@@ -241,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file the unit runs with",
     )
     q.set_defaults(handler=cmd_gen_systemd, parser=q)
+    q = gen_sub.add_parser("man", help="print the relay(1) man page (roff), made from this parser")
+    q.add_argument("-o", "--output", metavar="FILE", help="write it here instead of stdout")
+    q.set_defaults(handler=cmd_gen_man, parser=q)
+    from relay import cli_docs
+
+    cli_docs.add_examples(parser)
     return parser
 
 
@@ -408,6 +442,11 @@ def cmd_admin(args: argparse.Namespace) -> int:
             args.socket = os.environ.get("RELAY_ADMIN_SOCKET", "")
         if not args.socket:
             args.parser.error("no admin socket: give --socket PATH or -c FILE")
+    if args.command in ("sessions", "kill"):
+        from relay.ops import sessions
+
+        return int(sessions.sessions_main(args) if args.command == "sessions"
+                   else sessions.kill_main(args))
     from relay.ops import admin  # lazy: prometheus_client (~15 ms), only for the admin clients
 
     return int(admin.client_main(args))
@@ -415,6 +454,25 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 def cmd_gen_systemd(args: argparse.Namespace) -> int:
     return int(systemd.render(args))
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from relay import cli_docs
+
+    sys.stdout.write(cli_docs.completion(build_parser(), args.shell))
+    return EXIT_OK
+
+
+def cmd_gen_man(args: argparse.Namespace) -> int:
+    from relay import cli_docs
+
+    text = cli_docs.man_page(build_parser())
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- entry point

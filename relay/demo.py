@@ -474,7 +474,11 @@ def _print_udp(u: dict[str, Any]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="relay demo", description=__doc__.split("\n\n")[0])
+    from relay.cli_docs import EXAMPLES
+
+    p = argparse.ArgumentParser(prog="relay demo", description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + EXAMPLES["demo"],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mib", type=int, default=256, help="MiB per loopback transfer (part 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (part 1)")
     p.add_argument("--part", choices=("1", "2", "all"), default="all")

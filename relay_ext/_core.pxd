@@ -26,7 +26,8 @@ cdef enum:
     R_ABORTED = 7
     R_ERROR = 8
     R_HALF_CLOSE_TIMEOUT = 9
-    N_REASONS = 10
+    R_KILLED = 10               # reset at an operator's request (`relay kill`): Loop.kill()
+    N_REASONS = 11
 
 # Event kinds handed to Python by run().
 cdef enum:
@@ -277,6 +278,11 @@ cdef void _on_ready(Loop self, Conn* c, int side, bint readable, bint writable) 
 
 # timers.pxi
 cdef void _scan_timers(Loop self) noexcept nogil
+
+# pairinfo.pxi
+cdef Conn* _conn_by_id(Loop self, int64_t cid) noexcept nogil
+cdef tuple _pair_tuple(Loop self, Conn* c, uint64_t now)
+cdef list _pair_list(Loop self)
 
 # uring.pxi
 cdef int _uring_setup(Loop self, int entries) except -1

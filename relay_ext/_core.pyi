@@ -25,6 +25,8 @@ LIBURING_HEADERS: Final[str]
 #   (EV_READABLE, watch_tag, fd)        a watched fd turned readable (or hung up)
 #   (EV_WATCH_TIMEOUT, watch_tag, fd)   a watched fd stayed silent until its deadline
 Event = tuple[int, ...]
+# pair_info() / pairs(): (cid, tag, connecting, c2s_bytes, s2c_bytes, age_us, idle_us)
+PairInfo = tuple[int, int, bool, int, int, int, int]
 
 class Loop:
     def __init__(
@@ -62,6 +64,10 @@ class Loop:
     def watch(self, fd: int, tag: int, timeout_ms: int) -> int:
         """One EV_READABLE or EV_WATCH_TIMEOUT for `fd` (not read, not owned); returns an id."""
     def unwatch(self, wid: int) -> bool: ...
+    def kill(self, cid: int) -> bool:
+        """abort() at an operator's request: the pair ends with reason "killed"."""
+    def pair_info(self, cid: int) -> PairInfo | None: ...
+    def pairs(self) -> list[PairInfo]: ...
     def run(self, timeout_ms: int = 0) -> list[Event]: ...
     def stats(self) -> dict[str, int]:
         """Counters; after close() the counters as close() left them (never raises)."""

@@ -15,6 +15,7 @@ concern, not by dependency:
   listeners.pxi          accepting: arm on the backend, a bounded accept4() batch, back-off
   datapath.pxi           _pump per direction; FIN, reset and close decisions
   timers.pxi             connect / idle / half-close timeouts, resuming paused listeners
+  pairinfo.pxi           looking at open pairs from Python: bytes, age, idle time (session table)
   uring.pxi              the io_uring backend: ring setup, polls, submit, wait, reap
   epoll.pxi              the epoll backend: the same readiness contract without io_uring
   loop.pxi               class Loop: the Python API
@@ -59,6 +60,7 @@ include "events.pxi"
 include "listeners.pxi"
 include "datapath.pxi"
 include "timers.pxi"
+include "pairinfo.pxi"
 include "uring.pxi"
 include "epoll.pxi"
 include "loop.pxi"

@@ -22,6 +22,7 @@ _REASON_NAMES = {
     R_ABORTED: "aborted",
     R_ERROR: "error",
     R_HALF_CLOSE_TIMEOUT: "half_close_timeout",
+    R_KILLED: "killed",
 }
 REASONS = tuple(_REASON_NAMES[i] for i in range(N_REASONS))
 

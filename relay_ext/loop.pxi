@@ -334,6 +334,28 @@ cdef class Loop:
         _uring_flush(self)
         return True
 
+    def kill(self, int64_t cid):
+        """Like abort(), at an operator's request: reset both sides, reason "killed".  Returns
+        False for an id whose pair is already gone."""
+        self._ensure_alive()
+        cdef Conn* c = _conn_by_id(self, cid)
+        if c == NULL:
+            return False
+        _close_conn(self, c, R_KILLED, 0, True)
+        _uring_flush(self)
+        return True
+
+    def pair_info(self, int64_t cid):
+        """(cid, tag, connecting, c2s_bytes, s2c_bytes, age_us, idle_us) or None (pairinfo.pxi)."""
+        self._ensure_alive()
+        cdef Conn* c = _conn_by_id(self, cid)
+        return None if c == NULL else _pair_tuple(self, c, now_ns())
+
+    def pairs(self):
+        """pair_info() of every open pair, in slot order."""
+        self._ensure_alive()
+        return _pair_list(self)
+
     def run(self, int timeout_ms=0):
         """Wait up to timeout_ms (0: don't wait), move bytes, return the events (tuples).
 

@@ -52,6 +52,7 @@ from relay.engines.constants import (
     R_ERROR,
     R_HALF_CLOSE_TIMEOUT,
     R_IDLE_TIMEOUT,
+    R_KILLED,
     R_RESET_CLIENT,
     R_RESET_ORIGIN,
     REASONS,
@@ -168,6 +169,12 @@ def _set_linger(sock: socket.socket | None, value: bytes) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
         except OSError:
             pass  # already gone
+
+
+def _pair_tuple(pair: _Pair, now_ns: int, now: float) -> tuple[int, int, bool, int, int, int, int]:
+    idle_us = max(0, int((now - pair.last_activity) * 1e6))
+    return (pair.cid, pair.tag, pair.connecting, pair.c2s, pair.s2c,
+            max(0, now_ns - pair.started) // 1000, idle_us)
 
 
 def _reset_raw_sockets(pair: _Pair) -> None:
@@ -434,6 +441,28 @@ class AioLoop:
         # Also when both EOFs were seen and the last bytes are still flushing (slow reader).
         self._reset_pair(pair, R_ABORTED, 0)
         self._wakeup()
+
+    def kill(self, cid: int) -> bool:
+        """abort() at an operator's request: reason "killed"; False if the pair is gone."""
+        pair = self._pairs.get(cid)
+        if pair is None or pair.finished or (pair.client.lost and pair.origin.lost):
+            return False
+        if pair.reason is not None and pair.reason != R_EOF:
+            return False  # already being reset
+        self._reset_pair(pair, R_KILLED, 0)
+        self._wakeup()
+        return True
+
+    def pair_info(self, cid: int) -> tuple[int, int, bool, int, int, int, int] | None:
+        """(cid, tag, connecting, c2s_bytes, s2c_bytes, age_us, idle_us), like the core's."""
+        pair = self._pairs.get(cid)
+        if pair is None or pair.finished:
+            return None
+        return _pair_tuple(pair, time.monotonic_ns(), time.monotonic())
+
+    def pairs(self) -> list[tuple[int, int, bool, int, int, int, int]]:
+        now_ns, now = time.monotonic_ns(), time.monotonic()
+        return [_pair_tuple(p, now_ns, now) for p in self._pairs.values() if not p.finished]
 
     def _connect_ready(self, pair: _Pair) -> None:
         sock = pair.upstream_sock

@@ -29,6 +29,7 @@ REASONS: tuple[str, ...] = (
     "aborted",
     "error",
     "half_close_timeout",
+    "killed",
 )
 REASON_INDEX: dict[str, int] = {name: i for i, name in enumerate(REASONS)}
 
@@ -42,6 +43,7 @@ R_IDLE_TIMEOUT = REASON_INDEX["idle_timeout"]
 R_ABORTED = REASON_INDEX["aborted"]
 R_ERROR = REASON_INDEX["error"]
 R_HALF_CLOSE_TIMEOUT = REASON_INDEX["half_close_timeout"]
+R_KILLED = REASON_INDEX["killed"]  # reset by an operator (`relay kill`), not by the relay
 
 # accept(2) errors that mean "out of a resource": retrying at once would spin, so the listener is
 # paused and resumed after a backoff (100 ms doubling to 1 s).

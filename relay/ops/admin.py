@@ -2,7 +2,8 @@
 
 Unix socket (`relay.admin_socket`, mode 0600): one request line per connection, one answer, then
 the supervisor closes. Requests: `stats` (text), `stats json`, `reload` (answers once the new
-generation serves or the reload failed; the first word of the answer is `ok` or `error`).
+generation serves or the reload failed; the first word of the answer is `ok` or `error`),
+`sessions {filter}` / `kill {filter}` (JSON answers, see relay.ops.sessions).
 
 HTTP (`relay.metrics_listen`): `GET /metrics` in the Prometheus text format, from a custom
 collector over the workers' aggregated counters.
@@ -38,6 +39,7 @@ CLIENT_TIMEOUT = 5.0  # seconds an admin client may take to send its request / r
 RELOAD_TIMEOUT = 120.0  # `relay reload` waits this long for the new generation to serve
 
 Snapshot = Callable[[], dict[str, Any]]
+Sessions = Callable[[str, Callable[[str], None]], None]  # (request line, reply(text))
 Reload = Callable[[Callable[[bool, str], None] | None], None]
 
 
@@ -87,12 +89,13 @@ class AdminServer:
     """Admin unix socket + /metrics HTTP server, driven by the supervisor's selector."""
 
     def __init__(self, selector: selectors.BaseSelector, snapshot: Snapshot, reload: Reload,
-                 aggregator: Any) -> None:
+                 aggregator: Any, sessions: Sessions | None = None) -> None:
         from relay.ops.metrics import RelayCollector
 
         self._selector = selector
         self._snapshot = snapshot
         self._reload = reload
+        self._sessions = sessions
         self._unix: socket.socket | None = None
         self._unix_path = ""
         self._http: _MetricsServer | None = None
@@ -193,9 +196,12 @@ class AdminServer:
         elif words == ["reload"]:
             self._reload(lambda ok, text: self._reply(conn, ("ok " if ok else "error ") + text
                                                       + "\n"))
+        elif words and words[0] in ("sessions", "kill") and self._sessions is not None:
+            # Answered once the workers replied (relay.process.sessions, at most ~1 s).
+            self._sessions(line, lambda text: self._reply(conn, text))
         else:
             self._reply(conn, f"error unknown request {line[:80]!r}: "
-                              "expected 'stats', 'stats json' or 'reload'\n")
+                              "expected 'stats', 'stats json', 'reload', 'sessions' or 'kill'\n")
 
     def _reply(self, conn: socket.socket, text: str) -> None:
         # Answers are small; a client that does not read within the timeout is dropped.

@@ -53,6 +53,7 @@ from relay.config.model import Config, Listener
 from relay.process import privs, systemd
 from relay.process.heartbeat import Heartbeat
 from relay.process.oom import OomCounter
+from relay.process.sessions import SessionBroker, SessionsReply
 from relay.process.worker import (
     BootFailed,
     Command,
@@ -261,6 +262,7 @@ class Supervisor:
         self.accept_watch = AcceptQueueWatch()
         self.admin: Any = None
         self.metrics: Any = None
+        self.sessions = SessionBroker(lambda: list(self.workers.values()))
         self._wakeup_r = -1
         self._wakeup_w = -1
 
@@ -297,7 +299,8 @@ class Supervisor:
         sockets = self._bind_listeners(self.cfg)
         udp_sockets = self._bind_udp_listeners(self.cfg)
         gen = self._new_generation(self.cfg, sockets, target, udp_sockets)
-        self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics)
+        self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics,
+                                 sessions=self.sessions.handle)
         self.admin.open(self.cfg)
         log.info(
             "relay supervisor %d: %d workers, engine %s, listeners %s",
@@ -325,7 +328,7 @@ class Supervisor:
                 pass
 
     def _run_once(self) -> None:
-        timeout = STALL_TICK if self.accept_watch.active else TICK
+        timeout = STALL_TICK if self.accept_watch.active or self.sessions.pending else TICK
         if self.signal_queue:
             timeout = 0
         for key, _ in self.selector.select(timeout):
@@ -338,6 +341,7 @@ class Supervisor:
                 handler()
         self._reap()
         self._check_workers()
+        self.sessions.check()
         if not self.stopping:
             self.accept_watch.check(s for g in self.generations if g.state == "serving"
                                     for s in g.sockets.values())
@@ -602,6 +606,8 @@ class Supervisor:
                     self._udp_progress()
             elif isinstance(msg, BootFailed):
                 worker.boot_error = msg.error
+            elif isinstance(msg, SessionsReply):
+                self.sessions.on_reply(msg)
             elif isinstance(msg, UdpReleased):
                 if worker.udp == "started":
                     worker.udp = "released"

@@ -26,6 +26,7 @@ import msgspec
 
 from relay.config.model import Config
 from relay.process.heartbeat import Heartbeat
+from relay.process.sessions import SessionResponder, SessionsReply, SessionsRequest
 
 __all__ = [
     "EXIT_BOOT_FAILED",
@@ -81,7 +82,7 @@ class UdpReleased(msgspec.Struct, tag="udp_released"):
     pid: int
 
 
-Message = Serving | BootFailed | StatsReport | UdpReleased
+Message = Serving | BootFailed | StatsReport | UdpReleased | SessionsReply
 
 
 # Supervisor -> worker (docs/udp.md: a generation creates UDP flows only once no other
@@ -97,7 +98,7 @@ class UdpRelease(msgspec.Struct, tag="udp_release"):
     reason: str = "closed"
 
 
-Command = UdpStart | UdpRelease
+Command = UdpStart | UdpRelease | SessionsRequest
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -120,9 +121,10 @@ def decode_command(data: bytes) -> Command:
     return _command_decoder.decode(data)
 
 
-def _read_commands(channel: socket.socket, srv: Any) -> None:
-    """Thread: the supervisor's commands (UdpStart, UdpRelease). EOF: the supervisor is gone,
-    so UDP stops (the parent-death SIGTERM drains TCP)."""
+def _read_commands(channel: socket.socket, srv: Any, sessions: SessionResponder) -> None:
+    """Thread: the one reader of the supervisor's commands (UdpStart, UdpRelease, session
+    queries, which it queues for the serving thread). EOF: the supervisor is gone, so UDP
+    stops (the parent-death SIGTERM drains TCP)."""
     while True:
         try:
             data = channel.recv(4096)
@@ -138,7 +140,9 @@ def _read_commands(channel: socket.socket, srv: Any) -> None:
         except msgspec.DecodeError as exc:
             log.warning("worker %d: undecodable supervisor command: %s", os.getpid(), exc)
             continue
-        if isinstance(cmd, UdpStart):
+        if isinstance(cmd, SessionsRequest):
+            sessions.submit(cmd)
+        elif isinstance(cmd, UdpStart):
             srv.start_udp()
         else:
             srv.release_udp(cmd.reason)
@@ -296,11 +300,13 @@ def run_worker(
 
     import threading
 
-    threading.Thread(target=_read_commands, args=(channel, srv), name="relay-commands",
+    sessions = SessionResponder(srv, channel)
+    threading.Thread(target=_read_commands, args=(channel, srv, sessions), name="relay-commands",
                      daemon=True).start()
     engine = str(getattr(srv, "engine_name", "") or cfg.relay.engine)
     reason = str(getattr(srv, "engine_reason", ""))
     _send(channel, Serving(pid, engine, reason))
+    srv.set_control_hook(sessions.poll)
     reporter = _Reporter(srv, channel, heartbeat)
     reporter.report()
     reporter.start()

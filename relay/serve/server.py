@@ -5,6 +5,8 @@
     srv.request_stop(drain=True)                    # from a signal handler: only sets attributes
     srv.stop(drain_timeout=None)                    # from another thread: request, then join
     srv.stats(); srv.bound_addresses()
+    srv.sessions(flt); srv.kill_sessions(flt)      # the session table (serving thread only)
+    srv.set_control_hook(fn)                        # fn() between loop.run() calls, <= 20/s
 
 On EV_ACCEPT the listener's router opens the upstream (backend / original destination through
 the policy and the egress slice, optional PROXY v2 prefix) and the pair goes to the loop with
@@ -25,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +45,8 @@ from relay.engines.constants import (
     connect_failure_reason,
 )
 from relay.ops.log import log_every
-from relay.serve.flowlog import log_flow
+from relay.ops.sessions import Session, SessionFilter, address_matcher
+from relay.serve.flowlog import format_addr, log_flow
 from relay.serve.proxyproto import ProxyInfo
 from relay.serve.proxywait import HeaderWaits, Waiting
 from relay.serve.routing import Denied, Router
@@ -61,6 +65,7 @@ _POLL_MS = 100  # longest wait in loop.run(): bounds how late a stop request is 
 _STATS_REFRESH_S = 0.25  # loop.stats() snapshot age limit for stats() from other threads
 _ABORT_GRACE_S = 2.0  # after aborting the rest at the drain deadline, wait this long for EV_DONE
 _LIMIT_LOG_INTERVAL_S = 10.0
+_CONTROL_POLL_S = 0.05  # the control hook (worker <- supervisor requests) runs at most this often
 _server_ids = itertools.count(1)  # rate-limited log keys per Server (id() values get reused)
 
 
@@ -86,6 +91,7 @@ class _Flow:
     dest: tuple
     egress: tuple | None
     egress_address: str | None
+    serial: int = 0  # the n of the session id "<pid>-<n>"
 
 
 @dataclass(slots=True)
@@ -149,6 +155,9 @@ class Server:
         self._connect_hist = _Histogram(CONNECT_BUCKETS)
         self._accepted = 0
         self._open = 0
+        self._serials = itertools.count(1)
+        self._control: Callable[[], None] | None = None
+        self._control_at = 0.0
 
         self._stop_requested = False
         self._stop_drain = True
@@ -322,8 +331,12 @@ class Server:
                 events = run(_POLL_MS)
                 if events:
                     dispatch(events)
-                if time.monotonic() - self._loop_stats_at >= _STATS_REFRESH_S:
+                now = time.monotonic()
+                if now - self._loop_stats_at >= _STATS_REFRESH_S:
                     self._refresh_loop_stats()
+                if self._control is not None and now >= self._control_at:
+                    self._control_at = now + _CONTROL_POLL_S
+                    self._control()
         finally:
             self._shutdown()
             self._finished.set()
@@ -378,6 +391,57 @@ class Server:
         if self._udp is not None:
             s.update(self._udp.stats())
         return s
+
+    def set_control_hook(self, fn: Callable[[], None] | None) -> None:
+        """Run ``fn()`` in the serving thread between two ``loop.run()`` calls, at most every
+        50 ms: the one place another process may get answers that need the loop (the worker's
+        session requests). ``fn`` must not block."""
+        self._control = fn
+
+    def sessions(self, flt: SessionFilter | None = None) -> list[Session]:
+        """The open connections that ``flt`` matches (all without one). Reads the engine loop:
+        call it from the serving thread (the control hook), or before/without serving."""
+        return [self._session(flow, info) for flow, info in self._matching(flt)]
+
+    def kill_sessions(self, flt: SessionFilter) -> list[Session]:
+        """Reset the sessions ``flt`` matches (close reason "killed"); returns them as they
+        were. Same thread rule as ``sessions()``."""
+        killed = []
+        for flow, info in self._matching(flt):
+            if self._loop.kill(info[0]):
+                killed.append(self._session(flow, info))
+        return killed
+
+    def _matching(self, flt: SessionFilter | None) -> list[tuple[_Flow, tuple]]:
+        if self._loop_closed:
+            return []
+        flt = flt or SessionFilter()
+        ids = set(flt.ids)
+        pid = os.getpid()
+        dest = address_matcher(flt.destination) if flt.destination else None
+        source = address_matcher(flt.source) if flt.source else None
+        out = []
+        for info in self._loop.pairs():
+            flow = self._flows.get(info[0])
+            if flow is None:
+                continue  # finished in the core, its EV_DONE not read yet
+            if ((flt.listener and flow.listener.name != flt.listener)
+                    or (ids and f"{pid}-{flow.serial}" not in ids)
+                    or (dest is not None and not dest(flow.dest))
+                    or (source is not None and not source(flow.client))):
+                continue
+            out.append((flow, info))
+        return out
+
+    def _session(self, flow: _Flow, info: tuple) -> Session:
+        _cid, _tag, connecting, c2s, s2c, age_us, idle_us = info
+        pid = os.getpid()
+        return Session(id=f"{pid}-{flow.serial}", worker=pid, listener=flow.listener.name,
+                       client=format_addr(flow.client), dest=format_addr(flow.dest),
+                       egress=format_addr(flow.egress),
+                       state="connecting" if connecting else "relaying", c2s_bytes=c2s,
+                       s2c_bytes=s2c, age=age_us / 1e6, idle=idle_us / 1e6,
+                       engine=self.engine_name)
 
     # -- event handling ------------------------------------------------------------------------
 
@@ -498,7 +562,8 @@ class Server:
                       "listener %s: engine refused a pair: %s; client reset", lst.name, exc)
             self._closed_by_reason["error"] += 1
             return
-        self._flows[cid] = _Flow(lst, peer, source, up.dest, up.egress, up.egress_address)
+        self._flows[cid] = _Flow(lst, peer, source, up.dest, up.egress, up.egress_address,
+                                 next(self._serials))
         self._open += 1
         lst.open += 1
         lst.total += 1
