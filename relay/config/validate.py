@@ -184,6 +184,9 @@ def _validate_relay(v: dict[str, Any], p: _Problems) -> HostPort | None:
         p.add("relay.admin_socket", admin, "longer than a unix socket path may be (107 bytes)")
     if v.get("group") and not v.get("user"):
         p.add("relay.group", v["group"], "set relay.user too (a group alone is never dropped to)")
+    for key in ("user", "group", "log_file", "admin_socket"):
+        if "\0" in v.get(key, ""):
+            p.add(f"relay.{key}", v[key], "contains a NUL byte")
     return metrics
 
 
@@ -296,6 +299,7 @@ def _validate_listener_set(
         p.add("listener", _MISSING, "at least one [[listener]] is required")
     seen_names: dict[str, int] = {}
     seen_binds: dict[tuple[str, int], int] = {}
+    tproxy_of: dict[socket.AddressFamily, int] = {}
     for i, v in enumerate(listeners):
         name = v.get("name")
         if name is not None:
@@ -309,6 +313,16 @@ def _validate_listener_set(
         if bind[1] and bind in seen_binds:
             p.add(f"listener[{i}].bind", v["bind"], f"same address as listener[{seen_binds[bind]}]")
         seen_binds.setdefault(bind, i)
+        if v.get("mode") == "tproxy":
+            # relay nft writes one `tproxy ... accept` rule per listener: the first rule of a
+            # family takes every packet, so a second listener of that family never gets one.
+            family = family_of(bind.host)
+            if family in tproxy_of:
+                p.add(f"listener[{i}].mode", "tproxy",
+                      f"listener[{tproxy_of[family]}] is already the IPv"
+                      f"{6 if family == socket.AF_INET6 else 4} tproxy listener: the first "
+                      "tproxy rule of a family takes all its traffic, this one would get none")
+            tproxy_of.setdefault(family, i)
 
 
 def _tables(data: Any, path: str, table: str, p: _Problems) -> list[Any]:
@@ -396,11 +410,13 @@ def from_dict(
     metrics = _validate_relay(relay, problems) if relay is not None else None
     tables: list[dict[str, Any]] = []
     listeners: list[Listener | None] = []
+    indexed: list[tuple[int, Listener | None]] = []
     for i, item in enumerate(_tables(data.get("listener", []), "listener", "listener", problems)):
         v = _convert_fields(ListenerConfig, item, f"listener[{i}]", problems)
         if v is not None:
             v["name"] = v.get("name") or f"listener{i}"
             listeners.append(_validate_listener(f"listener[{i}]", v, problems))
+            indexed.append((i, listeners[-1]))
             tables.append(v)
     _validate_listener_set(tables, problems, require_listener)
     egress: list[tuple[int, EgressSlice]] = []
@@ -415,6 +431,12 @@ def from_dict(
         user = relay.get("user", "") if relay is not None else ""
         group = relay.get("group", "") if relay is not None else ""
         for path, value, reason in host.check(user, group, egress):
+            problems.add(path, value, reason)
+        if relay is not None:
+            for path, value, reason in host.check_log_file(relay.get("log_file", "")):
+                problems.add(path, value, reason)
+        resolved = [(i, lst) for i, lst in indexed if lst is not None]
+        for path, value, reason in host.check_backends(resolved):
             problems.add(path, value, reason)
 
     if problems.lines or relay is None or policy is None:
@@ -442,6 +464,9 @@ def loads(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError([f"{source}: TOML nested too deeply (arrays or inline tables)"]) from None
     return from_dict(
         data,
         source,

@@ -889,5 +889,10 @@ def run(cfg: Config, config_path: str | None, overrides: Mapping[str, Any] | Non
     """
     from relay.ops import log as relay_log
 
-    relay_log.setup_from_settings(cfg.relay)
+    try:
+        relay_log.setup_from_settings(cfg.relay)
+    except OSError as exc:  # `relay check` reports these first (relay.config.host)
+        print(f"relay run: relay.log_file {cfg.relay.log_file}: cannot open: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     return Supervisor(cfg, config_path, overrides).run()
