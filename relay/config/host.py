@@ -145,8 +145,9 @@ def backend_loops(bind: tuple[str, int], backend: IPAddress, port: int,
 
 
 def check_backends(listeners: Sequence[tuple[int, Listener]]) -> Iterator[Problem]:
-    """Backends that cannot work: a host name that does not resolve, an address that is the
-    listener itself (every client would make the relay connect to itself until maxconn)."""
+    """Backends that cannot work: a host name that does not resolve, an address that reaches a
+    listener of this relay (every client would make the relay connect to itself until maxconn;
+    the workers refuse such a backend at start too)."""
     for i, lst in listeners:
         addr = lst.backend_address
         if lst.mode != "backend" or addr is None or isinstance(addr, str):
@@ -163,13 +164,15 @@ def check_backends(listeners: Sequence[tuple[int, Listener]]) -> Iterator[Proble
                 continue
             ips = [ipaddress.ip_address(info[4][0]) for info in infos
                    if info[0] in (socket.AF_INET, socket.AF_INET6)]
-        for ip in ips:
-            if backend_loops(lst.bind_address, ip, addr.port):
-                shown = "" if str(ip) == addr.host else f" ({ip})"
-                yield Problem(key, lst.backend,
-                              f"reaches this listener itself{shown} at {lst.bind}: every "
-                              "connection would loop back into the relay")
-                break
+        loop = next(((ip, j, other) for ip in ips for j, other in listeners
+                     if backend_loops(other.bind_address, ip, addr.port)), None)
+        if loop is not None:
+            ip, j, other = loop
+            shown = "" if str(ip) == addr.host else f" ({ip})"
+            which = "this listener itself" if j == i else f"listener[{j}] of this relay"
+            yield Problem(key, lst.backend,
+                          f"reaches {which}{shown} at {other.bind}: every connection would "
+                          "loop back into the relay")
 
 
 def _probe_option(family: int) -> str | None:

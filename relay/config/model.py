@@ -56,6 +56,7 @@ class Listener:
     backend_family: socket.AddressFamily = socket.AF_UNSPEC
     proxy_protocol: ProxyProtocol = ""
     trusted_networks: tuple[IPNetwork, ...] = ()
+    reuseport: bool = False  # SO_REUSEPORT: other processes may serve the same address
 
     @property
     def transparent(self) -> bool:

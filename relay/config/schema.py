@@ -62,6 +62,13 @@ class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
         list[str],
         Meta(description="CIDRs allowed to send us a PROXY v2 header; empty = never parse one"),
     ] = []
+    reuseport: Annotated[
+        bool,
+        Meta(
+            description="share the port with other processes that set it too (SO_REUSEPORT); "
+            "false = a second relay on this address is refused (EADDRINUSE)"
+        ),
+    ] = False
 
 
 class EgressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -251,6 +251,7 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
         backend_family=_backend_family(backend_address),
         proxy_protocol=v["proxy_protocol"],
         trusted_networks=trusted,
+        reuseport=v["reuseport"],
     )
 
 

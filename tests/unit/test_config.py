@@ -508,3 +508,12 @@ def test_deeply_nested_toml_is_a_problem_not_a_traceback() -> None:
     problems = problems_of("[relay]\nuser = " + "[" * 200 + "]" * 200 + "\n" + LISTENER_OK)
     assert len(problems) == 1 and problems[0].startswith("t.toml: relay.user: [[[")
     assert problems[0].endswith("expected str, got array")
+
+
+def test_backend_that_is_another_listener_is_a_loop() -> None:
+    text = (LISTEN_AT.format(bind="127.0.0.1:7000", backend="127.0.0.1:7001")
+            + LISTEN_AT.format(bind="127.0.0.1:7001", backend="127.0.0.1:7002"))
+    problems = problems_of(text, check_host=True)
+    assert problems == ['t.toml: listener[0].backend: "127.0.0.1:7001": reaches listener[1] of '
+                        "this relay at 127.0.0.1:7001: every connection would loop back into "
+                        "the relay"]
