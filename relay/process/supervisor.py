@@ -301,6 +301,8 @@ class Supervisor:
                 handler()
         self._reap()
         self._check_workers()
+        if self.admin is not None:
+            self.admin.tick()
         if not self.stopping:
             self.accept_watch.check(s for g in self.generations if g.state == "serving"
                                     for s in g.sockets.values())
