@@ -28,6 +28,7 @@ Cancelling ``splice()`` aborts the pair (both sides get an RST), closes both soc
 from __future__ import annotations
 
 import asyncio
+import asyncio.trsock
 import logging
 import os
 import socket
