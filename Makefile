@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-DEB_PACKAGES := nftables iproute2 iperf3 haproxy socat procps util-linux libcap2-bin wrk nginx-light libnginx-mod-stream sockperf dnsmasq-base bind9-dnsutils
+DEB_PACKAGES := nftables iproute2 iperf3 haproxy socat procps util-linux libcap2-bin wrk nginx-light libnginx-mod-stream sockperf dnsmasq-base bind9-dnsutils systemd
 CORE_SRC := $(wildcard relay_ext/*.pyx relay_ext/*.pxd relay_ext/*.pxi relay_ext/includes/*) setup.py
 
 .PHONY: setup build test lint bench bench-quick demo dist clean system-packages

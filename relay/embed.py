@@ -13,9 +13,13 @@ only fire inside ``run()``). Everything happens on the event loop's thread, so t
 touched from two threads.
 
 Socket ownership: a ``socket.socket`` is detached (the object is left closed, the Relay owns the
-connection and closes it when the pair is done). Any other object with ``fileno()`` (e.g. an
-asyncio ``TransportSocket``) is duplicated; the caller must then close its own copy at once, or
-the FIN/RST the relay sends on close is held back by the kernel until the last copy goes.
+connection and closes it when the pair is done). Any other object with ``fileno()`` is
+duplicated; the caller must then close its own copy at once, or the FIN/RST the relay sends on
+close is held back by the kernel until the last copy goes. A socket that an asyncio transport
+owns (``writer.get_extra_info("socket")`` of asyncio streams, a Protocol's transport) is
+refused with a TypeError: the transport keeps reading it and holds what it already read, so the
+relay would move nothing. Accept and connect with ``loop.sock_accept`` / ``loop.sock_connect``
+on plain non-blocking sockets instead.
 
 Cancelling ``splice()`` aborts the pair (both sides get an RST), closes both sockets and re-raises
 ``CancelledError``.
@@ -24,6 +28,7 @@ Cancelling ``splice()`` aborts the pair (both sides get an RST), closes both soc
 from __future__ import annotations
 
 import asyncio
+import asyncio.trsock
 import logging
 import os
 import socket
@@ -57,8 +62,23 @@ class SpliceResult:
     duration: float  # seconds
 
 
+TRANSPORT_OWNED = (
+    "splice: {what} belongs to an asyncio transport (asyncio streams or a Protocol): the "
+    "transport keeps reading it and holds the bytes it already read, so the relay would move "
+    "nothing. Pass a socket.socket you own instead: accept with `await loop.sock_accept(listener)`"
+    " and connect with `await loop.sock_connect(sock, address)` on a non-blocking socket"
+)
+
+
 def _take_fd(sock: Any) -> int:
     """The fd the core will own: detached from a socket.socket, else a duplicate."""
+    kind = type(sock)
+    if isinstance(sock, asyncio.trsock.TransportSocket) or (
+            kind.__name__ == "PseudoSocket" and kind.__module__.startswith("uvloop")):
+        raise TypeError(TRANSPORT_OWNED.format(what="this socket"))
+    # transports (uvloop's are not asyncio.BaseTransport subclasses) and StreamWriters
+    if isinstance(sock, asyncio.StreamReader) or hasattr(sock, "get_extra_info"):
+        raise TypeError(TRANSPORT_OWNED.format(what=f"this {type(sock).__name__}"))
     if isinstance(sock, socket.socket):
         if sock.fileno() < 0:
             raise ValueError(f"splice: {sock!r} is closed")

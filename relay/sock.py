@@ -27,6 +27,8 @@ __all__ = [
     "UNIX_PREFIX",
     "IP_RECVORIGDSTADDR",
     "IPV6_RECVORIGDSTADDR",
+    "address_in_use",
+    "check_address_free",
     "format_address",
     "open_listener",
     "open_udp_listeners",
@@ -91,12 +93,54 @@ def format_address(address: tuple[Any, ...] | str | None) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def open_listener(address: tuple[str, int] | str, *, transparent: bool = False) -> socket.socket:
+def address_in_use(what: str) -> OSError:
+    """The refusal of an address another socket already serves (EADDRINUSE), in one line."""
+    return OSError(
+        errno.EADDRINUSE,
+        f"{what}: address already in use: another process (a second relay?) serves it; "
+        "set reuseport = true on every listener meant to share it",
+    )
+
+
+def check_address_free(address: tuple[str, int], kind: int = socket.SOCK_STREAM,
+                       what: str = "") -> None:
+    """Raise `address_in_use` when any socket of this host is bound to `address` (IP literal,
+    port) for `kind` (SOCK_STREAM or SOCK_DGRAM), reuseport or not.
+
+    For callers that must set SO_REUSEPORT on their own sockets (one per worker): the kernel
+    lets every socket with SO_REUSEPORT (same user) join a port, so it would never refuse a
+    second relay. A scratch socket *without* SO_REUSEPORT cannot bind a port that any other
+    socket holds: its bind is the probe. (TCP keeps SO_REUSEADDR so that connections in
+    TIME_WAIT do not count; UDP must not set it: there it means sharing.)
+    """
+    host, port = address
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise address_in_use(what or format_address(address)) from None
+            # EADDRNOTAVAIL and friends: the caller's own bind reports them
+
+
+def open_listener(address: tuple[str, int] | str, *, transparent: bool = False,
+                  reuseport: bool = False) -> socket.socket:
     """Bind and listen on `address`: (IP literal, port) for TCP, a str path for a unix socket.
 
-    TCP: SO_REUSEADDR + SO_REUSEPORT (workers may each bind the same address), IPV6_V6ONLY on
-    IPv6 binds (an IPv6 wildcard must not swallow IPv4), IP_TRANSPARENT / IPV6_TRANSPARENT when
-    `transparent` (tproxy mode: TPROXY delivers connections addressed to non-local destinations).
+    TCP: SO_REUSEADDR, IPV6_V6ONLY on IPv6 binds (an IPv6 wildcard must not swallow IPv4),
+    IP_TRANSPARENT / IPV6_TRANSPARENT when `transparent` (tproxy mode: TPROXY delivers
+    connections addressed to non-local destinations). SO_REUSEPORT only with `reuseport`:
+    workers inherit this one socket and need no option to share it; without SO_REUSEPORT the
+    kernel refuses (EADDRINUSE) a second relay started on an address already served, instead of
+    silently splitting its traffic. With `reuseport` any process of the same user that also
+    sets it may join the port: the operator asked for that.
     A unix path: a stream unix socket; a stale socket file at that path is replaced, any other
     kind of file is an error. The socket is non-blocking with a backlog of 4096.
     """
@@ -108,7 +152,8 @@ def open_listener(address: tuple[str, int] | str, *, transparent: bool = False) 
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
@@ -125,6 +170,8 @@ def open_listener(address: tuple[str, int] | str, *, transparent: bool = False) 
         try:
             sock.bind((host, port))
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise address_in_use(f"listener {shown}") from None
             raise OSError(exc.errno, f"listener {shown}: bind failed: {exc.strerror}") from None
         _listen(sock)
     except BaseException:

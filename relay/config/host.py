@@ -12,21 +12,27 @@ from __future__ import annotations
 
 import errno
 import grp
+import ipaddress
+import os
 import pwd
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
-from relay.config.model import EgressSlice
+from relay.config.model import EgressSlice, Listener
+from relay.config.values import IPAddress
 from relay.sock import IP_BIND_ADDRESS_NO_PORT, IP_LOCAL_PORT_RANGE
 
 __all__ = [
     "PROC_PORT_RANGE",
     "PROC_RESERVED_PORTS",
     "Problem",
+    "backend_loops",
     "check",
+    "check_backends",
     "check_egress",
+    "check_log_file",
     "check_users",
     "read_port_range",
     "read_reserved_ports",
@@ -65,16 +71,108 @@ def read_reserved_ports(path: str = PROC_RESERVED_PORTS) -> list[tuple[int, int]
 
 def check_users(user: str, group: str) -> Iterator[Problem]:
     """``relay.user`` / ``relay.group`` must exist here (privileges are dropped to them)."""
-    if user:
+    # A NUL byte is refused by the schema checks; getpwnam() would raise ValueError on it.
+    if user and "\0" not in user:
         try:
             pwd.getpwnam(user)
         except KeyError:
             yield Problem("relay.user", user, "no such user on this host")
-    if group:
+    if group and "\0" not in group:
         try:
             grp.getgrnam(group)
         except KeyError:
             yield Problem("relay.group", group, "no such group on this host")
+
+
+def check_log_file(path: str) -> Iterator[Problem]:
+    """``relay.log_file`` must be a file relay can append to: its directory exists, and the
+    file (or, when it does not exist yet, the directory) is writable. Nothing is created."""
+    if not path or "\0" in path:
+        return
+    key = "relay.log_file"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        yield Problem(key, path, f"directory {directory} does not exist")
+        return
+    if os.path.isdir(path):
+        yield Problem(key, path, "is a directory")
+        return
+    if os.path.exists(path):
+        # Open it the way the log handler will (append, which leaves the content alone):
+        # access(2) says yes to root for files that open() refuses (EROFS on a read-only
+        # mount, EINVAL from files that cannot seek to their end).
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            yield Problem(key, path, f"cannot be opened for appending: {exc.strerror or exc}")
+            return
+    elif not os.access(directory, os.W_OK):
+        yield Problem(key, path, f"directory {directory} is not writable")
+
+
+def _is_local_address(ip: IPAddress) -> bool:
+    """An address of this host: binding to it works (no IP_TRANSPARENT, no port)."""
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+def backend_loops(bind: tuple[str, int], backend: IPAddress, port: int,
+                  is_local: Callable[[IPAddress], bool] = _is_local_address) -> bool:
+    """Would a connection to ``backend``:``port`` arrive at a listener bound to ``bind``?
+
+    Linux sends a connect() to the unspecified address (0.0.0.0, ::) to the loopback address,
+    and a wildcard listener receives connections to every local address of its family.
+    """
+    host, bind_port = bind
+    if not bind_port or port != bind_port:
+        return False
+    listen_ip = ipaddress.ip_address(host)
+    if listen_ip.version != backend.version:
+        return False
+    if backend.is_unspecified:
+        return listen_ip.is_unspecified or listen_ip.is_loopback
+    if listen_ip.is_unspecified:
+        return is_local(backend)
+    return listen_ip == backend
+
+
+def check_backends(listeners: Sequence[tuple[int, Listener]]) -> Iterator[Problem]:
+    """Backends that cannot work: a host name that does not resolve, an address that reaches a
+    listener of this relay (every client would make the relay connect to itself until maxconn;
+    the workers refuse such a backend at start too)."""
+    for i, lst in listeners:
+        addr = lst.backend_address
+        if lst.mode != "backend" or addr is None or isinstance(addr, str):
+            continue
+        key = f"listener[{i}].backend"
+        try:
+            ips = [ipaddress.ip_address(addr.host)]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as exc:
+                reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+                yield Problem(key, lst.backend, f"host name does not resolve: {reason}")
+                continue
+            ips = [ipaddress.ip_address(info[4][0]) for info in infos
+                   if info[0] in (socket.AF_INET, socket.AF_INET6)]
+        loop = next(((ip, j, other) for ip in ips for j, other in listeners
+                     if backend_loops(other.bind_address, ip, addr.port)), None)
+        if loop is not None:
+            ip, j, other = loop
+            shown = "" if str(ip) == addr.host else f" ({ip})"
+            which = "this listener itself" if j == i else f"listener[{j}] of this relay"
+            yield Problem(key, lst.backend,
+                          f"reaches {which}{shown} at {other.bind}: every connection would "
+                          "loop back into the relay")
 
 
 def _probe_option(family: int) -> str | None:

@@ -64,6 +64,7 @@ class Listener:
     @property
     def is_udp(self) -> bool:
         return self.protocol == "udp"
+    reuseport: bool = False  # SO_REUSEPORT: other processes may serve the same address
 
     @property
     def transparent(self) -> bool:

@@ -74,6 +74,13 @@ class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
             description="UDP only: end a flow after this many replies (DNS = 1); 0 = unlimited",
         ),
     ] = 0
+    reuseport: Annotated[
+        bool,
+        Meta(
+            description="share the port with other processes that set it too (SO_REUSEPORT); "
+            "false = a second relay on this address is refused (EADDRINUSE)"
+        ),
+    ] = False
 
 
 class EgressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -41,6 +41,7 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 # The core takes timeouts as a C int of milliseconds: at least 1 ms, at most 2**31 - 1 ms.
 MIN_SECONDS = 0.001
 MAX_SECONDS = 2_000_000.0  # about 23 days
+C_INT_MAX = 2**31 - 1  # the core's Loop() takes its sizes as C ints
 
 
 def _cpu_count() -> int:
@@ -70,7 +71,12 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         ),
     ] = 10000
     maxconn_per_source: Annotated[
-        int, Meta(ge=0, description="connections open at once per client address; 0 = unlimited")
+        int,
+        Meta(
+            ge=0,
+            le=10_000_000,
+            description="connections open at once per client address; 0 = unlimited",
+        ),
     ] = 0
     connect_timeout: Annotated[
         float,
@@ -140,14 +146,24 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         ),
     ] = 1 << 20
     max_pipes: Annotated[
-        int, Meta(ge=0, description="splice pipes per worker (idle + in use); 0 = maxconn / 4")
+        int,
+        Meta(
+            ge=0,
+            # two pipes per connection (one each way) at most: more are never used
+            le=2 * 10_000_000,
+            description="splice pipes per worker (idle + in use); 0 = maxconn / 4",
+        ),
     ] = 0
     splice: Annotated[
         bool, Meta(description="move bulk data with splice(2); false = always copy")
     ] = True
     splice_min: Annotated[
         int,
-        Meta(ge=0, description="bytes pending below which a transfer is copied, not spliced"),
+        Meta(
+            ge=0,
+            le=C_INT_MAX,  # the core takes it as a C int
+            description="bytes pending below which a transfer is copied, not spliced",
+        ),
     ] = 4096
     user: Annotated[
         str, Meta(description="drop privileges to this user after binding; empty = stay")

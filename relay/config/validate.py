@@ -184,6 +184,9 @@ def _validate_relay(v: dict[str, Any], p: _Problems) -> HostPort | None:
         p.add("relay.admin_socket", admin, "longer than a unix socket path may be (107 bytes)")
     if v.get("group") and not v.get("user"):
         p.add("relay.group", v["group"], "set relay.user too (a group alone is never dropped to)")
+    for key in ("user", "group", "log_file", "admin_socket"):
+        if "\0" in v.get(key, ""):
+            p.add(f"relay.{key}", v[key], "contains a NUL byte")
     return metrics
 
 
@@ -262,6 +265,7 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
         trusted_networks=trusted,
         protocol=protocol,
         udp_responses=v["udp_responses"],
+        reuseport=v["reuseport"],
     )
 
 
@@ -341,6 +345,7 @@ def _validate_listener_set(
         p.add("listener", _MISSING, "at least one [[listener]] is required")
     seen_names: dict[str, int] = {}
     seen_binds: dict[tuple[str, tuple[str, int]], int] = {}  # TCP and UDP ports are apart
+    tproxy_of: dict[tuple[str, socket.AddressFamily], int] = {}
     for i, v in enumerate(listeners):
         name = v.get("name")
         if name is not None:
@@ -355,6 +360,19 @@ def _validate_listener_set(
         if bind[1] and key in seen_binds:
             p.add(f"listener[{i}].bind", v["bind"], f"same address as listener[{seen_binds[key]}]")
         seen_binds.setdefault(key, i)
+        if v.get("mode") == "tproxy":
+            # relay nft writes one `tproxy ... accept` rule per listener and protocol: the first
+            # rule of a family takes every packet, so a second listener of that family and
+            # protocol never gets one.
+            family = family_of(bind.host)
+            tkey = (str(v.get("protocol", "tcp")), family)
+            if tkey in tproxy_of:
+                p.add(f"listener[{i}].mode", "tproxy",
+                      f"listener[{tproxy_of[tkey]}] is already the IPv"
+                      f"{6 if family == socket.AF_INET6 else 4} {tkey[0].upper()} tproxy listener: "
+                      "the first tproxy rule of a family takes all its traffic, this one would "
+                      "get none")
+            tproxy_of.setdefault(tkey, i)
 
 
 def _tables(data: Any, path: str, table: str, p: _Problems) -> list[Any]:
@@ -442,11 +460,13 @@ def from_dict(
     metrics = _validate_relay(relay, problems) if relay is not None else None
     tables: list[dict[str, Any]] = []
     listeners: list[Listener | None] = []
+    indexed: list[tuple[int, Listener | None]] = []
     for i, item in enumerate(_tables(data.get("listener", []), "listener", "listener", problems)):
         v = _convert_fields(ListenerConfig, item, f"listener[{i}]", problems)
         if v is not None:
             v["name"] = v.get("name") or f"listener{i}"
             listeners.append(_validate_listener(f"listener[{i}]", v, problems))
+            indexed.append((i, listeners[-1]))
             tables.append(v)
     _validate_listener_set(tables, problems, require_listener)
     egress: list[tuple[int, EgressSlice]] = []
@@ -461,6 +481,12 @@ def from_dict(
         user = relay.get("user", "") if relay is not None else ""
         group = relay.get("group", "") if relay is not None else ""
         for path, value, reason in host.check(user, group, egress):
+            problems.add(path, value, reason)
+        if relay is not None:
+            for path, value, reason in host.check_log_file(relay.get("log_file", "")):
+                problems.add(path, value, reason)
+        resolved = [(i, lst) for i, lst in indexed if lst is not None]
+        for path, value, reason in host.check_backends(resolved):
             problems.add(path, value, reason)
 
     if problems.lines or relay is None or policy is None:
@@ -488,6 +514,9 @@ def loads(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError([f"{source}: TOML nested too deeply (arrays or inline tables)"]) from None
     return from_dict(
         data,
         source,

@@ -5,8 +5,11 @@ the supervisor closes. Requests: `stats` (text), `stats json`, `reload` (answers
 generation serves or the reload failed; the first word of the answer is `ok` or `error`),
 `sessions {filter}` / `kill {filter}` (JSON answers, see relay.ops.sessions).
 
-HTTP (`relay.metrics_listen`): `GET /metrics` in the Prometheus text format, from a custom
-collector over the workers' aggregated counters.
+HTTP (`relay.metrics_listen`, relay.ops.http: non-blocking, a 2 s deadline per request, at most
+8 at once): `GET /metrics` in the Prometheus text format (a custom collector over the workers'
+aggregated counters, process_* of the supervisor, relay_worker_process_* summed over the
+workers, relay_build_info); `/ready` (200 once the first generation serves and until stopping,
+else 503) and `/live` (200: the supervisor's loop turns, since it is what answers).
 
 Both are served from the supervisor's single-threaded main loop (its selector): no thread exists
 in the supervisor when it forks a worker.
@@ -15,19 +18,19 @@ in the supervisor when it forks a worker.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
 import selectors
 import socket
-import socketserver
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from relay.config.model import Config
+from relay.ops.http import HTTPServer, Response, text
 
 __all__ = ["AdminServer", "client_main", "format_stats", "request"]
 
@@ -43,54 +46,13 @@ Sessions = Callable[[str, Callable[[str], None]], None]  # (request line, reply(
 Reload = Callable[[Callable[[bool, str], None] | None], None]
 
 
-class _MetricsHandler(http.server.BaseHTTPRequestHandler):
-    timeout = CLIENT_TIMEOUT
-    registry: CollectorRegistry
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            body = generate_latest(self.registry)
-            self._answer(200, METRICS_CONTENT_TYPE, body)
-        elif path == "/":
-            self._answer(200, "text/plain; charset=utf-8", b"relay: see /metrics\n")
-        else:
-            self._answer(404, "text/plain; charset=utf-8", b"not found: try /metrics\n")
-
-    def _answer(self, code: int, ctype: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        return  # one line per scrape would drown the log
-
-
-class _MetricsServer(http.server.HTTPServer):
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
-                 registry: CollectorRegistry) -> None:
-        self.address_family = family
-        handler = type("MetricsHandler", (_MetricsHandler,), {"registry": registry})
-        super().__init__(address, handler)
-        self.timeout = 0
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind would call socket.getfqdn(): a reverse DNS lookup, possibly
-        # slow, in the supervisor's main loop. The name is only used in CGI environments.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = host if isinstance(host, str) else host.decode()
-        self.server_port = port
-
-
 class AdminServer:
     """Admin unix socket + /metrics HTTP server, driven by the supervisor's selector."""
 
     def __init__(self, selector: selectors.BaseSelector, snapshot: Snapshot, reload: Reload,
                  aggregator: Any, sessions: Sessions | None = None) -> None:
         from relay.ops.metrics import RelayCollector
+        from relay.ops.process_metrics import BuildInfoCollector, WorkerProcessCollector
 
         self._selector = selector
         self._snapshot = snapshot
@@ -98,10 +60,14 @@ class AdminServer:
         self._sessions = sessions
         self._unix: socket.socket | None = None
         self._unix_path = ""
-        self._http: _MetricsServer | None = None
+        self._http: HTTPServer | None = None
         self._clients: dict[socket.socket, bytearray] = {}
+        self._turned = time.monotonic()  # the supervisor loop's last turn (tick)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RelayCollector(snapshot, aggregator))
+        self.registry.register(ProcessCollector(registry=None))  # process_*: the supervisor
+        self.registry.register(WorkerProcessCollector(snapshot))
+        self.registry.register(BuildInfoCollector(snapshot))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -113,22 +79,41 @@ class AdminServer:
             self._unix_path = path
             self._selector.register(self._unix, selectors.EVENT_READ, self._accept_unix)
         if cfg.metrics_address is not None:
-            host, port = cfg.metrics_address
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            routes = {"/metrics": self._metrics, "/ready": self._ready, "/live": self._live,
+                      "/": lambda: text(200, "relay: /metrics /ready /live\n")}
             try:
-                self._http = _MetricsServer((host, port), family, self.registry)
+                host, port = cfg.metrics_address
+                self._http = HTTPServer(self._selector, (host, port), routes)
             except OSError as exc:
                 raise OSError(exc.errno, f"metrics_listen {cfg.relay.metrics_listen}: "
                                          f"{exc.strerror}") from None
-            self._selector.register(self._http, selectors.EVENT_READ, self._http.handle_request)
+
+    def tick(self) -> None:
+        """Once per supervisor loop turn: cut off HTTP clients past their deadline."""
+        self._turned = time.monotonic()
+        if self._http is not None:
+            self._http.expire(self._turned)
+
+    def _metrics(self) -> Response:
+        return Response(200, METRICS_CONTENT_TYPE, generate_latest(self.registry))
+
+    def _ready(self) -> Response:
+        snap = self._snapshot()
+        if snap.get("stopping"):
+            return text(503, f"stopping ({snap['stopping']})\n")
+        if not snap.get("ready"):
+            return text(503, "starting: the first generation does not serve yet\n")
+        return text(200, f"ready: generation {snap['generation']} serving\n")
+
+    def _live(self) -> Response:
+        return text(200, f"live: loop turned {time.monotonic() - self._turned:.3f}s ago\n")
 
     def addresses(self) -> dict[str, str]:
         out = {}
         if self._unix is not None:
             out["admin_socket"] = self._unix_path
         if self._http is not None:
-            host, port = self._http.server_address[:2]
-            host = host if isinstance(host, str) else host.decode()
+            host, port = self._http.address
             out["metrics"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return out
 
@@ -143,9 +128,7 @@ class AdminServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._unix_path)
         if self._http is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(self._http)
-            self._http.server_close()
+            self._http.close()
             self._http = None
 
     def close_in_child(self) -> None:
@@ -155,7 +138,7 @@ class AdminServer:
         if self._unix is not None:
             self._unix.close()
         if self._http is not None:
-            self._http.socket.close()
+            self._http.close_in_child()
 
     # ------------------------------------------------------------------ unix socket protocol
 

@@ -342,6 +342,8 @@ class Supervisor:
         self._reap()
         self._check_workers()
         self.sessions.check()
+        if self.admin is not None:
+            self.admin.tick()
         if not self.stopping:
             self.accept_watch.check(s for g in self.generations if g.state == "serving"
                                     for s in g.sockets.values())
@@ -393,7 +395,8 @@ class Supervisor:
                     continue
                 sock = self._existing_listener(lst, taken=out.values())
                 if sock is None:
-                    sock = open_listener(lst.bind_address, transparent=lst.transparent)
+                    sock = open_listener(lst.bind_address, transparent=lst.transparent,
+                                         reuseport=lst.reuseport)
                     fresh.append((listener_key(lst), sock))
                 out[lst.name] = sock
         except BaseException:
@@ -435,9 +438,11 @@ class Supervisor:
     def _existing_listener(self, lst: Listener, taken: Iterable[socket.socket]
                            ) -> socket.socket | None:
         """The bound socket that already serves `lst`, if any: the one of the same name, address
-        text and mode, or, for a fixed port, one bound to that very address in the same mode
-        (so "127.0.0.1:0" then "127.0.0.1:40519", or a renamed listener, keep their socket).
-        Port-0 listeners of different names are different sockets."""
+        text and mode, or, for a fixed port, one bound to that very address with the same
+        IP_TRANSPARENT (so "127.0.0.1:0" then "127.0.0.1:40519", a renamed listener, or one
+        going from backend to redirect mode keep their socket: without SO_REUSEPORT a second
+        socket could not bind there). Port-0 listeners of different names are different
+        sockets."""
         busy = {id(s) for s in taken}
         sock = self.listeners.get(listener_key(lst))
         if sock is not None and id(sock) not in busy:
@@ -445,12 +450,19 @@ class Supervisor:
         host, port = lst.bind_address
         if not port:
             return None
-        for (_name, _bind, mode), sock in self.listeners.items():
-            if id(sock) in busy or mode != lst.mode:
+        for sock in self.listeners.values():
+            if id(sock) in busy or sock.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                if tuple(sock.getsockname()[:2]) == (host, port):
-                    return sock
+            if tuple(sock.getsockname()[:2]) != (host, port):
+                continue
+            transparent, reuseport = _socket_options(sock)
+            if transparent != lst.transparent:
+                continue
+            if reuseport != lst.reuseport:
+                log.warning("listener %s (%s): reuseport = %s applies at the next restart; the "
+                            "bound socket is kept", lst.name, lst.bind,
+                            "true" if lst.reuseport else "false")
+            return sock
         return None
 
     def _close_unused_listeners(self) -> None:
@@ -1016,6 +1028,17 @@ class Supervisor:
         }
 
 
+def _socket_options(sock: socket.socket) -> tuple[bool, bool]:
+    """(IP_TRANSPARENT, SO_REUSEPORT) of a listening TCP socket."""
+    from relay.sock import IP_TRANSPARENT, IPV6_TRANSPARENT
+
+    if sock.family == socket.AF_INET6:
+        transparent = sock.getsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT)
+    else:
+        transparent = sock.getsockopt(socket.SOL_IP, IP_TRANSPARENT)
+    return bool(transparent), bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+
+
 def _give_log_file(cfg: Config, target: privs.Target | None) -> None:
     """Let unprivileged workers reopen the log file on SIGUSR1 (they cannot open root's file)."""
     path = cfg.relay.log_file
@@ -1051,5 +1074,10 @@ def run(cfg: Config, config_path: str | None, overrides: Mapping[str, Any] | Non
     """
     from relay.ops import log as relay_log
 
-    relay_log.setup_from_settings(cfg.relay)
+    try:
+        relay_log.setup_from_settings(cfg.relay)
+    except OSError as exc:  # `relay check` reports these first (relay.config.host)
+        print(f"relay run: relay.log_file {cfg.relay.log_file}: cannot open: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     return Supervisor(cfg, config_path, overrides).run()

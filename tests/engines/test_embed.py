@@ -270,3 +270,39 @@ def test_relay_refuses_a_foreign_event_loop(flavor, engine, fd_baseline) -> None
             assert "outside the event loop" in other.get("error", ""), other
 
     run_on(flavor, main)
+
+
+def test_sockets_owned_by_an_asyncio_transport_are_refused(flavor, fd_baseline) -> None:
+    """The socket of an asyncio stream (or the stream itself) would move nothing: its
+    transport keeps reading it. splice() says so, and what to pass instead."""
+
+    async def main() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served.set_result(writer)
+
+        loop = asyncio.get_running_loop()
+        served: asyncio.Future[asyncio.StreamWriter] = loop.create_future()
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            accepted = await served
+            try:
+                for owned in (writer.get_extra_info("socket"), writer, reader,
+                              writer.transport):
+                    with pytest.raises(TypeError, match="loop.sock_accept") as info:
+                        await relay.splice(owned, accepted.get_extra_info("socket"))
+                    assert "belongs to an asyncio transport" in str(info.value)
+                # nothing was taken: the streams still work
+                writer.write(b"ping")
+                await writer.drain()
+                accepted.write(b"pong")
+                assert await reader.readexactly(4) == b"pong"
+            finally:
+                writer.close()
+                accepted.close()
+                await writer.wait_closed()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run_on(flavor, main)

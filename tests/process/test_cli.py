@@ -597,3 +597,39 @@ def test_bad_log_settings() -> None:
         relay_log.setup_logging("xml")
     with pytest.raises(ValueError, match="log level 'loud'"):
         relay_log.setup_logging("text", "loud")
+
+
+# --------------------------------------------------------------------------- check = run's refusals
+
+RUN_REFUSALS = [
+    ('[relay]\nlog_file = "{tmp}/missing/relay.log"\n', "relay.log_file", "does not exist"),
+    ('[relay]\nlog_file = "/proc/version"\n', "relay.log_file", "cannot be opened for appending"),
+    ('[relay]\nuser = "a\\u0000b"\n', "relay.user", "contains a NUL byte"),
+    ("[relay]\nmax_pipes = 4294967296\n", "relay.max_pipes", "<= 20000000"),
+    ("[relay]\nx = " + "[" * 3000 + "]" * 3000 + "\n", "TOML nested too deeply", ""),
+]
+
+
+@pytest.mark.parametrize(("fragment", "key", "reason"), RUN_REFUSALS)
+def test_check_and_run_refuse_alike_without_traceback(
+    tmp_path: Path, fragment: str, key: str, reason: str
+) -> None:
+    path = tmp_path / "r.toml"
+    listener = GOOD[GOOD.index("[[listener]]"):]
+    path.write_text(fragment.format(tmp=tmp_path) + "\n" + listener)
+    for command in ("check", "run"):
+        res = relay_cmd(command, "-c", str(path))
+        assert res.returncode == 1, (command, res.stderr)
+        assert "Traceback" not in res.stderr and "READY" not in res.stdout
+        first = res.stderr.splitlines()[0]
+        assert first.startswith(f"{path}: {key}") and reason in first, res.stderr
+        assert res.stderr.splitlines()[-1] == f"relay {command}: 1 problem"
+
+
+def test_run_refuses_a_backend_that_is_the_listener(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody serves, for the refusal's sake only
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = relay_cmd("run", "--listen", f"127.0.0.1:{port}", "--backend", f"0.0.0.0:{port}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "reaches this listener itself" in res.stderr and "READY" not in res.stdout

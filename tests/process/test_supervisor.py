@@ -299,19 +299,23 @@ def test_gen_systemd_unit_is_hardened_and_allows_io_uring(tmp_path: Path) -> Non
             settings.setdefault(key, []).append(value)
     assert settings["Type"] == ["notify"]
     assert settings["NoNewPrivileges"] == ["yes"]
-    assert f"-m relay run --config {cfg}" in settings["ExecStart"][0]
+    assert f"relay run --config {cfg}" in settings["ExecStart"][0]
+    assert "-m relay" not in settings["ExecStart"][0] or " -P -m relay" in settings["ExecStart"][0]
+    assert settings["ExecReload"][0].endswith("relay reload --socket /run/relay/admin.sock")
     filters = " ".join(settings["SystemCallFilter"]).split()
     assert not any(f.startswith("~") and "io_uring" in f for f in filters)
     assert {"io_uring_setup", "io_uring_enter", "io_uring_register"} <= set(filters)
     assert "ProtectSystem" in settings and "CapabilityBoundingSet" in settings
     assert settings["TimeoutStopSec"] == [str(int(10.0) + 15)]
     analyze = shutil.which("systemd-analyze")
-    if analyze:
-        unit_path = tmp_path / "relay.service"
-        unit_path.write_text(unit)
-        res = subprocess.run([analyze, "verify", str(unit_path)], capture_output=True,
-                             text=True, timeout=30)
-        assert "Unknown key" not in res.stderr and "Invalid" not in res.stderr, res.stderr
+    if analyze is None:
+        pytest.skip("systemd-analyze missing (Debian package systemd): unit not verified")
+    unit_path = tmp_path / "relay.service"
+    unit_path.write_text(unit)
+    res = subprocess.run([analyze, "verify", str(unit_path)], capture_output=True,
+                         text=True, timeout=30)
+    # verify exits 0 on unknown keys too: any line it prints about the unit is a problem.
+    assert res.returncode == 0 and str(unit_path) not in res.stderr, res.stderr
 
 
 @pytest.mark.timeout(60)

@@ -428,3 +428,92 @@ def test_host_checks_with_check_kernel(tmp_path: Path) -> None:
     assert "ip_local_port_range" in text and all(
         p.startswith(f"{path}: ") for p in info.value.problems
     )
+
+
+# --------------------------------------------------------------------------- what `run` refuses
+
+LISTEN_AT = '[[listener]]\nbind = "{bind}"\nbackend = "{backend}"\n'
+RUN_REFUSES = [
+    # (config text, key path and value, reason fragment)
+    (
+        LISTEN_AT.format(bind="127.0.0.1:7000", backend="127.0.0.1:7000"),
+        'listener[0].backend: "127.0.0.1:7000"',
+        "reaches this listener itself at 127.0.0.1:7000",
+    ),
+    (  # connect() to 0.0.0.0 reaches 127.0.0.1: one client made 200 connections to itself
+        LISTEN_AT.format(bind="127.0.0.1:7000", backend="0.0.0.0:7000"),
+        'listener[0].backend: "0.0.0.0:7000"',
+        "reaches this listener itself",
+    ),
+    (
+        LISTEN_AT.format(bind="0.0.0.0:7000", backend="127.0.0.1:7000"),
+        'listener[0].backend: "127.0.0.1:7000"',
+        "reaches this listener itself at 0.0.0.0:7000",
+    ),
+    (
+        LISTEN_AT.format(bind="127.0.0.1:7000", backend="no-such-host.invalid:80"),
+        'listener[0].backend: "no-such-host.invalid:80"',
+        "host name does not resolve",
+    ),
+    (
+        '[[listener]]\nbind = "127.0.0.1:1"\nmode = "tproxy"\n'
+        '[[listener]]\nbind = "127.0.0.1:2"\nmode = "tproxy"\n',
+        'listener[1].mode: "tproxy"',
+        "listener[0] is already the IPv4 tproxy listener",
+    ),
+    ("[relay]\nmax_pipes = 2147483648\n" + LISTENER_OK, "relay.max_pipes: 2147483648",
+     "<= 20000000"),
+    ("[relay]\nsplice_min = 2147483648\n" + LISTENER_OK, "relay.splice_min: 2147483648",
+     "<= 2147483647"),
+    ("[relay]\nmaxconn_per_source = 2147483648\n" + LISTENER_OK,
+     "relay.maxconn_per_source: 2147483648", "<= 10000000"),
+    ('[relay]\nuser = "ro\\u0000ot"\n' + LISTENER_OK, 'relay.user: "ro\\x00ot"',
+     "contains a NUL byte"),
+    ('[relay]\nlog_file = "/no/such/dir/relay.log"\n' + LISTENER_OK,
+     'relay.log_file: "/no/such/dir/relay.log"', "directory /no/such/dir does not exist"),
+    ('[relay]\nlog_file = "/proc/version"\n' + LISTENER_OK, 'relay.log_file: "/proc/version"',
+     "cannot be opened for appending"),
+    ('[relay]\nlog_file = "/tmp"\n' + LISTENER_OK, 'relay.log_file: "/tmp"', "is a directory"),
+]
+
+
+@pytest.mark.parametrize(("text", "where", "reason"), RUN_REFUSES)
+def test_check_refuses_what_run_would(text: str, where: str, reason: str) -> None:
+    problems = problems_of(text, check_host=True)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"t.toml: {where}: "), problems
+    assert reason in problems[0], problems
+
+
+def test_backend_loop_rules() -> None:
+    from relay.config.host import backend_loops
+
+    ip = ipaddress.ip_address
+    never_local = lambda _ip: False  # noqa: E731
+    assert backend_loops(("127.0.0.1", 80), ip("127.0.0.1"), 80, never_local)
+    assert backend_loops(("::1", 80), ip("::"), 80, never_local)
+    assert backend_loops(("0.0.0.0", 80), ip("0.0.0.0"), 80, never_local)
+    assert not backend_loops(("127.0.0.1", 80), ip("127.0.0.1"), 81, never_local)
+    assert not backend_loops(("::1", 80), ip("0.0.0.0"), 80, never_local)  # other family
+    assert not backend_loops(("127.0.0.1", 0), ip("127.0.0.1"), 80, never_local)
+    assert not backend_loops(("0.0.0.0", 80), ip("192.0.2.1"), 80, never_local)
+    assert backend_loops(("0.0.0.0", 80), ip("192.0.2.1"), 80, lambda _ip: True)
+    # a backend elsewhere, a free port and a host name that resolves are fine
+    loads(LISTEN_AT.format(bind="127.0.0.1:7000", backend="localhost:7001"), check_host=True)
+
+
+def test_deeply_nested_toml_is_a_problem_not_a_traceback() -> None:
+    problems = problems_of("x = " + "[" * 5000 + "]" * 5000)
+    assert problems == ["t.toml: TOML nested too deeply (arrays or inline tables)"]
+    problems = problems_of("[relay]\nuser = " + "[" * 200 + "]" * 200 + "\n" + LISTENER_OK)
+    assert len(problems) == 1 and problems[0].startswith("t.toml: relay.user: [[[")
+    assert problems[0].endswith("expected str, got array")
+
+
+def test_backend_that_is_another_listener_is_a_loop() -> None:
+    text = (LISTEN_AT.format(bind="127.0.0.1:7000", backend="127.0.0.1:7001")
+            + LISTEN_AT.format(bind="127.0.0.1:7001", backend="127.0.0.1:7002"))
+    problems = problems_of(text, check_host=True)
+    assert problems == ['t.toml: listener[0].backend: "127.0.0.1:7001": reaches listener[1] of '
+                        "this relay at 127.0.0.1:7001: every connection would loop back into "
+                        "the relay"]

@@ -8,6 +8,7 @@ prefix) exactly as the core would, so the backend sees what it would see through
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import socket
@@ -21,7 +22,7 @@ import pytest
 from relay import config
 from relay.serve import proxyproto
 from relay.serve.routing import Denied, Router, Upstream
-from relay.sock import open_listener, original_destination
+from relay.sock import check_address_free, open_listener, original_destination
 
 
 class BackendServer:
@@ -433,14 +434,34 @@ def test_open_listener_options_and_hostport_parsing() -> None:
     v4 = open_listener(cfg.listener[0].bind_address)
     try:
         assert not v4.getblocking()
-        assert v4.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        assert v4.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
         assert v4.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
         assert v4.getsockopt(socket.SOL_IP, 19) == 0  # backend mode: not transparent
-        # SO_REUSEPORT lets a second worker bind the very same address.
-        twin = open_listener(("127.0.0.1", v4.getsockname()[1]))
-        twin.close()
+        # Without reuseport a second socket on the same address is refused, in one line.
+        with pytest.raises(OSError) as info:
+            open_listener(("127.0.0.1", v4.getsockname()[1]))
+        assert info.value.errno == errno.EADDRINUSE
+        assert str(info.value).startswith(f"[Errno {errno.EADDRINUSE}] listener 127.0.0.1:")
+        assert "address already in use" in str(info.value) and "reuseport = true" in str(info.value)
+        with pytest.raises(OSError, match="address already in use"):
+            check_address_free(("127.0.0.1", v4.getsockname()[1]))
     finally:
         v4.close()
+    # reuseport = true: both sockets set SO_REUSEPORT and share the port on purpose; the probe
+    # (for callers that must set it themselves) still sees the port taken.
+    shared = open_listener(("127.0.0.1", 0), reuseport=True)
+    try:
+        assert shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        open_listener(("127.0.0.1", shared.getsockname()[1]), reuseport=True).close()
+        with pytest.raises(OSError, match="address already in use"):
+            check_address_free(("127.0.0.1", shared.getsockname()[1]), what="x")
+    finally:
+        shared.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # the probe for UDP binds
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        udp.bind(("127.0.0.1", 0))
+        with pytest.raises(OSError, match="address already in use"):
+            check_address_free(("127.0.0.1", udp.getsockname()[1]), socket.SOCK_DGRAM)
     try:
         v6 = open_listener(cfg.listener[1].bind_address)
     except OSError as exc:
