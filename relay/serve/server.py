@@ -38,11 +38,11 @@ from relay.engines.constants import (
     connect_failure_reason,
 )
 from relay.ops.log import log_every
-from relay.serve.flowlog import log_flow
+from relay.serve.flowlog import FlowLog
 from relay.serve.routing import Denied, Router
-from relay.sock import UNIX_PREFIX, open_listener, reset_and_close
+from relay.sock import UNIX_PREFIX, format_address, open_listener, reset_and_close
 
-__all__ = ["CONNECT_BUCKETS", "Server"]
+__all__ = ["CONNECT_BUCKETS", "REJECT_REASONS", "Server"]
 
 log = logging.getLogger("relay.server")
 
@@ -54,6 +54,9 @@ _POLL_MS = 100  # longest wait in loop.run(): bounds how late a stop request is 
 _STATS_REFRESH_S = 0.25  # loop.stats() snapshot age limit for stats() from other threads
 _ABORT_GRACE_S = 2.0  # after aborting the rest at the drain deadline, wait this long for EV_DONE
 _LIMIT_LOG_INTERVAL_S = 10.0
+# Why a client over a connection limit was reset: stats()["rejected"] keys, and the flow log's
+# "rejected_<why>" reasons.
+REJECT_REASONS: tuple[str, ...] = ("maxconn", "maxconn_per_source")
 _server_ids = itertools.count(1)  # rate-limited log keys per Server (id() values get reused)
 
 
@@ -123,7 +126,7 @@ class Server:
         self._maxconn: int = settings.maxconn_per_worker(workers)
         per_source = int(settings.maxconn_per_source)
         self._maxconn_per_source = -(-per_source // workers) if per_source else 0
-        self._flow_log = bool(settings.flow_log)
+        self._flowlog: FlowLog | None = FlowLog() if settings.flow_log else None
         self._drain_timeout = float(settings.drain_timeout)
 
         self._listeners: list[_Listener] = []
@@ -132,7 +135,7 @@ class Server:
         self._egress_in_use: dict[str, int] = {}
         self._closed_by_reason: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._denied: dict[str, int] = {}
-        self._rejected: dict[str, int] = {"maxconn": 0, "maxconn_per_source": 0}
+        self._rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self._connect_hist = _Histogram(CONNECT_BUCKETS)
         self._accepted = 0
         self._open = 0
@@ -177,7 +180,8 @@ class Server:
         self._loop_stats: dict[str, int] = self._loop.stats()
         self._loop_stats_at = time.monotonic()
         log.info("server: engine %s (%s); listeners: %s", self.engine_name, self.engine_reason,
-                 ", ".join(f"{lst.name}={lst.sock.getsockname()}" for lst in self._listeners))
+                 ", ".join(f"{lst.name}={format_address(lst.sock.getsockname())}"
+                           for lst in self._listeners))
 
     def _own_addresses(self) -> set[str]:
         own: set[str] = {e.address for e in self.cfg.egress}
@@ -235,6 +239,8 @@ class Server:
             raise RuntimeError("serve_forever: server already running or stopped")
         self._serving = True
         self._serve_thread_id = threading.get_ident()
+        if self._flowlog is not None:
+            self._flowlog.start()
         loop = self._loop
         run = loop.run
         dispatch = self._dispatch
@@ -281,6 +287,8 @@ class Server:
         * ``maxconn``, ``maxconn_per_source``: this worker's limits (0 = unlimited)
         * ``draining``: 1 while stopping
         * ``accept_paused_listeners``: listeners inside an accept-error pause episode (gauge)
+        * ``flowlog_dropped``: flow log records dropped, the log destination did not keep up
+          (counter)
 
         Labelled families are nested ``{label: int}`` dicts:
 
@@ -289,7 +297,7 @@ class Server:
           (``refused``, ``unreachable``, ``error``) (counter)
         * ``denied``: ``{router reason: count}`` (``relay.serve.routing.REASONS``: policy reasons,
           ``loop``, ``slice_exhausted``...), clients reset before any upstream (counter)
-        * ``rejected``: ``{"maxconn": n, "maxconn_per_source": n}`` over-limit clients (counter)
+        * ``rejected``: ``{limit: n}`` for every ``REJECT_REASONS``: over-limit clients (counter)
         * ``listener_open`` / ``listener_total``: ``{listener name: n}`` (gauge / counter)
         * ``egress_ports_in_use``: ``{egress address: slice ports held}`` (gauge)
 
@@ -313,7 +321,14 @@ class Server:
         s["listener_total"] = {lst.name: lst.total for lst in self._listeners}
         s["egress_ports_in_use"] = dict(self._egress_in_use)
         s["connect_seconds"] = self._connect_hist.snapshot()
+        s["flowlog_dropped"] = self._flowlog.dropped if self._flowlog is not None else 0
         return s
+
+    def reopen_flow_log(self) -> None:
+        """After ``relay.ops.log.reopen()``: the flow log writer writes what waits to the old
+        file, then continues in the new one. Only sets a flag: safe in a signal handler."""
+        if self._flowlog is not None:
+            self._flowlog.request_reopen()
 
     # -- event handling ------------------------------------------------------------------------
 
@@ -399,17 +414,20 @@ class Server:
 
     def _reject(self, client: socket.socket, lst: _Listener, limit: str, peer: Any) -> None:
         self._rejected[limit] += 1
+        assert lst.router is not None
+        dest = _local_address(client) if lst.router.mode == "tproxy" else None
         reset_and_close(client)
         log_every(log, f"rejected {limit}", _LIMIT_LOG_INTERVAL_S,
                   "listener %s: %s reached (%d); client %s reset", lst.name, limit,
-                  self._maxconn if limit == "maxconn" else self._maxconn_per_source, peer)
+                  self._maxconn if limit == "maxconn" else self._maxconn_per_source,
+                  format_address(peer))
+        self._log_unrelayed(lst, peer, dest, "rejected_" + limit, 0)
 
     def _log_unrelayed(self, lst: _Listener, peer: Any, dest: tuple | None, reason: str,
                        err: int) -> None:
-        if self._flow_log:
-            log_flow(listener=lst.name, client=peer, dest=dest, egress=None, c2s_bytes=0,
-                     s2c_bytes=0, spliced_bytes=0, copied_bytes=0, duration=0.0, reason=reason,
-                     errno=err)
+        if self._flowlog is not None:
+            self._flowlog.add((time.time(), lst.name, peer, dest, None, 0, 0, 0, 0, 0, reason,
+                               err))
 
     def _on_done(self, ev: tuple[Any, ...]) -> None:
         (_kind, cid, _tag, reason, c2s, s2c, spliced, copied, duration_us, err) = ev
@@ -428,10 +446,9 @@ class Server:
                 del self._per_source[flow.source]
         if flow.egress_address is not None:
             self._egress_in_use[flow.egress_address] -= 1
-        if self._flow_log:
-            log_flow(listener=flow.listener.name, client=flow.client, dest=flow.dest,
-                     egress=flow.egress, c2s_bytes=c2s, s2c_bytes=s2c, spliced_bytes=spliced,
-                     copied_bytes=copied, duration=duration_us / 1e6, reason=name, errno=err)
+        if self._flowlog is not None:
+            self._flowlog.add((time.time(), flow.listener.name, flow.client, flow.dest,
+                               flow.egress, c2s, s2c, spliced, copied, duration_us, name, err))
 
     def _on_accept_error(self, tag: int, err: int) -> None:
         lst = self._listeners[tag]
@@ -505,6 +522,8 @@ class Server:
         self._egress_in_use = dict.fromkeys(self._egress_in_use, 0)
         self._close_listeners()
         self._loop_stats["conns_open"] = 0
+        if self._flowlog is not None:
+            self._flowlog.close()
 
     def _refresh_loop_stats(self) -> None:
         self._loop_stats = self._loop.stats()
