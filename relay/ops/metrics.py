@@ -166,6 +166,9 @@ class RelayCollector(Collector):
                                   "Connections refused: no free egress slice port",
                                   value=t.get("denied", {}).get("slice_exhausted", 0))
         yield gauge("relay_maxconn", "Connection limit over all live workers", t.get("maxconn", 0))
+        yield counter("relay_flowlog_dropped",
+                      "Flow log records dropped: the log destination did not keep up",
+                      "flowlog_dropped")
 
         moved = CounterMetricFamily("relay_bytes", "Bytes relayed, by method",
                                     labels=["method"])
