@@ -116,6 +116,7 @@ class _Formatter:
         self._json_prefix = f', "level": "INFO", "logger": "relay.flow", "pid": {self.pid}, ' \
                             '"message": "flow"'
         self._names: dict[str, str] = {}
+        self._dests: dict[Any, str] = {}
 
     def _time(self, created: float) -> str:
         second = int(created)
@@ -133,32 +134,53 @@ class _Formatter:
             shown = self._names[name] = self._value(name)
         return shown
 
+    def _addr(self, addr: Any) -> str:
+        """An address as a field value. The IP literal and port of a (host, port...) tuple
+        need no quoting or escaping in either format; anything else goes through the rules."""
+        if addr is None:
+            return '""'
+        if type(addr) is tuple and len(addr) >= 2:
+            host = addr[0]
+            if type(host) is str and host and not host.startswith("unix:"):
+                if ":" in host:
+                    return f'"[{host}]:{addr[1]}"' if self.json else f"[{host}]:{addr[1]}"
+                return f'"{host}:{addr[1]}"' if self.json else f"{host}:{addr[1]}"
+        return self._value(format_addr(addr))
+
     def lines(self, records: list[Record]) -> str:
         out: list[str] = []
         append = out.append
-        value = self._value
+        addr = self._addr
         name = self._name
+        dests = self._dests  # a backend's or a destination's address repeats: shown once
+        if len(dests) > 4096:
+            dests.clear()
         if self.json:
             for (t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason,
                  err) in records:
+                shown_dest = dests.get(dest)
+                if shown_dest is None:
+                    shown_dest = dests[dest] = addr(dest)
                 append(
                     f'{{"time": "{self._time(t)}"{self._json_prefix}, "listener": {name(lst)}, '
-                    f'"client": {value(format_addr(client))}, '
-                    f'"dest": {value(format_addr(dest))}, '
-                    f'"egress": {value(format_addr(egress))}, "c2s_bytes": {c2s}, '
+                    f'"client": {addr(client)}, "dest": {shown_dest}, '
+                    f'"egress": {addr(egress)}, "c2s_bytes": {c2s}, '
                     f'"s2c_bytes": {s2c}, "spliced_bytes": {spliced}, '
                     f'"copied_bytes": {copied}, "duration": {round(dur / 1e6, 6)!r}, '
-                    f'"reason": {name(reason)}, "errno": "{_errno_name(err)}"}}\n')
+                    f'"reason": {name(reason)}, "errno": {name(_errno_name(err))}}}\n')
         else:
             for (t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason,
                  err) in records:
+                shown_dest = dests.get(dest)
+                if shown_dest is None:
+                    shown_dest = dests[dest] = addr(dest)
                 append(
                     f"{self._time(t)} {self._text_prefix} listener={name(lst)} "
-                    f"client={value(format_addr(client))} dest={value(format_addr(dest))} "
-                    f"egress={value(format_addr(egress))} c2s_bytes={c2s} s2c_bytes={s2c} "
+                    f"client={addr(client)} dest={shown_dest} "
+                    f"egress={addr(egress)} c2s_bytes={c2s} s2c_bytes={s2c} "
                     f"spliced_bytes={spliced} copied_bytes={copied} "
                     f"duration={round(dur / 1e6, 6)!r} reason={name(reason)} "
-                    f"errno={value(_errno_name(err))}\n")
+                    f"errno={name(_errno_name(err))}\n")
         return "".join(out)
 
 
