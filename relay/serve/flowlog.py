@@ -71,7 +71,8 @@ FIELDS = ("listener", "client", "dest", "egress", "c2s_bytes", "s2c_bytes", "spl
 BUFFER_RECORDS = 16384  # records waiting for the writer; beyond this they are dropped
 FLUSH_RECORDS = 256  # wake the writer once this many wait...
 FLUSH_INTERVAL = 0.2  # ...or after this many seconds
-CLOSE_TIMEOUT = 2.0  # close(): how long to wait for a writer blocked on its destination
+CLOSE_TIMEOUT = 2.0
+_CHECK_INTERVAL = 0.1  # the writer looks for a reopen request this often  # close(): how long to wait for a writer blocked on its destination
 _DROP_LOG_INTERVAL = 10.0
 # Writes to a pipe of at most PIPE_BUF bytes are atomic: lines from several workers sharing a
 # pipe (stderr under systemd, a FIFO) never interleave inside a line. Regular files opened with
@@ -286,7 +287,7 @@ class FlowLog:
             self.dropped += 1
             return
         queue.append(record)
-        if len(queue) == self._batch:
+        if len(queue) >= self._batch and not self._kick.is_set():
             self._kick.set()
 
     def request_reopen(self) -> None:
@@ -313,15 +314,27 @@ class FlowLog:
     # -- the writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        # request_reopen() runs in a signal handler, which must not take the Event's lock (the
+        # interrupted thread may hold it): the writer looks at the flag every _CHECK_INTERVAL.
+        check = min(self._interval, _CHECK_INTERVAL)
+        next_flush = time.monotonic() + self._interval
         try:
+            # Take the destination now: records buffered when the log is rotated belong in
+            # the file that was current when they were made.
+            self._sink = _Sink()
             while True:
-                self._kick.wait(self._interval)
+                kicked = self._kick.wait(check)
                 self._kick.clear()
                 closing = self._closing
-                self._flush()
-                if self._reopen:
+                reopen = self._reopen
+                now = time.monotonic()
+                if kicked or closing or reopen or now >= next_flush:
+                    self._flush()
+                    next_flush = now + self._interval
+                if reopen:
                     self._reopen = False
-                    self._close_sink()  # the next batch opens the new destination
+                    self._close_sink()
+                    self._sink = _Sink()
                 if closing:
                     break
         except Exception:

@@ -126,7 +126,9 @@ class Server:
         self._maxconn: int = settings.maxconn_per_worker(workers)
         per_source = int(settings.maxconn_per_source)
         self._maxconn_per_source = -(-per_source // workers) if per_source else 0
-        self._flowlog: FlowLog | None = FlowLog() if settings.flow_log else None
+        self._flowlog: FlowLog | None = (
+            FlowLog(capacity=int(settings.flow_log_buffer),
+                    interval=float(settings.flow_log_flush)) if settings.flow_log else None)
         self._drain_timeout = float(settings.drain_timeout)
 
         self._listeners: list[_Listener] = []
