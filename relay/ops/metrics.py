@@ -134,10 +134,6 @@ class RelayCollector(Collector):
                     snap["generation"])
         yield CounterMetricFamily("relay_worker_restarts", "Workers restarted after dying",
                                   value=snap.get("restarts", 0))
-        yield CounterMetricFamily(
-            "relay_accept_queue_wakeups",
-            "Stalled accept queues woken by the supervisor after a worker stopped accepting",
-            value=snap.get("accept_queue_kicks", 0))
         reloads = CounterMetricFamily("relay_reloads", "Reloads by result", labels=["result"])
         _labelled(reloads, snap.get("reloads", {}))
         yield reloads
