@@ -52,6 +52,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from relay.ops import log as relay_log
+from relay.sock import format_address
 
 __all__ = [
     "BUFFER_RECORDS",
@@ -85,7 +86,8 @@ Record = tuple[float, str, Any, Any, Any, int, int, int, int, int, str, int]
 
 
 def format_addr(addr: tuple | str | None) -> str:
-    """(ip, port) -> "ip:port" ("[v6]:port" for IPv6); ("unix:/p", 0) -> "unix:/p"; None -> ""."""
+    """A flow log address: (ip, port) -> relay.sock.format_address ("ip:port", "[v6]:port");
+    ("unix:/p", 0) -> "unix:/p"; a unix peer -> "unix"; None -> ""."""
     if addr is None:
         return ""
     if isinstance(addr, str):
@@ -95,9 +97,7 @@ def format_addr(addr: tuple | str | None) -> str:
         return host
     if not host:  # unix-socket peer: getpeername() is ""
         return "unix"
-    if ":" in host:
-        return f"[{host}]:{addr[1]}"
-    return f"{host}:{addr[1]}"
+    return format_address(addr)
 
 
 def _errno_name(err: int) -> str:
