@@ -254,7 +254,7 @@ def _write_lines_atomically(fd: int, data: bytes) -> None:
 class FlowLog:
     """The bounded record buffer of one serving thread and its writer thread.
 
-    ``add`` is called by the serving thread only. ``stats`` may be read from anywhere.
+    ``add`` is called by the serving thread only; ``dropped`` may be read from anywhere.
     ``request_reopen`` only sets a flag (safe in a signal handler); ``close`` flushes and stops
     the writer, waiting at most CLOSE_TIMEOUT for a writer blocked on its destination.
     """
@@ -293,9 +293,6 @@ class FlowLog:
     def request_reopen(self) -> None:
         """Write what waits to the current destination, then reopen it (after log rotation)."""
         self._reopen = True
-
-    def stats(self) -> dict[str, int]:
-        return {"flowlog_dropped": self.dropped, "flowlog_pending": len(self._queue)}
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Flush every waiting record and stop the writer."""
