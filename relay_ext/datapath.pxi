@@ -15,6 +15,18 @@ cdef inline void _delivered(Loop self, Conn* c, int d, ssize_t n) noexcept nogil
     self.st_bytes_dir[d] += n
     c.last_ns = self.now
 
+# The spliced/copied split counts bytes *delivered* (like nbytes), not bytes read: bytes still
+# in a pipe or a copy buffer when a connection is reset never reached anybody.
+cdef inline void _delivered_copy(Loop self, Conn* c, int d, ssize_t n) noexcept nogil:
+    _delivered(self, c, d, n)
+    c.half[d].copied += n
+    self.st_bytes_copied += n
+
+cdef inline void _delivered_splice(Loop self, Conn* c, int d, ssize_t n) noexcept nogil:
+    _delivered(self, c, d, n)
+    c.half[d].spliced += n
+    self.st_bytes_spliced += n
+
 
 cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
     """Move what can move in direction d without blocking.  -1: the pair was closed."""
@@ -40,7 +52,7 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
                     continue
                 return _fail_write(self, c, d, errno)
             h.buf_off += n
-            _delivered(self, c, d, n)
+            _delivered_copy(self, c, d, n)
             if h.buf_off < h.buf_len:
                 h.flags |= HF_WANT_WRITE
                 return 0
@@ -60,7 +72,7 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
                     continue
                 return _fail_write(self, c, d, errno)
             h.pipe_len -= n
-            _delivered(self, c, d, n)
+            _delivered_splice(self, c, d, n)
             if h.pipe_len:
                 h.flags |= HF_WANT_WRITE
                 return 0
@@ -84,8 +96,6 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
             n = splice(src, NULL, h.pipe_w, NULL, cap, SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
             if n > 0:
                 h.pipe_len += n
-                h.spliced += n
-                self.st_bytes_spliced += n
                 c.last_ns = self.now
                 if <size_t>n < self.splice_min:
                     h.flags &= ~HF_STREAM       # the flow slowed down: copy again
@@ -111,8 +121,6 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
             return _fail_read(self, c, d, errno)
         n = recv(src, self.scratch, SCRATCH_SIZE, MSG_DONTWAIT)
         if n > 0:
-            h.copied += n
-            self.st_bytes_copied += n
             c.last_ns = self.now
             if (self.splice_enabled and not (h.flags & HF_NO_SPLICE) and n >= STREAM_MIN
                     and <size_t>n >= self.splice_min):
@@ -122,7 +130,7 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
                 if errno != EAGAIN and errno != EINTR:
                     return _fail_write(self, c, d, errno)
                 m = 0
-            _delivered(self, c, d, m)
+            _delivered_copy(self, c, d, m)
             if m < n:
                 h.buf = <char*>malloc(n - m)
                 if h.buf == NULL:

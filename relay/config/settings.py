@@ -181,6 +181,16 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         LogLevel, Meta(description="lowest level logged: debug, info, warning, error, critical")
     ] = "info"
     flow_log: Annotated[bool, Meta(description="log one line per finished connection")] = True
+    flow_log_buffer: Annotated[
+        int,
+        Meta(ge=1, le=1 << 20, description="flow log records waiting for the writer at most; "
+             "more are dropped and counted (flowlog_dropped)"),
+    ] = 16384
+    flow_log_flush: Annotated[
+        float,
+        Meta(gt=0, le=60, description="seconds between flow log writes (sooner once 256 "
+             "records wait)"),
+    ] = 0.2
     admin_socket: Annotated[
         str,
         Meta(

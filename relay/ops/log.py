@@ -29,6 +29,7 @@ __all__ = [
     "LOG_FORMATS",
     "TextFormatter",
     "escape",
+    "flow_destination",
     "flush",
     "log_every",
     "reopen",
@@ -135,6 +136,7 @@ class _ReopenableFileHandler(logging.FileHandler):
 
 _state_lock = threading.Lock()
 _handler: logging.Handler | None = None
+_format = "text"
 
 
 def setup_logging(
@@ -145,7 +147,7 @@ def setup_logging(
     Replaces the handler installed by a previous call.  Raises ValueError for an unknown format
     or level and OSError (with the path) when the file cannot be opened.
     """
-    global _handler
+    global _handler, _format
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(LOG_FORMATS)}")
     numeric = _level_number(level)
@@ -163,6 +165,7 @@ def setup_logging(
         root.addHandler(handler)
         root.setLevel(numeric)
         _handler = handler
+        _format = fmt
     return handler
 
 
@@ -242,6 +245,28 @@ def log_every(
         extra["suppressed"] = suppressed
     logger.log(level, msg, *args, extra=extra or None)
     return True
+
+
+def flow_destination(logger: logging.Logger) -> tuple[int, str] | None:
+    """(descriptor, format) of the file or stream ``setup_logging`` writes to, when its handler
+    is the only place ``logger``'s records go; None otherwise (then use ``logging``).
+
+    The flow log writer (relay.serve.flowlog) writes its batches there itself: it must
+    ``os.dup`` the descriptor and take a new one after ``reopen()``.
+    """
+    handler = _handler
+    root = logging.getLogger()
+    if (handler is None or logger.handlers or not logger.propagate or logger.filters
+            or handler.filters or root.filters or root.handlers != [handler]):
+        return None
+    stream = getattr(handler, "stream", None)
+    try:
+        fd = stream.fileno() if stream is not None else -1
+    except (OSError, ValueError):
+        return None
+    if fd < 0:
+        return None
+    return fd, _format
 
 
 def flush() -> None:

@@ -137,10 +137,6 @@ class RelayCollector(Collector):
                     snap["generation"])
         yield CounterMetricFamily("relay_worker_restarts", "Workers restarted after dying",
                                   value=snap.get("restarts", 0))
-        yield CounterMetricFamily(
-            "relay_accept_queue_wakeups",
-            "Stalled accept queues woken by the supervisor after a worker stopped accepting",
-            value=snap.get("accept_queue_kicks", 0))
         reloads = CounterMetricFamily("relay_reloads", "Reloads by result", labels=["result"])
         _labelled(reloads, snap.get("reloads", {}))
         yield reloads
@@ -169,6 +165,9 @@ class RelayCollector(Collector):
                                   "Connections refused: no free egress slice port",
                                   value=t.get("denied", {}).get("slice_exhausted", 0))
         yield gauge("relay_maxconn", "Connection limit over all live workers", t.get("maxconn", 0))
+        yield counter("relay_flowlog_dropped",
+                      "Flow log records dropped: the log destination did not keep up",
+                      "flowlog_dropped")
 
         moved = CounterMetricFamily("relay_bytes", "Bytes relayed, by method",
                                     labels=["method"])

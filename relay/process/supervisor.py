@@ -37,7 +37,6 @@ import dataclasses
 import errno
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
@@ -66,7 +65,6 @@ from relay.process.worker import (
     encode_command,
     run_worker,
 )
-from relay.sock import arm_reset
 
 __all__ = ["Supervisor", "run"]
 
@@ -81,85 +79,15 @@ STABLE_AFTER = 10.0  # a worker serving this long resets its slot's crash count
 BACKOFF_MAX = 30.0
 MAX_BOOT_FAILURES = 5
 TICK = 0.5  # main loop wake-up for deadlines and heartbeats
-STALL_WATCH = 5.0  # seconds after accepting processes leave during which accept queues are watched
-STALL_AFTER = 0.3  # a listening socket readable this long while workers serve is stalled
-STALL_TICK = 0.1
 # An old worker told to release UDP that has not answered by then is SIGKILLed: its egress
 # sockets must be gone before the new generation creates UDP flows (docs/udp.md).
 UDP_RELEASE_TIMEOUT = 2.0
+SESSIONS_TICK = 0.1  # main loop wake-up while a session query waits for the workers
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 
 ReplyFn = Callable[[bool, str], None]
-
-
-class AcceptQueueWatch:
-    """Rescues connections left in an accept queue when an accepting process goes away.
-
-    io_uring arms accept polls as *exclusive* waiters on the listening socket: an arriving
-    connection wakes exactly one of them. When that waiter belongs to a worker that is cancelling
-    its accept (drain at reload or stop) or dying, the wakeup is consumed and nobody accepts:
-    the connection waits in the queue until the next one arrives (seen here: a client stuck for
-    seconds right after SIGHUP). For a few seconds after such an event the supervisor polls its
-    own copies of the listening sockets (a plain poll is a non-exclusive waiter: it steals no
-    wakeup); one readable for STALL_AFTER gets a wake-up connection: connect, then close with an
-    RST. Its arrival wakes a serving worker, whose multishot accept drains the whole queue; the
-    reset connection itself is dropped at accept (getpeername fails). In the rare case a worker
-    accepts it between the handshake and the RST, it ends like any client that resets at once.
-    """
-
-    def __init__(self) -> None:
-        self.until = 0.0
-        self.since: dict[int, float] = {}
-        self.kicks = 0
-
-    def arm(self) -> None:
-        self.until = time.monotonic() + STALL_WATCH
-
-    @property
-    def active(self) -> bool:
-        return time.monotonic() < self.until
-
-    def check(self, sockets: Iterable[socket.socket]) -> None:
-        now = time.monotonic()
-        if now >= self.until:
-            self.since.clear()
-            return
-        inet = [s for s in sockets
-                if s.fileno() >= 0 and s.family in (socket.AF_INET, socket.AF_INET6)]
-        if not inet:
-            return
-        poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
-        for sock in inet:
-            poller.register(sock, select.POLLIN)
-        readable = {fd for fd, _ in poller.poll(0)}
-        for sock in inet:
-            if sock.fileno() not in readable:
-                self.since.pop(id(sock), None)
-                continue
-            first = self.since.setdefault(id(sock), now)
-            if now - first >= STALL_AFTER:
-                self.since[id(sock)] = now
-                self._kick(sock, now - first)
-
-    def _kick(self, sock: socket.socket, stalled: float) -> None:
-        host, port = sock.getsockname()[:2]
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1" if sock.family == socket.AF_INET else "::1"
-        try:
-            with socket.socket(sock.family, socket.SOCK_STREAM) as probe:
-                # Linger {1, 0}: close() answers with an RST, right after the handshake.
-                arm_reset(probe)
-                probe.settimeout(0.2)
-                probe.connect((host, port))
-        except OSError as exc:
-            log.warning("accept queue of %s:%d stalled %.1fs; wake-up failed: %s",
-                        host, port, stalled, exc)
-            return
-        self.kicks += 1
-        log.info("accept queue of %s:%d stalled %.1fs after a worker stopped accepting: "
-                 "woke the serving workers", host, port, stalled)
 
 
 def _signame(signum: int) -> str:
@@ -259,7 +187,6 @@ class Supervisor:
         self.stopping: str | None = None  # None | "drain" | "fast"
         self.exit_code = EXIT_OK
         self.fatal_error = ""
-        self.accept_watch = AcceptQueueWatch()
         self.admin: Any = None
         self.metrics: Any = None
         self.sessions = SessionBroker(lambda: list(self.workers.values()))
@@ -328,7 +255,7 @@ class Supervisor:
                 pass
 
     def _run_once(self) -> None:
-        timeout = STALL_TICK if self.accept_watch.active or self.sessions.pending else TICK
+        timeout = SESSIONS_TICK if self.sessions.pending else TICK
         if self.signal_queue:
             timeout = 0
         for key, _ in self.selector.select(timeout):
@@ -344,9 +271,6 @@ class Supervisor:
         self.sessions.check()
         if self.admin is not None:
             self.admin.tick()
-        if not self.stopping:
-            self.accept_watch.check(s for g in self.generations if g.state == "serving"
-                                    for s in g.sockets.values())
 
     # ------------------------------------------------------------------ signal handlers
 
@@ -683,7 +607,6 @@ class Supervisor:
     def _worker_gone(self, worker: Worker, status: int) -> None:
         gen = worker.generation
         gen.workers.pop(worker.pid, None)
-        self.accept_watch.arm()
         self._on_channel(worker)  # pick up a last BootFailed / final stats
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(worker.channel)
@@ -838,7 +761,6 @@ class Supervisor:
                 log.error("admin endpoints unavailable: %s", exc2)
 
     def _retire(self, gen: Generation) -> None:
-        self.accept_watch.arm()
         gen.state = "retiring"
         gen.restart_at.clear()
         deadline = time.monotonic() + gen.cfg.relay.drain_timeout + DRAIN_GRACE
@@ -1023,7 +945,6 @@ class Supervisor:
             "workers": workers,
             "retired": self.metrics.retired_totals() if self.metrics is not None else {},
             "restarts": self.metrics.restarts if self.metrics is not None else 0,
-            "accept_queue_kicks": self.accept_watch.kicks,
             "reloads": dict(self.metrics.reloads) if self.metrics is not None else {},
         }
 

@@ -292,6 +292,8 @@ def run_worker(
         except OSError as exc:
             log.warning("worker %d: cannot reopen the log file, keeping the old one: %s",
                         os.getpid(), exc)
+            return
+        srv.reopen_flow_log()  # the writer finishes the old file, then takes the new one
 
     signal.signal(signal.SIGTERM, stop_draining)
     signal.signal(signal.SIGINT, stop_now)

@@ -1,41 +1,99 @@
-"""One structured log record per finished connection, on the ``relay.flow`` logger.
+"""The flow log: one record per finished (or refused) connection, written off the serving thread.
 
-The record's message is ``"flow"``; the fields are in ``extra`` (``relay.ops.log`` renders
-them as ``key=value`` in text mode and as JSON members in json mode):
+The serving thread only appends a tuple to a bounded buffer (``FlowLog.add``, well under a
+microsecond). A writer thread formats the records and writes them in batches, like nginx's
+``access_log ... buffer=``: it wakes when FLUSH_RECORDS records wait or FLUSH_INTERVAL seconds
+have passed, whichever comes first. A slow disk or a pipe nobody reads blocks only the writer;
+once BUFFER_RECORDS records wait, new ones are dropped and counted (``flowlog_dropped`` in
+stats and ``relay_flowlog_dropped`` in the metrics), and the writer says so in a log line when
+it can write again. The buffer is flushed on stop (``close``), before a log reopen (SIGUSR1:
+``request_reopen``) and therefore on reload (the old workers stop).
+
+Each record is one line on the ``relay.flow`` logger with the message ``"flow"`` and these
+fields (text: ``key=value`` after the message; json: members), in this order:
 
 =================  ==========================================================================
 ``listener``       listener name
-``client``         "ip:port" of the client (after a trusted PROXY header: as the proxy said)
-``dest``           original destination / backend, "ip:port" or "unix:/path"
+``client``         "ip:port" of the client ("[v6]:port"; after a trusted PROXY header: as the
+                   proxy said)
+``dest``           original destination / backend, "ip:port" or "unix:/path"; "" when unknown
 ``egress``         "ip:port" the upstream socket used when an egress slice was used, else ""
-``c2s_bytes``      bytes client -> origin
-``s2c_bytes``      bytes origin -> client
-``spliced_bytes``  bytes moved with splice(2) (zero-copy)
-``copied_bytes``   bytes copied through a user-space buffer
+``c2s_bytes``      bytes delivered client -> origin
+``s2c_bytes``      bytes delivered origin -> client
+``spliced_bytes``  of those, bytes delivered with splice(2) (zero-copy)
+``copied_bytes``   of those, bytes delivered through a user-space buffer (so
+                   spliced_bytes + copied_bytes = c2s_bytes + s2c_bytes)
 ``duration``       seconds from accept to the end, float
-``reason``         how it ended: one of relay.engines.REASONS, or "denied_<why>" /
-                   "rejected_<limit>" for connections refused before relaying
+``reason``         how it ended: one of ``relay.engines.REASONS`` for relayed connections,
+                   ``"denied_" + relay.serve.routing.REASONS`` for clients the routing refused,
+                   ``"rejected_" + relay.serve.server.REJECT_REASONS`` for clients over a
+                   connection limit (``rejected_maxconn``, ``rejected_maxconn_per_source``)
 ``errno``          errno name behind the reason ("ECONNRESET"), "" when none
 ``protocol``       "tcp" or "udp"
-``c2s_dgrams``     UDP only: datagrams client -> origin (``s2c_dgrams``: origin -> client)
+``c2s_dgrams``     UDP only: datagrams client -> origin (and ``s2c_dgrams`` back)
 =================  ==========================================================================
 
 UDP flows (docs/udp.md) add the reasons ``responses``, ``closed``, ``reload`` and
 ``slice_exhausted``; their bytes are all copied (``spliced_bytes`` 0).
+
+When ``relay.ops.log.setup_logging`` installed the only handler, the writer formats the lines
+itself (the same text as ``relay.ops.log.TextFormatter``, the same JSON members as its JSON
+formatter, the same escaping) and writes them with one ``write(2)`` per batch on its own
+descriptor of the log destination. Otherwise (embedding, pytest's caplog) it hands each record
+to ``logging`` from the writer thread, with the same ``extra`` fields.
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
 import logging
+import os
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
+from typing import Any
 
-__all__ = ["FLOW_LOGGER", "format_addr", "log_flow"]
+from relay.ops import log as relay_log
+from relay.sock import format_address
+
+__all__ = [
+    "BUFFER_RECORDS",
+    "FIELDS",
+    "FLOW_LOGGER",
+    "FLUSH_INTERVAL",
+    "FLUSH_RECORDS",
+    "FlowLog",
+    "format_addr",
+]
 
 FLOW_LOGGER = logging.getLogger("relay.flow")
+log = logging.getLogger("relay.flowlog")
+
+FIELDS = ("listener", "client", "dest", "egress", "c2s_bytes", "s2c_bytes", "spliced_bytes",
+          "copied_bytes", "duration", "reason", "errno", "protocol", "c2s_dgrams", "s2c_dgrams")
+BUFFER_RECORDS = 16384  # records waiting for the writer; beyond this they are dropped
+FLUSH_RECORDS = 256  # wake the writer once this many wait...
+FLUSH_INTERVAL = 0.2  # ...or after this many seconds
+CLOSE_TIMEOUT = 2.0
+_CHECK_INTERVAL = 0.1  # the writer looks for a reopen request this often  # close(): how long to wait for a writer blocked on its destination
+_DROP_LOG_INTERVAL = 10.0
+# Writes to a pipe of at most PIPE_BUF bytes are atomic: lines from several workers sharing a
+# pipe (stderr under systemd, a FIFO) never interleave inside a line. Regular files opened with
+# O_APPEND take each write(2) whole.
+_PIPE_BUF = 4096
+
+# (end time.time(), listener name, client, dest, egress, c2s, s2c, spliced, copied,
+#  duration in microseconds, reason, errno, protocol, c2s datagrams, s2c datagrams);
+# the datagram counts are -1 for TCP and not shown.
+Record = tuple[float, str, Any, Any, Any, int, int, int, int, int, str, int, str, int, int]
 
 
 def format_addr(addr: tuple | str | None) -> str:
-    """(ip, port) -> "ip:port" ("[v6]:port" for IPv6); ("unix:/p", 0) -> "unix:/p"; None -> ""."""
+    """A flow log address: (ip, port) -> relay.sock.format_address ("ip:port", "[v6]:port");
+    ("unix:/p", 0) -> "unix:/p"; a unix peer -> "unix"; None -> ""."""
     if addr is None:
         return ""
     if isinstance(addr, str):
@@ -45,52 +103,289 @@ def format_addr(addr: tuple | str | None) -> str:
         return host
     if not host:  # unix-socket peer: getpeername() is ""
         return "unix"
-    if ":" in host:
-        return f"[{host}]:{addr[1]}"
-    return f"{host}:{addr[1]}"
+    return format_address(addr)
 
 
-def log_flow(
-    *,
-    listener: str,
-    client: tuple | str | None,
-    dest: tuple | str | None,
-    egress: tuple | str | None,
-    c2s_bytes: int,
-    s2c_bytes: int,
-    spliced_bytes: int,
-    copied_bytes: int,
-    duration: float,
-    reason: str,
-    errno: int = 0,
-    protocol: str = "tcp",
-    c2s_dgrams: int | None = None,
-    s2c_dgrams: int | None = None,
-) -> None:
-    """Emit the record at INFO (cheap no-op when ``relay.flow`` is not enabled for INFO)."""
-    if not FLOW_LOGGER.isEnabledFor(logging.INFO):
-        return
-    client_s = format_addr(client)
-    dest_s = format_addr(dest)
-    egress_s = format_addr(egress)
-    err_name = errno_mod.errorcode.get(errno, str(errno)) if errno else ""
-    # The message is just "flow": the formatters print every field from extra (text: key=value
-    # after the message, json: members), so repeating them in the message would double the line.
-    FLOW_LOGGER.info(
-        "flow",
-        extra={
-            "listener": listener,
-            "client": client_s,
-            "dest": dest_s,
-            "egress": egress_s,
-            "c2s_bytes": c2s_bytes,
-            "s2c_bytes": s2c_bytes,
-            "spliced_bytes": spliced_bytes,
-            "copied_bytes": copied_bytes,
-            "duration": round(duration, 6),
-            "reason": reason,
-            "errno": err_name,
-            "protocol": protocol,
-            **({} if c2s_dgrams is None else {"c2s_dgrams": c2s_dgrams, "s2c_dgrams": s2c_dgrams}),
-        },
-    )
+def _errno_name(err: int) -> str:
+    return errno_mod.errorcode.get(err, str(err)) if err else ""
+
+
+class _Formatter:
+    """Turns records into the bytes of complete lines, text or JSON (see the module docstring)."""
+
+    def __init__(self, fmt: str) -> None:
+        self.json = fmt == "json"
+        self.pid = os.getpid()
+        self._second = -1
+        self._second_text = ""
+        prefix = f"INFO relay.flow[{self.pid}]: flow"
+        self._text_prefix = prefix
+        self._json_prefix = f', "level": "INFO", "logger": "relay.flow", "pid": {self.pid}, ' \
+                            '"message": "flow"'
+        self._names: dict[str, str] = {}
+        self._dests: dict[Any, str] = {}
+
+    def _time(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int(created % 1 * 1000):03d}Z"
+
+    def _value(self, text: str) -> str:
+        return encode_basestring_ascii(text) if self.json else relay_log._text_value(text)
+
+    def _name(self, name: str) -> str:
+        shown = self._names.get(name)
+        if shown is None:
+            shown = self._names[name] = self._value(name)
+        return shown
+
+    def _addr(self, addr: Any) -> str:
+        """An address as a field value. The IP literal and port of a (host, port...) tuple
+        need no quoting or escaping in either format; anything else goes through the rules."""
+        if addr is None:
+            return '""'
+        if type(addr) is tuple and len(addr) >= 2:
+            host = addr[0]
+            if type(host) is str and host and not host.startswith("unix:"):
+                if ":" in host:
+                    return f'"[{host}]:{addr[1]}"' if self.json else f"[{host}]:{addr[1]}"
+                return f'"{host}:{addr[1]}"' if self.json else f"{host}:{addr[1]}"
+        return self._value(format_addr(addr))
+
+    def lines(self, records: list[Record]) -> str:
+        out: list[str] = []
+        append = out.append
+        addr = self._addr
+        name = self._name
+        dests = self._dests  # a backend's or a destination's address repeats: shown once
+        if len(dests) > 4096:
+            dests.clear()
+        if self.json:
+            for (t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason,
+                 err, proto, d_c2s, d_s2c) in records:
+                shown_dest = dests.get(dest)
+                if shown_dest is None:
+                    shown_dest = dests[dest] = addr(dest)
+                dgrams = (f', "c2s_dgrams": {d_c2s}, "s2c_dgrams": {d_s2c}'
+                          if d_c2s >= 0 else "")
+                append(
+                    f'{{"time": "{self._time(t)}"{self._json_prefix}, "listener": {name(lst)}, '
+                    f'"client": {addr(client)}, "dest": {shown_dest}, '
+                    f'"egress": {addr(egress)}, "c2s_bytes": {c2s}, '
+                    f'"s2c_bytes": {s2c}, "spliced_bytes": {spliced}, '
+                    f'"copied_bytes": {copied}, "duration": {round(dur / 1e6, 6)!r}, '
+                    f'"reason": {name(reason)}, "errno": {name(_errno_name(err))}, '
+                    f'"protocol": {name(proto)}{dgrams}}}\n')
+        else:
+            for (t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason,
+                 err, proto, d_c2s, d_s2c) in records:
+                shown_dest = dests.get(dest)
+                if shown_dest is None:
+                    shown_dest = dests[dest] = addr(dest)
+                dgrams = f" c2s_dgrams={d_c2s} s2c_dgrams={d_s2c}" if d_c2s >= 0 else ""
+                append(
+                    f"{self._time(t)} {self._text_prefix} listener={name(lst)} "
+                    f"client={addr(client)} dest={shown_dest} "
+                    f"egress={addr(egress)} c2s_bytes={c2s} s2c_bytes={s2c} "
+                    f"spliced_bytes={spliced} copied_bytes={copied} "
+                    f"duration={round(dur / 1e6, 6)!r} reason={name(reason)} "
+                    f"errno={name(_errno_name(err))} protocol={name(proto)}{dgrams}\n")
+        return "".join(out)
+
+
+def _as_extra(rec: Record) -> dict[str, Any]:
+    (_t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason, err, proto,
+     d_c2s, d_s2c) = rec
+    extra = {"listener": lst, "client": format_addr(client), "dest": format_addr(dest),
+             "egress": format_addr(egress), "c2s_bytes": c2s, "s2c_bytes": s2c,
+             "spliced_bytes": spliced, "copied_bytes": copied, "duration": round(dur / 1e6, 6),
+             "reason": reason, "errno": _errno_name(err), "protocol": proto}
+    if d_c2s >= 0:
+        extra["c2s_dgrams"] = d_c2s
+        extra["s2c_dgrams"] = d_s2c
+    return extra
+
+
+class _Sink:
+    """Where the writer puts lines: its own descriptor of the log destination, or ``logging``."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.pipe = False
+        self.formatter: _Formatter | None = None
+        dest = relay_log.flow_destination(FLOW_LOGGER)
+        if dest is None:
+            return
+        fd, fmt = dest
+        self.fd = os.dup(fd)
+        self.pipe = not stat.S_ISREG(os.fstat(self.fd).st_mode)
+        self.formatter = _Formatter(fmt)
+
+    def write(self, records: list[Record]) -> None:
+        if self.formatter is None:
+            for rec in records:
+                _emit(rec)
+            return
+        data = self.formatter.lines(records).encode("utf-8", "backslashreplace")
+        if self.pipe:
+            _write_lines_atomically(self.fd, data)
+        else:
+            _write_all(self.fd, data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _emit(rec: Record) -> None:
+    record = FLOW_LOGGER.makeRecord(FLOW_LOGGER.name, logging.INFO, __file__, 0, "flow", (),
+                                    None, extra=_as_extra(rec))
+    record.created = rec[0]
+    record.msecs = int(rec[0] % 1 * 1000)
+    FLOW_LOGGER.handle(record)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_lines_atomically(fd: int, data: bytes) -> None:
+    start = 0
+    end = len(data)
+    while start < end:
+        stop = min(start + _PIPE_BUF, end)
+        if stop < end:
+            cut = data.rfind(b"\n", start, stop)
+            stop = cut + 1 if cut >= start else stop  # a line longer than PIPE_BUF: cut it
+        _write_all(fd, data[start:stop])
+        start = stop
+
+
+class FlowLog:
+    """The bounded record buffer of one serving thread and its writer thread.
+
+    ``add`` is called by the serving thread and the worker's UDP thread (a deque append is
+    atomic; ``dropped`` may miss a count when both overflow at the same instant); ``dropped``
+    may be read from anywhere.
+    ``request_reopen`` only sets a flag (safe in a signal handler); ``close`` flushes and stops
+    the writer, waiting at most CLOSE_TIMEOUT for a writer blocked on its destination.
+    """
+
+    def __init__(self, *, capacity: int = BUFFER_RECORDS, batch: int = FLUSH_RECORDS,
+                 interval: float = FLUSH_INTERVAL) -> None:
+        self._queue: deque[Record] = deque()
+        self._capacity = capacity
+        self._batch = batch
+        self._interval = interval
+        self._kick = threading.Event()
+        self._reopen = False
+        self._closing = False
+        self.dropped = 0  # written by the serving thread only
+        self.written = 0  # written by the writer only
+        self._dropped_reported = 0
+        self._sink: _Sink | None = None
+        self._thread: threading.Thread | None = None
+        self.add: Callable[[Record], None] = self._add
+
+    def start(self) -> None:
+        """Start the writer (in the process that serves: after any fork)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="relay-flowlog", daemon=True)
+            self._thread.start()
+
+    def _add(self, record: Record) -> None:
+        queue = self._queue
+        if len(queue) >= self._capacity:
+            self.dropped += 1
+            return
+        queue.append(record)
+        if len(queue) >= self._batch and not self._kick.is_set():
+            self._kick.set()
+
+    def request_reopen(self) -> None:
+        """Write what waits to the current destination, then reopen it (after log rotation)."""
+        self._reopen = True
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Flush every waiting record and stop the writer."""
+        self._closing = True
+        self._kick.set()
+        thread = self._thread
+        if thread is None:
+            self._flush()  # never started: write from here
+            self._close_sink()
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("flow log: the destination accepts no data; %d records not written",
+                        len(self._queue))
+
+    # -- the writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # request_reopen() runs in a signal handler, which must not take the Event's lock (the
+        # interrupted thread may hold it): the writer looks at the flag every _CHECK_INTERVAL.
+        check = min(self._interval, _CHECK_INTERVAL)
+        next_flush = time.monotonic() + self._interval
+        try:
+            # Take the destination now: records buffered when the log is rotated belong in
+            # the file that was current when they were made.
+            self._sink = _Sink()
+            while True:
+                kicked = self._kick.wait(check)
+                self._kick.clear()
+                closing = self._closing
+                reopen = self._reopen
+                now = time.monotonic()
+                if kicked or closing or reopen or now >= next_flush:
+                    self._flush()
+                    next_flush = now + self._interval
+                if reopen:
+                    self._reopen = False
+                    self._close_sink()
+                    self._sink = _Sink()
+                if closing:
+                    break
+        except Exception:
+            log.exception("flow log writer failed; flow records are no longer written")
+            self.add = self._drop
+        finally:
+            self._close_sink()
+
+    def _drop(self, _record: Record) -> None:
+        self.dropped += 1
+
+    def _flush(self) -> None:
+        queue = self._queue
+        while queue:
+            n = min(len(queue), self._batch * 4)
+            records = [queue.popleft() for _ in range(n)]
+            if not FLOW_LOGGER.isEnabledFor(logging.INFO):
+                continue
+            if self._sink is None:
+                self._sink = _Sink()
+            try:
+                self._sink.write(records)
+            except OSError as exc:
+                relay_log.log_every(log, f"flowlog write {id(self)}", _DROP_LOG_INTERVAL,
+                                    "flow log: cannot write %d records: %s", n, exc)
+                continue
+            self.written += n
+        dropped = self.dropped
+        if dropped > self._dropped_reported:
+            if relay_log.log_every(
+                    log, f"flowlog dropped {id(self)}", _DROP_LOG_INTERVAL,
+                    "flow log: %d records dropped so far: the log destination did not keep up "
+                    "(%d records buffered at most)", dropped, self._capacity,
+                    flowlog_dropped=dropped):
+                self._dropped_reported = dropped
+
+    def _close_sink(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None

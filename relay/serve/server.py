@@ -46,14 +46,20 @@ from relay.engines.constants import (
 )
 from relay.ops.log import log_every
 from relay.ops.sessions import Session, SessionFilter, address_matcher
-from relay.serve.flowlog import format_addr, log_flow
+from relay.serve.flowlog import FlowLog, format_addr
 from relay.serve.proxyproto import ProxyInfo
 from relay.serve.proxywait import HeaderWaits, Waiting
 from relay.serve.routing import Denied, Router
 from relay.serve.udp import UdpService
-from relay.sock import UNIX_PREFIX, open_listener, open_udp_listeners, reset_and_close
+from relay.sock import (
+    UNIX_PREFIX,
+    format_address,
+    open_listener,
+    open_udp_listeners,
+    reset_and_close,
+)
 
-__all__ = ["CONNECT_BUCKETS", "Server"]
+__all__ = ["CONNECT_BUCKETS", "REJECT_REASONS", "Server"]
 
 log = logging.getLogger("relay.server")
 
@@ -66,6 +72,10 @@ _STATS_REFRESH_S = 0.25  # loop.stats() snapshot age limit for stats() from othe
 _ABORT_GRACE_S = 2.0  # after aborting the rest at the drain deadline, wait this long for EV_DONE
 _LIMIT_LOG_INTERVAL_S = 10.0
 _CONTROL_POLL_S = 0.05  # the control hook (worker <- supervisor requests) runs at most this often
+
+# Why a client over a connection limit was reset: stats()["rejected"] keys, and the flow log's
+# "rejected_<why>" reasons.
+REJECT_REASONS: tuple[str, ...] = ("maxconn", "maxconn_per_source")
 _server_ids = itertools.count(1)  # rate-limited log keys per Server (id() values get reused)
 
 
@@ -142,7 +152,9 @@ class Server:
         self._maxconn: int = settings.maxconn_per_worker(workers)
         per_source = int(settings.maxconn_per_source)
         self._maxconn_per_source = -(-per_source // workers) if per_source else 0
-        self._flow_log = bool(settings.flow_log)
+        self._flowlog: FlowLog | None = (
+            FlowLog(capacity=int(settings.flow_log_buffer),
+                    interval=float(settings.flow_log_flush)) if settings.flow_log else None)
         self._drain_timeout = float(settings.drain_timeout)
 
         self._listeners: list[_Listener] = []
@@ -151,7 +163,7 @@ class Server:
         self._egress_in_use: dict[str, int] = {}
         self._closed_by_reason: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._denied: dict[str, int] = {}
-        self._rejected: dict[str, int] = {"maxconn": 0, "maxconn_per_source": 0}
+        self._rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self._connect_hist = _Histogram(CONNECT_BUCKETS)
         self._accepted = 0
         self._open = 0
@@ -200,7 +212,7 @@ class Server:
             if self._udp_sockets:
                 self._udp = UdpService(
                     cfg, [(tag, lcfg, sock) for tag, lcfg, sock, _o in self._udp_sockets], own,
-                    slot=udp_slot[0], nworkers=udp_slot[1], flow_log=bool(settings.flow_log),
+                    slot=udp_slot[0], nworkers=udp_slot[1], flow_log=self._flowlog,
                     on_released=udp_on_released)
             name = engine or settings.engine
             self._loop, self.engine_reason = engines.create(name, **settings.loop_options(workers))
@@ -222,8 +234,9 @@ class Server:
         self._loop_stats: dict[str, int] = self._loop.stats()
         self._loop_stats_at = time.monotonic()
         log.info("server: engine %s (%s); listeners: %s", self.engine_name, self.engine_reason,
-                 ", ".join([f"{lst.name}={lst.sock.getsockname()}" for lst in self._listeners]
-                           + [f"{lcfg.name}=udp:{sock.getsockname()}"
+                 ", ".join([f"{lst.name}={format_address(lst.sock.getsockname())}"
+                            for lst in self._listeners]
+                           + [f"{lcfg.name}=udp:{format_address(sock.getsockname())}"
                               for _t, lcfg, sock, _o in self._udp_sockets]))
 
     def _own_addresses(self) -> set[str]:
@@ -305,6 +318,8 @@ class Server:
         self._serve_thread_id = threading.get_ident()
         if not self._udp_supervised:
             self.start_udp()
+        if self._flowlog is not None:
+            self._flowlog.start()
         loop = self._loop
         run = loop.run
         dispatch = self._dispatch
@@ -355,6 +370,8 @@ class Server:
         * ``maxconn``, ``maxconn_per_source``: this worker's limits (0 = unlimited)
         * ``draining``: 1 while stopping
         * ``accept_paused_listeners``: listeners inside an accept-error pause episode (gauge)
+        * ``flowlog_dropped``: flow log records dropped, the log destination did not keep up
+          (counter)
 
         Labelled families are nested ``{label: int}`` dicts:
 
@@ -363,7 +380,7 @@ class Server:
           (``refused``, ``unreachable``, ``error``) (counter)
         * ``denied``: ``{router reason: count}`` (``relay.serve.routing.REASONS``: policy reasons,
           ``loop``, ``slice_exhausted``...), clients reset before any upstream (counter)
-        * ``rejected``: ``{"maxconn": n, "maxconn_per_source": n}`` over-limit clients (counter)
+        * ``rejected``: ``{limit: n}`` for every ``REJECT_REASONS``: over-limit clients (counter)
         * ``listener_open`` / ``listener_total``: ``{listener name: n}`` (gauge / counter)
         * ``egress_ports_in_use``: ``{egress address: slice ports held}`` (gauge)
 
@@ -390,6 +407,7 @@ class Server:
         s["connect_seconds"] = self._connect_hist.snapshot()
         if self._udp is not None:
             s.update(self._udp.stats())
+        s["flowlog_dropped"] = self._flowlog.dropped if self._flowlog is not None else 0
         return s
 
     def set_control_hook(self, fn: Callable[[], None] | None) -> None:
@@ -442,6 +460,12 @@ class Server:
                        state="connecting" if connecting else "relaying", c2s_bytes=c2s,
                        s2c_bytes=s2c, age=age_us / 1e6, idle=idle_us / 1e6,
                        engine=self.engine_name)
+
+    def reopen_flow_log(self) -> None:
+        """After ``relay.ops.log.reopen()``: the flow log writer writes what waits to the old
+        file, then continues in the new one. Only sets a flag: safe in a signal handler."""
+        if self._flowlog is not None:
+            self._flowlog.request_reopen()
 
     # -- event handling ------------------------------------------------------------------------
 
@@ -575,17 +599,20 @@ class Server:
 
     def _reject(self, client: socket.socket, lst: _Listener, limit: str, peer: Any) -> None:
         self._rejected[limit] += 1
+        assert lst.router is not None
+        dest = _local_address(client) if lst.router.mode == "tproxy" else None
         reset_and_close(client)
         log_every(log, f"rejected {limit}", _LIMIT_LOG_INTERVAL_S,
                   "listener %s: %s reached (%d); client %s reset", lst.name, limit,
-                  self._maxconn if limit == "maxconn" else self._maxconn_per_source, peer)
+                  self._maxconn if limit == "maxconn" else self._maxconn_per_source,
+                  format_address(peer))
+        self._log_unrelayed(lst, peer, dest, "rejected_" + limit, 0)
 
     def _log_unrelayed(self, lst: _Listener, peer: Any, dest: tuple | None, reason: str,
                        err: int) -> None:
-        if self._flow_log:
-            log_flow(listener=lst.name, client=peer, dest=dest, egress=None, c2s_bytes=0,
-                     s2c_bytes=0, spliced_bytes=0, copied_bytes=0, duration=0.0, reason=reason,
-                     errno=err)
+        if self._flowlog is not None:
+            self._flowlog.add((time.time(), lst.name, peer, dest, None, 0, 0, 0, 0, 0, reason,
+                               err, "tcp", -1, -1))
 
     def _on_done(self, ev: tuple[Any, ...]) -> None:
         (_kind, cid, _tag, reason, c2s, s2c, spliced, copied, duration_us, err) = ev
@@ -604,10 +631,10 @@ class Server:
                 del self._per_source[flow.source]
         if flow.egress_address is not None:
             self._egress_in_use[flow.egress_address] -= 1
-        if self._flow_log:
-            log_flow(listener=flow.listener.name, client=flow.client, dest=flow.dest,
-                     egress=flow.egress, c2s_bytes=c2s, s2c_bytes=s2c, spliced_bytes=spliced,
-                     copied_bytes=copied, duration=duration_us / 1e6, reason=name, errno=err)
+        if self._flowlog is not None:
+            self._flowlog.add((time.time(), flow.listener.name, flow.client, flow.dest,
+                               flow.egress, c2s, s2c, spliced, copied, duration_us, name, err,
+                               "tcp", -1, -1))
 
     def _on_accept_error(self, tag: int, err: int) -> None:
         lst = self._listeners[tag]
@@ -696,6 +723,8 @@ class Server:
         self._egress_in_use = dict.fromkeys(self._egress_in_use, 0)
         self._close_listeners()
         self._loop_stats["conns_open"] = 0
+        if self._flowlog is not None:
+            self._flowlog.close()
 
     def _close_udp_sockets(self) -> None:
         for _tag, _lcfg, sock, owned in self._udp_sockets:

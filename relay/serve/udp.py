@@ -30,7 +30,7 @@ from typing import Any
 from relay.config.model import Config, Listener
 from relay.ops.log import log_every
 from relay.serve.egress import EgressTable
-from relay.serve.flowlog import log_flow
+from relay.serve.flowlog import FlowLog
 from relay.serve.routing import Denied
 from relay.serve.udp_ports import PortAllocator
 from relay.serve.udp_routing import UdpFlow, UdpRouter
@@ -77,7 +77,7 @@ class UdpService:
 
     def __init__(self, cfg: Config, listeners: Sequence[tuple[int, Listener, socket.socket]],
                  own_addresses: set[str], *, slot: int = 0, nworkers: int = 1,
-                 flow_log: bool = True,
+                 flow_log: FlowLog | None = None,
                  on_released: Callable[[], None] | None = None) -> None:
         self._options = cfg.relay.udp_loop_options()
         egress = EgressTable(cfg.egress)
@@ -242,10 +242,9 @@ class UdpService:
         log_every(log, f"udp refused {reason}", _LOG_INTERVAL_S,
                   "UDP listener %s: flow from %s refused (%s): %s", listener,
                   _fmt(client), logged, detail, listener=listener)
-        if self._flow_log:
-            log_flow(listener=listener, client=client, dest=dest, egress=None, c2s_bytes=0,
-                     s2c_bytes=0, spliced_bytes=0, copied_bytes=0, duration=0.0, reason=logged,
-                     errno=err, protocol="udp", c2s_dgrams=0, s2c_dgrams=0)
+        if self._flow_log is not None:
+            self._flow_log.add((time.time(), listener, client, dest, None, 0, 0, 0, 0, 0, logged,
+                                err, "udp", 0, 0))
 
     def _on_done(self, ev: tuple[Any, ...], override: str | None) -> None:
         from relay_ext._udp import UDP_REASONS
@@ -259,11 +258,10 @@ class UdpService:
         if rec is None:
             return
         rec.router.release(rec.flow)
-        if self._flow_log:
-            log_flow(listener=rec.listener, client=rec.client, dest=rec.flow.dest,
-                     egress=rec.flow.egress, c2s_bytes=b_c2s, s2c_bytes=b_s2c, spliced_bytes=0,
-                     copied_bytes=b_c2s + b_s2c, duration=duration_us / 1e6, reason=reason,
-                     errno=err, protocol="udp", c2s_dgrams=d_c2s, s2c_dgrams=d_s2c)
+        if self._flow_log is not None:
+            self._flow_log.add((time.time(), rec.listener, rec.client, rec.flow.dest,
+                                rec.flow.egress, b_c2s, b_s2c, 0, b_c2s + b_s2c, duration_us,
+                                reason, err, "udp", d_c2s, d_s2c))
 
     def _forget(self, fid: int) -> None:
         """A flow whose end was not reported (the loop closes at once): count and free it."""
@@ -271,11 +269,9 @@ class UdpService:
         reason = self._release_reason or "closed"
         self._closed[reason] = self._closed.get(reason, 0) + 1
         rec.router.release(rec.flow)
-        if self._flow_log:
-            log_flow(listener=rec.listener, client=rec.client, dest=rec.flow.dest,
-                     egress=rec.flow.egress, c2s_bytes=0, s2c_bytes=0, spliced_bytes=0,
-                     copied_bytes=0, duration=0.0, reason=reason, protocol="udp",
-                     c2s_dgrams=0, s2c_dgrams=0)
+        if self._flow_log is not None:
+            self._flow_log.add((time.time(), rec.listener, rec.client, rec.flow.dest,
+                                rec.flow.egress, 0, 0, 0, 0, 0, reason, 0, "udp", 0, 0))
 
     def _finish_release(self) -> None:
         if self._released.is_set():

@@ -638,3 +638,38 @@ def test_a_stopped_worker_swallows_no_connection(shared_listener_workers, backen
     assert all(accepted), f"{accepted.count(False)} of 20 connections were never accepted"
     counts = stop_workers(procs)
     assert counts[1] == 20 and counts[0] == 0, counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splice", [True, False])
+def test_byte_counters_count_delivered_bytes(make_loop, backend: str, splice: bool) -> None:
+    """An origin that stops reading leaves bytes in the relay (copy buffer or pipe) when the
+    pair is aborted: c2s_bytes, spliced_bytes and copied_bytes count only what reached it."""
+    drv = make_loop(backend, splice=splice)
+    client, relay_c = tcp_pair()
+    relay_u, origin = tcp_pair()
+    origin.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+    cid = drv.call(drv.loop.add_pair, relay_c.detach(), relay_u.detach(), 0, False, b"")
+    client.setblocking(False)
+    sent = 0
+    chunk = os.urandom(256 << 10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # until the relay and both kernels are full
+        try:
+            sent += client.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.05)
+            try:
+                sent += client.send(chunk)
+            except BlockingIOError:
+                break
+    time.sleep(0.2)
+    drv.call(drv.loop.abort, cid)
+    [done] = drv.wait_done()
+    client.close()
+    origin.close()
+    c2s, s2c, spliced, copied = done[4:8]
+    assert 0 < c2s < sent and s2c == 0
+    assert spliced + copied == c2s, (spliced, copied, c2s)
+    if not splice:
+        assert spliced == 0

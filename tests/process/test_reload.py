@@ -209,38 +209,3 @@ def _accepts(addr: tuple[str, int]) -> bool:
             return True
     except OSError:
         return False
-
-
-@pytest.mark.timeout(30)
-def test_stalled_accept_queue_gets_a_wakeup_connection() -> None:
-    """The supervisor's watch: a listening socket whose queue stays non-empty right after a
-    worker stopped accepting receives one reset wake-up connection; an idle one receives none."""
-    from relay.process.supervisor import STALL_AFTER, AcceptQueueWatch
-
-    stalled = socket.create_server(("127.0.0.1", 0))
-    idle = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(stalled.getsockname(), timeout=5)  # nobody accepts it
-    try:
-        watch = AcceptQueueWatch()
-        watch.check([stalled, idle])
-        assert watch.kicks == 0, "not armed: no worker left"
-        watch.arm()
-        deadline = time.monotonic() + STALL_AFTER + 2
-        while watch.kicks == 0 and time.monotonic() < deadline:
-            watch.check([stalled, idle])
-            time.sleep(0.05)
-        assert watch.kicks == 1
-        stalled.settimeout(2)
-        first, _ = stalled.accept()
-        wake, _ = stalled.accept()
-        with first, wake:
-            assert first.getpeername() == client.getsockname()
-            with pytest.raises(OSError):
-                wake.getpeername()  # reset before anyone accepted it: never relayed
-        idle.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            idle.accept()
-    finally:
-        client.close()
-        stalled.close()
-        idle.close()
