@@ -20,12 +20,14 @@ F_SETPIPE_SZ = 1031
 
 RECORDS: list[flowlog.Record] = [
     (1764612000.25, "main", ("127.0.0.1", 50408), ("10.0.0.1", 80), None, 5, 7, 0, 12, 1234,
-     "eof", 0),
+     "eof", 0, "tcp", -1, -1),
     (1764612000.999, "v6 é\n", ("2001:db8::1", 443, 0, 0), ("unix:/run/x sock", 0),
-     ("192.0.2.9", 40000), 0, 0, 0, 0, 12, "reset_origin", 104),
-    (1764612001.5, "main", "", None, None, 0, 0, 0, 0, 0, "rejected_maxconn", 0),
+     ("192.0.2.9", 40000), 0, 0, 0, 0, 12, "reset_origin", 104, "tcp", -1, -1),
+    (1764612001.5, "main", "", None, None, 0, 0, 0, 0, 0, "rejected_maxconn", 0, "tcp", -1, -1),
+    (1764612001.75, "dns", ("192.0.2.7", 5353), ("198.51.100.53", 53), ("203.0.113.7", 40001),
+     40, 120, 0, 160, 3500, "responses", 0, "udp", 1, 1),
     (1764612002.0, 'q"\\', ("::1", 1), ("127.0.0.1", 2), None, 1 << 40, 3, 1 << 40, 3,
-     10_000_000_000, "denied_policy", 9999),
+     10_000_000_000, "denied_policy", 9999, "tcp", -1, -1),
 ]
 
 
@@ -71,7 +73,9 @@ def test_writer_lines_equal_the_logging_formatters(fmt: str, tmp_path: Path) -> 
         docs = [json.loads(line) for line in fast]
         assert docs[1]["listener"] == "v6 é\n" and docs[1]["client"] == "[2001:db8::1]:443"
         assert docs[1]["dest"] == "unix:/run/x sock" and docs[1]["errno"] == "ECONNRESET"
-        assert list(docs[0])[5:] == list(flowlog.FIELDS)
+        assert list(docs[0])[5:] == list(flowlog.FIELDS[:-2])  # TCP: no datagram counts
+        assert list(docs[3])[5:] == list(flowlog.FIELDS)
+        assert docs[3]["protocol"] == "udp" and docs[3]["c2s_dgrams"] == 1
     else:
         assert "\n" not in "".join(fast)  # one record, one line: the escaped name
         assert ' listener="v6 é\\n" client=[2001:db8::1]:443 ' in fast[1]
@@ -112,7 +116,7 @@ def test_a_blocked_destination_drops_and_counts(tmp_path: Path) -> None:
         fl.start()
         t0 = time.monotonic()
         for i in range(2000):
-            fl.add((time.time(), "main", ("127.0.0.1", i), None, None, 0, 0, 0, 0, 0, "eof", 0))
+            fl.add((time.time(), "main", ("127.0.0.1", i), None, None, 0, 0, 0, 0, 0, "eof", 0, "tcp", -1, -1))
         assert time.monotonic() - t0 < 1.0, "add() waited for the writer"
         assert fl.dropped >= 2000 - 100 - 4096 // 100 * 4
         reader = threading.Thread(target=lambda: got.append(_read_all(r)), daemon=True)
