@@ -66,6 +66,7 @@ __all__ = [
     "FLUSH_INTERVAL",
     "FLUSH_RECORDS",
     "FlowLog",
+    "TCP_FIELDS",
     "format_addr",
 ]
 
@@ -74,6 +75,7 @@ log = logging.getLogger("relay.flowlog")
 
 FIELDS = ("listener", "client", "dest", "egress", "c2s_bytes", "s2c_bytes", "spliced_bytes",
           "copied_bytes", "duration", "reason", "errno", "protocol", "c2s_dgrams", "s2c_dgrams")
+TCP_FIELDS = FIELDS[:-2]  # a TCP line has no datagram counts
 BUFFER_RECORDS = 16384  # records waiting for the writer; beyond this they are dropped
 FLUSH_RECORDS = 256  # wake the writer once this many wait...
 FLUSH_INTERVAL = 0.2  # ...or after this many seconds

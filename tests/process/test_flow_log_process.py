@@ -21,7 +21,7 @@ from helpers import echo as echo_handler
 from helpers import wait_for
 
 from relay.lab.process import flow_records, relay_config
-from relay.serve.flowlog import FIELDS
+from relay.serve.flowlog import TCP_FIELDS
 from relay.serve.server import REJECT_REASONS
 
 F_SETPIPE_SZ = 1031
@@ -47,7 +47,7 @@ def _churn(addr: tuple[str, int], n: int, threads: int = 8) -> list[int]:
 
 
 def _check_record(rec: dict[str, Any]) -> None:
-    assert list(rec)[5:] == list(FIELDS), rec
+    assert list(rec)[5:] == list(TCP_FIELDS), rec
     assert rec["message"] == "flow" and rec["listener"] == "main"
     assert rec["dest"].startswith("127.0.0.1:") and rec["egress"] == ""
     assert rec["reason"] == "eof" and rec["errno"] == ""
@@ -170,7 +170,7 @@ def test_a_log_pipe_nobody_reads_drops_and_counts(origins: Any, relays: Any) -> 
     lines = b"".join(chunks).decode().splitlines()
     assert any("records dropped so far" in x and '"flowlog_dropped"' in x for x in lines)
     for rec in flow_records(lines):
-        assert set(FIELDS) <= set(rec)  # whole lines only
+        assert set(TCP_FIELDS) <= set(rec)  # whole lines only
 
 
 def _read_until(fd: int, chunks: list[bytes], done: threading.Event) -> None:
@@ -214,7 +214,7 @@ def test_rejected_connections_get_a_flow_line(origins: Any, relays: Any) -> None
     assert rec["reason"] == "rejected_maxconn" and rec["reason"][len("rejected_"):] in \
         REJECT_REASONS
     assert rec["client"] == f"127.0.0.1:{port}" and rec["c2s_bytes"] == 0
-    assert list(rec)[5:] == list(FIELDS)
+    assert list(rec)[5:] == list(TCP_FIELDS)
     # The limit's own log line names the client as an address, never a Python tuple.
     wait_for(lambda: f"client 127.0.0.1:{port} reset" in rp.output(), 5, "the limit line")
     assert "('127.0.0.1'" not in rp.output()
