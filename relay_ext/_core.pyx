@@ -18,6 +18,7 @@ concern, not by dependency:
   uring.pxi              the io_uring backend: ring setup, polls, submit, wait, reap
   epoll.pxi              the epoll backend: the same readiness contract without io_uring
   loop.pxi               class Loop: the Python API
+  handoff.pxi            export / import of an established pair (reload without cutting it)
 """
 
 import os
@@ -61,6 +62,7 @@ include "timers.pxi"
 include "uring.pxi"
 include "epoll.pxi"
 include "loop.pxi"
+include "handoff.pxi"
 
 CYTHON_VERSION = Cython.__version__
 LIBURING_HEADERS = f"{RELAY_LIBURING_VERSION_MAJOR}.{RELAY_LIBURING_VERSION_MINOR}"
