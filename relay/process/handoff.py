@@ -25,6 +25,9 @@ import msgspec
 
 __all__ = [
     "MAX_BATCH_BYTES",
+    "Adopt",
+    "HandOver",
+    "apply_orders",
     "SCM_MAX_FD",
     "Ack",
     "Batch",
@@ -39,11 +42,14 @@ __all__ = [
     "recv_message",
     "send_ack",
     "send_batch",
+    "send_order",
+    "take_orders",
 ]
 
 SCM_MAX_FD = 253  # include/net/scm.h: descriptors one SCM_RIGHTS message may carry
 MAX_BATCH_BYTES = 64 * 1024  # metadata per message; a single large flow may exceed it alone
 RECV_BUFFER = 512 * 1024  # > two full 64 KiB copy buffers plus metadata
+_FD_SIZE = array.array("i").itemsize
 
 
 class HandoffError(OSError):
@@ -195,14 +201,9 @@ def recv_message(sock: socket.socket, flags: int = 0) -> Batch | Ack | None:
     """One message; a Batch comes back with real descriptor numbers (now the caller's).
     None at EOF. Raises BlockingIOError on a non-blocking socket with nothing queued, and
     HandoffError for a truncated or undecodable message (its descriptors are closed)."""
-    fd_size = array.array("i").itemsize
     data, ancdata, msg_flags, _addr = sock.recvmsg(
-        RECV_BUFFER, socket.CMSG_SPACE(SCM_MAX_FD * fd_size), flags | socket.MSG_CMSG_CLOEXEC)
-    fds = array.array("i")
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[: len(cdata) - len(cdata) % fd_size])
-    received = list(fds)
+        RECV_BUFFER, socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE), flags | socket.MSG_CMSG_CLOEXEC)
+    received = _fds_of(ancdata)
     if not data and not received:
         return None
     try:
@@ -228,6 +229,14 @@ def recv_message(sock: socket.socket, flags: int = 0) -> Batch | Ack | None:
     return Batch(msg.seq, flows)
 
 
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
+    return list(fds)
+
+
 def close_flow_fds(flow: FlowState) -> None:
     for fd in flow_fds(flow):
         _close(fd)
@@ -238,3 +247,117 @@ def _close(fd: int) -> None:
         socket.close(fd)
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------- supervisor -> worker orders
+
+class HandOver(msgspec.Struct, tag="hand_over"):
+    """To an old worker, with one end of a handoff socketpair: send your flows there."""
+
+    peer_pid: int
+
+
+class Adopt(msgspec.Struct, tag="adopt"):
+    """To a new worker, with the other end: adopt the flows that arrive there."""
+
+    peer_pid: int
+
+
+Order = HandOver | Adopt
+_order_decoder = msgspec.msgpack.Decoder(Order)
+
+
+def send_order(channel: socket.socket, order: Order, sock: socket.socket) -> None:
+    """Pass `sock` (a handoff socketpair end) to a worker over its channel. Raises OSError."""
+    socket.send_fds(channel, [_encoder.encode(order)], [sock.fileno()])
+
+
+def take_orders(channel: socket.socket) -> list[tuple[Order, socket.socket]]:
+    """The orders queued on a worker's channel (never blocks); each with its socket."""
+    out: list[tuple[Order, socket.socket]] = []
+    while True:
+        try:
+            # Not socket.recv_fds(): Python 3.11's ignores its flags argument (and blocks).
+            data, ancdata, _flags, _addr = channel.recvmsg(
+                4096, socket.CMSG_SPACE(4 * _FD_SIZE), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return out
+        fds = _fds_of(ancdata)
+        if not data:
+            for fd in fds:
+                _close(fd)
+            return out
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            order = _order_decoder.decode(data)
+        except msgspec.DecodeError:
+            order = None
+        if order is None or len(socks) != 1:
+            for s in socks:
+                s.close()
+            continue
+        out.append((order, socks[0]))
+
+
+def apply_orders(channel: socket.socket, target: Any) -> None:
+    """Hand the queued orders to a Server's Handoff (``target``); safe in a signal handler:
+    the target only stores the sockets, its serve loop does the work."""
+    for order, sock in take_orders(channel):
+        if isinstance(order, HandOver):
+            target.hand_over_to(sock)
+        else:
+            target.adopt_from(sock)
+
+
+# ---------------------------------------------------------------- the supervisor's plan
+
+# Engines whose core has export_pair/import_pair (the asyncio engine drains instead).
+CAN_HAND_OVER = frozenset({"uring", "epoll"})
+
+
+def connect_generations(old: list[Any], new: list[Any]) -> list[tuple[int, int]]:
+    """Pair each serving old worker with a serving new one (old slot i -> new slot i mod N)
+    and give both ends of a fresh handoff socketpair: Adopt (plus SIGUSR2) to the new worker
+    first, then HandOver to the old one; the caller's SIGTERM starts the old one's drain,
+    which sends. Workers are the supervisor's records (pid, slot, state, engine, channel).
+    Returns the (old pid, new pid) links made; an old worker without one simply drains."""
+    import logging
+    import os
+    import signal
+
+    log = logging.getLogger("relay.supervisor")
+    targets = sorted((w for w in new if w.state == "serving" and w.engine in CAN_HAND_OVER),
+                     key=lambda w: w.slot)
+    links: list[tuple[int, int]] = []
+    if not targets:
+        return links
+    for w in sorted(old, key=lambda w: w.slot):
+        if w.state != "serving":
+            continue
+        if w.engine not in CAN_HAND_OVER:
+            log.info("worker %d (engine %s) cannot hand its flows over: they drain", w.pid,
+                     w.engine)
+            continue
+        target = targets[w.slot % len(targets)]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            try:
+                send_order(target.channel, Adopt(w.pid), theirs)
+                os.kill(target.pid, signal.SIGUSR2)
+            except OSError as exc:
+                log.warning("handoff %d -> %d not set up (%s): worker %d drains", w.pid,
+                            target.pid, exc, w.pid)
+                continue
+            try:
+                send_order(w.channel, HandOver(target.pid), ours)
+            except OSError as exc:
+                log.warning("handoff %d -> %d not set up (%s): worker %d drains", w.pid,
+                            target.pid, exc, w.pid)
+                continue
+            links.append((w.pid, target.pid))
+        finally:
+            ours.close()
+            theirs.close()
+    if links:
+        log.info("handoff: %s", ", ".join(f"{a} -> {b}" for a, b in links))
+    return links

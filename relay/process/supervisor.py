@@ -635,7 +635,7 @@ class Supervisor:
                            f"{gen.size} workers")
         else:
             for g in old:
-                self._retire(g)
+                self._retire(g, successor=gen)
             old_cfg, self.cfg = self.cfg, gen.cfg
             self._apply_logging(old_cfg)
             text = (f"generation {gen.number} serving with {gen.size} workers; "
@@ -678,7 +678,11 @@ class Supervisor:
             except OSError as exc2:
                 log.error("admin endpoints unavailable: %s", exc2)
 
-    def _retire(self, gen: Generation) -> None:
+    def _retire(self, gen: Generation, successor: Generation | None = None) -> None:
+        if successor is not None and successor.cfg.relay.handoff:
+            from relay.process.handoff import connect_generations
+
+            connect_generations(list(gen.workers.values()), list(successor.workers.values()))
         self.accept_watch.arm()
         gen.state = "retiring"
         gen.restart_at.clear()

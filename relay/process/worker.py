@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 
 from relay.config.model import Config
+from relay.process import handoff
 from relay.process.heartbeat import Heartbeat
 
 __all__ = [
@@ -207,7 +208,12 @@ def run_worker(
         return EXIT_BOOT_FAILED
 
     def stop_draining(_signum: int, _frame: Any) -> None:
+        # A reload's SIGTERM follows a HandOver order on the channel: take it first.
+        handoff.apply_orders(channel, srv.handoff)
         srv.request_stop(drain=True)
+
+    def take_handoff_orders(_signum: int, _frame: Any) -> None:
+        handoff.apply_orders(channel, srv.handoff)
 
     def stop_now(_signum: int, _frame: Any) -> None:
         srv.request_stop(drain=False)
@@ -225,6 +231,7 @@ def run_worker(
     signal.signal(signal.SIGINT, stop_now)
     signal.signal(signal.SIGQUIT, stop_now)
     signal.signal(signal.SIGUSR1, reopen_logs)
+    signal.signal(signal.SIGUSR2, take_handoff_orders)
 
     engine = str(getattr(srv, "engine_name", "") or cfg.relay.engine)
     reason = str(getattr(srv, "engine_reason", ""))
