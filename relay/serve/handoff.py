@@ -72,6 +72,7 @@ class Handoff:
         self.handed_over = 0  # flows sent and acked
         self.lost = 0  # flows sent, never acked: the adopting worker died
         self.kept = 0  # flows that could not be sent and drain here
+        self.pending_bytes = 0  # bytes read but not yet written (pipes, buffers) when sent
         self.adopted = 0
         self.refused: dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
         self.pause = _Histogram(PAUSE_BUCKETS)
@@ -110,6 +111,7 @@ class Handoff:
             "handoff_handed_over": self.handed_over,
             "handoff_lost": self.lost,
             "handoff_kept": self.kept,
+            "handoff_pending_bytes": self.pending_bytes,
             "handoff_adopted": self.adopted,
             "handoff_refused": dict(self.refused),
             "handoff_pause_seconds": self.pause.snapshot(),
@@ -194,6 +196,7 @@ class Handoff:
                 self._finish_sending(lost=True)
                 continue
             self._unacked[self._seq] = len(batch)
+            self.pending_bytes += sum(f.pending_bytes for f in batch)
             for f in batch:
                 wire.close_flow_fds(f)  # the adopting worker holds its own copies now
 

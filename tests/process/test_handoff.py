@@ -3,6 +3,7 @@ established flows move to the new generation's workers instead of draining."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import signal
 import socket
@@ -118,3 +119,151 @@ def test_conversations_survive_four_reloads(origins: Any, relays: Any) -> None:
         talk = by_port[int(str(r["client"]).rsplit(":", 1)[1])]
         assert r["reason"] == "eof"
         assert r["c2s_bytes"] == r["s2c_bytes"] == talk.sent
+
+
+def _bulk_origin(down_total: int, duration: float):
+    """Origin: sends `down_total` seeded bytes paced over `duration` s while it reads the
+    client's bytes to EOF; records their sha256; closes after both."""
+
+    def handler(conn: socket.socket, seen: Any) -> None:
+        def send() -> None:
+            rng = random.Random(down_total)
+            chunk = 64 * 1024
+            for i in range(0, down_total, chunk):
+                conn.sendall(rng.randbytes(min(chunk, down_total - i)))
+                time.sleep(duration * chunk / down_total)
+            conn.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        h = hashlib.sha256()
+        while data := conn.recv(256 * 1024):
+            h.update(data)
+            seen.nbytes += len(data)
+        seen.sha256 = h.hexdigest()
+        seen.end = "eof"
+        sender.join()
+
+    return handler
+
+
+class Bulk(threading.Thread):
+    """Sends `up_total` seeded bytes paced over `duration` s and reads the origin's bytes
+    slowly (the relay's pipe toward us fills), checking them against the seed."""
+
+    def __init__(self, addr: tuple[str, int], up_total: int, down_total: int,
+                 duration: float) -> None:
+        super().__init__(daemon=True)
+        self.up_total, self.down_total, self.duration = up_total, down_total, duration
+        self.sock = socket.create_connection(addr, timeout=20)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.up_sha = ""
+        self.error = ""
+        self.ok = False
+
+    def run(self) -> None:
+        try:
+            rng = random.Random(7 + self.up_total)
+            up = rng.randbytes(self.up_total)
+            self.up_sha = hashlib.sha256(up).hexdigest()
+
+            def send() -> None:
+                chunk = 64 * 1024
+                for i in range(0, len(up), chunk):
+                    self.sock.sendall(up[i:i + chunk])
+                    time.sleep(self.duration * chunk / len(up))
+                self.sock.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            want = hashlib.sha256(random.Random(self.down_total).randbytes(self.down_total))
+            got = hashlib.sha256()
+            n = 0
+            while data := self.sock.recv(32 * 1024):
+                got.update(data)
+                n += len(data)
+                time.sleep(0.004)                    # a slow reader: bytes wait in the relay
+            sender.join()
+            if n != self.down_total or got.hexdigest() != want.hexdigest():
+                raise AssertionError(f"down stream differs: {n} of {self.down_total} bytes")
+            self.ok = True
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.sock.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_bulk_both_ways_and_half_closed_flows_move(origins: Any, relays: Any,
+                                                   splice: bool) -> None:
+    sink = origins(_bulk_origin(12 << 20, 3.0))
+    rp = relays(lambda adm: _config(sink.port, adm, settings={"splice": splice}))
+    rp.wait_ready()
+    old = _generation_pids(rp, 1)
+    # Half-closed: the client's direction is finished before the reload, the origin's not;
+    # nobody reads the origin's answer until after the reload, so the relay holds bytes.
+    half = socket.socket()
+    half.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    half.settimeout(20)
+    half.connect(rp.address())
+    half.shutdown(socket.SHUT_WR)
+    bulks = [Bulk(rp.address(), 6 << 20, 12 << 20, 3.0) for _ in range(4)]
+    for b in bulks:
+        b.start()
+    time.sleep(1.5)
+    _reload_and_check(rp, 2, old)
+    for b in bulks:
+        b.join(30)
+    assert all(b.ok for b in bulks), [b.error for b in bulks]
+    want_down = hashlib.sha256(random.Random(12 << 20).randbytes(12 << 20)).hexdigest()
+    got = hashlib.sha256()
+    while data := half.recv(1 << 20):
+        got.update(data)
+    half.close()
+    assert got.hexdigest() == want_down, "the half-closed flow's answer differs"
+    ups = sorted(s.sha256 for s in sink.results if s.nbytes)
+    assert ups == sorted(b.up_sha for b in bulks), "an upload differs at the origin"
+    t = _totals(rp)
+    assert t["handoff_adopted"] == 5 and t["handoff_lost"] == 0
+    assert t["handoff_pending_bytes"] > 0, {k: v for k, v in t.items() if "handoff" in k}
+    if not splice:
+        assert t["bytes_spliced"] == 0
+
+
+def _two_listener_config(port: int, adm: str, *, with_extra: bool) -> str:
+    extra = f"""
+[[listener]]
+name = "extra"
+bind = "127.0.0.1:0"
+backend = "127.0.0.1:{port}"
+""" if with_extra else ""
+    return _config(port, adm, extra=extra)
+
+
+@pytest.mark.timeout(60)
+def test_a_removed_listener_closes_exactly_its_flows(origins: Any, relays: Any) -> None:
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: _two_listener_config(echo.port, adm, with_extra=True))
+    rp.wait_ready()
+    old = _generation_pids(rp, 1)
+    kept = [Conversation(rp.address("main"), s) for s in range(6)]
+    cut = [Conversation(rp.address("extra"), 100 + s) for s in range(4)]
+    for t in kept + cut:
+        t.start()
+    time.sleep(0.5)
+    rp.config_path.write_text(_two_listener_config(echo.port, rp.admin_socket,
+                                                   with_extra=False))
+    _reload_and_check(rp, 2, old)
+    time.sleep(0.5)
+    for t in kept + cut:
+        t.stop_event.set()
+    for t in kept + cut:
+        t.join(10)
+    assert all(t.done for t in kept), [t.error for t in kept]
+    assert all(not t.done and "reset" in t.error.lower() for t in cut), [t.error for t in cut]
+    t = _totals(rp)
+    assert t["handoff_refused"]["listener_removed"] == 4 and t["handoff_adopted"] == 6
+    refused = rp.flows_where(lambda r: r["reason"] == "handoff_refused_listener_removed")
+    assert sorted(int(str(r["client"]).rsplit(":", 1)[1]) for r in refused) == sorted(
+        c.local_port for c in cut)
