@@ -300,6 +300,9 @@ def format_stats(snap: dict[str, Any]) -> str:
         values = {k: v for k, v in t.get(key, {}).items() if v}
         if values:
             lines.append(f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
+    from relay.ops.handoff_report import handoff_summary
+
+    lines += handoff_summary(t)
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -90,7 +91,8 @@ def _totals(rp: Any) -> dict[str, Any]:
 @pytest.mark.timeout(120)
 def test_conversations_survive_four_reloads(origins: Any, relays: Any) -> None:
     echo = origins(echo_handler)
-    rp = relays(lambda adm: _config(echo.port, adm))
+    rp = relays(lambda adm: _config(echo.port, adm,
+                                    settings={"metrics_listen": "127.0.0.1:0"}))
     rp.wait_ready()
     workers = _generation_pids(rp, 1)
     talks = [Conversation(rp.address(), seed) for seed in range(40)]
@@ -119,6 +121,16 @@ def test_conversations_survive_four_reloads(origins: Any, relays: Any) -> None:
         talk = by_port[int(str(r["client"]).rsplit(":", 1)[1])]
         assert r["reason"] == "eof"
         assert r["c2s_bytes"] == r["s2c_bytes"] == talk.sent
+    # Observability: the pause per flow in /metrics and in `relay stats`.
+    text = rp.admin("stats")
+    assert f"adopted {t['handoff_adopted']}" in text and "handoff pause: p50" in text, text
+    url = f"http://{rp.stats()['admin']['metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        metrics = resp.read().decode()
+    count = [line for line in metrics.splitlines()
+             if line.startswith("relay_handoff_pause_seconds_count")]
+    assert count and float(count[0].split()[-1]) == t["handoff_adopted"], count
+    assert f"relay_handoff_adopted_total {float(t['handoff_adopted'])}" in metrics
 
 
 def _bulk_origin(down_total: int, duration: float):
