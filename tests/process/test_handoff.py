@@ -4,6 +4,7 @@ established flows move to the new generation's workers instead of draining."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import socket
@@ -279,3 +280,53 @@ def test_a_removed_listener_closes_exactly_its_flows(origins: Any, relays: Any) 
     refused = rp.flows_where(lambda r: r["reason"] == "handoff_refused_listener_removed")
     assert sorted(int(str(r["client"]).rsplit(":", 1)[1]) for r in refused) == sorted(
         c.local_port for c in cut)
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_of_an_adopting_worker_loses_only_its_flows(origins: Any,
+                                                            relays: Any) -> None:
+    """Old workers frozen across the reload, the new slot-0 worker frozen before they send:
+    its batches wait unread in the handoff socket when it is SIGKILLed. Exactly the flows of
+    the old slot-0 worker are lost, counted as handoff_lost; the others move on."""
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: _config(echo.port, adm))
+    rp.wait_ready()
+    old = {w["slot"]: w["pid"] for w in rp.workers()}
+    # 7 flows in old slot 0, 5 in old slot 1: the other one is frozen while they connect.
+    talks: list[Conversation] = []
+    for slot, count in ((0, 7), (1, 5)):
+        other = old[1 - slot]
+        os.kill(other, signal.SIGSTOP)
+        try:
+            batch = [Conversation(rp.address(), 200 + len(talks) + s) for s in range(count)]
+            for t in batch:
+                t.start()
+            talks += batch
+            wait_for(lambda b=batch: all(t.sent for t in b), 5, "the conversations under way")
+        finally:
+            os.kill(other, signal.SIGCONT)
+    opened = {0: 7, 1: 5}
+    for pid in old.values():
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        rp.send_signal(signal.SIGHUP)
+        wait_for(lambda: rp.stats()["generation"] == 2, 15, "generation 2 serving")
+        new = {w["slot"]: w["pid"] for w in rp.stats()["workers"] if w["generation"] == 2}
+        time.sleep(0.3)                              # the new workers took their Adopt orders
+        os.kill(new[0], signal.SIGSTOP)
+    finally:
+        for pid in old.values():
+            os.kill(pid, signal.SIGCONT)
+    time.sleep(0.5)                                  # old slot 1 handed over, slot 0 waits
+    os.kill(new[0], signal.SIGKILL)
+    wait_for(lambda: not any(alive(p) for p in old.values()), 5, "old workers gone")
+    time.sleep(0.5)
+    for t in talks:
+        t.stop_event.set()
+    for t in talks:
+        t.join(10)
+    failed = [t for t in talks if not t.done]
+    assert len(failed) == opened[0], [t.error for t in talks]
+    t = _totals(rp)
+    assert t["handoff_lost"] == opened[0]
+    assert t["handoff_handed_over"] == opened[1] == 12 - opened[0]
