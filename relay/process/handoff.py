@@ -38,6 +38,7 @@ __all__ = [
     "close_flow_fds",
     "core_state",
     "flow_fds",
+    "fits",
     "flow_state",
     "recv_message",
     "send_ack",
@@ -146,12 +147,23 @@ def flow_fds(flow: FlowState) -> list[int]:
     return fds
 
 
+def fits(batch: list[FlowState], flow: FlowState) -> bool:
+    """May `flow` join `batch` within SCM_MAX_FD descriptors and about MAX_BATCH_BYTES?"""
+    fds = sum(f.n_fds for f in batch) + flow.n_fds
+    size = sum(_weight(f) for f in batch) + _weight(flow)
+    return fds <= SCM_MAX_FD and size <= MAX_BATCH_BYTES
+
+
+def _weight(flow: FlowState) -> int:
+    return 256 + flow.pending_bytes
+
+
 def batches(flows: list[FlowState]) -> Iterator[list[FlowState]]:
     """Split flows into messages within SCM_MAX_FD descriptors and about MAX_BATCH_BYTES."""
     batch: list[FlowState] = []
     fds = size = 0
     for flow in flows:
-        weight = 256 + flow.pending_bytes
+        weight = _weight(flow)
         if batch and (fds + flow.n_fds > SCM_MAX_FD or size + weight > MAX_BATCH_BYTES):
             yield batch
             batch, fds, size = [], 0, 0

@@ -46,7 +46,8 @@ log = logging.getLogger("relay.handoff")
 
 # Upper bounds (seconds) of the handoff pause histogram (+Inf implied).
 PAUSE_BUCKETS: tuple[float, ...] = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
 REFUSE_REASONS = (
     "listener_removed", "destination_denied", "egress_slice", "table_full", "stopping",
@@ -165,8 +166,11 @@ class Handoff:
         self._send_exportable()
 
     def _send_exportable(self) -> None:
+        """Export every established pair and send it, one batch at a time: the new worker
+        adopts the first batch while this one exports the next (the pause of a flow is not
+        the time to export them all)."""
         srv = self._srv
-        flows: list[tuple[int, _Flow, wire.FlowState]] = []
+        batch: list[wire.FlowState] = []
         connecting = 0
         for cid, flow in list(srv._flows.items()):
             try:
@@ -178,27 +182,34 @@ class Handoff:
                 continue  # finished meanwhile: its EV_DONE is queued
             del srv._flows[cid]
             _forget(srv, flow)
-            flows.append((cid, flow, wire.flow_state(
+            f = wire.flow_state(
                 state, listener=flow.listener.name, client=flow.client, dest=flow.dest,
-                egress=flow.egress, egress_address=flow.egress_address, source=flow.source)))
+                egress=flow.egress, egress_address=flow.egress_address, source=flow.source)
+            if batch and not wire.fits(batch, f):
+                self._send(batch)
+                batch = []
+            batch.append(f)
+        if batch:
+            self._send(batch)
         self._exported_all = connecting == 0
-        for batch in wire.batches([f for _cid, _flow, f in flows]):
-            if self._out is None:
-                self._take_back(batch)
-                continue
-            self._seq += 1
-            try:
-                wire.send_batch(self._out, self._seq, batch)
-            except OSError as exc:
-                log_every(log, "handoff send", 10.0, "handoff: cannot send %d flows (%s); "
-                          "they drain here", len(batch), exc)
-                self._take_back(batch)
-                self._finish_sending(lost=True)
-                continue
-            self._unacked[self._seq] = len(batch)
-            self.pending_bytes += sum(f.pending_bytes for f in batch)
-            for f in batch:
-                wire.close_flow_fds(f)  # the adopting worker holds its own copies now
+
+    def _send(self, batch: list[wire.FlowState]) -> None:
+        if self._out is None:
+            self._take_back(batch)
+            return
+        self._seq += 1
+        try:
+            wire.send_batch(self._out, self._seq, batch)
+        except OSError as exc:
+            log_every(log, "handoff send", 10.0, "handoff: cannot send %d flows (%s); "
+                      "they drain here", len(batch), exc)
+            self._take_back(batch)
+            self._finish_sending(lost=True)
+            return
+        self._unacked[self._seq] = len(batch)
+        self.pending_bytes += sum(f.pending_bytes for f in batch)
+        for f in batch:
+            wire.close_flow_fds(f)  # the adopting worker holds its own copies now
 
     def _take_back(self, batch: list[wire.FlowState]) -> None:
         """A batch that never left: import it into our own loop again; it drains here."""
