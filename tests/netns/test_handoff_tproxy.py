@@ -57,3 +57,30 @@ def test_reload_denying_a_destination_resets_exactly_its_flows(
         done = finished()
         assert len(done) == 3, done                  # one line per connection
         assert {split_hostport(str(r["egress"])) for r in done} == {f.seen.peer for f in kept}
+
+
+def test_reload_moving_the_egress_slice_resets_the_flows_outside_it(
+    engine_availability: dict[str, str | None], tmp_path: object,
+) -> None:
+    require_netns()
+    engine = require_engine("uring", engine_availability)
+    lab_cfg = lab_config(engine, SLICE, allow=ALLOW_BOTH)
+    with running_lab(str(tmp_path), lab_cfg, [("198.51.100.10", 80)]) as env:
+        flows = [open_flow(env.topo, env.lab.client, ("198.51.100.10", 80)) for _ in range(3)]
+        ports = {f.sock.getsockname()[1] for f in flows}
+        env.relay.config_path.write_text(lab_config(engine, (40008, 40015), allow=ALLOW_BOTH))
+        env.relay.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload done: generation 2 serving" in env.relay.stderr(), 20,
+                 "generation 2 serving")
+        wait_for(lambda: len([r for r in env.relay.flows()
+                              if r["reason"] == "handoff_refused_egress_slice"]) == 3, 5,
+                 "three refusals")
+        refused = [r for r in env.relay.flows() if r["reason"] == "handoff_refused_egress_slice"]
+        assert {split_hostport(str(r["client"]))[1] for r in refused} == ports
+        for f in flows:
+            with pytest.raises(OSError):
+                f.finish(b"z" * 100)
+        # A new connection leaves through the new slice.
+        fresh = open_flow(env.topo, env.lab.client, ("198.51.100.10", 80))
+        assert 40008 <= fresh.seen.peer[1] <= 40015
+        assert fresh.finish(b"z" * 100) == 100
