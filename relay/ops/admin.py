@@ -87,12 +87,13 @@ class AdminServer:
     """Admin unix socket + /metrics HTTP server, driven by the supervisor's selector."""
 
     def __init__(self, selector: selectors.BaseSelector, snapshot: Snapshot, reload: Reload,
-                 aggregator: Any) -> None:
+                 aggregator: Any, upgrade: Reload | None = None) -> None:
         from relay.ops.metrics import RelayCollector
 
         self._selector = selector
         self._snapshot = snapshot
         self._reload = reload
+        self._upgrade = upgrade
         self._unix: socket.socket | None = None
         self._unix_path = ""
         self._http: _MetricsServer | None = None
@@ -193,9 +194,12 @@ class AdminServer:
         elif words == ["reload"]:
             self._reload(lambda ok, text: self._reply(conn, ("ok " if ok else "error ") + text
                                                       + "\n"))
+        elif words == ["upgrade"] and self._upgrade is not None:
+            self._upgrade(lambda ok, text: self._reply(conn, ("ok " if ok else "error ") + text
+                                                       + "\n"))
         else:
             self._reply(conn, f"error unknown request {line[:80]!r}: "
-                              "expected 'stats', 'stats json' or 'reload'\n")
+                              "expected 'stats', 'stats json', 'reload' or 'upgrade'\n")
 
     def _reply(self, conn: socket.socket, text: str) -> None:
         # Answers are small; a client that does not read within the timeout is dropped.
@@ -345,16 +349,17 @@ def client_main(args: Any) -> int:
     command = getattr(args, "command", None) or "stats"
     try:
         path = _socket_path(args)
-        if command == "reload":
-            answer = request(path, "reload", timeout=RELOAD_TIMEOUT)
+        if command in ("reload", "upgrade"):
+            answer = request(path, command, timeout=RELOAD_TIMEOUT)
         elif command == "stats":
             answer = request(path, "stats json" if getattr(args, "json", False) else "stats")
         else:
-            raise ValueError(f"unknown admin command {command!r}: expected stats or reload")
+            raise ValueError(f"unknown admin command {command!r}: expected stats, reload or "
+                             "upgrade")
     except (OSError, ValueError) as exc:
         print(f"relay {command}: {exc}", file=sys.stderr)
         return 1
-    if command == "reload":
+    if command in ("reload", "upgrade"):
         ok = answer.startswith("ok ")
         (sys.stdout if ok else sys.stderr).write(answer.split(" ", 1)[-1])
         return 0 if ok else 1

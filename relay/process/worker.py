@@ -105,6 +105,9 @@ def _reset_signals() -> None:
     # The supervisor handles HUP (reload) for everyone; a HUP sent to the whole process group
     # must not kill the workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGUSR2 (handoff orders) gets its handler once the Server exists; until then a stray one
+    # (an upgrade signalled to the whole process group) must not kill the worker.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class _Reporter:
