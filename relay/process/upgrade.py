@@ -233,6 +233,11 @@ class Upgrade:
             finally:
                 a.close()
                 b.close()
+        # Under systemd (NotifyAccess=main) only the main process may name a new main PID:
+        # say it now, so our exit does not end the service.
+        from relay.process import systemd
+
+        systemd.notify(f"MAINPID={ready.pid}\nSTATUS=upgraded: relay pid {ready.pid} serves")
         self.sup.admin.close()
         with contextlib.suppress(OSError):
             _send(self.ctl, Released(links))
