@@ -330,3 +330,28 @@ def test_sigkill_of_an_adopting_worker_loses_only_its_flows(origins: Any,
     t = _totals(rp)
     assert t["handoff_lost"] == opened[0]
     assert t["handoff_handed_over"] == opened[1] == 12 - opened[0]
+
+
+@pytest.mark.timeout(60)
+def test_flows_move_when_the_worker_count_changes(origins: Any, relays: Any) -> None:
+    """3 workers -> 1 (three old workers into one inbox each) -> 2 (old slot 0 -> new 0)."""
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: _config(echo.port, adm, workers=3))
+    rp.wait_ready()
+    workers = _generation_pids(rp, 1)
+    talks = [Conversation(rp.address(), 500 + s) for s in range(12)]
+    for t in talks:
+        t.start()
+    time.sleep(0.5)
+    for number, count in ((2, 1), (3, 2)):
+        rp.config_path.write_text(_config(echo.port, rp.admin_socket, workers=count))
+        workers = _reload_and_check(rp, number, workers)
+        assert len(workers) == count
+        time.sleep(0.5)
+    for t in talks:
+        t.stop_event.set()
+    for t in talks:
+        t.join(10)
+    assert all(t.done for t in talks), [t.error for t in talks if not t.done]
+    t = _totals(rp)
+    assert t["handoff_adopted"] == 24 and t["handoff_lost"] == 0
