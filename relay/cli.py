@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("stats", "show live counters from a running relay"),
         ("reload", "ask a running relay to reload its config (validated first)"),
+        ("upgrade", "restart a running relay's binary without cutting connections "
+                    "(docs/handoff.md)"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("-c", "--config", metavar="FILE", help="find the admin socket here")

@@ -301,3 +301,7 @@ cdef void _epoll_disarm(Loop self, Conn* c) noexcept nogil
 cdef void _epoll_listener_arm(Loop self, int slot) noexcept nogil
 cdef void _epoll_listener_disarm(Loop self, int slot) noexcept nogil
 cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil
+
+# handoff.pxi
+cdef dict _handoff_export(Loop self, Conn* c)
+cdef int64_t _handoff_import(Loop self, dict st, int64_t tag) except -1

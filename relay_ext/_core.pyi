@@ -1,7 +1,7 @@
 """Type stubs for relay's Cython core (relay_ext/_core.pyx)."""
 
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 EV_ACCEPT: Final[int]
 EV_ACCEPT_ERROR: Final[int]
@@ -61,6 +61,14 @@ class Loop:
         prefix: bytes = b"",
     ) -> int: ...
     def abort(self, cid: int) -> bool: ...
+    def export_pair(self, cid: int) -> dict[str, Any]:
+        """Stop relaying `cid` and return its state: client_fd, upstream_fd, tag, start_ns,
+        last_ns, connect_us, export_ns (CLOCK_MONOTONIC ns) and halves (c2s, s2c), each a dict
+        of pipe_r, pipe_w, pipe_len, buf, eof, shut, stream, no_splice, nbytes, spliced,
+        copied. The descriptors now belong to the caller. KeyError: unknown id;
+        ValueError: still connecting."""
+    def import_pair(self, state: dict[str, Any], tag: int | None = None) -> int:
+        """Resume a pair from export_pair()'s dict; the loop owns its descriptors from now on."""
     def watch(self, fd: int, tag: int, timeout_ms: int) -> int:
         """One EV_READABLE or EV_WATCH_TIMEOUT for `fd` (not read, not owned); returns an id."""
     def unwatch(self, wid: int) -> bool: ...

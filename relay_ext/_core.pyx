@@ -19,6 +19,7 @@ concern, not by dependency:
   uring.pxi              the io_uring backend: ring setup, polls, submit, wait, reap
   epoll.pxi              the epoll backend: the same readiness contract without io_uring
   loop.pxi               class Loop: the Python API
+  handoff.pxi            export / import of an established pair (reload without cutting it)
 """
 
 import os
@@ -64,6 +65,7 @@ include "pairinfo.pxi"
 include "uring.pxi"
 include "epoll.pxi"
 include "loop.pxi"
+include "handoff.pxi"
 
 LIBURING_HEADERS = f"{RELAY_LIBURING_VERSION_MAJOR}.{RELAY_LIBURING_VERSION_MINOR}"
 

@@ -334,6 +334,29 @@ cdef class Loop:
         _uring_flush(self)
         return True
 
+    def export_pair(self, int64_t cid):
+        """Stop relaying pair `cid` and hand it over (handoff.pxi): a dict of its descriptors,
+        pending bytes, per-direction state, counters and times.  The descriptors now belong to
+        the caller; nothing was closed or reset.  Raises KeyError for an unknown id and
+        ValueError for a pair still connecting (it has nothing to hand over yet)."""
+        self._ensure_alive()
+        cdef uint32_t idx = ud_slot(<uint64_t>cid)
+        if idx >= self.high_water:
+            raise KeyError(f"relay core: no pair {cid}")
+        cdef Conn* c = &self.conns[idx]
+        if c.state == ST_FREE or not gen_matches(c.gen, ud_gen(<uint64_t>cid)):
+            raise KeyError(f"relay core: no pair {cid}")
+        if c.state != ST_RELAY:
+            raise ValueError(f"relay core: pair {cid} is still connecting")
+        state = _handoff_export(self, c)
+        _uring_flush(self)
+        return state
+
+    def import_pair(self, dict state, tag=None):
+        """Resume relaying a pair exported by export_pair() (here or in another process);
+        the loop owns its descriptors from now on.  Returns the new id."""
+        self._ensure_alive()
+        return _handoff_import(self, state, state["tag"] if tag is None else tag)
     def kill(self, int64_t cid):
         """Like abort(), at an operator's request: reset both sides, reason "killed".  Returns
         False for an id whose pair is already gone."""

@@ -127,6 +127,13 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             description="seconds old workers may keep serving after stop or reload",
         ),
     ] = 30.0
+    handoff: Annotated[
+        bool,
+        Meta(
+            description="reload: hand established TCP flows to the new workers instead of "
+            "draining them (docs/handoff.md)",
+        ),
+    ] = True
     heartbeat_timeout: Annotated[
         float,
         Meta(

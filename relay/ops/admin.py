@@ -50,13 +50,15 @@ class AdminServer:
     """Admin unix socket + /metrics HTTP server, driven by the supervisor's selector."""
 
     def __init__(self, selector: selectors.BaseSelector, snapshot: Snapshot, reload: Reload,
-                 aggregator: Any, sessions: Sessions | None = None) -> None:
+                 aggregator: Any, sessions: Sessions | None = None,
+                 upgrade: Reload | None = None) -> None:
         from relay.ops.metrics import RelayCollector
         from relay.ops.process_metrics import BuildInfoCollector, WorkerProcessCollector
 
         self._selector = selector
         self._snapshot = snapshot
         self._reload = reload
+        self._upgrade = upgrade
         self._sessions = sessions
         self._unix: socket.socket | None = None
         self._unix_path = ""
@@ -179,12 +181,15 @@ class AdminServer:
         elif words == ["reload"]:
             self._reload(lambda ok, text: self._reply(conn, ("ok " if ok else "error ") + text
                                                       + "\n"))
+        elif words == ["upgrade"] and self._upgrade is not None:
+            self._upgrade(lambda ok, text: self._reply(conn, ("ok " if ok else "error ") + text
+                                                       + "\n"))
         elif words and words[0] in ("sessions", "kill") and self._sessions is not None:
             # Answered once the workers replied (relay.process.sessions, at most ~1 s).
             self._sessions(line, lambda text: self._reply(conn, text))
         else:
             self._reply(conn, f"error unknown request {line[:80]!r}: "
-                              "expected 'stats', 'stats json', 'reload', 'sessions' or 'kill'\n")
+                              "expected 'stats', 'stats json', 'reload', 'upgrade', 'sessions' or 'kill'\n")
 
     def _reply(self, conn: socket.socket, text: str) -> None:
         # Answers are small; a client that does not read within the timeout is dropped.
@@ -300,6 +305,9 @@ def format_stats(snap: dict[str, Any]) -> str:
         values = {k: v for k, v in t.get(key, {}).items() if v}
         if values:
             lines.append(f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
+    from relay.ops.handoff_report import handoff_summary
+
+    lines += handoff_summary(t)
     return "\n".join(lines) + "\n"
 
 
@@ -342,16 +350,17 @@ def client_main(args: Any) -> int:
     command = getattr(args, "command", None) or "stats"
     try:
         path = _socket_path(args)
-        if command == "reload":
-            answer = request(path, "reload", timeout=RELOAD_TIMEOUT)
+        if command in ("reload", "upgrade"):
+            answer = request(path, command, timeout=RELOAD_TIMEOUT)
         elif command == "stats":
             answer = request(path, "stats json" if getattr(args, "json", False) else "stats")
         else:
-            raise ValueError(f"unknown admin command {command!r}: expected stats or reload")
+            raise ValueError(f"unknown admin command {command!r}: expected stats, reload or "
+                             "upgrade")
     except (OSError, ValueError) as exc:
         print(f"relay {command}: {exc}", file=sys.stderr)
         return 1
-    if command == "reload":
+    if command in ("reload", "upgrade"):
         ok = answer.startswith("ok ")
         (sys.stdout if ok else sys.stderr).write(answer.split(" ", 1)[-1])
         return 0 if ok else 1

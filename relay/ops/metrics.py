@@ -35,8 +35,8 @@ GAUGES = frozenset({
     "udp_started", "udp_egress_ports_in_use",
 })
 # Gauges whose sum means nothing: the largest worker value is shown.
-MAX_GAUGES = frozenset({"pipe_size_granted", "pipe_size_requested"})
-HISTOGRAMS = frozenset({"connect_seconds"})
+MAX_GAUGES = frozenset({"pipe_size_granted", "pipe_size_requested", "handoff_pause_max_seconds"})
+HISTOGRAMS = frozenset({"connect_seconds", "handoff_pause_seconds"})
 
 
 def _is_number(v: Any) -> bool:
@@ -215,6 +215,10 @@ class RelayCollector(Collector):
             h = HistogramMetricFamily("relay_connect_seconds", "Upstream connect latency")
             h.add_metric([], [(str(b), c) for b, c in hist["buckets"]], hist.get("sum", 0.0))
             yield h
+
+        from relay.ops.handoff_report import handoff_metrics
+
+        yield from handoff_metrics(t)
 
 
 def _udp_metrics(t: dict[str, Any]) -> Iterator[Metric]:

@@ -188,6 +188,8 @@ class Supervisor:
         self.exit_code = EXIT_OK
         self.fatal_error = ""
         self.admin: Any = None
+        self.upgrade: Any = None  # relay.process.upgrade.Upgrade while `relay upgrade` runs
+        self.inherited: Any = None  # relay.process.upgrade.Inherited: started by an upgrade
         self.metrics: Any = None
         self.sessions = SessionBroker(lambda: list(self.workers.values()))
         self._wakeup_r = -1
@@ -223,12 +225,14 @@ class Supervisor:
             log.warning("workers will run as root: set relay.user to drop privileges once the "
                         "listeners are bound")
         self._install_signals()
+        self._inherit_from_upgrade()
         sockets = self._bind_listeners(self.cfg)
         udp_sockets = self._bind_udp_listeners(self.cfg)
         gen = self._new_generation(self.cfg, sockets, target, udp_sockets)
         self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics,
-                                 sessions=self.sessions.handle)
-        self.admin.open(self.cfg)
+                                 sessions=self.sessions.handle, upgrade=self.start_upgrade)
+        if self.inherited is None:  # after an upgrade: once the old relay releases them
+            self.admin.open(self.cfg)
         log.info(
             "relay supervisor %d: %d workers, engine %s, listeners %s",
             os.getpid(), gen.size, self.cfg.relay.engine, self._listener_text(gen),
@@ -242,7 +246,7 @@ class Supervisor:
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                    signal.SIGUSR1, signal.SIGCHLD):
+                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(sig, self._enqueue_signal)
 
     def _enqueue_signal(self, signum: int, _frame: Any) -> None:
@@ -268,6 +272,8 @@ class Supervisor:
                 handler()
         self._reap()
         self._check_workers()
+        if self.upgrade is not None:
+            self.upgrade.tick()
         self.sessions.check()
         if self.admin is not None:
             self.admin.tick()
@@ -301,6 +307,48 @@ class Supervisor:
 
     def handle_chld(self) -> None:
         self._reap()
+
+    def handle_usr2(self) -> None:
+        log.info("SIGUSR2: binary upgrade")
+        self.start_upgrade(None)
+
+    # ------------------------------------------------------------------ binary upgrade
+
+    def start_upgrade(self, reply: ReplyFn | None) -> None:
+        """Start the installed relay again and hand everything to it (relay.process.upgrade);
+        `reply(ok, text)` once it serves or failed."""
+        from relay.process.upgrade import Upgrade
+
+        why = ("relay is stopping" if self.stopping
+               else "an upgrade is already in progress" if self.upgrade is not None
+               else "this relay is still taking over from the previous one"
+               if self.inherited is not None and not self.inherited.released
+               else "a reload is in progress"
+               if any(g.state == "starting" for g in self.generations) else "")
+        if why:
+            log.error("upgrade refused: %s", why)
+            if reply is not None:
+                reply(False, f"upgrade refused: {why}")
+            return
+        self.upgrade = Upgrade(self, reply)
+        self.upgrade.start()
+
+    def begin_upgrade_exit(self) -> None:
+        """The new relay serves: stop our workers (they hand their flows over) and leave,
+        without shutting down the listening sockets the new relay shares."""
+        self._begin_stop(drain=True, keep_listening=True)
+
+    def _inherit_from_upgrade(self) -> None:
+        from relay.process.upgrade import Inherited
+
+        self.inherited = Inherited.from_environ()
+        if self.inherited is not None:
+            self.listeners.update(self.inherited.listeners)
+            inherited = self.inherited
+            self.selector.register(inherited.ctl, selectors.EVENT_READ,
+                                   lambda: inherited.on_control(self))
+            log.info("upgrade: took over %d listening sockets from the previous relay",
+                     len(inherited.listeners))
 
     # ------------------------------------------------------------------ listeners
 
@@ -507,6 +555,10 @@ class Supervisor:
             other.heartbeat.close()
         if self.admin is not None:
             self.admin.close_in_child()
+        if self.inherited is not None:
+            self.inherited.ctl.close()
+        if self.upgrade is not None and self.upgrade.ctl is not None:
+            self.upgrade.ctl.close()
         self.selector.close()
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
@@ -601,6 +653,8 @@ class Supervisor:
                 return
             worker = self.workers.pop(pid, None)
             if worker is None:
+                if self.upgrade is not None:
+                    self.upgrade.child_exited(pid, describe_status(status))
                 continue
             self._worker_gone(worker, status)
 
@@ -713,11 +767,14 @@ class Supervisor:
             self.ready = True
             line = f"READY pid={os.getpid()} listeners={self._listener_text(gen)}"
             print(line, flush=True)
+            if self.inherited is not None:
+                self.inherited.send_ready([(w.pid, w.slot, w.engine)
+                                           for w in gen.workers.values()])
             systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving, "
                            f"{gen.size} workers")
         else:
             for g in old:
-                self._retire(g)
+                self._retire(g, successor=gen)
             old_cfg, self.cfg = self.cfg, gen.cfg
             self._apply_logging(old_cfg)
             text = (f"generation {gen.number} serving with {gen.size} workers; "
@@ -760,7 +817,11 @@ class Supervisor:
             except OSError as exc2:
                 log.error("admin endpoints unavailable: %s", exc2)
 
-    def _retire(self, gen: Generation) -> None:
+    def _retire(self, gen: Generation, successor: Generation | None = None) -> None:
+        if successor is not None and successor.cfg.relay.handoff:
+            from relay.process.handoff import connect_generations
+
+            connect_generations(list(gen.workers.values()), list(successor.workers.values()))
         gen.state = "retiring"
         gen.restart_at.clear()
         deadline = time.monotonic() + gen.cfg.relay.drain_timeout + DRAIN_GRACE
@@ -852,7 +913,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ stop
 
-    def _begin_stop(self, drain: bool) -> None:
+    def _begin_stop(self, drain: bool, keep_listening: bool = False) -> None:
         if self.stopping == "fast" or (self.stopping == "drain" and drain):
             return
         self.stopping = "drain" if drain else "fast"
@@ -862,8 +923,9 @@ class Supervisor:
         # stop), so the workers' inherited copies stop listening too. New connections are refused
         # at once (RST), instead of waiting in an accept queue that nobody drains any more.
         for sock in self.listeners.values():
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
+            if not keep_listening:  # after an upgrade the new relay listens on them
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
             sock.close()
         self.listeners.clear()
         for group in self.udp_listeners.values():

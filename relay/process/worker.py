@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import msgspec
 
 from relay.config.model import Config
+from relay.process import handoff
 from relay.process.heartbeat import Heartbeat
 from relay.process.sessions import SessionResponder, SessionsReply, SessionsRequest
 
@@ -123,18 +125,25 @@ def decode_command(data: bytes) -> Command:
 
 def _read_commands(channel: socket.socket, srv: Any, sessions: SessionResponder) -> None:
     """Thread: the one reader of the supervisor's commands (UdpStart, UdpRelease, session
-    queries, which it queues for the serving thread). EOF: the supervisor is gone, so UDP
-    stops (the parent-death SIGTERM drains TCP)."""
+    queries, which it queues for the serving thread; handoff orders with their socket, which
+    it gives to srv.handoff, then wakes the serving thread with SIGUSR2). EOF: the supervisor
+    is gone, so UDP stops (the parent-death SIGTERM drains TCP)."""
+    main_thread = threading.main_thread().ident
     while True:
         try:
-            data = channel.recv(4096)
+            data, fds = handoff.recv_with_fds(channel)
         except InterruptedError:
             continue
         except OSError:
-            data = b""
+            data, fds = b"", []
         if not data:
             srv.release_udp("closed")
             return
+        if fds:
+            handoff.apply_order(data, fds, srv.handoff)
+            if main_thread is not None:
+                signal.pthread_kill(main_thread, signal.SIGUSR2)  # end loop.run()'s wait
+            continue
         try:
             cmd = decode_command(data)
         except msgspec.DecodeError as exc:
@@ -169,6 +178,9 @@ def _reset_signals() -> None:
     # The supervisor handles HUP (reload) for everyone; a HUP sent to the whole process group
     # must not kill the workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGUSR2 (handoff orders) gets its handler once the Server exists; until then a stray one
+    # (an upgrade signalled to the whole process group) must not kill the worker.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class _Reporter:
@@ -279,7 +291,10 @@ def run_worker(
         return EXIT_BOOT_FAILED
 
     def stop_draining(_signum: int, _frame: Any) -> None:
-        srv.request_stop(drain=True)
+        srv.request_stop(drain=True)  # a reload's HandOver order arrives on the reader thread
+
+    def wake(_signum: int, _frame: Any) -> None:
+        pass  # SIGUSR2: only ends loop.run()'s wait, so the serve loop runs the handoff step
 
     def stop_now(_signum: int, _frame: Any) -> None:
         srv.request_stop(drain=False)
@@ -299,8 +314,7 @@ def run_worker(
     signal.signal(signal.SIGINT, stop_now)
     signal.signal(signal.SIGQUIT, stop_now)
     signal.signal(signal.SIGUSR1, reopen_logs)
-
-    import threading
+    signal.signal(signal.SIGUSR2, wake)
 
     sessions = SessionResponder(srv, channel)
     threading.Thread(target=_read_commands, args=(channel, srv, sessions), name="relay-commands",

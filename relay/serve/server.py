@@ -233,6 +233,9 @@ class Server:
                         ", ".join(sorted(sockets)))
         self._loop_stats: dict[str, int] = self._loop.stats()
         self._loop_stats_at = time.monotonic()
+        from relay.serve.handoff import Handoff
+
+        self.handoff = Handoff(self)  # reload handoff: hand_over_to() / adopt_from()
         log.info("server: engine %s (%s); listeners: %s", self.engine_name, self.engine_reason,
                  ", ".join([f"{lst.name}={format_address(lst.sock.getsockname())}"
                             for lst in self._listeners]
@@ -332,20 +335,23 @@ class Server:
                         deadline = self._begin_drain()
                     elif not self._stop_drain and deadline > time.monotonic():
                         deadline = time.monotonic()  # a fast stop after a drain request
-                    if not self._flows and not self._header_waits:
+                    if not self._flows and not self._header_waits and not self.handoff.sending:
                         break
                     now = time.monotonic()
                     if now >= deadline:
                         if not aborted_at:
+                            self.handoff.give_up()
                             self._abort_all()
                             aborted_at = now
                         elif now - aborted_at > _ABORT_GRACE_S:
                             log.error("server: %d pairs still open %.1fs after abort; "
                                       "closing the loop", len(self._flows), _ABORT_GRACE_S)
                             break
-                events = run(_POLL_MS)
+                events = run(self.handoff.poll_ms(_POLL_MS))
                 if events:
                     dispatch(events)
+                if self.handoff.active:
+                    self.handoff.step()
                 now = time.monotonic()
                 if now - self._loop_stats_at >= _STATS_REFRESH_S:
                     self._refresh_loop_stats()
@@ -405,6 +411,7 @@ class Server:
         s["listener_total"] = {lst.name: lst.total for lst in self._listeners}
         s["egress_ports_in_use"] = dict(self._egress_in_use)
         s["connect_seconds"] = self._connect_hist.snapshot()
+        s.update(self.handoff.stats())
         if self._udp is not None:
             s.update(self._udp.stats())
         s["flowlog_dropped"] = self._flowlog.dropped if self._flowlog is not None else 0
@@ -710,6 +717,7 @@ class Server:
         for lst in self._listeners:
             self._deactivate_listener(lst)
         self._refresh_loop_stats()
+        self.handoff.close()
         self._reset_header_waits()
         # close() resets whatever is still open; their EV_DONE will never be read.
         self._loop.close()

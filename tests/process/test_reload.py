@@ -33,8 +33,9 @@ def _two_origins(origins: Any) -> tuple[Any, Any]:
 
 
 def _config(echo_port: int, hash_port: int, adm: str, *, drain: float = 8.0,
-            workers: int = 2, extra: str = "") -> str:
-    return relay_config(echo_port, admin_socket=adm, workers=workers, drain=drain, extra=f"""
+            workers: int = 2, extra: str = "", relay_extra: str = "") -> str:
+    return relay_config(echo_port, admin_socket=adm, workers=workers, drain=drain,
+                        extra_relay=relay_extra, extra=f"""
 [[listener]]
 name = "bulk"
 bind = "127.0.0.1:0"
@@ -81,9 +82,11 @@ def test_reload_under_load_loses_nothing(origins: Any, relays: Any) -> None:
 
 @pytest.mark.timeout(60)
 def test_old_workers_are_gone_by_the_drain_deadline(origins: Any, relays: Any) -> None:
-    """A transfer longer than drain_timeout is cut at the deadline; the old worker leaves."""
+    """A transfer longer than drain_timeout is cut at the deadline; the old worker leaves.
+    (With relay.handoff off: with it on the transfer moves to the new worker, test_handoff.)"""
     echo, sink = _two_origins(origins)
-    rp = relays(lambda adm: _config(echo.port, sink.port, adm, drain=1.5, workers=1))
+    rp = relays(lambda adm: _config(echo.port, sink.port, adm, drain=1.5, workers=1,
+                                    relay_extra="handoff = false"))
     rp.wait_ready()
     (old,) = rp.children()
     t = Transfer(rp.address("bulk"), 16 << 20, 8.0).begin()

@@ -1,0 +1,385 @@
+"""A Server's side of a reload handoff (docs/handoff.md): hand its flows over, or adopt them.
+
+Old worker (``Handoff.hand_over_to(sock)``, then the drain): once it stops accepting, every
+established pair is exported from the core (``Loop.export_pair``), forgotten by the server
+without a flow-log line (the adopting worker writes the one line of that connection) and sent
+in batches over the handoff socket (relay.process.handoff). Pairs still connecting are retried
+on the next loop iterations, once connected. A batch that cannot be sent is imported back and
+drains here like before. The worker waits for an ack per batch; batches never acked (the
+adopting worker died) are counted ``handoff_lost``: their connections are gone.
+
+New worker (``Handoff.adopt_from(sock)``): each flow of a batch is re-checked against this
+worker's configuration, then imported into the core and relayed on as if it had been accepted
+here; or refused, closed the way a drain deadline closes (reset both sides) and flow-logged with
+reason ``handoff_refused_<why>``:
+
+* ``listener_removed``: no listener of that name any more;
+* ``destination_denied``: tproxy/redirect listener, the policy now denies the destination;
+* ``egress_slice``: the flow left through an egress slice that no longer holds its address and
+  port for that destination;
+* ``table_full``: the core's connection table is full;
+* ``stopping``: this worker closed its loop (it is stopping itself).
+
+The handoff pause of a flow is the time from its export by the old worker to its import here
+(both CLOCK_MONOTONIC): no byte of it moves in between.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from relay.ops.log import log_every
+from relay.process import handoff as wire
+from relay.sock import reset_and_close
+
+if TYPE_CHECKING:
+    from relay.serve.server import Server, _Flow, _Listener
+
+__all__ = ["PAUSE_BUCKETS", "REFUSE_REASONS", "Handoff"]
+
+log = logging.getLogger("relay.handoff")
+
+# Upper bounds (seconds) of the handoff pause histogram (+Inf implied).
+PAUSE_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+REFUSE_REASONS = (
+    "listener_removed", "destination_denied", "egress_slice", "table_full", "stopping",
+)
+SEND_TIMEOUT = 2.0  # seconds one batch may wait for room in the handoff socket
+ACTIVE_POLL_MS = 1  # loop.run() timeout while a handoff is under way
+
+
+class Handoff:
+    """The handoff state of one Server; driven from its serve_forever thread."""
+
+    def __init__(self, server: Server) -> None:
+        from relay.serve.server import _Histogram
+
+        self._srv = server
+        self._out: socket.socket | None = None
+        self._out_requested: socket.socket | None = None
+        self._inboxes: list[socket.socket] = []
+        self._inbox_requested: list[socket.socket] = []
+        self._seq = 0
+        self._unacked: dict[int, int] = {}  # batch seq -> flows in it
+        self._exported_all = False
+        self.handed_over = 0  # flows sent and acked
+        self.lost = 0  # flows sent, never acked: the adopting worker died
+        self.kept = 0  # flows that could not be sent and drain here
+        self.pending_bytes = 0  # bytes read but not yet written (pipes, buffers) when sent
+        self.adopted = 0
+        self.refused: dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
+        self.pause = _Histogram(PAUSE_BUCKETS)
+        self.pause_max = 0.0
+
+    # -- requests (safe from a signal handler: they only store the socket) -------------------
+
+    def hand_over_to(self, sock: socket.socket) -> None:
+        self._out_requested = sock
+
+    def adopt_from(self, sock: socket.socket) -> None:
+        self._inbox_requested.append(sock)
+
+    @property
+    def _core(self) -> Any:
+        """The engine loop, with the core's export_pair/import_pair (not in EngineLoop: the
+        asyncio engine has neither)."""
+        return self._srv._loop
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def sending(self) -> bool:
+        """The old side still has flows to send or acks to wait for."""
+        return self._out is not None or self._out_requested is not None
+
+    @property
+    def active(self) -> bool:
+        return self.sending or bool(self._inboxes) or bool(self._inbox_requested)
+
+    def poll_ms(self, default: int) -> int:
+        return ACTIVE_POLL_MS if self.active else default
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "handoff_handed_over": self.handed_over,
+            "handoff_lost": self.lost,
+            "handoff_kept": self.kept,
+            "handoff_pending_bytes": self.pending_bytes,
+            "handoff_adopted": self.adopted,
+            "handoff_refused": dict(self.refused),
+            "handoff_pause_seconds": self.pause.snapshot(),
+            "handoff_pause_max_seconds": self.pause_max,
+        }
+
+    # -- the loop's step -----------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Run from serve_forever after each loop.run(): receive, adopt, send, collect acks."""
+        while self._inbox_requested:
+            sock = self._inbox_requested.pop(0)
+            sock.setblocking(False)
+            self._inboxes.append(sock)
+        for sock in list(self._inboxes):
+            self._receive(sock)
+        if self._out_requested is not None and self._srv._draining:
+            self._start_sending(self._out_requested)
+            self._out_requested = None
+        if self._out is not None:
+            if not self._exported_all:
+                self._send_exportable()
+            self._collect_acks()
+
+    def give_up(self) -> None:
+        """Drain deadline: stop waiting; batches still unacked are counted lost."""
+        if self._out_requested is not None:
+            self._out_requested.close()
+            self._out_requested = None
+        if self._out is not None:
+            self._finish_sending(lost=True)
+
+    def close(self) -> None:
+        self.give_up()
+        for sock in self._inboxes + self._inbox_requested:
+            sock.close()
+        self._inboxes.clear()
+        self._inbox_requested.clear()
+
+    # -- old side ------------------------------------------------------------------------------
+
+    def _start_sending(self, sock: socket.socket) -> None:
+        loop = self._srv._loop
+        if not hasattr(loop, "export_pair"):
+            log.warning("engine %s cannot hand flows over: %d flows drain instead",
+                        self._srv.engine_name, len(self._srv._flows))
+            sock.close()
+            return
+        sock.settimeout(SEND_TIMEOUT)
+        self._out = sock
+        self._send_exportable()
+
+    def _send_exportable(self) -> None:
+        """Export every established pair and send it, one batch at a time: the new worker
+        adopts the first batch while this one exports the next (the pause of a flow is not
+        the time to export them all)."""
+        srv = self._srv
+        batch: list[wire.FlowState] = []
+        connecting = 0
+        for cid, flow in list(srv._flows.items()):
+            try:
+                state = self._core.export_pair(cid)
+            except ValueError:
+                connecting += 1  # still connecting: retried on the next step
+                continue
+            except KeyError:
+                continue  # finished meanwhile: its EV_DONE is queued
+            del srv._flows[cid]
+            _forget(srv, flow)
+            f = wire.flow_state(
+                state, listener=flow.listener.name, client=flow.client, dest=flow.dest,
+                egress=flow.egress, egress_address=flow.egress_address, source=flow.source)
+            if batch and not wire.fits(batch, f):
+                self._send(batch)
+                batch = []
+            batch.append(f)
+        if batch:
+            self._send(batch)
+        self._exported_all = connecting == 0
+
+    def _send(self, batch: list[wire.FlowState]) -> None:
+        if self._out is None:
+            self._take_back(batch)
+            return
+        self._seq += 1
+        try:
+            wire.send_batch(self._out, self._seq, batch)
+        except OSError as exc:
+            log_every(log, "handoff send", 10.0, "handoff: cannot send %d flows (%s); "
+                      "they drain here", len(batch), exc)
+            self._take_back(batch)
+            self._finish_sending(lost=True)
+            return
+        self._unacked[self._seq] = len(batch)
+        self.pending_bytes += sum(f.pending_bytes for f in batch)
+        for f in batch:
+            wire.close_flow_fds(f)  # the adopting worker holds its own copies now
+
+    def _take_back(self, batch: list[wire.FlowState]) -> None:
+        """A batch that never left: import it into our own loop again; it drains here."""
+        from relay.serve.server import _Flow
+
+        srv = self._srv
+        by_name = {lst.name: lst for lst in srv._listeners}
+        for f in batch:
+            lst = by_name[f.listener]
+            cid = self._core.import_pair(wire.core_state(f), lst.tag)
+            _track(srv, cid, _Flow(lst, _tuple(f.client), f.source, _tuple(f.dest),
+                                   _tuple(f.egress), f.egress_address))
+            self.kept += 1
+
+    def _collect_acks(self) -> None:
+        sock = self._out
+        assert sock is not None
+        while self._unacked:
+            try:
+                msg = wire.recv_message(sock, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.warning("handoff: the adopting worker is gone (%s)", exc)
+                self._finish_sending(lost=True)
+                return
+            if msg is None:
+                log.warning("handoff: the adopting worker closed the socket with %d batches "
+                            "unacknowledged", len(self._unacked))
+                self._finish_sending(lost=True)
+                return
+            if isinstance(msg, wire.Ack):
+                self.handed_over += self._unacked.pop(msg.seq, 0)
+        if not self._unacked and self._exported_all:
+            self._finish_sending(lost=False)
+
+    def _finish_sending(self, lost: bool) -> None:
+        if lost and self._unacked:
+            n = sum(self._unacked.values())
+            self.lost += n
+            log.error("handoff: %d flows sent but never adopted: lost", n)
+        self._unacked.clear()
+        self._exported_all = True
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        log.info("handoff done: %d flows handed over, %d lost, %d kept here",
+                 self.handed_over, self.lost, self.kept)
+
+    # -- new side ------------------------------------------------------------------------------
+
+    def _receive(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                msg = wire.recv_message(sock, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except wire.HandoffError as exc:
+                log.error("handoff: %s", exc)
+                continue
+            except OSError as exc:
+                if exc.errno != errno.ECONNRESET:
+                    log.warning("handoff: receive failed: %s", exc)
+                msg = None
+            if msg is None:
+                sock.close()
+                self._inboxes.remove(sock)
+                return
+            if isinstance(msg, wire.Batch):
+                adopted = refused = 0
+                for flow in msg.flows:
+                    if self._adopt(flow):
+                        adopted += 1
+                    else:
+                        refused += 1
+                try:
+                    wire.send_ack(sock, msg.seq, adopted, refused)
+                except OSError:
+                    pass  # the old worker is gone already; the flows are ours anyway
+
+    def _adopt(self, f: wire.FlowState) -> bool:
+        from relay.serve.server import _Flow
+
+        srv = self._srv
+        lst = next((x for x in srv._listeners if x.name == f.listener), None)
+        why = "stopping" if srv._loop_closed else _refusal(lst, f)
+        cid = -1
+        if why is None:
+            assert lst is not None
+            try:
+                cid = self._core.import_pair(wire.core_state(f), lst.tag)
+            except (OSError, ValueError) as exc:
+                log_every(log, "handoff import", 10.0, "handoff: cannot adopt a flow: %s", exc)
+                why = "table_full"
+        if why is not None:
+            self._refuse(f, why)
+            return False
+        assert lst is not None
+        pause = max(0.0, (time.monotonic_ns() - f.export_ns) / 1e9)
+        self.pause.observe(pause)
+        self.pause_max = max(self.pause_max, pause)
+        self.adopted += 1
+        _track(srv, cid, _Flow(lst, _tuple(f.client), f.source, _tuple(f.dest),
+                               _tuple(f.egress), f.egress_address))
+        return True
+
+    def _refuse(self, f: wire.FlowState, why: str) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
+        for fd in (f.client_fd, f.upstream_fd):
+            reset_and_close(socket.socket(fileno=fd))
+        for h in f.halves:
+            if h.pipe_len:
+                for fd in (h.pipe_r, h.pipe_w):
+                    socket.close(fd)
+        srv = self._srv
+        srv._closed_by_reason["aborted"] += 1
+        if srv._flowlog is not None:
+            srv._flowlog.add((time.time(), f.listener, _tuple(f.client), _tuple(f.dest),
+                              _tuple(f.egress), f.halves[0].nbytes, f.halves[1].nbytes,
+                              f.halves[0].spliced + f.halves[1].spliced,
+                              f.halves[0].copied + f.halves[1].copied,
+                              max(0, (time.monotonic_ns() - f.start_ns) // 1000),
+                              "handoff_refused_" + why, 0, "tcp", -1, -1))
+
+
+def _refusal(lst: _Listener | None, f: wire.FlowState) -> str | None:
+    """Why this worker's configuration would not have relayed the flow, or None."""
+    if lst is None or lst.router is None:
+        return "listener_removed"
+    router = lst.router
+    dest = _tuple(f.dest)
+    if router.mode == "backend" or not isinstance(dest, tuple) or len(dest) < 2:
+        return None
+    ip, port = str(dest[0]), int(dest[1])
+    if router.policy.check(ip, port) is not None:
+        return "destination_denied"
+    if f.egress_address is not None:
+        egress = router.egress.lookup(ip)
+        local = _tuple(f.egress)
+        if (egress is None or egress.address != f.egress_address
+                or not isinstance(local, tuple) or local[1] not in egress):
+            return "egress_slice"
+    return None
+
+
+def _tuple(value: Any) -> Any:
+    """msgspec hands sequences back as lists; addresses are tuples everywhere else."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _track(srv: Server, cid: int, flow: _Flow) -> None:
+    """The server's bookkeeping of a new pair (as Server._on_accept does it)."""
+    srv._flows[cid] = flow
+    srv._open += 1
+    flow.listener.open += 1
+    if flow.source is not None:
+        srv._per_source[flow.source] = srv._per_source.get(flow.source, 0) + 1
+    if flow.egress_address is not None:
+        srv._egress_in_use[flow.egress_address] = (
+            srv._egress_in_use.get(flow.egress_address, 0) + 1)
+
+
+def _forget(srv: Server, flow: _Flow) -> None:
+    """The server's bookkeeping of a pair that left (as Server._on_done does it), no log."""
+    srv._open -= 1
+    flow.listener.open -= 1
+    if flow.source is not None:
+        left = srv._per_source.get(flow.source, 0) - 1
+        if left > 0:
+            srv._per_source[flow.source] = left
+        else:
+            srv._per_source.pop(flow.source, None)
+    if flow.egress_address is not None:
+        srv._egress_in_use[flow.egress_address] -= 1
