@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+from relay.config import files
 from relay.config.model import EgressSlice
 from relay.sock import IP_BIND_ADDRESS_NO_PORT, IP_LOCAL_PORT_RANGE
 
@@ -153,6 +154,18 @@ def check_egress(egress: Sequence[tuple[int, EgressSlice]]) -> Iterator[Problem]
                 )
 
 
-def check(user: str, group: str, egress: Sequence[tuple[int, EgressSlice]]) -> list[Problem]:
-    """All host problems of these settings and egress entries."""
-    return [*check_users(user, group), *check_egress(egress)]
+def check(
+    user: str,
+    group: str,
+    egress: Sequence[tuple[int, EgressSlice]],
+    admin_socket: str = "",
+    log_file: str = "",
+) -> list[Problem]:
+    """All host problems of these settings and egress entries (and of the admin socket and log
+    file paths, relay.config.files)."""
+    return [
+        *check_users(user, group),
+        *check_egress(egress),
+        *(Problem(*p) for p in files.check_admin_socket(admin_socket)),
+        *(Problem(*p) for p in files.check_log_file(log_file, user, group)),
+    ]

@@ -414,7 +414,9 @@ def from_dict(
     if check_host:
         user = relay.get("user", "") if relay is not None else ""
         group = relay.get("group", "") if relay is not None else ""
-        for path, value, reason in host.check(user, group, egress):
+        admin = relay.get("admin_socket", "") if relay is not None else ""
+        log_file = relay.get("log_file", "") if relay is not None else ""
+        for path, value, reason in host.check(user, group, egress, admin, log_file):
             problems.add(path, value, reason)
 
     if problems.lines or relay is None or policy is None:
@@ -488,7 +490,8 @@ def validate_host(cfg: Config, source: str = "<config>") -> list[str]:
     """The host checks (relay.config.host) of an already validated config, as problem lines."""
     problems = _Problems(source, {})
     for path, value, reason in host.check(
-        cfg.relay.user, cfg.relay.group, list(enumerate(cfg.egress))
+        cfg.relay.user, cfg.relay.group, list(enumerate(cfg.egress)), cfg.relay.admin_socket,
+        cfg.relay.log_file,
     ):
         problems.add(path, value, reason)
     return problems.lines

@@ -301,6 +301,8 @@ class Supervisor:
                 handler()
         self._reap()
         self._check_workers()
+        if self.admin is not None:
+            self.admin.expire_idle()
         if not self.stopping:
             self.accept_watch.check(s for g in self.generations if g.state == "serving"
                                     for s in g.sockets.values())
@@ -856,10 +858,12 @@ class Supervisor:
 
 def _give_log_file(cfg: Config, target: privs.Target | None) -> None:
     """Let unprivileged workers reopen the log file on SIGUSR1 (they cannot open root's file)."""
+    from relay.ops import log as relay_log
+
     path = cfg.relay.log_file
     if path and target is not None and target.uid != 0:
         try:
-            os.chown(path, target.uid, target.gid)
+            relay_log.give_to(target.uid, target.gid)  # fchown of the open file, not the path
         except OSError as exc:
             log.warning("log file %s: cannot hand it to user %s: %s", path, target.user, exc)
 
