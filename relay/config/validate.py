@@ -286,7 +286,8 @@ def _validate_policy(v: dict[str, Any], p: _Problems) -> PolicyRules | None:
     }
     if len(p.lines) != ok:
         return None
-    return PolicyRules(allow_rules=rules["allow"], deny_rules=rules["deny"])
+    return PolicyRules(allow_rules=rules["allow"], deny_rules=rules["deny"],
+                       allow_private=bool(v.get("allow_private", False)))
 
 
 def _validate_listener_set(

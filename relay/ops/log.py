@@ -131,7 +131,7 @@ class _ReopenableFileHandler(logging.FileHandler):
     worker user (fchown), never a path that could have been swapped meanwhile.
     """
 
-    def _open(self):  # type: ignore[no-untyped-def]  # logging.FileHandler's signature
+    def _open(self) -> Any:  # logging.FileHandler returns its stream
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(self.baseFilename, flags, 0o640)
