@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -74,6 +75,14 @@ class _Problems:
 
 
 _MISSING = object()
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key_text(key: Any) -> str:
+    """A key as TOML would write it in a dotted path: bare when it can be, else quoted (a key
+    like ":" or "a.b" must not make the key path ambiguous)."""
+    key = str(key)
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
 
 
 def _show(value: Any) -> str:
@@ -83,7 +92,7 @@ def _show(value: Any) -> str:
 
 def _show_full(value: Any) -> str:
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_key_text(k)} = {_show(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -109,7 +118,7 @@ def _convert_fields(
         if field is None:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.add(f"{path}.{key}", value, f"unknown key{hint}")
+            problems.add(f"{path}.{_key_text(key)}", value, f"unknown key{hint}")
             continue
         try:
             values[key] = msgspec.convert(value, type=field.type)
