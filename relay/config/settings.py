@@ -148,6 +148,11 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         LogLevel, Meta(description="lowest level logged: debug, info, warning, error, critical")
     ] = "info"
     flow_log: Annotated[bool, Meta(description="log one line per finished connection")] = True
+    egress_notrack: Annotated[
+        bool,
+        Meta(description="relay nft: NOTRACK the soft-unicast egress flows, so conntrack (and "
+             "any NAT rule) never touches their 4-tuples"),
+    ] = False
     admin_socket: Annotated[
         str,
         Meta(

@@ -317,6 +317,10 @@ def format_stats(snap: dict[str, Any]) -> str:
         + (f", client->origin {_human_bytes(t['bytes_c2s'])}" if "bytes_c2s" in t else "")
         + (f", origin->client {_human_bytes(t['bytes_s2c'])}" if "bytes_s2c" in t else "")
     )
+    if "guard_dropped_packets" in snap:
+        dropped = snap["guard_dropped_packets"]
+        lines.append("slice guard: " + ("not installed (relay nft --apply)" if dropped is None
+                                        else f"dropped {dropped} packets"))
     lines.append(
         f"pipes: in use {t.get('pipes_in_use', 0)}, free {t.get('pipes_free', 0)}; "
         f"accept pauses {t.get('accept_paused', 0)}"

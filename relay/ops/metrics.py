@@ -166,6 +166,12 @@ class RelayCollector(Collector):
                                   "Connections refused: no free egress slice port",
                                   value=t.get("denied", {}).get("slice_exhausted", 0))
         yield gauge("relay_maxconn", "Connection limit over all live workers", t.get("maxconn", 0))
+        if snap.get("guard_dropped_packets") is not None:
+            yield CounterMetricFamily(
+                "relay_guard_dropped_packets",
+                "Packets from a soft-unicast egress address with a source port outside this "
+                "host's slice, dropped by the nft output guard (relay nft)",
+                value=snap["guard_dropped_packets"])
 
         moved = CounterMetricFamily("relay_bytes", "Bytes relayed, by method",
                                     labels=["method"])

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Collection, Iterable, Sequence
 
 from relay.config.model import Config
+from relay.ops import nftguard
 
 __all__ = [
     "FWMARK", "ROUTE_TABLE", "RULE_PRIORITY", "TABLE", "Plan", "PlumbingError", "apply",
@@ -175,6 +176,8 @@ def render(
             f"IPv{version} destination is delivered to it"
         )
 
+    guard_lines, guard_notes = nftguard.render_chains(cfg, own)
+    notes.extend(guard_notes)
     body = [
         f"table inet {TABLE} {{",
         "    chain prerouting {",
@@ -184,6 +187,7 @@ def render(
         f"        meta l4proto tcp socket transparent 1 meta mark set {FWMARK} accept",
         *intercept,
         "    }",
+        *guard_lines,
         "}",
     ]
     # Declaring the table first makes `delete` succeed when it does not exist yet, so the whole

@@ -42,6 +42,7 @@ from typing import Any
 import msgspec
 
 from relay.config.model import Config, Listener
+from relay.ops import nftguard
 from relay.process import privs, systemd
 from relay.process.heartbeat import Heartbeat
 from relay.process.worker import BootFailed, Serving, StatsReport, decode, run_worker
@@ -223,6 +224,7 @@ class Supervisor:
         self.exit_code = EXIT_OK
         self.fatal_error = ""
         self.accept_watch = AcceptQueueWatch()
+        self.guard = nftguard.GuardCounter(enabled=True)  # relay nft's slice guard, if installed
         self.admin: Any = None
         self.metrics: Any = None
         self._wakeup_r = -1
@@ -852,6 +854,8 @@ class Supervisor:
             "retired": self.metrics.retired_totals() if self.metrics is not None else {},
             "restarts": self.metrics.restarts if self.metrics is not None else 0,
             "accept_queue_kicks": self.accept_watch.kicks,
+            # Only with egress: None = relay nft's guard is not installed in this namespace.
+            **({"guard_dropped_packets": self.guard.get()} if self.cfg.egress else {}),
             "reloads": dict(self.metrics.reloads) if self.metrics is not None else {},
         }
 
