@@ -46,8 +46,14 @@ def extensions() -> list[Extension]:
         include_dirs=["relay_ext/includes"],
         extra_compile_args=["-O2", "-Wno-unused-function", "-Wno-unused-variable"],
     )
+    # Connection counters shared by the workers of a generation (mmap + robust pthread mutex).
+    limits = Extension(
+        "relay_ext._limits",
+        sources=["relay_ext/_limits.pyx"],
+        extra_compile_args=["-O2", "-Wno-unused-function", "-Wno-unused-variable"],
+    )
     return cythonize(
-        [ext, udp],
+        [ext, udp, limits],
         language_level=3,
         compiler_directives={
             "boundscheck": False,

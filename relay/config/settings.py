@@ -65,13 +65,18 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         Meta(
             ge=1,
             le=10_000_000,
-            description="connections open at once, all workers together "
-            "(each worker gets maxconn / workers, rounded up)",
+            description="connections open at once, all workers together (exact: the workers "
+            "share their counters)",
         ),
     ] = 10000
     maxconn_per_source: Annotated[
         int, Meta(ge=0, description="connections open at once per client address; 0 = unlimited")
     ] = 0
+    ipv6_source_prefix: Annotated[
+        int,
+        Meta(ge=1, le=128, description="maxconn_per_source counts IPv6 clients per prefix of "
+             "this length (one client usually owns a whole /64)"),
+    ] = 64
     connect_timeout: Annotated[
         float,
         Meta(

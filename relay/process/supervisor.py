@@ -46,6 +46,7 @@ from relay.ops import nftguard
 from relay.process import privs, systemd
 from relay.process.heartbeat import Heartbeat
 from relay.process.worker import BootFailed, Serving, StatsReport, decode, run_worker
+from relay.serve import limits as serve_limits
 from relay.sock import arm_reset
 
 __all__ = ["Supervisor", "run"]
@@ -203,6 +204,7 @@ class Generation:
     boot_failures: dict[int, int] = dataclasses.field(default_factory=dict)
     restart_at: dict[int, float] = dataclasses.field(default_factory=dict)
     replies: list[ReplyFn] = dataclasses.field(default_factory=list)
+    limits: Any = None  # relay_ext._limits.SharedLimits of its workers (None: not built)
 
 
 class Supervisor:
@@ -424,7 +426,8 @@ class Supervisor:
         log.log(logging.INFO if nofile.ok else logging.WARNING, "budget: %s", text)
         _give_log_file(cfg, target)
         gen = Generation(self.next_generation, cfg, sockets, size, target,
-                         privs.needed_capabilities(cfg), text)
+                         privs.needed_capabilities(cfg), text,
+                         limits=serve_limits.create(cfg.relay, size))
         self.next_generation += 1
         self.generations.append(gen)
         return gen
@@ -461,6 +464,7 @@ class Supervisor:
                     (gen.target, gen.capabilities),
                     lambda: self._close_in_child(gen),
                     supervisor_pid,
+                    (gen.limits, slot) if gen.limits is not None else None,
                 )
             finally:
                 os._exit(code)
@@ -546,6 +550,10 @@ class Supervisor:
         worker.channel.close()
         worker.heartbeat.close()
         self.metrics.retire(worker.stats)
+        if gen.limits is not None:
+            # Its connections died with it: free their share of the limits before the slot
+            # serves again.
+            gen.limits.clear_slot(worker.slot)
         how = describe_status(status)
         if worker.hung:
             how += " (hung: no heartbeat)"

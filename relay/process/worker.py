@@ -155,6 +155,7 @@ def _import_while_privileged() -> None:
     import relay.engines.aio  # noqa: F401
     import relay.ops.log  # noqa: F401
     import relay.serve.server  # noqa: F401
+    import relay.serve.slicecheck  # noqa: F401
 
     try:
         import relay_ext._core  # noqa: F401  (importing creates no ring; Server does, later)
@@ -170,9 +171,11 @@ def run_worker(
     privileges: tuple[Any, frozenset[int]],
     close_parent: Callable[[], None],
     supervisor_pid: int,
+    limits: tuple[Any, int] | None = None,
 ) -> int:
     """Body of a forked worker; returns its exit code (the caller must os._exit with it).
 
+    `limits`: the generation's shared connection counters and this worker's slot.
     `close_parent` closes the supervisor's own objects inherited by the fork (admin sockets,
     other workers' channels and heartbeats, listeners this generation does not use): closing the
     Python objects, not raw fd numbers, so nothing can close a reused descriptor later.
@@ -197,7 +200,7 @@ def run_worker(
         privs.set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != supervisor_pid:
             raise RuntimeError(f"supervisor {supervisor_pid} died while this worker started")
-        srv = Server(cfg, engine=cfg.relay.engine, sockets=sockets)
+        srv = Server(cfg, engine=cfg.relay.engine, sockets=sockets, limits=limits)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         log.error("worker %d failed to boot: %s", pid, error)

@@ -9,8 +9,10 @@
 On EV_ACCEPT the listener's router opens the upstream (backend / original destination through
 the policy and the egress slice, optional PROXY v2 prefix) and the pair goes to the loop with
 ``connecting=True``; on EV_DONE the flow is logged and counted. Limits are enforced here: the
-global maxconn and the per-source maxconn of this worker (the configured numbers divided by the
-worker count, rounded up); a connection over a limit is reset at once and counted.
+global maxconn and the per-source maxconn, exact over the workers of a generation through the
+counters they share (relay.serve.limits; an embedded Server without them enforces the configured
+numbers divided by the worker count, rounded up); a connection over a limit is reset at once and
+counted.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from relay.engines.constants import (
 )
 from relay.ops.log import log_every
 from relay.serve.flowlog import log_flow
+from relay.serve.limits import REJECT_REASONS, source_key
 from relay.serve.routing import Denied, Router
 from relay.sock import UNIX_PREFIX, open_listener, reset_and_close
 
@@ -75,7 +78,7 @@ class _Listener:
 class _Flow:
     listener: _Listener
     client: Any
-    source: str | None  # key of the per-source limit, None when not limited
+    source: bytes | None  # key of the per-source limit (relay.serve.limits), None when not limited
     dest: tuple
     egress: tuple | None
     egress_address: str | None
@@ -115,20 +118,29 @@ class Server:
     """
 
     def __init__(self, cfg: Config, engine: str | None = None,
-                 sockets: dict[str, socket.socket] | None = None) -> None:
+                 sockets: dict[str, socket.socket] | None = None,
+                 limits: tuple[Any, int] | None = None) -> None:
+        """``limits``: (relay_ext._limits.SharedLimits, this worker's slot) when the workers of a
+        generation share their counters (relay.process.worker)."""
         self.cfg = cfg
         self._id = next(_server_ids)
         settings = cfg.relay
         workers = settings.resolved_workers
         self._maxconn: int = settings.maxconn_per_worker(workers)
         per_source = int(settings.maxconn_per_source)
-        self._maxconn_per_source = -(-per_source // workers) if per_source else 0
+        self._shared: Any = limits[0] if limits is not None else None
+        self._slot: int = limits[1] if limits is not None else 0
+        self._source_prefix = int(settings.ipv6_source_prefix)
+        if self._shared is not None:
+            self._maxconn_per_source = per_source  # exact over all workers
+        else:
+            self._maxconn_per_source = -(-per_source // workers) if per_source else 0
         self._flow_log = bool(settings.flow_log)
         self._drain_timeout = float(settings.drain_timeout)
 
         self._listeners: list[_Listener] = []
         self._flows: dict[int, _Flow] = {}
-        self._per_source: dict[str, int] = {}
+        self._per_source: dict[bytes, int] = {}
         self._egress_in_use: dict[str, int] = {}
         self._closed_by_reason: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._denied: dict[str, int] = {}
@@ -161,7 +173,13 @@ class Server:
             for lst, lcfg in zip(self._listeners, cfg.listener, strict=True):
                 lst.router = Router(lcfg, cfg, own)
             name = engine or settings.engine
-            self._loop, self.engine_reason = engines.create(name, **settings.loop_options(workers))
+            options = settings.loop_options(workers)
+            if self._shared is not None:
+                # The kernel may give one worker more than its share: admission is counted
+                # over all workers, so each table can hold them all (calloc: untouched
+                # entries cost address space only).
+                options["max_conns"] = settings.maxconn
+            self._loop, self.engine_reason = engines.create(name, **options)
             self.engine_name: str = self._loop.backend
             for lst in self._listeners:
                 self._loop.add_listener(lst.sock.fileno(), lst.tag)
@@ -342,15 +360,34 @@ class Server:
         except OSError:
             client.close()  # reset before we got to it: nothing to relay, nobody to tell
             return
+        source = None
+        if self._maxconn_per_source and client.family != socket.AF_UNIX:
+            source = source_key(peer[0], self._source_prefix)
+        shared = self._shared
+        if shared is not None:
+            verdict = shared.acquire(self._slot, source)
+            if verdict:
+                self._reject(client, lst, REJECT_REASONS.get(verdict, "maxconn"), peer)
+                return
+            relayed = False
+            try:
+                relayed = self._relay(client, lst, peer, source)
+            finally:
+                if not relayed:
+                    shared.release(self._slot, source)
+            return
         if self._open >= self._maxconn:
             self._reject(client, lst, "maxconn", peer)
             return
-        source = None
-        if self._maxconn_per_source and client.family != socket.AF_UNIX:
-            source = peer[0]
-            if self._per_source.get(source, 0) >= self._maxconn_per_source:
-                self._reject(client, lst, "maxconn_per_source", peer)
-                return
+        if source is not None and self._per_source.get(source, 0) >= self._maxconn_per_source:
+            self._reject(client, lst, "maxconn_per_source", peer)
+            return
+        self._relay(client, lst, peer, source)
+
+    def _relay(self, client: socket.socket, lst: _Listener, peer: Any,
+               source: bytes | None) -> bool:
+        """Open the upstream and hand the pair to the loop; False when the client was refused
+        (reset) instead."""
         router = lst.router
         assert router is not None
         try:
@@ -361,7 +398,7 @@ class Server:
             dest = _local_address(client) if router.mode == "tproxy" else None
             reset_and_close(client)
             self._log_unrelayed(lst, peer, dest, "denied_" + exc.reason, 0)
-            return
+            return False
         except OSError as exc:
             err = exc.errno or 0
             reason = REASONS[connect_failure_reason(err)]
@@ -375,10 +412,10 @@ class Server:
                           "until resources are back", lst.name, _strerror(err),
                           listener=lst.name, errno=err)
             self._log_unrelayed(lst, peer, None, reason, err)
-            return
+            return False
         client_fd = client.detach()
         try:
-            cid = self._loop.add_pair(client_fd, up.fd, tag, up.connecting, up.prefix)
+            cid = self._loop.add_pair(client_fd, up.fd, lst.tag, up.connecting, up.prefix)
         except (OSError, ValueError) as exc:
             # The pair was refused (table full...): the fds are still ours.
             reset_and_close(socket.socket(fileno=client_fd))
@@ -386,23 +423,25 @@ class Server:
             log_every(log, "add_pair failed", _LIMIT_LOG_INTERVAL_S,
                       "listener %s: engine refused a pair: %s; client reset", lst.name, exc)
             self._closed_by_reason["error"] += 1
-            return
+            return False
         self._flows[cid] = _Flow(lst, peer, source, up.dest, up.egress, up.egress_address)
         self._open += 1
         lst.open += 1
         lst.total += 1
-        if source is not None:
+        if source is not None and self._shared is None:
             self._per_source[source] = self._per_source.get(source, 0) + 1
         if up.egress_address is not None:
             self._egress_in_use[up.egress_address] = (
                 self._egress_in_use.get(up.egress_address, 0) + 1)
+        return True
 
     def _reject(self, client: socket.socket, lst: _Listener, limit: str, peer: Any) -> None:
         self._rejected[limit] += 1
         reset_and_close(client)
         log_every(log, f"rejected {limit}", _LIMIT_LOG_INTERVAL_S,
                   "listener %s: %s reached (%d); client %s reset", lst.name, limit,
-                  self._maxconn if limit == "maxconn" else self._maxconn_per_source, peer)
+                  (self.cfg.relay.maxconn if self._shared is not None else self._maxconn)
+                  if limit == "maxconn" else self._maxconn_per_source, peer)
 
     def _log_unrelayed(self, lst: _Listener, peer: Any, dest: tuple | None, reason: str,
                        err: int) -> None:
@@ -420,7 +459,9 @@ class Server:
             return
         self._open -= 1
         flow.listener.open -= 1
-        if flow.source is not None:
+        if self._shared is not None:
+            self._shared.release(self._slot, flow.source)
+        elif flow.source is not None:
             left = self._per_source[flow.source] - 1
             if left:
                 self._per_source[flow.source] = left
@@ -499,6 +540,8 @@ class Server:
         for _cid, flow in list(self._flows.items()):
             self._closed_by_reason["aborted"] += 1
             flow.listener.open -= 1
+            if self._shared is not None:
+                self._shared.release(self._slot, flow.source)
         self._flows.clear()
         self._per_source.clear()
         self._open = 0
