@@ -41,6 +41,7 @@ from typing import Any
 
 import msgspec
 
+from relay.config import files
 from relay.config.model import Config, Listener
 from relay.ops import nftguard
 from relay.process import privs, systemd
@@ -332,7 +333,11 @@ class Supervisor:
     def handle_usr1(self) -> None:
         from relay.ops import log as relay_log
 
-        relay_log.reopen()
+        try:
+            relay_log.reopen()
+        except OSError as exc:  # e.g. the file was replaced by a symbolic link (O_NOFOLLOW)
+            log.error("SIGUSR1: cannot reopen the log file, keeping the old one: %s", exc)
+            return
         for gen in self.generations:
             _give_log_file(gen.cfg, gen.target)
         self._signal_workers(signal.SIGUSR1, list(self.workers.values()))
@@ -874,6 +879,12 @@ def _give_log_file(cfg: Config, target: privs.Target | None) -> None:
 
     path = cfg.relay.log_file
     if path and target is not None and target.uid != 0:
+        # Checked again on every hand-over (start, SIGUSR1): the directory may have changed.
+        unsafe = [p.reason for p in files.check_log_file(path, cfg.relay.user, cfg.relay.group)]
+        if unsafe:
+            log.error("log file %s: not handed to user %s: %s", path, target.user,
+                      "; ".join(unsafe))
+            return
         try:
             relay_log.give_to(target.uid, target.gid)  # fchown of the open file, not the path
         except OSError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -177,3 +178,37 @@ def test_idle_admin_clients_are_timed_out_and_capped(origins: Any, relays: Any) 
     finally:
         for c in idle:
             c.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigusr1_reopen_neither_follows_a_link_nor_hands_over_in_a_writable_directory(
+        tmp_path: Path, origins: Any, relays: Any, worker_user: pwd.struct_passwd) -> None:
+    os.chmod(tmp_path, 0o755)
+    logdir = tmp_path / "logs"
+    logdir.mkdir(mode=0o755)
+    log_file = logdir / "relay.log"
+    secret = tmp_path / "secret"
+    secret.write_text("root only\n")
+    os.chmod(secret, 0o600)
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, settings={
+        "user": USER, "log_file": str(log_file)}))
+    rp.wait_ready()
+    assert os.stat(log_file).st_uid == worker_user.pw_uid
+    # logrotate moved the file; someone planted a link to root's file in its place.
+    os.rename(log_file, logdir / "relay.log.1")
+    os.symlink(secret, log_file)
+    rp.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    assert rp.proc.poll() is None, "the supervisor died on SIGUSR1"
+    st = os.stat(secret)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+    assert "is a symbolic link" in (logdir / "relay.log.1").read_text()
+    # The directory became writable by the worker user: a new file is not handed over.
+    os.unlink(log_file)
+    os.chown(logdir, worker_user.pw_uid, worker_user.pw_gid)
+    rp.send_signal(signal.SIGUSR1)
+    assert wait_for(lambda: log_file.exists() and "not handed to user" in log_file.read_text(),
+                    5, "the refusal in the new log file")
+    assert os.stat(log_file).st_uid == 0
+    assert echo_roundtrip(rp.address())
