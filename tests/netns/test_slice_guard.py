@@ -40,7 +40,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
     config = relay_config(
         engine="epoll", tproxy_port=7000, egress=[(Lab.egress4, f"{SLICE[0]}-{SLICE[1]}")],
         allow=["198.51.100.0/24"], admin_socket=str(Path(work) / "admin.sock"),
-        settings={"connect_timeout": 1.0, "log_format": "json", "flow_log": True})
+        settings={"connect_timeout": 1.0, "log_format": "json", "flow_log": True,
+                  "metrics_listen": "127.0.0.1:0"})
     counters = syn_counters([(Lab.egress4, *SLICE)])
     with running_lab(str(work), config, [DEST], counters) as lab_env:
         yield lab_env
@@ -120,6 +121,15 @@ def test_the_guard_drops_and_counts_a_packet_from_outside_the_slice(env: LabEnv)
                     "guard_dropped_packets in relay stats")
     assert seen
     assert "slice guard: dropped" in env.relay.admin("stats")
+    host, _, port = env.relay.stats()["admin"]["metrics"].rpartition(":")
+    with topo.connect(lab.relay, (host, int(port))) as http:
+        http.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = b""
+        while chunk := http.recv(65536):
+            body += chunk
+    line = [x for x in body.decode().splitlines()
+            if x.startswith("relay_guard_dropped_packets_total ")]
+    assert line and float(line[0].split()[1]) >= 3, line
 
 
 def _doctor_egress_nat(env: LabEnv) -> dict[str, str]:
