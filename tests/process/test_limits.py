@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -206,3 +207,67 @@ def test_fd_and_pipe_budgets_are_reported(origins: Any, relays: Any) -> None:
     assert f"pipes: {per_worker_pipes} pipes of" in budget, budget
     text = rp.stderr()
     assert "budget: fds:" in text
+
+
+def _serving_pids(rp: Any) -> list[int]:
+    return [w["pid"] for w in rp.workers()]
+
+
+def _open_count(rp: Any) -> int:
+    return sum(w["stats"].get("flows_open", 0) for w in rp.workers())
+
+
+@pytest.mark.timeout(90)
+def test_limits_are_exact_across_two_workers(origins: Any, relays: Any) -> None:
+    """Issue 12 item 9: with 2 workers each used to enforce limit / 2. One worker stopped, the
+    other must admit the whole per-source limit; the limits then hold over both."""
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2,
+                                         engine="epoll", settings={"heartbeat_timeout": 60.0},
+                                         extra_relay="maxconn = 150\nmaxconn_per_source = 100"))
+    addr = rp.wait_ready()["main"]
+    a, b = wait_for(lambda: _serving_pids(rp) if len(_serving_pids(rp)) == 2 else None, 10,
+                    "two serving workers")
+    held: list[socket.socket] = []
+    os.kill(b, signal.SIGSTOP)  # every connection goes to worker a
+    try:
+        held += [_open_relayed(addr, "127.0.0.1") for _ in range(100)]
+        assert _is_refused_at_once(addr, "127.0.0.1"), "101st connection from one source"
+    finally:
+        os.kill(b, signal.SIGCONT)
+    for _ in range(10):  # both workers accept now: still none from 127.0.0.1
+        assert _is_refused_at_once(addr, "127.0.0.1")
+    held += [_open_relayed(addr, "127.0.0.2") for _ in range(50)]  # 150 = maxconn
+    refused = [_is_refused_at_once(addr, "127.0.0.3") for _ in range(10)]
+    assert all(refused), refused
+    wait_for(lambda: _rejected(rp, "maxconn_per_source") >= 11, 5, "per-source rejections")
+    wait_for(lambda: _rejected(rp, "maxconn") >= 10, 5, "maxconn rejections")
+    assert _open_count(rp) == 150
+    held.pop(0).close()  # one from 127.0.0.1 leaves: exactly one more fits, from anyone
+    wait_for(lambda: _open_count(rp) == 149, 5, "one slot free")
+    held.append(_open_relayed(addr, "127.0.0.3"))
+    assert _is_refused_at_once(addr, "127.0.0.3")
+    for s in held:
+        s.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_workers_connections_leave_the_shared_count(origins: Any, relays: Any) -> None:
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2,
+                                         engine="epoll", extra_relay="maxconn_per_source = 4"))
+    addr = rp.wait_ready()["main"]
+    a, b = wait_for(lambda: _serving_pids(rp) if len(_serving_pids(rp)) == 2 else None, 10,
+                    "two serving workers")
+    os.kill(b, signal.SIGSTOP)
+    held = [_open_relayed(addr) for _ in range(4)]  # all on worker a
+    os.kill(b, signal.SIGCONT)
+    assert _is_refused_at_once(addr)
+    os.kill(a, signal.SIGKILL)  # its four connections die with it
+    for s in held:
+        s.close()
+    wait_for(lambda: a not in _serving_pids(rp) and len(_serving_pids(rp)) == 2, 20,
+             "worker a replaced")
+    again = [_open_relayed(addr) for _ in range(4)]  # the dead worker's share was freed
+    for s in again:
+        s.close()
