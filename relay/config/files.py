@@ -5,9 +5,9 @@ that into someone else's file:
 - ``relay.admin_socket``: an existing file that is not a socket is never unlinked (a refused
   probe connect used to be taken as "stale socket" for any file).
 - ``relay.log_file``: opened with O_NOFOLLOW and handed to the worker user by fchown() of the
-  open descriptor (relay.ops.log); a symbolic link, something that is not a regular file, or a
-  directory the worker user can write to (where it could swap the file for a link or a hard link
-  between two of root's checks) is refused.
+  open descriptor (relay.ops.log); a symbolic link, something that is neither a regular file nor
+  a FIFO (a log pipe, relay.serve.flowlog), or a directory the worker user can write to (where
+  it could swap the file for a link or a hard link between two of root's checks) is refused.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def check_log_file(path: str, user: str, group: str) -> Iterator[_Problem]:
     except OSError as exc:
         yield _Problem("relay.log_file", path, f"cannot inspect: {exc.strerror}")
         return
-    if mode is not None and not stat.S_ISREG(mode):
-        yield _Problem("relay.log_file", path,
-                       f"is {_kind(mode)}, not a regular file; refusing to open it as root")
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        yield _Problem("relay.log_file", path, f"is {_kind(mode)}, not a regular file (nor a "
+                       "FIFO); refusing to open it as root")
         return
     ids = _user_ids(user, group)
     if ids is None:

@@ -128,7 +128,7 @@ class _ReopenableFileHandler(logging.FileHandler):
     """A FileHandler in append mode whose file can be reopened in place (log rotation).
 
     Root opens it: O_NOFOLLOW refuses a symbolic link planted in place of the file (ELOOP), and
-    anything but a regular file is refused too; ``give_to`` hands the *open descriptor* to the
+    anything but a regular file or a FIFO (a log pipe) is refused too; ``give_to`` hands the *open descriptor* to the
     worker user (fchown), never a path that could have been swapped meanwhile.
     """
 
@@ -141,9 +141,11 @@ class _ReopenableFileHandler(logging.FileHandler):
                 raise OSError(exc.errno, f"log file {self.baseFilename}: is a symbolic link; "
                                          "refusing to follow it") from None
             raise OSError(exc.errno, f"log file {self.baseFilename}: {exc.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # a FIFO: a log pipe
             os.close(fd)
-            raise OSError(errno.EINVAL, f"log file {self.baseFilename}: not a regular file")
+            raise OSError(errno.EINVAL, f"log file {self.baseFilename}: not a regular file "
+                                        "nor a FIFO")
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def give_to(self, uid: int, gid: int) -> None:
