@@ -128,8 +128,14 @@ def extensions() -> list[Extension]:
         include_dirs=["relay_ext/includes"],
         extra_compile_args=EXTRA_COMPILE_ARGS,
     )
+    # Connection counters shared by the workers of a generation (mmap + robust pthread mutex).
+    limits = Extension(
+        "relay_ext._limits",
+        sources=["relay_ext/_limits.pyx"],
+        extra_compile_args=EXTRA_COMPILE_ARGS,
+    )
     return cythonize(
-        [ext, udp],
+        [ext, udp, limits],
         language_level=3,
         compiler_directives={
             "boundscheck": False,

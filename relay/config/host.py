@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+from relay.config import files
 from relay.config.model import EgressSlice, Listener
 from relay.config.values import IPAddress
 from relay.sock import IP_BIND_ADDRESS_NO_PORT, IP_LOCAL_PORT_RANGE
@@ -84,11 +85,17 @@ def check_users(user: str, group: str) -> Iterator[Problem]:
             yield Problem("relay.group", group, "no such group on this host")
 
 
-def check_log_file(path: str) -> Iterator[Problem]:
-    """``relay.log_file`` must be a file relay can append to: its directory exists, and the
-    file (or, when it does not exist yet, the directory) is writable. Nothing is created."""
+def check_log_file(path: str, user: str = "", group: str = "") -> Iterator[Problem]:
+    """``relay.log_file`` must be safe for root to open (relay.config.files: no link, no special
+    file, no directory the worker user can write) and a file relay can append to: its directory
+    exists, and the file (or, when it does not exist yet, the directory) is writable. Nothing is
+    created."""
     if not path or "\0" in path:
         return
+    unsafe = [Problem(*p) for p in files.check_log_file(path, user, group)]
+    if unsafe:
+        yield from unsafe
+        return  # never open what is not safe to open
     key = "relay.log_file"
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -251,6 +258,18 @@ def check_egress(egress: Sequence[tuple[int, EgressSlice]]) -> Iterator[Problem]
                 )
 
 
-def check(user: str, group: str, egress: Sequence[tuple[int, EgressSlice]]) -> list[Problem]:
-    """All host problems of these settings and egress entries."""
-    return [*check_users(user, group), *check_egress(egress)]
+def check(
+    user: str,
+    group: str,
+    egress: Sequence[tuple[int, EgressSlice]],
+    admin_socket: str = "",
+    log_file: str = "",
+) -> list[Problem]:
+    """All host problems of these settings and egress entries (and of the admin socket and log
+    file paths, relay.config.files)."""
+    return [
+        *check_users(user, group),
+        *check_egress(egress),
+        *(Problem(*p) for p in files.check_admin_socket(admin_socket)),
+        *check_log_file(log_file, user, group),
+    ]

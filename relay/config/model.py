@@ -127,12 +127,15 @@ class PolicyRules:
 
     allow_rules: tuple[PolicyRule, ...] = dataclasses.field(default_factory=_default_allow)
     deny_rules: tuple[PolicyRule, ...] = ()
+    allow_private: bool = False  # RFC 1918, CGNAT and ULA destinations without an explicit rule
 
     @classmethod
-    def from_text(cls, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> PolicyRules:
+    def from_text(cls, allow: Iterable[str] = (), deny: Iterable[str] = (),
+                  allow_private: bool = False) -> PolicyRules:
         """Rules from their text (as in the file); ValueError names a bad one."""
         return cls(
-            tuple(parse_policy_rule(t) for t in allow), tuple(parse_policy_rule(t) for t in deny)
+            tuple(parse_policy_rule(t) for t in allow), tuple(parse_policy_rule(t) for t in deny),
+            allow_private,
         )
 
     @property

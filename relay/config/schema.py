@@ -104,6 +104,12 @@ class PolicyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
         Meta(description='"CIDR" or "CIDR:80,443,8000-8999" entries that may be reached'),
     ] = msgspec.field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
     deny: Annotated[list[str], Meta(description="entries never reached (checked first)")] = []
+    allow_private: Annotated[
+        bool,
+        Meta(description="also reach private ranges (10/8, 172.16/12, 192.168/16, 100.64/10, "
+             "fc00::/7) through a broad allow rule; without it only an allow rule inside such a "
+             "range reaches it"),
+    ] = False
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

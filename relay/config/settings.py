@@ -66,8 +66,8 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         Meta(
             ge=1,
             le=10_000_000,
-            description="connections open at once, all workers together "
-            "(each worker gets maxconn / workers, rounded up)",
+            description="connections open at once, all workers together (exact: the workers "
+            "share their counters)",
         ),
     ] = 10000
     maxconn_per_source: Annotated[
@@ -78,6 +78,11 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             description="connections open at once per client address; 0 = unlimited",
         ),
     ] = 0
+    ipv6_source_prefix: Annotated[
+        int,
+        Meta(ge=1, le=128, description="maxconn_per_source counts IPv6 clients per prefix of "
+             "this length (one client usually owns a whole /64)"),
+    ] = 64
     connect_timeout: Annotated[
         float,
         Meta(
@@ -198,6 +203,11 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         Meta(gt=0, le=60, description="seconds between flow log writes (sooner once 256 "
              "records wait)"),
     ] = 0.2
+    egress_notrack: Annotated[
+        bool,
+        Meta(description="relay nft: NOTRACK the soft-unicast egress flows, so conntrack (and "
+             "any NAT rule) never touches their 4-tuples"),
+    ] = False
     admin_socket: Annotated[
         str,
         Meta(

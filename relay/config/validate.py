@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -74,6 +75,14 @@ class _Problems:
 
 
 _MISSING = object()
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key_text(key: Any) -> str:
+    """A key as TOML would write it in a dotted path: bare when it can be, else quoted (a key
+    like ":" or "a.b" must not make the key path ambiguous)."""
+    key = str(key)
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
 
 
 def _show(value: Any) -> str:
@@ -83,7 +92,7 @@ def _show(value: Any) -> str:
 
 def _show_full(value: Any) -> str:
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_key_text(k)} = {_show(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -109,7 +118,7 @@ def _convert_fields(
         if field is None:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.add(f"{path}.{key}", value, f"unknown key{hint}")
+            problems.add(f"{path}.{_key_text(key)}", value, f"unknown key{hint}")
             continue
         try:
             values[key] = msgspec.convert(value, type=field.type)
@@ -335,7 +344,8 @@ def _validate_policy(v: dict[str, Any], p: _Problems) -> PolicyRules | None:
     }
     if len(p.lines) != ok:
         return None
-    return PolicyRules(allow_rules=rules["allow"], deny_rules=rules["deny"])
+    return PolicyRules(allow_rules=rules["allow"], deny_rules=rules["deny"],
+                       allow_private=bool(v.get("allow_private", False)))
 
 
 def _validate_listener_set(
@@ -480,11 +490,10 @@ def from_dict(
     if check_host:
         user = relay.get("user", "") if relay is not None else ""
         group = relay.get("group", "") if relay is not None else ""
-        for path, value, reason in host.check(user, group, egress):
+        admin = relay.get("admin_socket", "") if relay is not None else ""
+        log_file = relay.get("log_file", "") if relay is not None else ""
+        for path, value, reason in host.check(user, group, egress, admin, log_file):
             problems.add(path, value, reason)
-        if relay is not None:
-            for path, value, reason in host.check_log_file(relay.get("log_file", "")):
-                problems.add(path, value, reason)
         resolved = [(i, lst) for i, lst in indexed if lst is not None]
         for path, value, reason in host.check_backends(resolved):
             problems.add(path, value, reason)
@@ -563,7 +572,8 @@ def validate_host(cfg: Config, source: str = "<config>") -> list[str]:
     """The host checks (relay.config.host) of an already validated config, as problem lines."""
     problems = _Problems(source, {})
     for path, value, reason in host.check(
-        cfg.relay.user, cfg.relay.group, list(enumerate(cfg.egress))
+        cfg.relay.user, cfg.relay.group, list(enumerate(cfg.egress)), cfg.relay.admin_socket,
+        cfg.relay.log_file,
     ):
         problems.add(path, value, reason)
     return problems.lines

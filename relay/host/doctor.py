@@ -599,6 +599,27 @@ class Doctor:
 
     # ------------------------------------------------------------------ engines, config
 
+    def check_egress_nat(self) -> Check:
+        """NAT rules or conntrack entries touching the egress addresses (relay.host.natscan)."""
+        from relay.host import natscan
+
+        addresses = sorted({e.address for e in self.cfg.egress})
+        if not addresses:
+            return Check(name="egress_nat", status="PASS", detail="no egress address configured")
+        problems = [f"NAT rule touching {who}: {rule[:160]}"
+                    for who, rule in natscan.nat_rules(addresses)]
+        problems += [f"{n} conntrack entries with {address}"
+                     for address, n in natscan.conntrack_entries(addresses).items()]
+        if not problems:
+            return Check(name="egress_nat", status="PASS",
+                         detail=f"no NAT rule or conntrack entry touches {', '.join(addresses)}")
+        return Check(
+            name="egress_nat", status="WARN", detail="; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
+            fix="exempt the egress addresses from NAT (NAT rewrites the source ports the slices "
+                "keep apart), and set relay.egress_notrack = true then relay nft --apply",
+        )
+
     def check_engines(self) -> Check:
         try:
             from relay.engines import available
@@ -660,6 +681,7 @@ class Doctor:
             self.check_udp_reuseport,
             self.check_udp_tproxy,
             self.check_udp_buffers,
+            self.check_egress_nat,
             self.check_engines,
         ]
         if self.config_path is not None:
@@ -685,6 +707,7 @@ CHECK_NAMES: tuple[str, ...] = (
     "udp_reuseport",
     "udp_tproxy",
     "udp_buffers",
+    "egress_nat",
     "engines",
 )
 

@@ -186,7 +186,11 @@ class Origin:
             if self._closing:
                 conn.close()
                 return
-            seen = Seen(_address(conn.getpeername()), _address(conn.getsockname()))
+            try:
+                seen = Seen(_address(conn.getpeername()), _address(conn.getsockname()))
+            except OSError:  # reset while it waited in the accept queue: nothing to serve
+                conn.close()
+                continue
             t = threading.Thread(target=self._serve, args=(conn, seen), daemon=True)
             with self._lock:
                 self.results.append(seen)

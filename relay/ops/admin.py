@@ -4,6 +4,7 @@ Unix socket (`relay.admin_socket`, mode 0600): one request line per connection, 
 the supervisor closes. Requests: `stats` (text), `stats json`, `reload` (answers once the new
 generation serves or the reload failed; the first word of the answer is `ok` or `error`),
 `sessions {filter}` / `kill {filter}` (JSON answers, see relay.ops.sessions).
+A client has CLIENT_TIMEOUT seconds to send its line; at most MAX_CLIENTS are served at once.
 
 HTTP (`relay.metrics_listen`, relay.ops.http: non-blocking, a 2 s deadline per request, at most
 8 at once): `GET /metrics` in the Prometheus text format (a custom collector over the workers'
@@ -18,10 +19,12 @@ in the supervisor when it forks a worker.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import selectors
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +42,7 @@ MAX_REQUEST = 1024
 # and the content type every Prometheus version (2.x included) parses.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_TIMEOUT = 5.0  # seconds an admin client may take to send its request / read the answer
+MAX_CLIENTS = 16  # admin clients served at once; more are answered "error busy" and closed
 RELOAD_TIMEOUT = 120.0  # `relay reload` waits this long for the new generation to serve
 
 Snapshot = Callable[[], dict[str, Any]]
@@ -65,6 +69,8 @@ class AdminServer:
         self._http: HTTPServer | None = None
         self._clients: dict[socket.socket, bytearray] = {}
         self._turned = time.monotonic()  # the supervisor loop's last turn (tick)
+        # Clients still sending their request line -> monotonic deadline (expire_idle).
+        self._deadlines: dict[socket.socket, float] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RelayCollector(snapshot, aggregator))
         self.registry.register(ProcessCollector(registry=None))  # process_*: the supervisor
@@ -128,7 +134,8 @@ class AdminServer:
             self._unix.close()
             self._unix = None
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._unix_path)
+                if stat.S_ISSOCK(os.lstat(self._unix_path).st_mode):
+                    os.unlink(self._unix_path)
         if self._http is not None:
             self._http.close()
             self._http = None
@@ -151,7 +158,13 @@ class AdminServer:
         except (BlockingIOError, InterruptedError):
             return
         conn.setblocking(False)
+        if len(self._clients) >= MAX_CLIENTS:
+            with contextlib.suppress(OSError):
+                conn.send(b"error busy: too many admin clients, try again\n")
+            conn.close()
+            return
         self._clients[conn] = bytearray()
+        self._deadlines[conn] = time.monotonic() + CLIENT_TIMEOUT
         self._selector.register(conn, selectors.EVENT_READ, lambda: self._read_client(conn))
 
     def _read_client(self, conn: socket.socket) -> None:
@@ -169,6 +182,7 @@ class AdminServer:
             return
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn)
+        self._deadlines.pop(conn, None)  # a reload answer may take longer than CLIENT_TIMEOUT
         line = bytes(buf).split(b"\n", 1)[0].decode("utf-8", "replace").strip()
         self._dispatch(conn, line)
 
@@ -198,8 +212,18 @@ class AdminServer:
             conn.sendall(text.encode())
         self._drop(conn)
 
+    def expire_idle(self, now: float | None = None) -> int:
+        """Close the clients that did not send their request line in time (call once per
+        supervisor tick); returns how many were closed."""
+        now = time.monotonic() if now is None else now
+        late = [conn for conn, deadline in self._deadlines.items() if deadline <= now]
+        for conn in late:
+            self._drop(conn)
+        return len(late)
+
     def _drop(self, conn: socket.socket) -> None:
         self._clients.pop(conn, None)
+        self._deadlines.pop(conn, None)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn)
         conn.close()
@@ -210,6 +234,10 @@ def _bind_unix(path: str) -> socket.socket:
     try:
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
+            # Never unlink what is not a socket (a config pointing at a regular file would
+            # otherwise delete it: connect() is refused for any non-socket file too).
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OSError(errno.EEXIST, "exists and is not a socket; refusing to replace it")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)
@@ -282,6 +310,10 @@ def format_stats(snap: dict[str, Any]) -> str:
         + (f", client->origin {_human_bytes(t['bytes_c2s'])}" if "bytes_c2s" in t else "")
         + (f", origin->client {_human_bytes(t['bytes_s2c'])}" if "bytes_s2c" in t else "")
     )
+    if "guard_dropped_packets" in snap:
+        dropped = snap["guard_dropped_packets"]
+        lines.append("slice guard: " + ("not installed (relay nft --apply)" if dropped is None
+                                        else f"dropped {dropped} packets"))
     lines.append(
         f"pipes: in use {t.get('pipes_in_use', 0)}, free {t.get('pipes_free', 0)}; "
         f"accept pauses {t.get('accept_paused', 0)}"

@@ -12,8 +12,11 @@ escaping.  ``reopen()`` reopens the log file (SIGUSR1, after logrotate moved it)
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -31,6 +34,7 @@ __all__ = [
     "escape",
     "flow_destination",
     "flush",
+    "give_to",
     "log_every",
     "reopen",
     "reset_logging",
@@ -121,7 +125,45 @@ class _EscapingJsonFormatter(JsonFormatter):
 
 
 class _ReopenableFileHandler(logging.FileHandler):
-    """A FileHandler in append mode whose file can be reopened in place (log rotation)."""
+    """A FileHandler in append mode whose file can be reopened in place (log rotation).
+
+    Root opens it: O_NOFOLLOW refuses a symbolic link planted in place of the file (ELOOP), and
+    anything but a regular file or a FIFO (a log pipe) is refused too; ``give_to`` hands the *open descriptor* to the
+    worker user (fchown), never a path that could have been swapped meanwhile.
+    """
+
+    def _open(self) -> Any:  # logging.FileHandler returns its stream
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.baseFilename, flags, 0o640)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(exc.errno, f"log file {self.baseFilename}: is a symbolic link; "
+                                         "refusing to follow it") from None
+            raise OSError(exc.errno, f"log file {self.baseFilename}: {exc.strerror}") from None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # a FIFO: a log pipe
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"log file {self.baseFilename}: not a regular file "
+                                        "nor a FIFO")
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def give_to(self, uid: int, gid: int) -> None:
+        """fchown the open log file (so a worker user can reopen it on SIGUSR1); a file with
+        several hard links is left alone (one of them could be a file of root's)."""
+        self.acquire()
+        try:
+            stream = self.stream
+            if stream is None:
+                return
+            fd = stream.fileno()
+            st = os.fstat(fd)
+            if st.st_nlink != 1:
+                raise OSError(errno.EPERM, f"log file {self.baseFilename}: has {st.st_nlink} "
+                                           "hard links; not handing it to the worker user")
+            os.fchown(fd, uid, gid)
+        finally:
+            self.release()
 
     def reopen(self) -> None:
         self.acquire()
@@ -193,6 +235,16 @@ def _level_number(level: str | int) -> int:
             f"log level {level!r}: expected one of debug, info, warning, error, critical"
         )
     return number
+
+
+def give_to(uid: int, gid: int) -> bool:
+    """fchown the open log file to ``uid``/``gid``; False when logging to stderr. Raises OSError
+    with the path when the file cannot be handed over."""
+    handler = _handler
+    if isinstance(handler, _ReopenableFileHandler):
+        handler.give_to(uid, gid)
+        return True
+    return False
 
 
 def reopen() -> bool:

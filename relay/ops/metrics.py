@@ -168,6 +168,12 @@ class RelayCollector(Collector):
         yield counter("relay_flowlog_dropped",
                       "Flow log records dropped: the log destination did not keep up",
                       "flowlog_dropped")
+        if snap.get("guard_dropped_packets") is not None:
+            yield CounterMetricFamily(
+                "relay_guard_dropped_packets",
+                "Packets from a soft-unicast egress address with a source port outside this "
+                "host's slice, dropped by the nft output guard (relay nft)",
+                value=snap["guard_dropped_packets"])
 
         moved = CounterMetricFamily("relay_bytes", "Bytes relayed, by method",
                                     labels=["method"])

@@ -34,6 +34,7 @@ import sys
 from collections.abc import Collection, Iterable, Sequence
 
 from relay.config.model import Config
+from relay.ops import nftguard
 
 __all__ = [
     "FWMARK", "ROUTE_TABLE", "RULE_PRIORITY", "TABLE", "Plan", "PlumbingError", "apply",
@@ -196,6 +197,8 @@ def render(
             "udp: datagrams for a flow's transparent sockets (replies to the soft-unicast "
             "source port, the client's later datagrams to its reply socket) are delivered to them"
         )
+    guard_lines, guard_notes = nftguard.render_chains(cfg, own)
+    notes.extend(guard_notes)
     body = [
         f"table inet {TABLE} {{",
         "    chain prerouting {",
@@ -203,6 +206,7 @@ def render(
         *own_sockets,
         *intercept,
         "    }",
+        *guard_lines,
         "}",
     ]
     # Declaring the table first makes `delete` succeed when it does not exist yet, so the whole

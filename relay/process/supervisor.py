@@ -48,7 +48,9 @@ from typing import Any
 
 import msgspec
 
+from relay.config import files
 from relay.config.model import Config, Listener
+from relay.ops import nftguard
 from relay.process import privs, systemd
 from relay.process.heartbeat import Heartbeat
 from relay.process.oom import OomCounter
@@ -65,6 +67,7 @@ from relay.process.worker import (
     encode_command,
     run_worker,
 )
+from relay.serve import limits as serve_limits
 
 __all__ = ["Supervisor", "run"]
 
@@ -165,6 +168,7 @@ class Generation:
         out = dict(self.sockets)
         out.update({name: group[slot] for name, group in self.udp_sockets.items()})
         return out
+    limits: Any = None  # relay_ext._limits.SharedLimits of its workers (None: not built)
 
 
 class Supervisor:
@@ -187,6 +191,7 @@ class Supervisor:
         self.stopping: str | None = None  # None | "drain" | "fast"
         self.exit_code = EXIT_OK
         self.fatal_error = ""
+        self.guard = nftguard.GuardCounter(enabled=True)  # relay nft's slice guard, if installed
         self.admin: Any = None
         self.upgrade: Any = None  # relay.process.upgrade.Upgrade while `relay upgrade` runs
         self.inherited: Any = None  # relay.process.upgrade.Inherited: started by an upgrade
@@ -277,6 +282,7 @@ class Supervisor:
         self.sessions.check()
         if self.admin is not None:
             self.admin.tick()
+            self.admin.expire_idle()
 
     # ------------------------------------------------------------------ signal handlers
 
@@ -299,7 +305,11 @@ class Supervisor:
     def handle_usr1(self) -> None:
         from relay.ops import log as relay_log
 
-        relay_log.reopen()
+        try:
+            relay_log.reopen()
+        except OSError as exc:  # e.g. the file was replaced by a symbolic link (O_NOFOLLOW)
+            log.error("SIGUSR1: cannot reopen the log file, keeping the old one: %s", exc)
+            return
         for gen in self.generations:
             _give_log_file(gen.cfg, gen.target)
         self._signal_workers(signal.SIGUSR1, list(self.workers.values()))
@@ -491,7 +501,8 @@ class Supervisor:
         _give_log_file(cfg, target)
         gen = Generation(self.next_generation, cfg, sockets, size, target,
                          privs.needed_capabilities(cfg), text,
-                         udp_sockets=dict(udp_sockets or {}))
+                         udp_sockets=dict(udp_sockets or {}),
+                         limits=serve_limits.create(cfg.relay, size))
         self.next_generation += 1
         self.generations.append(gen)
         return gen
@@ -529,6 +540,7 @@ class Supervisor:
                     lambda: self._close_in_child(gen, slot),
                     supervisor_pid,
                     (slot, gen.size),
+                    (gen.limits, slot) if gen.limits is not None else None,
                 )
             finally:
                 os._exit(code)
@@ -668,6 +680,10 @@ class Supervisor:
         worker.heartbeat.close()
         self.metrics.retire(worker.stats)
         worker.udp = "released"  # its sockets died with it
+        if gen.limits is not None:
+            # Its connections died with it: free their share of the limits before the slot
+            # serves again.
+            gen.limits.clear_slot(worker.slot)
         how = describe_status(status)
         if (self.oom.moved() and os.WIFSIGNALED(status)
                 and os.WTERMSIG(status) == signal.SIGKILL):
@@ -1007,6 +1023,8 @@ class Supervisor:
             "workers": workers,
             "retired": self.metrics.retired_totals() if self.metrics is not None else {},
             "restarts": self.metrics.restarts if self.metrics is not None else 0,
+            # Only with egress: None = relay nft's guard is not installed in this namespace.
+            **({"guard_dropped_packets": self.guard.get()} if self.cfg.egress else {}),
             "reloads": dict(self.metrics.reloads) if self.metrics is not None else {},
         }
 
@@ -1024,10 +1042,18 @@ def _socket_options(sock: socket.socket) -> tuple[bool, bool]:
 
 def _give_log_file(cfg: Config, target: privs.Target | None) -> None:
     """Let unprivileged workers reopen the log file on SIGUSR1 (they cannot open root's file)."""
+    from relay.ops import log as relay_log
+
     path = cfg.relay.log_file
     if path and target is not None and target.uid != 0:
+        # Checked again on every hand-over (start, SIGUSR1): the directory may have changed.
+        unsafe = [p.reason for p in files.check_log_file(path, cfg.relay.user, cfg.relay.group)]
+        if unsafe:
+            log.error("log file %s: not handed to user %s: %s", path, target.user,
+                      "; ".join(unsafe))
+            return
         try:
-            os.chown(path, target.uid, target.gid)
+            relay_log.give_to(target.uid, target.gid)  # fchown of the open file, not the path
         except OSError as exc:
             log.warning("log file %s: cannot hand it to user %s: %s", path, target.user, exc)
 

@@ -232,6 +232,7 @@ def _import_while_privileged() -> None:
     import relay.engines.aio  # noqa: F401
     import relay.ops.log  # noqa: F401
     import relay.serve.server  # noqa: F401
+    import relay.serve.slicecheck  # noqa: F401
     import relay.serve.udp  # noqa: F401
 
     try:
@@ -250,6 +251,7 @@ def run_worker(
     close_parent: Callable[[], None],
     supervisor_pid: int,
     slot: tuple[int, int] = (0, 1),
+    limits: tuple[Any, int] | None = None,
 ) -> int:
     """Body of a forked worker; returns its exit code (the caller must os._exit with it).
 
@@ -258,6 +260,7 @@ def run_worker(
     Python objects, not raw fd numbers, so nothing can close a reused descriptor later.
     `slot`: (this worker's slot, workers in its generation): its share of the egress slices
     for UDP flows. UDP starts and stops on the supervisor's commands (docs/udp.md).
+    `limits`: the generation's shared connection counters and this worker's slot.
     """
     _reset_signals()
     close_parent()
@@ -281,7 +284,8 @@ def run_worker(
             raise RuntimeError(f"supervisor {supervisor_pid} died while this worker started")
         srv = Server(cfg, engine=cfg.relay.engine, sockets=sockets, udp_slot=slot,
                      udp_supervised=True,
-                     udp_on_released=lambda: _send(channel, UdpReleased(os.getpid())))
+                     udp_on_released=lambda: _send(channel, UdpReleased(os.getpid())),
+                     limits=limits)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         log.error("worker %d failed to boot: %s", pid, error)

@@ -1,13 +1,19 @@
 """Destination policy: where the relay may connect to in tproxy/redirect mode.
 
 Order of checks (first hit wins, the reason is returned):
-  1. never-allowed ranges, whatever the lists say: "loopback", "link_local" (incl. cloud metadata
-     addresses), "unspecified" (0.0.0.0/8 and ::; Linux connects 0.0.0.0 to this host),
+  1. never-allowed ranges, whatever the lists say: "loopback", "link_local" (incl. AWS/GCP's
+     169.254.169.254 and fd00:ec2::254), "metadata" (Azure's 168.63.129.16, Alibaba's
+     100.100.100.200), "unspecified" (0.0.0.0/8 and ::; Linux connects 0.0.0.0 to this host),
      "multicast", "broadcast";
   2. the relay's own listen/egress addresses: "own_address" (a connection to them loops back);
   3. a `deny` rule matches: "denied_by_rule";
-  4. no `allow` rule matches: "not_allowed" (an empty allow list allows nothing: fail closed).
-IPv4-mapped IPv6 destinations (::ffff:a.b.c.d) are checked as the IPv4 address they reach.
+  4. a private range (RFC 1918, CGNAT 100.64.0.0/10, ULA fc00::/7): "private", unless
+     ``[policy] allow_private = true`` or the matching `allow` rule lies inside that range (an
+     explicit "10.1.0.0/16" allows 10.1.x.x; the default "0.0.0.0/0" does not);
+  5. no `allow` rule matches: "not_allowed" (an empty allow list allows nothing: fail closed).
+IPv4-mapped IPv6 destinations (::ffff:a.b.c.d) are checked as the IPv4 address they reach; the
+NAT64 (64:ff9b::/96) and 6to4 (2002::/16) forms of an IPv4 address also meet steps 1 and 4 as
+that IPv4 address (a NAT64 gateway or 6to4 relay would deliver them there).
 
 Rules arrive parsed (relay.config.model.PolicyRules; the grammar, "CIDR" or "CIDR:PORTS" with
 PORTS like "80,443,8000-8999", IPv6 with ports as "[2001:db8::/32]:443", is relay.config.values').
@@ -35,6 +41,8 @@ REASONS = (
     "own_address",
     "not_allowed",
     "denied_by_rule",
+    "metadata",
+    "private",
 )
 
 PortRanges = tuple[tuple[int, int], ...] | None  # None: every port
@@ -51,7 +59,16 @@ _BUILTIN: tuple[tuple[str, str], ...] = (
     ("224.0.0.0/4", "multicast"),
     ("ff00::/8", "multicast"),
     ("255.255.255.255/32", "broadcast"),
+    ("168.63.129.16/32", "metadata"),  # Azure wireserver / IMDS relay
+    ("100.100.100.200/32", "metadata"),  # Alibaba Cloud metadata
 )
+_PRIVATE: tuple[str, ...] = (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7",
+)
+_NAT64_PREFIX = 0x0064FF9B << 96  # 64:ff9b::/96, the well-known NAT64 prefix (RFC 6052)
+_NAT64_MASK = ((1 << 128) - 1) ^ 0xFFFFFFFF
+_6TO4_PREFIX = 0x2002  # 2002::/16: the IPv4 address is bits 16..47 (RFC 3056)
+
 
 _MAPPED_PREFIX = 0xFFFF << 32  # ::ffff:0:0/96
 _MAPPED_MASK = ((1 << 96) - 1) << 32
@@ -112,6 +129,17 @@ def _to_int(ip: str) -> tuple[int, int]:
     return 6, value
 
 
+def _embedded_ipv4(version: int, value: int) -> int | None:
+    """The IPv4 address inside a NAT64 (64:ff9b::/96) or 6to4 (2002::/16) address, else None."""
+    if version != 6:
+        return None
+    if value & _NAT64_MASK == _NAT64_PREFIX:
+        return value & 0xFFFFFFFF
+    if value >> 112 == _6TO4_PREFIX:
+        return (value >> 80) & 0xFFFFFFFF
+    return None
+
+
 class Policy:
     """Destination filter for one relay. `rules`: the config's [policy], or None (allow
     everything not built-in denied); `own_addresses` are the relay's listen and egress IPs
@@ -122,6 +150,10 @@ class Policy:
         for cidr, reason in _BUILTIN:
             net = ipaddress.ip_network(cidr)
             self._builtin.add(net.version, int(net.network_address), net.prefixlen, reason)
+        self._private = _Table()
+        for cidr in _PRIVATE:
+            net = ipaddress.ip_network(cidr)
+            self._private.add(net.version, int(net.network_address), net.prefixlen, net.prefixlen)
         self._own: set[tuple[int, int]] = set()
         for ip in own_addresses:
             version, value = _to_int(ip)
@@ -130,12 +162,15 @@ class Policy:
         if rules is None:
             rules = PolicyRules()  # the config default: allow 0.0.0.0/0 and ::/0
         allow, deny = rules.allow_rules, rules.deny_rules
+        self._allow_private = rules.allow_private
         self._allow = _Table()
         self._deny = _Table()
-        for table, entries in ((self._allow, allow), (self._deny, deny)):
-            for rule in entries:
-                version, value, prefixlen, ports = _rule_tuple(rule)
-                table.add(version, value, prefixlen, ports)
+        for rule in deny:
+            version, value, prefixlen, ports = _rule_tuple(rule)
+            self._deny.add(version, value, prefixlen, ports)
+        for rule in allow:
+            version, value, prefixlen, ports = _rule_tuple(rule)
+            self._allow.add(version, value, prefixlen, (ports, prefixlen))
 
     def check(self, ip: str, port: int) -> str | None:
         """None if (ip, port) may be relayed to, else the denial reason (see module doc)."""
@@ -143,17 +178,27 @@ class Policy:
             version, value = _to_int(ip)
         except (OSError, ValueError):
             return "unspecified"
+        embedded = _embedded_ipv4(version, value)
         for reason in self._builtin.matches(version, value):
             return str(reason)
+        if embedded is not None:
+            for reason in self._builtin.matches(4, embedded):
+                return str(reason)
         if (version, value) in self._own:
             return "own_address"
         for ports in self._deny.matches(version, value):
             if _ports_match(ports, port):
                 return "denied_by_rule"
-        for ports in self._allow.matches(version, value):
+        private = 0  # prefix length of the private range the destination is in (0: none)
+        if not self._allow_private:
+            for plen in self._private.matches(version, value):
+                private = int(plen)
+            if embedded is not None and not private and any(self._private.matches(4, embedded)):
+                private = 129  # no IPv6 allow rule lies inside an IPv4 private range
+        for ports, prefixlen in self._allow.matches(version, value):
             if _ports_match(ports, port):
-                return None
-        return "not_allowed"
+                return "private" if prefixlen < private else None
+        return "private" if private else "not_allowed"
 
     def is_own(self, ip: str) -> bool:
         """True when `ip` (mapped forms folded) is one of the relay's own addresses."""

@@ -38,7 +38,7 @@ class Waiting:
     tag: int
     client: socket.socket
     peer: Any
-    source: str | None
+    source: bytes | None
     reader: HeaderReader = field(default_factory=HeaderReader)
     deadline: float = 0.0
     wid: int = -1

@@ -47,7 +47,7 @@ from typing import Any
 
 from relay.config.model import Config, Listener
 from relay.ops.log import log_every
-from relay.serve import proxyproto
+from relay.serve import proxyproto, slicecheck
 from relay.serve.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
 from relay.serve.policy import REASONS as POLICY_REASONS
 from relay.serve.policy import NetworkSet, Policy
@@ -63,6 +63,7 @@ REASONS = (
     "loop",  # the client is this relay's own egress (address and slice port): a routing loop
     "slice_exhausted",  # no free port in the slice for this destination (EADDRNOTAVAIL)
     "slice_violation",  # the kernel picked a local address/port outside the slice
+    "slice_unusable",  # the slice no longer fits ip_local_port_range / reserved ports
     "no_original_destination",  # redirect mode: conntrack knows no pre-NAT destination
     "proxy_header_invalid",  # trusted source sent a malformed or truncated PROXY v2 header
     "proxy_header_timeout",  # trusted source sent no complete header in time
@@ -297,6 +298,16 @@ class Router:
                 raise Denied("loop", f"client {peer[0]}:{peer[1]} is this relay's egress")
         prefix = self._prefix(client, peer, info, (ip, port))
         egress = self.egress.lookup(ip)
+        if egress is not None:
+            unusable = slicecheck.WATCH.problem(egress.lo, egress.hi)
+            if unusable is not None:
+                log_every(
+                    log, f"slice_unusable {egress.address}", _LOG_INTERVAL,
+                    "egress %s ports %d-%d unusable: %s (the kernel would ignore the slice); "
+                    "clients reset before connect()", egress.address, egress.lo, egress.hi,
+                    unusable,
+                )
+                raise Denied("slice_unusable", f"egress {egress.address}: {unusable}")
         sock = socket.socket(_family(ip), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             if egress is not None:

@@ -12,9 +12,11 @@ On EV_ACCEPT the listener's router opens the upstream (backend / original destin
 the policy and the egress slice, optional PROXY v2 prefix) and the pair goes to the loop with
 ``connecting=True``; on EV_DONE the flow is logged and counted. A trusted proxy's client whose
 PROXY v2 header has not fully arrived is parked in the loop (relay.serve.proxywait), never
-waited for. Limits are enforced here: the
-global maxconn and the per-source maxconn of this worker (the configured numbers divided by the
-worker count, rounded up); a connection over a limit is reset at once and counted.
+waited for. Limits are enforced here: the global maxconn and the per-source maxconn, exact over
+the workers of a generation through the counters they share (relay.serve.limits; an embedded
+Server without them enforces the configured numbers divided by the worker count, rounded up); a
+connection over a limit is reset at once and counted. An admitted client that is not relayed
+(denied, upstream error, header timeout, stopping) gives its count back at once.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from relay.engines.constants import (
 from relay.ops.log import log_every
 from relay.ops.sessions import Session, SessionFilter, address_matcher
 from relay.serve.flowlog import FlowLog, format_addr
+from relay.serve.limits import VERDICT_REASONS, source_key
 from relay.serve.proxyproto import ProxyInfo
 from relay.serve.proxywait import HeaderWaits, Waiting
 from relay.serve.routing import Denied, Router
@@ -97,7 +100,7 @@ class _Listener:
 class _Flow:
     listener: _Listener
     client: Any
-    source: str | None  # key of the per-source limit, None when not limited
+    source: bytes | None  # key of the per-source limit (relay.serve.limits), None when not limited
     dest: tuple
     egress: tuple | None
     egress_address: str | None
@@ -140,18 +143,26 @@ class Server:
     def __init__(self, cfg: Config, engine: str | None = None,
                  sockets: dict[str, socket.socket] | None = None, *,
                  udp_slot: tuple[int, int] = (0, 1), udp_supervised: bool = False,
-                 udp_on_released: Any = None) -> None:
+                 udp_on_released: Any = None, limits: tuple[Any, int] | None = None) -> None:
         """``udp_slot``: (worker slot, workers) whose share of each egress slice UDP flows use
         (docs/udp.md); ``udp_supervised``: UDP starts on ``start_udp()`` and ends on
         ``release_udp()`` or at the end of ``serve_forever`` (the supervisor sequences it across
-        generations), else it starts with ``serve_forever`` and ends on any stop request."""
+        generations), else it starts with ``serve_forever`` and ends on any stop request.
+        ``limits``: (relay_ext._limits.SharedLimits, this worker's slot) when the workers of a
+        generation share their counters (relay.process.worker)."""
         self.cfg = cfg
         self._id = next(_server_ids)
         settings = cfg.relay
         workers = settings.resolved_workers
         self._maxconn: int = settings.maxconn_per_worker(workers)
         per_source = int(settings.maxconn_per_source)
-        self._maxconn_per_source = -(-per_source // workers) if per_source else 0
+        self._shared: Any = limits[0] if limits is not None else None
+        self._slot: int = limits[1] if limits is not None else 0
+        self._source_prefix = int(settings.ipv6_source_prefix)
+        if self._shared is not None:
+            self._maxconn_per_source = per_source  # exact over all workers
+        else:
+            self._maxconn_per_source = -(-per_source // workers) if per_source else 0
         self._flowlog: FlowLog | None = (
             FlowLog(capacity=int(settings.flow_log_buffer),
                     interval=float(settings.flow_log_flush)) if settings.flow_log else None)
@@ -159,7 +170,7 @@ class Server:
 
         self._listeners: list[_Listener] = []
         self._flows: dict[int, _Flow] = {}
-        self._per_source: dict[str, int] = {}
+        self._per_source: dict[bytes, int] = {}
         self._egress_in_use: dict[str, int] = {}
         self._closed_by_reason: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._denied: dict[str, int] = {}
@@ -215,7 +226,13 @@ class Server:
                     slot=udp_slot[0], nworkers=udp_slot[1], flow_log=self._flowlog,
                     on_released=udp_on_released)
             name = engine or settings.engine
-            self._loop, self.engine_reason = engines.create(name, **settings.loop_options(workers))
+            options = settings.loop_options(workers)
+            if self._shared is not None:
+                # The kernel may give one worker more than its share: admission is counted
+                # over all workers, so each table can hold them all (calloc: untouched
+                # entries cost address space only).
+                options["max_conns"] = settings.maxconn
+            self._loop, self.engine_reason = engines.create(name, **options)
             self.engine_name: str = self._loop.backend
             for lst in self._listeners:
                 self._loop.add_listener(lst.sock.fileno(), lst.tag)
@@ -503,13 +520,21 @@ class Server:
         except OSError:
             client.close()  # reset before we got to it: nothing to relay, nobody to tell
             return
-        if self._open + len(self._header_waits) >= self._maxconn:
-            self._reject(client, lst, "maxconn", peer)
-            return
         source = None
         if self._maxconn_per_source and client.family != socket.AF_UNIX:
-            source = peer[0]
-            if self._per_source.get(source, 0) >= self._maxconn_per_source:
+            source = source_key(peer[0], self._source_prefix)
+        if self._shared is not None:
+            # Admitted here, counted until _on_done, or until _release on any path where the
+            # client is not relayed after all.
+            verdict = self._shared.acquire(self._slot, source)
+            if verdict:
+                self._reject(client, lst, VERDICT_REASONS.get(verdict, "maxconn"), peer)
+                return
+        else:
+            if self._open + len(self._header_waits) >= self._maxconn:
+                self._reject(client, lst, "maxconn", peer)
+                return
+            if source is not None and self._per_source.get(source, 0) >= self._maxconn_per_source:
                 self._reject(client, lst, "maxconn_per_source", peer)
                 return
         router = lst.router
@@ -541,15 +566,18 @@ class Server:
 
     def _header_failed(self, waiting: Waiting, exc: Denied | OSError) -> None:
         if isinstance(exc, Denied):
-            self._deny(waiting.listener, waiting.client, waiting.peer, exc)
+            self._deny(waiting.listener, waiting.client, waiting.peer, waiting.source, exc)
             return
         # The client reset (or broke) its connection before its header was complete.
+        self._release(waiting.source)
         self._closed_by_reason["reset_client"] += 1
         reset_and_close(waiting.client)
         self._log_unrelayed(waiting.listener, waiting.peer, None, "reset_client",
                             exc.errno or 0)
 
-    def _deny(self, lst: _Listener, client: socket.socket, peer: Any, exc: Denied) -> None:
+    def _deny(self, lst: _Listener, client: socket.socket, peer: Any, source: bytes | None,
+              exc: Denied) -> None:
+        self._release(source)
         self._denied[exc.reason] = self._denied.get(exc.reason, 0) + 1
         # In tproxy mode the local address is where the client was going: log it.
         router = lst.router
@@ -558,7 +586,7 @@ class Server:
         self._log_unrelayed(lst, peer, dest, "denied_" + exc.reason, 0)
 
     def _relay(self, lst: _Listener, tag: int, client: socket.socket, peer: Any,
-               source: str | None, header: ProxyInfo | None) -> None:
+               source: bytes | None, header: ProxyInfo | None) -> None:
         """Open the upstream (the client's header, if any, already read) and hand the pair to
         the loop."""
         router = lst.router
@@ -566,9 +594,10 @@ class Server:
         try:
             up = router.open_upstream(client, peer, header, header_read=True)
         except Denied as exc:
-            self._deny(lst, client, peer, exc)
+            self._deny(lst, client, peer, source, exc)
             return
         except OSError as exc:
+            self._release(source)
             err = exc.errno or 0
             reason = REASONS[connect_failure_reason(err)]
             self._closed_by_reason[reason] += 1
@@ -587,6 +616,7 @@ class Server:
             cid = self._loop.add_pair(client_fd, up.fd, tag, up.connecting, up.prefix)
         except (OSError, ValueError) as exc:
             # The pair was refused (table full...): the fds are still ours.
+            self._release(source)
             reset_and_close(socket.socket(fileno=client_fd))
             reset_and_close(socket.socket(fileno=up.fd))
             log_every(log, "add_pair failed", _LIMIT_LOG_INTERVAL_S,
@@ -598,7 +628,7 @@ class Server:
         self._open += 1
         lst.open += 1
         lst.total += 1
-        if source is not None:
+        if source is not None and self._shared is None:
             self._per_source[source] = self._per_source.get(source, 0) + 1
         if up.egress_address is not None:
             self._egress_in_use[up.egress_address] = (
@@ -611,9 +641,15 @@ class Server:
         reset_and_close(client)
         log_every(log, f"rejected {limit}", _LIMIT_LOG_INTERVAL_S,
                   "listener %s: %s reached (%d); client %s reset", lst.name, limit,
-                  self._maxconn if limit == "maxconn" else self._maxconn_per_source,
-                  format_address(peer))
+                  (self.cfg.relay.maxconn if self._shared is not None else self._maxconn)
+                  if limit == "maxconn" else self._maxconn_per_source, format_address(peer))
         self._log_unrelayed(lst, peer, dest, "rejected_" + limit, 0)
+
+    def _release(self, source: bytes | None) -> None:
+        """Give back an admitted client's count (shared limits only: without them the local
+        counters only ever count relayed pairs)."""
+        if self._shared is not None:
+            self._shared.release(self._slot, source)
 
     def _log_unrelayed(self, lst: _Listener, peer: Any, dest: tuple | None, reason: str,
                        err: int) -> None:
@@ -630,7 +666,9 @@ class Server:
             return
         self._open -= 1
         flow.listener.open -= 1
-        if flow.source is not None:
+        if self._shared is not None:
+            self._shared.release(self._slot, flow.source)
+        elif flow.source is not None:
             left = self._per_source[flow.source] - 1
             if left:
                 self._per_source[flow.source] = left
@@ -681,6 +719,7 @@ class Server:
         """Reset every client still waiting for its header (stopping)."""
         for waiting in self._header_waits:
             self._header_waits.discard(waiting)
+            self._release(waiting.source)
             self._closed_by_reason["aborted"] += 1
             reset_and_close(waiting.client)
 
@@ -725,6 +764,7 @@ class Server:
         for _cid, flow in list(self._flows.items()):
             self._closed_by_reason["aborted"] += 1
             flow.listener.open -= 1
+            self._release(flow.source)
         self._flows.clear()
         self._per_source.clear()
         self._open = 0

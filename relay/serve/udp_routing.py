@@ -3,7 +3,7 @@
     router = UdpRouter(listener, cfg, own_addresses, ports)   # ports: this worker's allocator
     try:
         flow = router.open_flow(client, orig_dst)   # orig_dst: None unless the listener is tproxy
-    except Denied as exc:                           # policy, loop, slice exhausted (exc.reason)
+    except Denied as exc:                           # policy, loop, slice exhausted/unusable
         loop.refuse_flow(pending_id, hold_ms)
     except OSError:                                 # a socket call failed: refuse, count "error"
         ...
@@ -31,6 +31,7 @@ import socket
 from dataclasses import dataclass
 
 from relay.config.model import Config, Listener
+from relay.serve import slicecheck
 from relay.serve.egress import Egress, EgressTable
 from relay.serve.policy import Policy
 from relay.serve.routing import Denied, SliceExhausted
@@ -190,6 +191,11 @@ class UdpRouter:
                 sock.close()
                 raise
             return UdpFlow(sock.detach(), -1, dest)
+        # Explicit bind() never lets the kernel pick outside the slice, but a slice that no
+        # longer fits the port sysctls is refused for UDP as for TCP (relay.serve.slicecheck).
+        unusable = slicecheck.WATCH.problem(egress.lo, egress.hi)
+        if unusable is not None:
+            raise Denied("slice_unusable", f"egress {egress.address}: {unusable}")
         share = self.ports.slice_of(egress)
         skip: set[int] = set()
         for _attempt in range(_BIND_RETRIES):

@@ -200,7 +200,7 @@ def test_slice_ports_shared_across_destinations_and_exhaustion(ns: tuple[Topolog
 
 _ROUTER_SLICE = """
 # 10.77.0.0/24 is local to this namespace: the origins live there and so does the egress
-# address; policy allows it (not loopback).
+# address; policy allows it (not loopback; private, hence allow_private).
 os.system("ip route add local 10.77.0.0/24 dev lo")
 with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
     f.write("40000 49999")
@@ -220,6 +220,8 @@ mode = "tproxy"
 address = "10.77.0.1"
 ports = "%s"
 destinations = ["10.77.0.0/24"]
+[policy]
+allow_private = true
 ''' % SLICE)
 router = Router(cfg.listener[0], cfg, set())
 
@@ -286,16 +288,30 @@ def test_router_uses_the_slice_and_fails_fast_when_exhausted(ns: tuple[Topology,
     assert "10.77.0.1 ports 41000-41007" in exhausted_lines[0]
 
 
-def test_slice_the_kernel_ignores_is_caught_after_connect(ns: tuple[Topology, str]) -> None:
+def test_slice_the_kernel_ignores_is_refused_before_connect(ns: tuple[Topology, str]) -> None:
     # 50000-50007 lies outside this namespace's ip_local_port_range (40000-49999): the kernel
-    # silently picks a port from the system range instead. The router must refuse it.
+    # would silently pick a port from the system range instead. The router refuses before
+    # connect() (no SYN leaves), having read the sysctls itself.
     topo, name = ns
     r = run_in_ns(topo, name, 'SLICE = "50000-50007"\nN = 1\n' + _ROUTER_SLICE)
     assert len(r["validate"]) == 1 and "outside" in r["validate"][0]  # refused at start...
     for conns in r["per_origin"]:
+        assert conns == [{"denied": "slice_unusable", "exhausted": False,
+                          "seconds": conns[0]["seconds"]}]
+    unusable = [line for line in r["log"] if "unusable" in line]
+    assert len(unusable) == 1 and "ip_local_port_range 40000-49999" in unusable[0], r["log"]
+
+
+def test_slice_the_kernel_ignores_is_caught_after_connect(ns: tuple[Topology, str]) -> None:
+    # The last resort behind the pre-connect check (switched off here): getsockname() after
+    # connect() shows a port outside the slice, and the router refuses the connection.
+    topo, name = ns
+    off = ("from relay.serve import slicecheck\n"
+           "slicecheck.WATCH.problem = lambda lo, hi: None\n")
+    r = run_in_ns(topo, name, 'SLICE = "50000-50007"\nN = 1\n' + off + _ROUTER_SLICE)
+    for conns in r["per_origin"]:
         assert conns == [{"denied": "slice_violation", "exhausted": False,
                           "seconds": conns[0]["seconds"]}]
-    # ...and if it got through anyway, no connection leaves from a port outside the slice.
     assert any("slice violation" in line for line in r["log"]), r["log"]
 
 
@@ -311,6 +327,8 @@ mode = "tproxy"
 address = "10.77.0.1"
 ports = "41000-41007"
 destinations = ["10.99.0.0/16"]
+[policy]
+allow_private = true
 ''')
 router = Router(cfg.listener[0], cfg, {"10.77.0.5"})
 origin = socket.socket()
@@ -384,6 +402,8 @@ ports = "41000-41007"
 [[egress]]
 address = "2001:db8:77::1"
 ports = "41000-41007"
+[policy]
+allow_private = true
 ''')
 from relay.sock import open_listener
 relay4 = open_listener(cfg.listener[0].bind_address)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -206,3 +207,162 @@ def test_fd_and_pipe_budgets_are_reported(origins: Any, relays: Any) -> None:
     assert f"pipes: {per_worker_pipes} pipes of" in budget, budget
     text = rp.stderr()
     assert "budget: fds:" in text
+
+
+def _serving_pids(rp: Any) -> list[int]:
+    return [w["pid"] for w in rp.workers()]
+
+
+def _open_count(rp: Any) -> int:
+    return sum(w["stats"].get("flows_open", 0) for w in rp.workers())
+
+
+@pytest.mark.timeout(90)
+def test_limits_are_exact_across_two_workers(origins: Any, relays: Any) -> None:
+    """Issue 12 item 9: with 2 workers each used to enforce limit / 2. One worker stopped, the
+    other must admit the whole per-source limit; the limits then hold over both."""
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2,
+                                         engine="epoll", settings={"heartbeat_timeout": 60.0},
+                                         extra_relay="maxconn = 150\nmaxconn_per_source = 100"))
+    addr = rp.wait_ready()["main"]
+    a, b = wait_for(lambda: _serving_pids(rp) if len(_serving_pids(rp)) == 2 else None, 10,
+                    "two serving workers")
+    held: list[socket.socket] = []
+    os.kill(b, signal.SIGSTOP)  # every connection goes to worker a
+    try:
+        held += [_open_relayed(addr, "127.0.0.1") for _ in range(100)]
+        assert _is_refused_at_once(addr, "127.0.0.1"), "101st connection from one source"
+    finally:
+        os.kill(b, signal.SIGCONT)
+    for _ in range(10):  # both workers accept now: still none from 127.0.0.1
+        assert _is_refused_at_once(addr, "127.0.0.1")
+    held += [_open_relayed(addr, "127.0.0.2") for _ in range(50)]  # 150 = maxconn
+    refused = [_is_refused_at_once(addr, "127.0.0.3") for _ in range(10)]
+    assert all(refused), refused
+    wait_for(lambda: _rejected(rp, "maxconn_per_source") >= 11, 5, "per-source rejections")
+    wait_for(lambda: _rejected(rp, "maxconn") >= 10, 5, "maxconn rejections")
+    assert _open_count(rp) == 150
+    held.pop(0).close()  # one from 127.0.0.1 leaves: exactly one more fits, from anyone
+    wait_for(lambda: _open_count(rp) == 149, 5, "one slot free")
+    held.append(_open_relayed(addr, "127.0.0.3"))
+    assert _is_refused_at_once(addr, "127.0.0.3")
+    for s in held:
+        s.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_workers_connections_leave_the_shared_count(origins: Any, relays: Any) -> None:
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, drain=10.0, workers=2,
+                                         engine="epoll", extra_relay="maxconn_per_source = 4"))
+    addr = rp.wait_ready()["main"]
+    a, b = wait_for(lambda: _serving_pids(rp) if len(_serving_pids(rp)) == 2 else None, 10,
+                    "two serving workers")
+    os.kill(b, signal.SIGSTOP)
+    held = [_open_relayed(addr) for _ in range(4)]  # all on worker a
+    os.kill(b, signal.SIGCONT)
+    assert _is_refused_at_once(addr)
+    os.kill(a, signal.SIGKILL)  # its four connections die with it
+    for s in held:
+        s.close()
+    wait_for(lambda: a not in _serving_pids(rp) and len(_serving_pids(rp)) == 2, 20,
+             "worker a replaced")
+    again = [_open_relayed(addr) for _ in range(4)]  # the dead worker's share was freed
+    for s in again:
+        s.close()
+
+
+
+_HEADER = b""  # set on first use (relay.serve.proxyproto is imported lazily)
+
+
+def _with_header(addr: tuple[str, int]) -> socket.socket | None:
+    """A trusted-proxy connection: a PROXY v2 header and b"hello"; the socket once the echo
+    came back through the relay, None when the relay reset or closed it instead."""
+    from relay.serve import proxyproto
+
+    try:
+        s = socket.create_connection(addr, timeout=5)
+    except ConnectionError:
+        return None  # reset so fast that connect() itself saw it (loopback)
+    try:
+        s.sendall(proxyproto.build(("198.51.100.7", 40000), ("203.0.113.1", 443)) + b"hello")
+        got = b""
+        while len(got) < 5:
+            data = s.recv(16)
+            if not data:
+                s.close()
+                return None
+            got += data
+    except (ConnectionResetError, BrokenPipeError):
+        s.close()
+        return None
+    return s
+
+
+def _overflow(addr: tuple[str, int]) -> None:
+    """A client that sends nothing and is reset at once (the header waiters are full)."""
+    try:
+        s = socket.create_connection(addr, timeout=5)
+    except ConnectionError:
+        return  # reset so fast that connect() itself saw it (loopback)
+    _reset_by_relay(s, 3)
+
+
+def _reset_by_relay(s: socket.socket, timeout: float) -> None:
+    s.settimeout(timeout)
+    try:
+        assert s.recv(10) == b""
+    except ConnectionResetError:
+        pass
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(60)
+def test_clients_never_relayed_give_their_shared_count_back(origins: Any, relays: Any) -> None:
+    """Shared limits count a client from accept on, a parked PROXY-header client included:
+    an invalid header, the header overflow and the header timeout each give the count back,
+    or maxconn would shrink for good. (A header client is never made while two wait: it
+    could be accepted before its bytes arrive and overflow itself.)"""
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: relay_config(
+        echo.port, admin_socket=adm, workers=1,
+        settings={"maxconn": 4, "proxy_header_timeout": 4.0, "proxy_header_max_waiting": 2},
+        extra='trusted_proxies = ["127.0.0.0/8"]\n'))
+    addr = rp.wait_ready()["main"]
+
+    def stats() -> dict[str, Any]:
+        return dict(rp.workers()[0]["stats"])
+
+    def denied(reason: str) -> int:
+        return int(stats()["denied"].get(reason, 0))
+
+    held: list[socket.socket] = []
+    try:
+        bad = socket.create_connection(addr, timeout=5)
+        bad.sendall(b"\r\n\r\n\x00\r\nQUIT\n" + b"\xff" * 8)  # the signature, a bad version
+        _reset_by_relay(bad, 3)
+        first = _with_header(addr)
+        assert first is not None
+        held.append(first)
+        held += [socket.create_connection(addr, timeout=5) for _ in range(2)]  # silent
+        wait_for(lambda: stats().get("proxy_header_waiting") == 2, 3, "2 parked")
+        _overflow(addr)  # a third waiter: 1 relayed + 2 parked + it = 4, within maxconn
+        _overflow(addr)  # again: admitted (the first gave its count back), then overflowed
+        wait_for(lambda: denied("proxy_header_overflow") == 2, 5, "2 overflows counted")
+        assert denied("proxy_header_invalid") == 1 and _rejected(rp, "maxconn") == 0
+        for s in held[1:]:
+            _reset_by_relay(s, 8)  # the header timeout resets them
+        del held[1:]
+        wait_for(lambda: denied("proxy_header_timeout") == 2, 5, "timeouts counted")
+        for _ in range(3):  # 1 + 3 = maxconn: every refused client gave its count back
+            more = _with_header(addr)
+            assert more is not None
+            held.append(more)
+        assert _with_header(addr) is None
+        wait_for(lambda: _rejected(rp, "maxconn") == 1, 5, "the fifth rejected for maxconn")
+    finally:
+        for s in held:
+            s.close()

@@ -103,3 +103,56 @@ def test_bad_config_names_the_problem(tmp_path: Path) -> None:
     assert rc == 2
 
 
+
+
+GUARDED = """
+[relay]
+egress_notrack = true
+
+[[listener]]
+bind = "127.0.0.1:7000"
+mode = "tproxy"
+
+[[egress]]
+address = "203.0.113.7"
+ports = "40000-40007"
+
+[[egress]]
+address = "203.0.113.7"
+ports = "40100-40107"
+
+[[egress]]
+address = "2001:db8:7::7"
+ports = "40000-40007"
+
+[[egress]]
+address = "192.0.2.1"
+ports = "41000-41007"
+"""
+
+
+def test_output_guard_drops_ports_outside_the_slices_of_soft_unicast_addresses() -> None:
+    plan = nft.render(loads(GUARDED), local={"192.0.2.1"})
+    lines = [line.strip() for line in plan.ruleset.splitlines()]
+    assert "counter slice_guard {" in lines
+    assert "type filter hook output priority filter; policy accept;" in lines
+    guard = [line for line in lines if line.endswith('counter name "slice_guard" drop')]
+    assert guard == [
+        "ip saddr 203.0.113.7 meta l4proto { tcp, udp } th sport != { 40000-40007, 40100-40107 }"
+        ' counter name "slice_guard" drop',
+        "ip6 saddr 2001:db8:7::7 meta l4proto { tcp, udp } th sport != { 40000-40007 }"
+        ' counter name "slice_guard" drop',
+    ]  # 192.0.2.1 is an address of this host: shared with everything else, not guarded
+    notrack = [line for line in lines if line.endswith("notrack")]
+    assert notrack == [
+        "ip saddr 203.0.113.7 meta l4proto { tcp, udp } notrack",
+        "ip6 saddr 2001:db8:7::7 meta l4proto { tcp, udp } notrack",
+        "ip daddr 203.0.113.7 meta l4proto { tcp, udp } notrack",
+        "ip6 daddr 2001:db8:7::7 meta l4proto { tcp, udp } notrack",
+    ]
+
+
+def test_notrack_is_off_by_default_and_no_egress_means_no_guard() -> None:
+    text = GUARDED.replace("egress_notrack = true", "")
+    assert "notrack" not in nft.render(loads(text), local=set()).ruleset
+    assert "slice_guard" not in nft.render(loads(BACKEND_ONLY), local=set()).ruleset

@@ -78,8 +78,16 @@ def test_render_udp_listeners_get_udp_tproxy_and_socket_rules() -> None:
 
 
 def test_render_tcp_only_config_has_no_udp_rules() -> None:
+    """No UDP interception nor UDP socket rule without a UDP listener; only the slice guard
+    (relay.ops.nftguard) names UDP: it guards the egress address for both protocols."""
     plan = nft.render(loads(TCP_ONLY), local=set())
-    assert "udp" not in plan.ruleset
+    prerouting = plan.ruleset.split("chain prerouting", 1)[1].split("\n    }", 1)[0]
+    assert "tproxy" in prerouting and "udp" not in prerouting
+    udp_lines = [line.strip() for line in plan.ruleset.splitlines() if "udp" in line]
+    assert udp_lines == [
+        'ip saddr 203.0.113.7 meta l4proto { tcp, udp } th sport != { 40000-40007 } '
+        'counter name "slice_guard" drop'
+    ]
 
 
 def test_render_udp_backend_listener_intercepts_nothing() -> None:

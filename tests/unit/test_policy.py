@@ -35,6 +35,19 @@ OPEN = PolicyRules()  # the config default: allow 0.0.0.0/0 and ::/0
         ("::ffff:224.0.0.251", "multicast"),
         ("255.255.255.255", "broadcast"),
         ("not-an-ip", "unspecified"),
+        ("168.63.129.16", "metadata"),
+        ("100.100.100.200", "metadata"),
+        ("::ffff:168.63.129.16", "metadata"),
+        # NAT64 (64:ff9b::/96) and 6to4 (2002::/16) forms of the IPv4 ranges above
+        ("64:ff9b::7f00:1", "loopback"),
+        ("64:ff9b::a9fe:a9fe", "link_local"),
+        ("64:ff9b::a83f:8110", "metadata"),
+        ("64:ff9b::6464:64c8", "metadata"),
+        ("64:ff9b::", "unspecified"),
+        ("2002:7f00:1::1", "loopback"),
+        ("2002:a9fe:a9fe::", "link_local"),
+        ("2002:a83f:8110::1", "metadata"),
+        ("2002:6464:64c8:1::5", "metadata"),
     ],
 )
 def test_never_allowed_whatever_the_allow_list(ip: str, reason: str) -> None:
@@ -46,7 +59,31 @@ def test_public_addresses_pass_the_default_policy() -> None:
     assert policy.check("198.51.100.7", 443) is None
     assert policy.check("2001:db8::7", 443) is None
     assert policy.check("::ffff:198.51.100.7", 443) is None
-    assert policy.check("10.0.0.1", 22) is None
+    assert policy.check("64:ff9b::c633:6407", 443) is None  # NAT64 of 198.51.100.7
+
+
+@pytest.mark.parametrize(
+    "ip",
+    ["10.0.0.1", "172.16.5.5", "172.31.255.254", "192.168.1.1", "100.64.0.1", "100.127.255.254",
+     "fd12:3456::1", "fc00::1", "::ffff:10.1.2.3", "64:ff9b::a00:1", "2002:c0a8:101::1"],
+)
+def test_private_ranges_need_the_opt_out_or_an_explicit_rule(ip: str) -> None:
+    assert Policy(OPEN).check(ip, 22) == "private"
+    assert Policy(PolicyRules.from_text(["0.0.0.0/0", "::/0"], allow_private=True)).check(
+        ip, 22) is None
+
+
+def test_an_allow_rule_inside_a_private_range_allows_it() -> None:
+    policy = Policy(PolicyRules.from_text(["0.0.0.0/0", "10.1.0.0/16", "fd00::/8:443"]))
+    assert policy.check("10.1.2.3", 80) is None
+    assert policy.check("10.2.0.1", 80) == "private"  # only the broad rule matches
+    assert policy.check("fd00::5", 443) is None
+    assert policy.check("fd00::5", 22) == "private"
+    assert policy.check("100.63.255.255", 80) is None  # just below CGNAT
+    assert policy.check("172.32.0.1", 80) is None  # just above 172.16/12
+    narrow = Policy(PolicyRules.from_text(["198.51.100.0/24"]))
+    assert narrow.check("10.0.0.1", 80) == "private"
+    assert narrow.check("203.0.113.1", 80) == "not_allowed"
 
 
 def test_own_addresses_and_their_mapped_forms_are_refused() -> None:
@@ -60,7 +97,8 @@ def test_own_addresses_and_their_mapped_forms_are_refused() -> None:
 
 def test_deny_wins_and_honours_ports() -> None:
     cfg = PolicyRules.from_text(
-        allow=["0.0.0.0/0", "::/0"], deny=["10.0.0.0/8:22,8000-8999", "[2001:db8::/32]:25"]
+        allow=["0.0.0.0/0", "::/0"], deny=["10.0.0.0/8:22,8000-8999", "[2001:db8::/32]:25"],
+        allow_private=True,
     )
     policy = Policy(cfg)
     assert policy.check("10.1.2.3", 22) == "denied_by_rule"

@@ -207,3 +207,49 @@ def test_datagrams_queued_before_connect_from_others_are_dropped() -> None:
         flow.settimeout(1)
         assert flow.recv(64) == b"mine"
         assert _drop_foreign(flow, peer.getsockname()) == 0
+
+
+def test_router_refuses_a_slice_that_no_longer_fits_the_port_sysctls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """relay.serve.slicecheck says the slice does not fit (a sysctl changed): the UDP flow is
+    refused with slice_unusable before any socket is bound, as a TCP connection would be."""
+    import socket
+
+    from relay.serve import slicecheck
+    from relay.serve.routing import Denied
+    from relay.serve.udp_routing import UdpRouter
+
+    cfg = loads('''
+[[listener]]
+name = "t"
+protocol = "udp"
+bind = "127.0.0.1:0"
+mode = "tproxy"
+[[egress]]
+address = "127.0.0.1"
+ports = "45010-45010"
+''')
+    table = EgressTable(cfg.egress)
+    router = UdpRouter(cfg.listener[0], cfg, set(), PortAllocator(table.entries, 0, 1), table)
+    egress = table.lookup("127.0.0.1")
+    assert egress is not None
+
+    class Unusable:
+        def problem(self, lo: int, hi: int) -> str | None:
+            return f"{lo}-{hi} outside net.ipv4.ip_local_port_range 50000-60999"
+
+    monkeypatch.setattr(slicecheck, "WATCH", Unusable())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as origin:
+        origin.bind(("127.0.0.1", 0))
+        dest_port = origin.getsockname()[1]
+        with pytest.raises(Denied) as info:
+            router._open_upstream("127.0.0.1", dest_port, egress)
+        assert info.value.reason == "slice_unusable"
+        assert "45010-45010 outside" in str(info.value)
+        monkeypatch.undo()
+        flow = router._open_upstream("127.0.0.1", dest_port, egress)
+        try:
+            # The refusal took no port: the one-port slice still has it to give.
+            assert flow.egress == ("127.0.0.1", 45010)
+        finally:
+            socket.socket(fileno=flow.upstream_fd).close()

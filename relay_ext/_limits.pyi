@@ -1,0 +1,19 @@
+"""Type stubs for relay's shared connection counters (relay_ext/_limits.pyx)."""
+
+from typing import Any, Final
+
+ADMITTED: Final[int]
+OVER_MAXCONN: Final[int]
+OVER_PER_SOURCE: Final[int]
+TABLE_FULL: Final[int]
+MAX_KEY: Final[int]
+MAX_SLOTS: Final[int]
+
+class SharedLimits:
+    slots: int
+    def __init__(self, slots: int, maxconn: int, per_source: int, capacity: int = 0) -> None: ...
+    def acquire(self, slot: int, key: bytes | None = None) -> int: ...
+    def release(self, slot: int, key: bytes | None = None) -> None: ...
+    def clear_slot(self, slot: int) -> int: ...
+    def source_count(self, key: bytes) -> int: ...
+    def stats(self) -> dict[str, Any]: ...
