@@ -88,7 +88,7 @@ class FlowState(msgspec.Struct, array_like=True, frozen=True):
     dest: Any  # where the upstream connects: a tuple (host, port) or a str
     egress: Any  # getsockname() of the upstream when an egress slice chose it, else None
     egress_address: str | None
-    source: str | None  # the per-source limit key, None when not limited
+    source: bytes | None  # the per-source limit key, None when not limited
 
     @property
     def n_fds(self) -> int:
@@ -116,7 +116,7 @@ _decoder = msgspec.msgpack.Decoder(Message)
 
 
 def flow_state(core: dict[str, Any], *, listener: str, client: Any, dest: Any, egress: Any,
-               egress_address: str | None, source: str | None) -> FlowState:
+               egress_address: str | None, source: bytes | None) -> FlowState:
     """A FlowState from ``Loop.export_pair()``'s dict (real descriptor numbers) and the
     server's metadata."""
     return FlowState(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay.ops.log import log_every
 from relay.process import handoff as wire
+from relay.serve.limits import VERDICT_REASONS
 from relay.sock import reset_and_close
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ PAUSE_BUCKETS: tuple[float, ...] = (
 )
 REFUSE_REASONS = (
     "listener_removed", "destination_denied", "egress_slice", "table_full", "stopping",
+    "maxconn", "maxconn_per_source",
 )
 SEND_TIMEOUT = 2.0  # seconds one batch may wait for room in the handoff socket
 ACTIVE_POLL_MS = 1  # loop.run() timeout while a handoff is under way
@@ -219,6 +221,10 @@ class Handoff:
         for f in batch:
             lst = by_name[f.listener]
             cid = self._core.import_pair(wire.core_state(f), lst.tag)
+            if srv._shared is not None:
+                # _forget released it at export; it stays here after all (the counters
+                # clamp at zero, so a refused re-acquire costs at most one count).
+                srv._shared.acquire(srv._slot, f.source)
             _track(srv, cid, _Flow(lst, _tuple(f.client), f.source, _tuple(f.dest),
                                    _tuple(f.egress), f.egress_address))
             self.kept += 1
@@ -296,6 +302,15 @@ class Handoff:
         lst = next((x for x in srv._listeners if x.name == f.listener), None)
         why = "stopping" if srv._loop_closed else _refusal(lst, f)
         cid = -1
+        admitted = False
+        if why is None and srv._shared is not None:
+            # This generation's shared counters (relay.serve.limits) must count the flow too;
+            # a reload that lowered maxconn does not adopt what no longer fits.
+            verdict = srv._shared.acquire(srv._slot, f.source)
+            if verdict:
+                why = VERDICT_REASONS.get(verdict, "maxconn")
+            else:
+                admitted = True
         if why is None:
             assert lst is not None
             try:
@@ -303,6 +318,8 @@ class Handoff:
             except (OSError, ValueError) as exc:
                 log_every(log, "handoff import", 10.0, "handoff: cannot adopt a flow: %s", exc)
                 why = "table_full"
+        if why is not None and admitted:
+            srv._release(f.source)
         if why is not None:
             self._refuse(f, why)
             return False
@@ -364,7 +381,7 @@ def _track(srv: Server, cid: int, flow: _Flow) -> None:
     srv._flows[cid] = flow
     srv._open += 1
     flow.listener.open += 1
-    if flow.source is not None:
+    if flow.source is not None and srv._shared is None:
         srv._per_source[flow.source] = srv._per_source.get(flow.source, 0) + 1
     if flow.egress_address is not None:
         srv._egress_in_use[flow.egress_address] = (
@@ -375,7 +392,9 @@ def _forget(srv: Server, flow: _Flow) -> None:
     """The server's bookkeeping of a pair that left (as Server._on_done does it), no log."""
     srv._open -= 1
     flow.listener.open -= 1
-    if flow.source is not None:
+    if srv._shared is not None:
+        srv._release(flow.source)
+    elif flow.source is not None:
         left = srv._per_source.get(flow.source, 0) - 1
         if left > 0:
             srv._per_source[flow.source] = left
