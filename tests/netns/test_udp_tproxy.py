@@ -170,25 +170,28 @@ def test_slice_of_8_ports_serves_8_flows_per_destination_and_fails_closed(
 
 
 def test_burst_of_quic_sized_datagrams_arrives(env: UdpLabEnv) -> None:
+    """2,000 datagrams of 1,200 bytes on one flow, paced, arrive with < 1 % loss. The flow is
+    opened first, as a QUIC client's Initial would: until Python has decided a new flow the
+    core holds only its first few datagrams (max_pending) and drops the rest."""
     count, size = 2000, 1200
+    sink = env.origins["sink"]
     with env.client() as sock:
         sock.connect(SINK)
+        sock.send(b"open")
+        assert wait_until(lambda: sink.datagrams_to(SINK) == 1, 3.0)
         payload = bytes(size)
         for i in range(count):
             sock.send(payload)
             if i % 16 == 15:
-                time.sleep(0.001)  # paced: about 16 k datagrams/s, 150 Mbit/s
+                time.sleep(0.001)  # paced: about 13 k datagrams/s, 130 Mbit/s
         peer = sock.getsockname()
-    sink = env.origins["sink"]
-
-    def settled() -> bool:
-        return sink.datagrams_to(SINK) >= count
-
-    wait_until(settled, 3.0)
-    got = sink.datagrams_to(SINK)
-    seen = sink.seen()
-    assert len(seen) == 1 and seen[0].nbytes == got * size
-    assert got >= count * 0.99, f"{count - got} of {count} lost ({peer})"
+    wait_until(lambda: sink.datagrams_to(SINK) >= count + 1, 3.0)
+    time.sleep(0.2)
+    (seen,) = sink.seen()
+    got = seen.datagrams - 1
+    assert seen.nbytes == got * size + len(b"open")
+    assert got >= count * 0.99, (
+        f"{count - got} of {count} lost ({peer}); relay: {json.dumps(_udp_stats(env))}")
 
 
 def test_responses_one_ends_dns_style_flows_at_once(env: UdpLabEnv) -> None:
