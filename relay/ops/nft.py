@@ -15,11 +15,16 @@ here: the outgoing socket has IP_TRANSPARENT, so `socket transparent 1` finds it
 
 UDP (listeners with ``protocol = "udp"``) takes the same path with `meta l4proto udp`: the
 `tproxy` rule hands a datagram for any destination to the transparent listener, whose
-IP_RECVORIGDSTADDR control message carries the original destination. `socket transparent 1`
-matches the flow's two transparent sockets: the upstream socket bound to (soft-unicast address,
-slice port) receives the destination's replies through it, and the reply socket bound to the
-original destination and connected to the client receives the client's later datagrams through
-it (the socket lookup prefers a connected socket to the listener).
+IP_RECVORIGDSTADDR control message carries the original destination. A flow's reply socket
+(bound to the original destination, connected to the client) gets the client's later datagrams
+from the same `tproxy` rule: its first lookup is for an *established* socket, which for UDP
+means connected and bound to a specific address. The UDP `socket transparent 1` rule is
+therefore limited to the egress addresses, where it brings the destination's replies to the
+upstream socket bound to (soft-unicast address, slice port). An unlimited one would also match
+a reply socket in the instant between its bind() and connect(). Another client's datagram to
+the same destination would then be marked for local delivery, find that socket connected by
+the time UDP looks it up, and be dropped (UdpNoPorts, with an ICMP port unreachable); the
+`tproxy` rule sends it to the listener instead.
 """
 
 from __future__ import annotations
@@ -186,16 +191,22 @@ def render(
         )
 
     # A packet that belongs to a transparent socket we already have (an accepted TPROXY
-    # connection or an egress connection from a soft-unicast address; for UDP a flow's upstream
-    # or reply socket): route it locally.
+    # connection or an egress connection from a soft-unicast address; for UDP only a flow's
+    # upstream socket, addressed by an egress address: see the module docstring): route it
+    # locally.
     own_sockets = [f"        meta l4proto tcp socket transparent 1 meta mark set {FWMARK} accept"]
     if any(listener.is_udp for listener in cfg.listener):
-        own_sockets.append(
-            f"        meta l4proto udp socket transparent 1 meta mark set {FWMARK} accept"
-        )
+        for version, family in ((4, "ip"), (6, "ip6")):
+            if not egress_by_version[version]:
+                continue
+            addresses = ", ".join(egress_by_version[version])
+            own_sockets.append(
+                f"        meta l4proto udp {family} daddr {{ {addresses} }} "
+                f"socket transparent 1 meta mark set {FWMARK} accept"
+            )
         notes.append(
-            "udp: datagrams for a flow's transparent sockets (replies to the soft-unicast "
-            "source port, the client's later datagrams to its reply socket) are delivered to them"
+            "udp: replies to the soft-unicast addresses are delivered to the flows' upstream "
+            "sockets; a client's later datagrams reach its flow's reply socket through tproxy"
         )
     guard_lines, guard_notes = nftguard.render_chains(cfg, own)
     notes.extend(guard_notes)

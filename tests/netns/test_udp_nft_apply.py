@@ -48,7 +48,7 @@ def test_udp_rules_apply_twice_and_remove(tmp_path: Path) -> None:
             assert res.returncode == 0, res.stderr
         table = topo.run(ns, ["nft", "list", "table", "inet", "relay"]).stdout
         # nft prints the rules back as the kernel holds them: one of each, both protocols.
-        assert table.count("meta l4proto udp socket transparent 1") == 1
+        assert table.count("meta l4proto udp ip daddr 203.0.113.7 socket transparent 1") == 1
         assert table.count("meta l4proto tcp socket transparent 1") == 1
         assert table.count("meta l4proto udp") == 3
         assert table.count("tproxy ip to 127.0.0.1:7000") == 2  # tcp4 and udp4

@@ -54,13 +54,16 @@ ports = "40000-40007"
 def test_render_udp_listeners_get_udp_tproxy_and_socket_rules() -> None:
     plan = nft.render(loads(UDP_CONFIG), local=set())
     rules = _rules(plan)
-    # Own transparent sockets first, both protocols: TCP connections, and a UDP flow's upstream
-    # socket (replies to the slice port) and reply socket (the client's later datagrams).
-    assert rules[:2] == [
+    # Own transparent sockets first: TCP connections, and for UDP only the upstream sockets
+    # (replies to the egress addresses). A client's later datagrams reach its flow's reply
+    # socket through tproxy's established lookup, which skips a reply socket not yet connected.
+    assert rules[:3] == [
         "meta l4proto tcp socket transparent 1 meta mark set 1 accept",
-        "meta l4proto udp socket transparent 1 meta mark set 1 accept",
+        "meta l4proto udp ip daddr { 203.0.113.7 } socket transparent 1 meta mark set 1 accept",
+        "meta l4proto udp ip6 daddr { 2001:db8:7::7 } socket transparent 1 meta mark set 1 "
+        "accept",
     ]
-    tproxy = rules[2:]
+    tproxy = rules[3:]
     assert len(tproxy) == 3
     tcp4, udp4, udp6 = tproxy
     assert "meta l4proto tcp " in tcp4 and "tproxy ip to 127.0.0.1:7000" in tcp4
@@ -91,8 +94,8 @@ def test_render_tcp_only_config_has_no_udp_rules() -> None:
 
 
 def test_render_udp_backend_listener_intercepts_nothing() -> None:
-    """A UDP listener in backend mode gets no tproxy rule; the UDP socket rule is there for any
-    UDP listener, and the non-local egress address still gets its return path."""
+    """A UDP listener in backend mode gets no tproxy rule; the UDP socket rule for the egress
+    address is there for any UDP listener, and the non-local address gets its return path."""
     cfg = loads(
         '[[listener]]\nname = "dns"\nbind = "127.0.0.1:5353"\nprotocol = "udp"\n'
         'backend = "198.51.100.10:53"\n'
@@ -101,9 +104,17 @@ def test_render_udp_backend_listener_intercepts_nothing() -> None:
     plan = nft.render(cfg, local=set())
     assert _rules(plan) == [
         "meta l4proto tcp socket transparent 1 meta mark set 1 accept",
-        "meta l4proto udp socket transparent 1 meta mark set 1 accept",
+        "meta l4proto udp ip daddr { 203.0.113.7 } socket transparent 1 meta mark set 1 accept",
     ]
     assert plan.families == (4,)
+
+
+def test_render_udp_without_egress_has_no_udp_socket_rule() -> None:
+    cfg = loads('[[listener]]\nname = "u"\nbind = "127.0.0.1:7000"\nmode = "tproxy"\n'
+                'protocol = "udp"\n')
+    rules = _rules(nft.render(cfg, local=set()))
+    assert not any("udp" in r and "socket transparent" in r for r in rules)
+    assert any("meta l4proto udp" in r and "tproxy ip to 127.0.0.1:7000" in r for r in rules)
 
 
 def test_render_refuses_udp_tproxy_listener_on_port_zero() -> None:
