@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="IFACE",
-        help="intercept TCP only on this interface (repeatable)",
+        help="intercept TCP and UDP only on this interface (repeatable)",
     )
     action = p.add_mutually_exclusive_group()
     action.add_argument("--apply", action="store_true", help="install the rules and routes")

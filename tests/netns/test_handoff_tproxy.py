@@ -10,7 +10,7 @@ import time
 import pytest
 from helpers import require_engine, require_netns, wait_for
 
-from relay.lab.netlab import lab_config, open_flow, running_lab
+from relay.lab.netlab import lab_config, open_flow, relay_nft, running_lab
 from relay.lab.origins import split_hostport
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
@@ -80,7 +80,12 @@ def test_reload_moving_the_egress_slice_resets_the_flows_outside_it(
         for f in flows:
             with pytest.raises(OSError):
                 f.finish(b"z" * 100)
-        # A new connection leaves through the new slice.
+        # A new connection leaves through the new slice, once the kernel's slice guard knows
+        # it: a moved slice needs `relay nft --apply` again (the guard drops ports outside the
+        # slice it was given).
+        rules = relay_nft(env.topo, env.lab.relay, "-c", str(env.relay.config_path), "--apply",
+                          "--ingress", env.lab.relay_ingress)
+        assert rules.returncode == 0, rules.stderr
         fresh = open_flow(env.topo, env.lab.client, ("198.51.100.10", 80))
         assert 40008 <= fresh.seen.peer[1] <= 40015
         assert fresh.finish(b"z" * 100) == 100
