@@ -50,6 +50,8 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench
+	@# the reload handoff pause with 1,000 active connections (docs/handoff.md)
+	$(PY) -m bench.handoff_pause | tee bench/results/LATEST-handoff.txt
 
 bench-quick: setup
 	$(PY) -m bench --quick
