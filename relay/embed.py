@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay import engines
-from relay.engines.constants import EV_DONE, REASONS
+from relay.engines.constants import CLOSE_REASONS, EV_DONE
 
 __all__ = ["Relay", "SpliceResult", "splice"]
 
@@ -58,7 +58,7 @@ class SpliceResult:
     s2c_bytes: int  # upstream -> client
     spliced_bytes: int  # moved with splice(2), never copied to user space
     copied_bytes: int  # copied through a buffer
-    reason: str  # one of relay.engines.REASONS: "eof" is the only clean end
+    reason: str  # one of relay.engines.CLOSE_REASONS: "eof" is the only clean end
     duration: float  # seconds
 
 
@@ -252,7 +252,7 @@ class Relay:
                 continue
             fut = self._waiters.pop(cid)
             if fut is not None and not fut.done():
-                fut.set_result(SpliceResult(c2s, s2c, spliced, copied, REASONS[reason],
+                fut.set_result(SpliceResult(c2s, s2c, spliced, copied, CLOSE_REASONS[reason],
                                             duration_us / 1e6))
 
     def _arm_tick(self) -> None:

@@ -14,16 +14,17 @@ import logging
 from typing import Any, Protocol
 
 from relay.engines.constants import (
+    CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
     EV_DONE,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
-    REASONS,
 )
 
 __all__ = [
+    "CLOSE_REASONS",
     "ENGINES",
     "EV_ACCEPT",
     "EV_ACCEPT_ERROR",
@@ -31,7 +32,6 @@ __all__ = [
     "EV_DONE",
     "EV_READABLE",
     "EV_WATCH_TIMEOUT",
-    "REASONS",
     "EngineLoop",
     "available",
     "create",

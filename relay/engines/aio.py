@@ -40,6 +40,7 @@ from relay.engines.constants import (
     ACCEPT_BACKOFF_FIRST_S,
     ACCEPT_BACKOFF_MAX_S,
     ACCEPT_PAUSE_ERRNOS,
+    CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
@@ -55,18 +56,17 @@ from relay.engines.constants import (
     R_KILLED,
     R_RESET_CLIENT,
     R_RESET_ORIGIN,
-    REASONS,
     connect_failure_reason,
 )
 from relay.sock import LINGER_RST, arm_reset
 
-__all__ = ["AioLoop", "REASONS"]
+__all__ = ["AioLoop"]
 
 log = logging.getLogger("relay.engines.aio")
 
 # Errors on an established socket that mean "the peer reset the connection".
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
-_CLOSED_KEYS = tuple(f"closed_{name}" for name in REASONS)  # per-reason counters, as the core
+_CLOSED_KEYS = tuple(f"closed_{name}" for name in CLOSE_REASONS)  # per-reason counters, as the core
 _ACCEPT_BATCH = 64  # accepts per readiness callback: fairness with the established pairs
 _LINGER_OFF = struct.pack("ii", 0, 0)  # SO_LINGER {0, 0}: the default close (FIN after the data)
 _SAMPLES_PER_TIMEOUT = 8  # write-buffer samples per idle/half-close timeout

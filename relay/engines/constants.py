@@ -18,7 +18,9 @@ EV_DONE = 4  # (EV_DONE, cid, tag, reason, c2s, s2c, spliced, copied, duration_u
 EV_READABLE = 5  # (EV_READABLE, tag, fd): a watched fd turned readable (loop.watch)
 EV_WATCH_TIMEOUT = 6  # (EV_WATCH_TIMEOUT, tag, fd): a watched fd stayed silent until its deadline
 
-REASONS: tuple[str, ...] = (
+# How a relayed connection ended (EV_DONE's reason int indexes this tuple): the flow log's
+# reason for a TCP connection that reached the engine, and the ``closed_<reason>`` counters.
+CLOSE_REASONS: tuple[str, ...] = (
     "eof",
     "reset_client",
     "reset_origin",
@@ -31,19 +33,19 @@ REASONS: tuple[str, ...] = (
     "half_close_timeout",
     "killed",
 )
-REASON_INDEX: dict[str, int] = {name: i for i, name in enumerate(REASONS)}
+CLOSE_REASON_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLOSE_REASONS)}
 
-R_EOF = REASON_INDEX["eof"]
-R_RESET_CLIENT = REASON_INDEX["reset_client"]
-R_RESET_ORIGIN = REASON_INDEX["reset_origin"]
-R_REFUSED = REASON_INDEX["refused"]
-R_UNREACHABLE = REASON_INDEX["unreachable"]
-R_CONNECT_TIMEOUT = REASON_INDEX["connect_timeout"]
-R_IDLE_TIMEOUT = REASON_INDEX["idle_timeout"]
-R_ABORTED = REASON_INDEX["aborted"]
-R_ERROR = REASON_INDEX["error"]
-R_HALF_CLOSE_TIMEOUT = REASON_INDEX["half_close_timeout"]
-R_KILLED = REASON_INDEX["killed"]  # reset by an operator (`relay kill`), not by the relay
+R_EOF = CLOSE_REASON_INDEX["eof"]
+R_RESET_CLIENT = CLOSE_REASON_INDEX["reset_client"]
+R_RESET_ORIGIN = CLOSE_REASON_INDEX["reset_origin"]
+R_REFUSED = CLOSE_REASON_INDEX["refused"]
+R_UNREACHABLE = CLOSE_REASON_INDEX["unreachable"]
+R_CONNECT_TIMEOUT = CLOSE_REASON_INDEX["connect_timeout"]
+R_IDLE_TIMEOUT = CLOSE_REASON_INDEX["idle_timeout"]
+R_ABORTED = CLOSE_REASON_INDEX["aborted"]
+R_ERROR = CLOSE_REASON_INDEX["error"]
+R_HALF_CLOSE_TIMEOUT = CLOSE_REASON_INDEX["half_close_timeout"]
+R_KILLED = CLOSE_REASON_INDEX["killed"]  # reset by an operator (`relay kill`), not by the relay
 
 # accept(2) errors that mean "out of a resource": retrying at once would spin, so the listener is
 # paused and resumed after a backoff (100 ms doubling to 1 s).

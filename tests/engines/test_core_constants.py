@@ -21,10 +21,31 @@ def test_event_kinds_match_the_core() -> None:
 
 
 def test_close_reasons_match_the_core() -> None:
-    assert py.REASONS == core.REASONS
+    assert py.CLOSE_REASONS == core.REASONS
     for index, name in enumerate(core.REASONS):
         assert getattr(py, "R_" + name.upper()) == index
-        assert py.REASON_INDEX[name] == index
+        assert py.CLOSE_REASON_INDEX[name] == index
+
+
+def test_udp_close_reasons_start_with_the_udp_cores() -> None:
+    udp_core = pytest.importorskip("relay_ext._udp", reason="the UDP core is not built")
+    from relay.serve.udp import UDP_CLOSE_REASONS
+
+    n = len(udp_core.UDP_REASONS)
+    assert UDP_CLOSE_REASONS[:n] == udp_core.UDP_REASONS  # indexed by UEV_FLOW_DONE's reason
+    assert UDP_CLOSE_REASONS[n:] == ("reload",)
+
+
+def test_each_vocabulary_is_defined_once_under_its_own_name() -> None:
+    from relay.serve import handoff, policy, routing, server, udp
+
+    assert routing.DENY_REASONS[:len(policy.POLICY_DENY_REASONS)] == policy.POLICY_DENY_REASONS
+    vocabularies = [py.CLOSE_REASONS, routing.DENY_REASONS, server.REJECT_REASONS,
+                    udp.UDP_CLOSE_REASONS, handoff.HANDOFF_REFUSALS]
+    for vocabulary in vocabularies:
+        assert len(set(vocabulary)) == len(vocabulary), vocabulary
+    for module in (py, policy, routing, server, udp, handoff):
+        assert not hasattr(module, "REASONS"), module.__name__
 
 
 def test_accept_pause_and_backoff_match_the_core() -> None:
