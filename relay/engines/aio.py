@@ -47,6 +47,7 @@ from relay.engines.constants import (
     EV_DONE,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
+    LOOP_DEFAULTS,
     R_ABORTED,
     R_CONNECT_TIMEOUT,
     R_EOF,
@@ -216,15 +217,15 @@ class AioLoop:
     def __init__(
         self,
         backend: str = "asyncio",
-        pipe_size: int = 1 << 20,
-        max_pipes: int = 256,
-        max_conns: int = 65536,
-        splice_min: int = 4096,
-        connect_timeout_ms: int = 5000,
-        idle_timeout_ms: int = 300_000,
-        half_close_timeout_ms: int = 60_000,
-        pipes_keep_idle: int = 8,
-        pipe_release_ms: int = 10_000,
+        pipe_size: int = LOOP_DEFAULTS["pipe_size"],
+        max_pipes: int = LOOP_DEFAULTS["max_pipes"],
+        max_conns: int = LOOP_DEFAULTS["max_conns"],
+        splice_min: int = LOOP_DEFAULTS["splice_min"],
+        connect_timeout_ms: int = LOOP_DEFAULTS["connect_timeout_ms"],
+        idle_timeout_ms: int = LOOP_DEFAULTS["idle_timeout_ms"],
+        half_close_timeout_ms: int = LOOP_DEFAULTS["half_close_timeout_ms"],
+        pipes_keep_idle: int = LOOP_DEFAULTS["pipes_keep_idle"],
+        pipe_release_ms: int = LOOP_DEFAULTS["pipe_release_ms"],
     ) -> None:
         if backend != "asyncio":
             raise ValueError(f"AioLoop: backend={backend!r}: this engine only provides 'asyncio'")

@@ -10,6 +10,8 @@ and value here to the core's exports.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
+from types import MappingProxyType
 
 EV_ACCEPT = 1  # (EV_ACCEPT, listener_tag, fd)
 EV_ACCEPT_ERROR = 2  # (EV_ACCEPT_ERROR, listener_tag, errno)
@@ -46,6 +48,23 @@ R_ABORTED = CLOSE_REASON_INDEX["aborted"]
 R_ERROR = CLOSE_REASON_INDEX["error"]
 R_HALF_CLOSE_TIMEOUT = CLOSE_REASON_INDEX["half_close_timeout"]
 R_KILLED = CLOSE_REASON_INDEX["killed"]  # reset by an operator (`relay kill`), not by the relay
+
+# The keyword defaults of the core's Loop(), written once for Python: the asyncio engine, the
+# embedding API and the config's defaults read them here (tests/engines/test_core_constants.py
+# pins them to relay_ext._core.Loop's signature).
+LOOP_DEFAULTS: Mapping[str, int] = MappingProxyType({
+    "pipe_size": 1 << 20,  # bytes requested per splice pipe (F_SETPIPE_SZ)
+    "max_pipes": 256,  # pipe pool cap (idle + in use)
+    "max_conns": 65536,  # connection table size (pairs)
+    "splice_min": 4096,  # bytes pending below which a transfer is copied, not spliced
+    "splice": True,  # false: always copy
+    "connect_timeout_ms": 5000,
+    "idle_timeout_ms": 300_000,
+    "half_close_timeout_ms": 60_000,
+    "ring_entries": 1024,  # io_uring submission queue entries (uring backend only)
+    "pipes_keep_idle": 8,
+    "pipe_release_ms": 10_000,
+})
 
 # accept(2) errors that mean "out of a resource": retrying at once would spin, so the listener is
 # paused and resumed after a backoff (100 ms doubling to 1 s).

@@ -34,6 +34,7 @@ from relay.serve.flowlog import FlowLog
 from relay.serve.routing import Denied
 from relay.serve.udp_ports import PortAllocator
 from relay.serve.udp_routing import UdpFlow, UdpRouter
+from relay.sock import format_address
 
 __all__ = ["DROP_REASONS", "REFUSE_HOLD_MS", "UDP_CLOSE_REASONS", "UdpService", "udp_listeners_of"]
 
@@ -247,7 +248,7 @@ class UdpService:
             "error" if reason == "error" else "denied_" + reason)
         log_every(log, f"udp refused {reason}", _LOG_INTERVAL_S,
                   "UDP listener %s: flow from %s refused (%s): %s", listener,
-                  _fmt(client), logged, detail, listener=listener)
+                  format_address(client), logged, detail, listener=listener)
         if self._flow_log is not None:
             self._flow_log.add((time.time(), listener, client, dest, None, 0, 0, 0, 0, 0, logged,
                                 err, "udp", 0, 0))
@@ -286,11 +287,4 @@ class UdpService:
                 self._on_released()
             except Exception as exc:  # reporting must not take the worker down
                 log.warning("UDP release report failed: %s", exc)
-
-
-def _fmt(addr: Any) -> str:
-    if not addr:
-        return "-"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 

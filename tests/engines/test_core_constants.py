@@ -4,7 +4,10 @@ Also: a closed Loop is safe to ask for stats() and refuses everything else with 
 
 from __future__ import annotations
 
+import ast
 import errno
+import inspect
+import re
 import socket
 
 import pytest
@@ -46,6 +49,25 @@ def test_each_vocabulary_is_defined_once_under_its_own_name() -> None:
         assert len(set(vocabulary)) == len(vocabulary), vocabulary
     for module in (py, policy, routing, server, udp, handoff):
         assert not hasattr(module, "REASONS"), module.__name__
+
+
+def test_loop_defaults_match_the_cores_signature() -> None:
+    # embedsignature: the docstring's first line is "Loop(str backend='uring', int pipe_size=...)"
+    signature = (core.Loop.__doc__ or "").splitlines()[0]
+    assert signature.startswith("Loop("), signature
+    defaults = {name: ast.literal_eval(value)
+                for name, value in re.findall(r"(\w+)=([^,)]+)", signature)}
+    assert defaults.pop("backend") == "uring"
+    assert defaults == dict(py.LOOP_DEFAULTS)
+
+
+def test_asyncio_engine_takes_the_loop_defaults() -> None:
+    from relay.engines.aio import AioLoop
+
+    params = inspect.signature(AioLoop).parameters
+    taken = {name: p.default for name, p in params.items() if name in py.LOOP_DEFAULTS}
+    assert taken == {name: py.LOOP_DEFAULTS[name] for name in taken}
+    assert set(py.LOOP_DEFAULTS) - set(taken) == {"splice", "ring_entries"}  # core-only knobs
 
 
 def test_accept_pause_and_backoff_match_the_core() -> None:
