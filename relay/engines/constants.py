@@ -3,7 +3,7 @@
 The values are the contract of ``relay_ext._core`` (docs/architecture.md): the pure-Python engine
 and the server use these so that an event tuple means the same thing whichever engine produced it.
 This module is Python's copy (the asyncio engine runs without a built core): the core defines each
-value once (relay_ext/_core.pxd, constants.pxi) and tests/test_core_constants.py pins every name
+value once (relay_ext/_core.pxd, constants.pxi) and tests/engines/test_core_constants.py pins every name
 and value here to the core's exports.
 """
 

@@ -9,6 +9,7 @@ import errno
 import inspect
 import re
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,16 @@ def test_loop_defaults_match_the_cores_signature() -> None:
                 for name, value in re.findall(r"(\w+)=([^,)]+)", signature)}
     assert defaults.pop("backend") == "uring"
     assert defaults == dict(py.LOOP_DEFAULTS)
+
+
+def test_architecture_doc_shows_the_loop_defaults() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    block = doc[doc.index("loop = Loop("):]
+    block = block[:block.index("\n)\n")]
+    shown = {name: eval(value, {"__builtins__": {}})  # noqa: S307 (our own doc: "1 << 20")
+             for name, value in re.findall(r"^    (\w+)=([^,]+),", block, re.M)}
+    assert shown.pop("backend") == "uring"
+    assert shown and all(py.LOOP_DEFAULTS[name] == value for name, value in shown.items())
 
 
 def test_asyncio_engine_takes_the_loop_defaults() -> None:
