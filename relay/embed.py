@@ -6,11 +6,15 @@
         result = await r.splice(client_sock, upstream_sock)
     result.c2s_bytes, result.s2c_bytes, result.reason, ...
 
+Two loops meet here, and this module always says which: the **event loop** is asyncio's (the
+running one, ``asyncio.get_running_loop()``); the **engine loop** is the relay's
+(``relay.engines.EngineLoop``: the core's ``Loop``, or the asyncio engine's ``AioLoop``).
+
 A ``Relay`` owns one engine loop (``auto``: uring, else epoll, else the asyncio engine) and drives
-it from the running event loop: ``loop.add_reader(core.fileno(), ...)`` calls ``core.run(0)``
-when the core has work, plus a periodic tick while pairs are open (the asyncio engine's timers
-only fire inside ``run()``). Everything happens on the event loop's thread, so the core is never
-touched from two threads.
+it from the running event loop: ``event_loop.add_reader(engine_loop.fileno(), ...)`` calls
+``engine_loop.run(0)`` when the engine has work, plus a periodic tick while pairs are open (the
+asyncio engine's timers only fire inside ``run()``). Everything happens on the event loop's
+thread, so the engine loop is never touched from two threads.
 
 Socket ownership: a ``socket.socket`` is detached (the object is left closed, the Relay owns the
 connection and closes it when the pair is done). Any other object with ``fileno()`` is
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay import engines
-from relay.engines.constants import EV_DONE, REASONS
+from relay.engines.constants import CLOSE_REASONS, EV_DONE, LOOP_DEFAULTS
 
 __all__ = ["Relay", "SpliceResult", "splice"]
 
@@ -58,7 +62,7 @@ class SpliceResult:
     s2c_bytes: int  # upstream -> client
     spliced_bytes: int  # moved with splice(2), never copied to user space
     copied_bytes: int  # copied through a buffer
-    reason: str  # one of relay.engines.REASONS: "eof" is the only clean end
+    reason: str  # one of relay.engines.CLOSE_REASONS: "eof" is the only clean end
     duration: float  # seconds
 
 
@@ -98,14 +102,14 @@ class Relay:
     """One engine loop driven by the running asyncio event loop (see the module docstring).
 
     ``engine``: ``"auto"`` (uring, else epoll, else asyncio), or a name from
-    ``relay.engines.ENGINES``; ``loop_options`` go to the engine (``idle_timeout_ms``...).
+    ``relay.engines.ENGINES``; ``engine_options`` go to the engine (``idle_timeout_ms``...).
     """
 
-    def __init__(self, engine: str = "auto", **loop_options: Any) -> None:
+    def __init__(self, engine: str = "auto", **engine_options: Any) -> None:
         self._engine_name = engine
-        self._loop_options = loop_options
-        self._core: Any = None
-        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._engine_options = engine_options
+        self._engine_loop: Any = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
         self._waiters: dict[int, asyncio.Future[SpliceResult] | None] = {}
         self._tick_s = _CORE_TICK_S
@@ -126,29 +130,28 @@ class Relay:
 
     def open(self) -> None:
         """Create the engine loop and attach it to the running event loop."""
-        if self._core is not None or self._closed:
+        if self._engine_loop is not None or self._closed:
             raise RuntimeError("Relay: already opened")
-        aloop = asyncio.get_running_loop()
+        event_loop = asyncio.get_running_loop()
         try:
-            core, reason = engines.create(self._engine_name, **self._loop_options)
+            engine_loop, reason = engines.create(self._engine_name, **self._engine_options)
         except OSError as exc:
             if self._engine_name != "auto":
                 raise
-            core, _ = engines.create("asyncio", **self._loop_options)
+            engine_loop, _ = engines.create("asyncio", **self._engine_options)
             reason = f"auto: asyncio engine because {exc}"
             log.warning("%s", reason)
-        self._core = core
-        self.engine = core.backend
+        self._engine_loop = engine_loop
+        self.engine = engine_loop.backend
         self.engine_reason = reason
-        if core.backend == "asyncio":
-            timeouts = [self._loop_options.get(k, d) for k, d in (
-                ("connect_timeout_ms", 5000), ("idle_timeout_ms", 300_000),
-                ("half_close_timeout_ms", 60_000))]
+        if engine_loop.backend == "asyncio":
+            timeouts = [self._engine_options.get(k, LOOP_DEFAULTS[k]) for k in (
+                "connect_timeout_ms", "idle_timeout_ms", "half_close_timeout_ms")]
             shortest = min((t for t in timeouts if t > 0), default=10_000) / 1000.0
             self._tick_s = min(max(shortest / 10.0, _AIO_TICK_MIN_S), _AIO_TICK_MAX_S)
-        self._aloop = aloop
-        self._fd = core.fileno()
-        aloop.add_reader(self._fd, self._drive)
+        self._event_loop = event_loop
+        self._fd = engine_loop.fileno()
+        event_loop.add_reader(self._fd, self._drive)
 
     @property
     def closed(self) -> bool:
@@ -160,15 +163,15 @@ class Relay:
         if self._closed:
             return
         self._closed = True
-        if self._core is None:
+        if self._engine_loop is None:
             return
         self._check_thread()
         for cid, fut in self._waiters.items():
             if fut is None or not fut.done():
-                self._core.abort(cid)
+                self._engine_loop.abort(cid)
         deadline = asyncio.get_running_loop().time() + _CLOSE_WAIT_S
         while self._waiters and asyncio.get_running_loop().time() < deadline:
-            self._process(self._core.run(0))
+            self._process(self._engine_loop.run(0))
             if self._waiters:
                 await asyncio.sleep(0.005)
         self._release()
@@ -177,9 +180,9 @@ class Relay:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
-        if self._aloop is not None and not self._aloop.is_closed():
-            self._aloop.remove_reader(self._fd)
-        self._core.close()
+        if self._event_loop is not None and not self._event_loop.is_closed():
+            self._event_loop.remove_reader(self._fd)
+        self._engine_loop.close()
         for fut in self._waiters.values():
             if fut is not None and not fut.done():
                 fut.set_result(SpliceResult(0, 0, 0, 0, "aborted", 0.0))
@@ -190,7 +193,7 @@ class Relay:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is not self._aloop:
+        if running is not self._event_loop:
             raise RuntimeError("Relay used outside the event loop that opened it")
 
     # -- relaying ------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ class Relay:
         as a reset to the other (``reason`` "reset_client"/"reset_origin"): only "eof" means
         both directions ended cleanly.
         """
-        if self._closed or self._core is None:
+        if self._closed or self._engine_loop is None:
             raise RuntimeError("Relay is not open (use `async with Relay()` or relay.splice)")
         self._check_thread()
         client_fd = _take_fd(client)
@@ -212,13 +215,13 @@ class Relay:
             os.close(client_fd)
             raise
         try:
-            cid = self._core.add_pair(client_fd, upstream_fd)
+            cid = self._engine_loop.add_pair(client_fd, upstream_fd)
         except BaseException:
             os.close(client_fd)
             os.close(upstream_fd)
             raise
-        assert self._aloop is not None
-        fut: asyncio.Future[SpliceResult] = self._aloop.create_future()
+        assert self._event_loop is not None
+        fut: asyncio.Future[SpliceResult] = self._event_loop.create_future()
         self._waiters[cid] = fut
         self._schedule_drive()
         self._arm_tick()
@@ -227,21 +230,21 @@ class Relay:
         except asyncio.CancelledError:
             if cid in self._waiters and not self._closed:
                 self._waiters[cid] = None  # still running: its EV_DONE is dropped when it comes
-                self._core.abort(cid)
-                self._process(self._core.run(0))  # closes the sockets now, not at the next tick
+                self._engine_loop.abort(cid)
+                self._process(self._engine_loop.run(0))  # closes the sockets now, not at the next tick
             raise
 
     def _schedule_drive(self) -> None:
         if not self._drive_scheduled:
             self._drive_scheduled = True
-            assert self._aloop is not None
-            self._aloop.call_soon(self._drive)
+            assert self._event_loop is not None
+            self._event_loop.call_soon(self._drive)
 
     def _drive(self) -> None:
         self._drive_scheduled = False
         if self._closed:
             return
-        self._process(self._core.run(0))
+        self._process(self._engine_loop.run(0))
 
     def _process(self, events: list[tuple[Any, ...]]) -> None:
         for ev in events:
@@ -252,27 +255,27 @@ class Relay:
                 continue
             fut = self._waiters.pop(cid)
             if fut is not None and not fut.done():
-                fut.set_result(SpliceResult(c2s, s2c, spliced, copied, REASONS[reason],
+                fut.set_result(SpliceResult(c2s, s2c, spliced, copied, CLOSE_REASONS[reason],
                                             duration_us / 1e6))
 
     def _arm_tick(self) -> None:
-        if self._tick_handle is None and self._aloop is not None:
-            self._tick_handle = self._aloop.call_later(self._tick_s, self._on_tick)
+        if self._tick_handle is None and self._event_loop is not None:
+            self._tick_handle = self._event_loop.call_later(self._tick_s, self._on_tick)
 
     def _on_tick(self) -> None:
         self._tick_handle = None
         if self._closed:
             return
-        self._process(self._core.run(0))
+        self._process(self._engine_loop.run(0))
         if self._waiters:
             self._arm_tick()
 
     def stats(self) -> dict[str, int]:
         """The engine loop's counters (see docs/architecture.md)."""
-        if self._core is None or self._closed:
+        if self._engine_loop is None or self._closed:
             raise RuntimeError("Relay is not open")
         self._check_thread()
-        stats: dict[str, int] = self._core.stats()
+        stats: dict[str, int] = self._engine_loop.stats()
         return stats
 
 
@@ -284,7 +287,7 @@ _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncIterator[Non
     weakref.WeakKeyDictionary())
 
 
-async def _close_at_shutdown(aloop: asyncio.AbstractEventLoop, relay: Relay
+async def _close_at_shutdown(event_loop: asyncio.AbstractEventLoop, relay: Relay
                              ) -> AsyncIterator[None]:
     # An async generator parked at its yield: asyncio.run() (and uvloop) call
     # loop.shutdown_asyncgens() before closing the loop, which runs this finally clause inside the
@@ -292,22 +295,22 @@ async def _close_at_shutdown(aloop: asyncio.AbstractEventLoop, relay: Relay
     try:
         yield
     finally:
-        if _defaults.get(aloop) is relay:
-            del _defaults[aloop]
-        _closers.pop(aloop, None)
+        if _defaults.get(event_loop) is relay:
+            del _defaults[event_loop]
+        _closers.pop(event_loop, None)
         await relay.aclose()
 
 
 async def splice(client: Any, upstream: Any) -> SpliceResult:
     """``Relay.splice`` on the running event loop's default Relay (created on first use,
     closed by ``loop.shutdown_asyncgens()``, which ``asyncio.run`` calls)."""
-    aloop = asyncio.get_running_loop()
-    relay = _defaults.get(aloop)
+    event_loop = asyncio.get_running_loop()
+    relay = _defaults.get(event_loop)
     if relay is None or relay.closed:
         relay = Relay()
         relay.open()
-        _defaults[aloop] = relay
-        closer = _close_at_shutdown(aloop, relay)
+        _defaults[event_loop] = relay
+        closer = _close_at_shutdown(event_loop, relay)
         await closer.__anext__()
-        _closers[aloop] = closer
+        _closers[event_loop] = closer
     return await relay.splice(client, upstream)

@@ -30,6 +30,7 @@ __all__ = [
     "address_in_use",
     "check_address_free",
     "format_address",
+    "format_local_address",
     "open_listener",
     "open_udp_listeners",
     "original_destination",
@@ -91,6 +92,14 @@ def format_address(address: tuple[Any, ...] | str | None) -> str:
         return address or "-"
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def format_local_address(sock: socket.socket) -> str:
+    """``sock``'s own address as format_address writes it; a unix socket's as "unix:/path"."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return UNIX_PREFIX + (name if isinstance(name, str) else name.decode(errors="replace"))
+    return format_address(name)
 
 
 def address_in_use(what: str) -> OSError:

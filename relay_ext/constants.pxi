@@ -1,6 +1,6 @@
 # The core's vocabulary as Python sees it.  The C values are declared once, in _core.pxd; the
 # names below are built from them, and relay/engines/constants.py (the copy the asyncio engine
-# uses without a built core) is pinned to these by tests/test_core_constants.py.
+# uses without a built core) is pinned to these by tests/engines/test_core_constants.py.
 
 import errno as _errno
 

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from relay.engines.constants import LOOP_DEFAULTS
+
 __all__ = [
     "ENGINES",
     "ENV_PREFIX",
@@ -90,7 +92,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             le=MAX_SECONDS,
             description="seconds to wait for the upstream connection",
         ),
-    ] = 5.0
+    ] = LOOP_DEFAULTS["connect_timeout_ms"] / 1000
     idle_timeout: Annotated[
         float,
         Meta(
@@ -98,7 +100,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             le=MAX_SECONDS,
             description="seconds without a byte either way before both sides are reset",
         ),
-    ] = 300.0
+    ] = LOOP_DEFAULTS["idle_timeout_ms"] / 1000
     half_close_timeout: Annotated[
         float,
         Meta(
@@ -106,7 +108,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             le=MAX_SECONDS,
             description="seconds a half-closed connection may stay idle before it is closed",
         ),
-    ] = 60.0
+    ] = LOOP_DEFAULTS["half_close_timeout_ms"] / 1000
     proxy_header_timeout: Annotated[
         float,
         Meta(
@@ -156,7 +158,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             description="bytes requested per splice pipe (F_SETPIPE_SZ, capped by "
             "fs.pipe-max-size)",
         ),
-    ] = 1 << 20
+    ] = LOOP_DEFAULTS["pipe_size"]
     max_pipes: Annotated[
         int,
         Meta(
@@ -168,7 +170,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     ] = 0
     splice: Annotated[
         bool, Meta(description="move bulk data with splice(2); false = always copy")
-    ] = True
+    ] = bool(LOOP_DEFAULTS["splice"])
     splice_min: Annotated[
         int,
         Meta(
@@ -176,7 +178,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             le=C_INT_MAX,  # the core takes it as a C int
             description="bytes pending below which a transfer is copied, not spliced",
         ),
-    ] = 4096
+    ] = LOOP_DEFAULTS["splice_min"]
     user: Annotated[
         str, Meta(description="drop privileges to this user after binding; empty = stay")
     ] = ""

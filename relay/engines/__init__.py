@@ -14,16 +14,19 @@ import logging
 from typing import Any, Protocol
 
 from relay.engines.constants import (
+    CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
     EV_DONE,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
-    REASONS,
+    LOOP_DEFAULTS,
 )
+from relay.engines.ring_failure import explain_ring_failure, io_uring_disabled
 
 __all__ = [
+    "CLOSE_REASONS",
     "ENGINES",
     "EV_ACCEPT",
     "EV_ACCEPT_ERROR",
@@ -31,7 +34,7 @@ __all__ = [
     "EV_DONE",
     "EV_READABLE",
     "EV_WATCH_TIMEOUT",
-    "REASONS",
+    "LOOP_DEFAULTS",
     "EngineLoop",
     "available",
     "create",
@@ -75,11 +78,8 @@ def _core_loop_class() -> Any:
 
 def _describe_start_failure(name: str, exc: OSError) -> str:
     what = f"{name} backend cannot start: {exc.strerror or exc} (errno {exc.errno})"
-    if name == "uring" and exc.errno in (errno.EPERM, errno.EACCES):
-        return (what + ": io_uring is disabled (sysctl kernel.io_uring_disabled) or blocked by "
-                "a seccomp filter (e.g. Docker's default profile)")
-    if name == "uring" and exc.errno == errno.ENOSYS:
-        return what + ": this kernel has no io_uring"
+    if name == "uring" and exc.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS, errno.ENOMEM):
+        return what + ": " + explain_ring_failure(exc.errno, io_uring_disabled())
     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
         return what + ": out of file descriptors or memory"
     return what

@@ -40,12 +40,14 @@ from relay.engines.constants import (
     ACCEPT_BACKOFF_FIRST_S,
     ACCEPT_BACKOFF_MAX_S,
     ACCEPT_PAUSE_ERRNOS,
+    CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
     EV_DONE,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
+    LOOP_DEFAULTS,
     R_ABORTED,
     R_CONNECT_TIMEOUT,
     R_EOF,
@@ -55,18 +57,17 @@ from relay.engines.constants import (
     R_KILLED,
     R_RESET_CLIENT,
     R_RESET_ORIGIN,
-    REASONS,
     connect_failure_reason,
 )
 from relay.sock import LINGER_RST, arm_reset
 
-__all__ = ["AioLoop", "REASONS"]
+__all__ = ["AioLoop"]
 
 log = logging.getLogger("relay.engines.aio")
 
 # Errors on an established socket that mean "the peer reset the connection".
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
-_CLOSED_KEYS = tuple(f"closed_{name}" for name in REASONS)  # per-reason counters, as the core
+_CLOSED_KEYS = tuple(f"closed_{name}" for name in CLOSE_REASONS)  # per-reason counters, as the core
 _ACCEPT_BATCH = 64  # accepts per readiness callback: fairness with the established pairs
 _LINGER_OFF = struct.pack("ii", 0, 0)  # SO_LINGER {0, 0}: the default close (FIN after the data)
 _SAMPLES_PER_TIMEOUT = 8  # write-buffer samples per idle/half-close timeout
@@ -216,15 +217,15 @@ class AioLoop:
     def __init__(
         self,
         backend: str = "asyncio",
-        pipe_size: int = 1 << 20,
-        max_pipes: int = 256,
-        max_conns: int = 65536,
-        splice_min: int = 4096,
-        connect_timeout_ms: int = 5000,
-        idle_timeout_ms: int = 300_000,
-        half_close_timeout_ms: int = 60_000,
-        pipes_keep_idle: int = 8,
-        pipe_release_ms: int = 10_000,
+        pipe_size: int = LOOP_DEFAULTS["pipe_size"],
+        max_pipes: int = LOOP_DEFAULTS["max_pipes"],
+        max_conns: int = LOOP_DEFAULTS["max_conns"],
+        splice_min: int = LOOP_DEFAULTS["splice_min"],
+        connect_timeout_ms: int = LOOP_DEFAULTS["connect_timeout_ms"],
+        idle_timeout_ms: int = LOOP_DEFAULTS["idle_timeout_ms"],
+        half_close_timeout_ms: int = LOOP_DEFAULTS["half_close_timeout_ms"],
+        pipes_keep_idle: int = LOOP_DEFAULTS["pipes_keep_idle"],
+        pipe_release_ms: int = LOOP_DEFAULTS["pipe_release_ms"],
     ) -> None:
         if backend != "asyncio":
             raise ValueError(f"AioLoop: backend={backend!r}: this engine only provides 'asyncio'")

@@ -3,13 +3,15 @@
 The values are the contract of ``relay_ext._core`` (docs/architecture.md): the pure-Python engine
 and the server use these so that an event tuple means the same thing whichever engine produced it.
 This module is Python's copy (the asyncio engine runs without a built core): the core defines each
-value once (relay_ext/_core.pxd, constants.pxi) and tests/test_core_constants.py pins every name
+value once (relay_ext/_core.pxd, constants.pxi) and tests/engines/test_core_constants.py pins every name
 and value here to the core's exports.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
+from types import MappingProxyType
 
 EV_ACCEPT = 1  # (EV_ACCEPT, listener_tag, fd)
 EV_ACCEPT_ERROR = 2  # (EV_ACCEPT_ERROR, listener_tag, errno)
@@ -18,7 +20,9 @@ EV_DONE = 4  # (EV_DONE, cid, tag, reason, c2s, s2c, spliced, copied, duration_u
 EV_READABLE = 5  # (EV_READABLE, tag, fd): a watched fd turned readable (loop.watch)
 EV_WATCH_TIMEOUT = 6  # (EV_WATCH_TIMEOUT, tag, fd): a watched fd stayed silent until its deadline
 
-REASONS: tuple[str, ...] = (
+# How a relayed connection ended (EV_DONE's reason int indexes this tuple): the flow log's
+# reason for a TCP connection that reached the engine, and the ``closed_<reason>`` counters.
+CLOSE_REASONS: tuple[str, ...] = (
     "eof",
     "reset_client",
     "reset_origin",
@@ -31,19 +35,36 @@ REASONS: tuple[str, ...] = (
     "half_close_timeout",
     "killed",
 )
-REASON_INDEX: dict[str, int] = {name: i for i, name in enumerate(REASONS)}
+CLOSE_REASON_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLOSE_REASONS)}
 
-R_EOF = REASON_INDEX["eof"]
-R_RESET_CLIENT = REASON_INDEX["reset_client"]
-R_RESET_ORIGIN = REASON_INDEX["reset_origin"]
-R_REFUSED = REASON_INDEX["refused"]
-R_UNREACHABLE = REASON_INDEX["unreachable"]
-R_CONNECT_TIMEOUT = REASON_INDEX["connect_timeout"]
-R_IDLE_TIMEOUT = REASON_INDEX["idle_timeout"]
-R_ABORTED = REASON_INDEX["aborted"]
-R_ERROR = REASON_INDEX["error"]
-R_HALF_CLOSE_TIMEOUT = REASON_INDEX["half_close_timeout"]
-R_KILLED = REASON_INDEX["killed"]  # reset by an operator (`relay kill`), not by the relay
+R_EOF = CLOSE_REASON_INDEX["eof"]
+R_RESET_CLIENT = CLOSE_REASON_INDEX["reset_client"]
+R_RESET_ORIGIN = CLOSE_REASON_INDEX["reset_origin"]
+R_REFUSED = CLOSE_REASON_INDEX["refused"]
+R_UNREACHABLE = CLOSE_REASON_INDEX["unreachable"]
+R_CONNECT_TIMEOUT = CLOSE_REASON_INDEX["connect_timeout"]
+R_IDLE_TIMEOUT = CLOSE_REASON_INDEX["idle_timeout"]
+R_ABORTED = CLOSE_REASON_INDEX["aborted"]
+R_ERROR = CLOSE_REASON_INDEX["error"]
+R_HALF_CLOSE_TIMEOUT = CLOSE_REASON_INDEX["half_close_timeout"]
+R_KILLED = CLOSE_REASON_INDEX["killed"]  # reset by an operator (`relay kill`), not by the relay
+
+# The keyword defaults of the core's Loop(), written once for Python: the asyncio engine, the
+# embedding API and the config's defaults read them here (tests/engines/test_core_constants.py
+# pins them to relay_ext._core.Loop's signature).
+LOOP_DEFAULTS: Mapping[str, int] = MappingProxyType({
+    "pipe_size": 1 << 20,  # bytes requested per splice pipe (F_SETPIPE_SZ)
+    "max_pipes": 256,  # pipe pool cap (idle + in use)
+    "max_conns": 65536,  # connection table size (pairs)
+    "splice_min": 4096,  # bytes pending below which a transfer is copied, not spliced
+    "splice": True,  # false: always copy
+    "connect_timeout_ms": 5000,
+    "idle_timeout_ms": 300_000,
+    "half_close_timeout_ms": 60_000,
+    "ring_entries": 1024,  # io_uring submission queue entries (uring backend only)
+    "pipes_keep_idle": 8,
+    "pipe_release_ms": 10_000,
+})
 
 # accept(2) errors that mean "out of a resource": retrying at once would spin, so the listener is
 # paused and resumed after a backoff (100 ms doubling to 1 s).

@@ -24,6 +24,7 @@ from typing import Literal
 import msgspec
 
 from relay.config import Config, ConfigError, host, load
+from relay.engines.ring_failure import explain_ring_failure, io_uring_disabled
 from relay.host.probes import (
     CAP_SYS_ADMIN,
     CAP_SYS_RESOURCE,
@@ -136,7 +137,7 @@ class Doctor:
     # ------------------------------------------------------------------ io_uring
 
     def check_io_uring(self) -> Check:
-        disabled = read_int("/proc/sys/kernel/io_uring_disabled")
+        disabled = io_uring_disabled()
         sysctl = f"kernel.io_uring_disabled={disabled}" if disabled is not None else ""
         want_uring = self.cfg.relay.engine == "uring"
         try:
@@ -153,7 +154,7 @@ class Doctor:
         try:
             io_uring_queue_init(8, ring, 0)
         except OSError as exc:
-            self._ring_error = _ring_failure(exc.errno, disabled)
+            self._ring_error = explain_ring_failure(exc.errno, disabled)
             return Check(
                 name="io_uring",
                 status=self._severity(want_uring),
@@ -766,27 +767,6 @@ def main(config_path: str | None = None, as_json: bool = False) -> int:
 
 
 # ---------------------------------------------------------------------- explanations
-
-
-def _ring_failure(code: int | None, disabled: int | None) -> str:
-    if code == errno.EPERM:
-        if disabled == 2:
-            return "EPERM: kernel.io_uring_disabled=2 turns io_uring off for every process"
-        if disabled == 1:
-            group = read_proc("/proc/sys/kernel/io_uring_group")
-            return (
-                "EPERM: kernel.io_uring_disabled=1 allows only CAP_SYS_ADMIN and members of "
-                f"kernel.io_uring_group ({group})"
-            )
-        return (
-            "EPERM with kernel.io_uring_disabled=0: a seccomp filter (e.g. Docker's default "
-            "profile) or an LSM blocks io_uring_setup"
-        )
-    if code == errno.ENOSYS:
-        return "ENOSYS: kernel built without io_uring, or the syscall is filtered"
-    if code == errno.ENOMEM:
-        return "ENOMEM: RLIMIT_MEMLOCK too small for the ring (kernels before 5.12)"
-    return os.strerror(code or 0)
 
 
 def _ring_fix(code: int | None, disabled: int | None) -> str:

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from relay.sock import format_address
+
 __all__ = ["fetch", "main", "quic_unavailable_reason", "self_signed", "serve"]
 
 
@@ -70,7 +72,7 @@ def _fmt(addr: Any) -> str:
     mapped = ipaddress.ip_address(host)
     if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
         host = str(mapped.ipv4_mapped)
-    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return format_address((host, addr[1]))
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ async def serve(binds: Sequence[tuple[str, int]], cert: str, key: str) -> None:
     for host, port in binds:
         config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
         config.load_cert_chain(cert, key)
-        local = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        local = format_address((host, port))
         await quic_serve(host, port, configuration=config, create_protocol=protocol_for(local))
         bound.append(local)
     print("READY " + " ".join(bound), flush=True)

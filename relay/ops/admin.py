@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 
 from relay.config.model import Config
 from relay.ops.http import HTTPServer, Response, text
+from relay.sock import format_address
 
 __all__ = ["AdminServer", "client_main", "format_stats", "request"]
 
@@ -121,8 +122,7 @@ class AdminServer:
         if self._unix is not None:
             out["admin_socket"] = self._unix_path
         if self._http is not None:
-            host, port = self._http.address
-            out["metrics"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            out["metrics"] = format_address(self._http.address)
         return out
 
     def close(self) -> None:

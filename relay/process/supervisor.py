@@ -68,6 +68,7 @@ from relay.process.worker import (
     run_worker,
 )
 from relay.serve import limits as serve_limits
+from relay.sock import format_local_address
 
 __all__ = ["Supervisor", "run"]
 
@@ -113,15 +114,6 @@ def describe_status(status: int) -> str:
 def listener_key(lst: Listener) -> tuple[str, str, str]:
     """A listener's identity across configs: name, address text and mode."""
     return (lst.name, lst.bind, lst.mode)
-
-
-def format_address(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        return "unix:" + (name if isinstance(name, str) else name.decode(errors="replace"))
-    if sock.family == socket.AF_INET6:
-        return f"[{name[0]}]:{name[1]}"
-    return f"{name[0]}:{name[1]}"
 
 
 @dataclasses.dataclass(eq=False)
@@ -469,7 +461,7 @@ class Supervisor:
 
     def _listener_text(self, gen: Generation) -> str:
         names = {**gen.sockets, **{n: g[0] for n, g in gen.udp_sockets.items() if g}}
-        return ",".join(f"{lst.name}={format_address(names[lst.name])}"
+        return ",".join(f"{lst.name}={format_local_address(names[lst.name])}"
                         for lst in gen.cfg.listener if lst.name in names)
 
     # ------------------------------------------------------------------ workers
@@ -1015,7 +1007,7 @@ class Supervisor:
             "engine": self.cfg.relay.engine,
             "engines": sorted({w["engine"] for w in workers if w["engine"]}),
             "listeners": (
-                {name: format_address(s) for name, s in current.slot_sockets(0).items()
+                {name: format_local_address(s) for name, s in current.slot_sockets(0).items()
                  if s.fileno() >= 0} if current else {}
             ),
             "admin": self.admin.addresses() if self.admin is not None else {},

@@ -24,17 +24,32 @@ fields (text: ``key=value`` after the message; json: members), in this order:
 ``copied_bytes``   of those, bytes delivered through a user-space buffer (so
                    spliced_bytes + copied_bytes = c2s_bytes + s2c_bytes)
 ``duration``       seconds from accept to the end, float
-``reason``         how it ended: one of ``relay.engines.REASONS`` for relayed connections,
-                   ``"denied_" + relay.serve.routing.REASONS`` for clients the routing refused,
-                   ``"rejected_" + relay.serve.server.REJECT_REASONS`` for clients over a
-                   connection limit (``rejected_maxconn``, ``rejected_maxconn_per_source``)
+``reason``         how it ended, from one of the vocabularies below
 ``errno``          errno name behind the reason ("ECONNRESET"), "" when none
 ``protocol``       "tcp" or "udp"
 ``c2s_dgrams``     UDP only: datagrams client -> origin (and ``s2c_dgrams`` back)
 =================  ==========================================================================
 
-UDP flows (docs/udp.md) add the reasons ``responses``, ``closed``, ``reload`` and
-``slice_exhausted``; their bytes are all copied (``spliced_bytes`` 0).
+``reason`` takes its value from one vocabulary per outcome, each a tuple defined once:
+
+=====================================  ==============================================================
+``CLOSE_REASONS``                      TCP, relayed or failed to connect upstream (``eof``,
+(``relay.engines``, the core's)        ``reset_client``, ``refused``, ``idle_timeout``, ``killed``...)
+``"denied_" + DENY_REASONS``           TCP client the routing refused (``denied_not_allowed``,
+(``relay.serve.routing``)              ``denied_loop``, ``denied_slice_exhausted``...); the first
+                                       ones are ``relay.serve.policy.POLICY_DENY_REASONS``
+``"rejected_" + REJECT_REASONS``       TCP client over a connection limit (``rejected_maxconn``,
+(``relay.serve.server``)               ``rejected_maxconn_per_source``)
+``"handoff_refused_" +``               TCP flow handed over on reload that the new worker refused
+``HANDOFF_REFUSALS``                   (``handoff_refused_listener_removed``...)
+(``relay.serve.handoff``)
+``UDP_CLOSE_REASONS``                  UDP flow (docs/udp.md): ``idle_timeout``, ``responses``,
+(``relay.serve.udp``)                  ``closed``, ``error``, ``reload``; a UDP flow refused before it
+                                       started: ``"denied_" + DENY_REASONS``, except
+                                       ``slice_exhausted`` (unprefixed) and ``error``
+=====================================  ==============================================================
+
+UDP bytes are all copied (``spliced_bytes`` 0).
 
 When ``relay.ops.log.setup_logging`` installed the only handler, the writer formats the lines
 itself (the same text as ``relay.ops.log.TextFormatter``, the same JSON members as its JSON

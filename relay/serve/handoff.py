@@ -40,7 +40,7 @@ from relay.sock import reset_and_close
 if TYPE_CHECKING:
     from relay.serve.server import Server, _Flow, _Listener
 
-__all__ = ["PAUSE_BUCKETS", "REFUSE_REASONS", "Handoff"]
+__all__ = ["HANDOFF_REFUSALS", "PAUSE_BUCKETS", "Handoff"]
 
 log = logging.getLogger("relay.handoff")
 
@@ -49,7 +49,9 @@ PAUSE_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
-REFUSE_REASONS = (
+# Why an adopting worker refused a flow (the docstring above): stats' "handoff_refused" keys and
+# the flow log's "handoff_refused_<why>" reasons.
+HANDOFF_REFUSALS: tuple[str, ...] = (
     "listener_removed", "destination_denied", "egress_slice", "table_full", "stopping",
     "maxconn", "maxconn_per_source",
 )
@@ -76,7 +78,7 @@ class Handoff:
         self.kept = 0  # flows that could not be sent and drain here
         self.pending_bytes = 0  # bytes read but not yet written (pipes, buffers) when sent
         self.adopted = 0
-        self.refused: dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
+        self.refused: dict[str, int] = dict.fromkeys(HANDOFF_REFUSALS, 0)
         self.pause = _Histogram(PAUSE_BUCKETS)
         self.pause_max = 0.0
 

@@ -30,9 +30,11 @@ from typing import Any
 from relay.config.model import PolicyRules
 from relay.config.values import IPNetwork, PolicyRule
 
-__all__ = ["NetworkSet", "Policy", "PortRanges", "Rule", "REASONS"]
+__all__ = ["POLICY_DENY_REASONS", "NetworkSet", "Policy", "PortRanges", "Rule"]
 
-REASONS = (
+# Every reason Policy.check returns: the first part of the deny vocabulary
+# (relay.serve.routing.DENY_REASONS, the flow log's "denied_<reason>").
+POLICY_DENY_REASONS = (
     "loopback",
     "link_local",
     "unspecified",

@@ -3,7 +3,7 @@
     router = Router(listener, cfg, own_addresses)   # relay.config.model Listener and Config
     try:
         up = router.open_upstream(client_sock)       # client_sock: the accepted socket
-    except Denied as exc:                            # exc.reason: why (see REASONS)
+    except Denied as exc:                            # exc.reason: why (see DENY_REASONS)
         reset the client (SO_LINGER {1,0} + close); count/log exc.reason
     except OSError:                                  # socket/bind/connect failed otherwise
         reset the client
@@ -49,17 +49,17 @@ from relay.config.model import Config, Listener
 from relay.ops.log import log_every
 from relay.serve import proxyproto, slicecheck
 from relay.serve.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
-from relay.serve.policy import REASONS as POLICY_REASONS
-from relay.serve.policy import NetworkSet, Policy
+from relay.serve.policy import POLICY_DENY_REASONS, NetworkSet, Policy
 from relay.sock import UNIX_PREFIX, original_destination, reset_and_close
 
-__all__ = ["REASONS", "Denied", "Router", "SliceExhausted", "Upstream"]
+__all__ = ["DENY_REASONS", "Denied", "Router", "SliceExhausted", "Upstream"]
 
 log = logging.getLogger("relay.routing")
 
-# Every Denied.reason: the relay.serve.policy reasons, then the router's own.
-REASONS = (
-    *POLICY_REASONS,
+# The deny vocabulary: every Denied.reason (the flow log writes "denied_<reason>" for TCP, the
+# stats' "denied" keys): the relay.serve.policy reasons, then the router's own.
+DENY_REASONS: tuple[str, ...] = (
+    *POLICY_DENY_REASONS,
     "loop",  # the client is this relay's own egress (address and slice port): a routing loop
     "slice_exhausted",  # no free port in the slice for this destination (EADDRNOTAVAIL)
     "slice_violation",  # the kernel picked a local address/port outside the slice
@@ -77,7 +77,7 @@ _LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind (relay.ops
 
 
 class Denied(Exception):
-    """The connection must not be relayed; `reason` is one of REASONS."""
+    """The connection must not be relayed; `reason` is one of DENY_REASONS."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -222,7 +222,7 @@ class Router:
         `header_read`: the caller already read the client's PROXY v2 header (`header`, or None
         when the client needs none); otherwise a trusted client's header is read here, waiting
         up to proxy_header_timeout (never from an event loop: see the module docstring).
-        Raises Denied (reason in REASONS; SliceExhausted for "slice_exhausted") when the
+        Raises Denied (reason in DENY_REASONS; SliceExhausted for "slice_exhausted") when the
         connection must be refused, OSError when a socket call fails. Either way nothing is
         left open; the caller resets the client.
         """

@@ -37,13 +37,13 @@ from relay import engines
 from relay.config.model import Config
 from relay.engines.constants import (
     ACCEPT_PAUSE_ERRNOS,
+    CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_CONNECTED,
     EV_DONE,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
-    REASONS,
     connect_failure_reason,
 )
 from relay.ops.log import log_every
@@ -172,7 +172,7 @@ class Server:
         self._flows: dict[int, _Flow] = {}
         self._per_source: dict[bytes, int] = {}
         self._egress_in_use: dict[str, int] = {}
-        self._closed_by_reason: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self._closed_by_reason: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
         self._denied: dict[str, int] = {}
         self._rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self._connect_hist = _Histogram(CONNECT_BUCKETS)
@@ -398,10 +398,10 @@ class Server:
 
         Labelled families are nested ``{label: int}`` dicts:
 
-        * ``closed``: ``{reason: count}`` for every ``relay.engines.REASONS`` (all present, 0
+        * ``closed``: ``{reason: count}`` for every ``relay.engines.CLOSE_REASONS`` (all present, 0
           included): how relayed pairs ended, plus upstreams that failed before relaying
           (``refused``, ``unreachable``, ``error``) (counter)
-        * ``denied``: ``{router reason: count}`` (``relay.serve.routing.REASONS``: policy reasons,
+        * ``denied``: ``{router reason: count}`` (``relay.serve.routing.DENY_REASONS``: policy reasons,
           ``loop``, ``slice_exhausted``...), clients reset before any upstream (counter)
         * ``rejected``: ``{limit: n}`` for every ``REJECT_REASONS``: over-limit clients (counter)
         * ``listener_open`` / ``listener_total``: ``{listener name: n}`` (gauge / counter)
@@ -599,7 +599,7 @@ class Server:
         except OSError as exc:
             self._release(source)
             err = exc.errno or 0
-            reason = REASONS[connect_failure_reason(err)]
+            reason = CLOSE_REASONS[connect_failure_reason(err)]
             self._closed_by_reason[reason] += 1
             reset_and_close(client)
             if err in ACCEPT_PAUSE_ERRNOS:
@@ -659,7 +659,7 @@ class Server:
 
     def _on_done(self, ev: tuple[Any, ...]) -> None:
         (_kind, cid, _tag, reason, c2s, s2c, spliced, copied, duration_us, err) = ev
-        name = REASONS[reason]
+        name = CLOSE_REASONS[reason]
         self._closed_by_reason[name] += 1
         flow = self._flows.pop(cid, None)
         if flow is None:

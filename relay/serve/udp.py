@@ -34,8 +34,9 @@ from relay.serve.flowlog import FlowLog
 from relay.serve.routing import Denied
 from relay.serve.udp_ports import PortAllocator
 from relay.serve.udp_routing import UdpFlow, UdpRouter
+from relay.sock import format_address
 
-__all__ = ["DROP_REASONS", "REFUSE_HOLD_MS", "UdpService", "udp_listeners_of"]
+__all__ = ["DROP_REASONS", "REFUSE_HOLD_MS", "UDP_CLOSE_REASONS", "UdpService", "udp_listeners_of"]
 
 log = logging.getLogger("relay.udp")
 
@@ -51,6 +52,12 @@ EXHAUSTED_HOLD_MS = 250
 # before a reload still gets its answer (a DNS or QUIC handshake round trip), while the
 # hand-over to the next generation stays short (the supervisor waits UDP_RELEASE_TIMEOUT).
 RELEASE_GRACE_S = 0.25
+# How a UDP flow ended: the flow log's reason for a "udp" line and the udp_closed keys. The first
+# four are the UDP core's, in its order (relay_ext._udp.UDP_REASONS, indexed by UEV_FLOW_DONE's
+# reason int; tests/engines/test_core_constants.py pins them); "reload": ended by a release
+# because the supervisor handed UDP over to a new generation. A flow refused before it started is
+# logged "denied_<relay.serve.routing.DENY_REASONS>", "slice_exhausted" or "error" (_refuse).
+UDP_CLOSE_REASONS: tuple[str, ...] = ("idle_timeout", "responses", "closed", "error", "reload")
 # UdpLoop.stats() drop counters -> the udp_drops label.
 DROP_REASONS = ("pending_full", "no_flow_slot", "truncated", "refused", "send", "no_origdst",
                 "pending_expired")
@@ -241,16 +248,14 @@ class UdpService:
             "error" if reason == "error" else "denied_" + reason)
         log_every(log, f"udp refused {reason}", _LOG_INTERVAL_S,
                   "UDP listener %s: flow from %s refused (%s): %s", listener,
-                  _fmt(client), logged, detail, listener=listener)
+                  format_address(client), logged, detail, listener=listener)
         if self._flow_log is not None:
             self._flow_log.add((time.time(), listener, client, dest, None, 0, 0, 0, 0, 0, logged,
                                 err, "udp", 0, 0))
 
     def _on_done(self, ev: tuple[Any, ...], override: str | None) -> None:
-        from relay_ext._udp import UDP_REASONS
-
         (_kind, fid, _tag, reason_i, d_c2s, b_c2s, d_s2c, b_s2c, duration_us, err) = ev
-        reason = UDP_REASONS[reason_i]
+        reason = UDP_CLOSE_REASONS[reason_i]
         if override is not None and reason == "closed":
             reason = override
         self._closed[reason] = self._closed.get(reason, 0) + 1
@@ -282,11 +287,4 @@ class UdpService:
                 self._on_released()
             except Exception as exc:  # reporting must not take the worker down
                 log.warning("UDP release report failed: %s", exc)
-
-
-def _fmt(addr: Any) -> str:
-    if not addr:
-        return "-"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 

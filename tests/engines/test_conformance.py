@@ -479,7 +479,7 @@ def engine_loop(engine, fd_baseline):
 
 
 def test_loop_events_prefix_and_accept_pause(engine_loop, origin) -> None:
-    from relay.engines import EV_ACCEPT, EV_CONNECTED, EV_DONE, REASONS
+    from relay.engines import CLOSE_REASONS, EV_ACCEPT, EV_CONNECTED, EV_DONE
 
     loop = engine_loop
     up = origin(sink)
@@ -507,7 +507,7 @@ def test_loop_events_prefix_and_accept_pause(engine_loop, origin) -> None:
         assert connected[:3] == (EV_CONNECTED, cid, 3) and connected[3] >= 0
         [done] = [e for e in events if e[0] == EV_DONE]
         assert len(done) == 10 and done[:3] == (EV_DONE, cid, 3)
-        assert REASONS[done[3]] == "eof"
+        assert CLOSE_REASONS[done[3]] == "eof"
         assert done[4] >= len(b"payload") and done[5] == 0
         [seen] = up.wait_results(1)
         assert seen.sha256 == sha(b"HEADER\npayload"), "prefix must precede the client's bytes"
@@ -524,7 +524,7 @@ def test_loop_events_prefix_and_accept_pause(engine_loop, origin) -> None:
 
 
 def test_loop_abort_resets_both(engine_loop, origin) -> None:
-    from relay.engines import EV_DONE, REASONS
+    from relay.engines import CLOSE_REASONS, EV_DONE
 
     loop = engine_loop
     up = origin(sink)
@@ -538,7 +538,7 @@ def test_loop_abort_resets_both(engine_loop, origin) -> None:
         loop.abort(cid)
         events = _run_until(loop, lambda evs: any(e[0] == EV_DONE for e in evs))
         [done] = [e for e in events if e[0] == EV_DONE]
-        assert REASONS[done[3]] == "aborted" and done[4] == 100
+        assert CLOSE_REASONS[done[3]] == "aborted" and done[4] == 100
         [seen] = up.wait_results(1)
         assert seen.end == "reset", f"origin saw {seen.end!r} after abort"
     finally:

@@ -4,8 +4,12 @@ Also: a closed Loop is safe to ask for stats() and refuses everything else with 
 
 from __future__ import annotations
 
+import ast
 import errno
+import inspect
+import re
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -21,10 +25,60 @@ def test_event_kinds_match_the_core() -> None:
 
 
 def test_close_reasons_match_the_core() -> None:
-    assert py.REASONS == core.REASONS
+    assert py.CLOSE_REASONS == core.REASONS
     for index, name in enumerate(core.REASONS):
         assert getattr(py, "R_" + name.upper()) == index
-        assert py.REASON_INDEX[name] == index
+        assert py.CLOSE_REASON_INDEX[name] == index
+
+
+def test_udp_close_reasons_start_with_the_udp_cores() -> None:
+    udp_core = pytest.importorskip("relay_ext._udp", reason="the UDP core is not built")
+    from relay.serve.udp import UDP_CLOSE_REASONS
+
+    n = len(udp_core.UDP_REASONS)
+    assert UDP_CLOSE_REASONS[:n] == udp_core.UDP_REASONS  # indexed by UEV_FLOW_DONE's reason
+    assert UDP_CLOSE_REASONS[n:] == ("reload",)
+
+
+def test_each_vocabulary_is_defined_once_under_its_own_name() -> None:
+    from relay.serve import handoff, policy, routing, server, udp
+
+    assert routing.DENY_REASONS[:len(policy.POLICY_DENY_REASONS)] == policy.POLICY_DENY_REASONS
+    vocabularies = [py.CLOSE_REASONS, routing.DENY_REASONS, server.REJECT_REASONS,
+                    udp.UDP_CLOSE_REASONS, handoff.HANDOFF_REFUSALS]
+    for vocabulary in vocabularies:
+        assert len(set(vocabulary)) == len(vocabulary), vocabulary
+    for module in (py, policy, routing, server, udp, handoff):
+        assert not hasattr(module, "REASONS"), module.__name__
+
+
+def test_loop_defaults_match_the_cores_signature() -> None:
+    # embedsignature: the docstring's first line is "Loop(str backend='uring', int pipe_size=...)"
+    signature = (core.Loop.__doc__ or "").splitlines()[0]
+    assert signature.startswith("Loop("), signature
+    defaults = {name: ast.literal_eval(value)
+                for name, value in re.findall(r"(\w+)=([^,)]+)", signature)}
+    assert defaults.pop("backend") == "uring"
+    assert defaults == dict(py.LOOP_DEFAULTS)
+
+
+def test_architecture_doc_shows_the_loop_defaults() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    block = doc[doc.index("loop = Loop("):]
+    block = block[:block.index("\n)\n")]
+    shown = {name: eval(value, {"__builtins__": {}})  # noqa: S307 (our own doc: "1 << 20")
+             for name, value in re.findall(r"^    (\w+)=([^,]+),", block, re.M)}
+    assert shown.pop("backend") == "uring"
+    assert shown and all(py.LOOP_DEFAULTS[name] == value for name, value in shown.items())
+
+
+def test_asyncio_engine_takes_the_loop_defaults() -> None:
+    from relay.engines.aio import AioLoop
+
+    params = inspect.signature(AioLoop).parameters
+    taken = {name: p.default for name, p in params.items() if name in py.LOOP_DEFAULTS}
+    assert taken == {name: py.LOOP_DEFAULTS[name] for name in taken}
+    assert set(py.LOOP_DEFAULTS) - set(taken) == {"splice", "ring_entries"}  # core-only knobs
 
 
 def test_accept_pause_and_backoff_match_the_core() -> None:

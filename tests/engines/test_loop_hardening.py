@@ -16,7 +16,7 @@ import pytest
 from helpers import count_pipes, wait_until
 
 from relay import engines
-from relay.engines import EV_DONE, EV_READABLE, EV_WATCH_TIMEOUT, REASONS
+from relay.engines import CLOSE_REASONS, EV_DONE, EV_READABLE, EV_WATCH_TIMEOUT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -140,7 +140,7 @@ def test_timeout_on_time_with_bytes_queued_to_a_stalled_reader(make_loop, which:
             done = [e for e in loop.run(20) if e[0] == EV_DONE]
         ended = time.monotonic()
         assert done, "never timed out"
-        assert REASONS[done[0][3]] == f"{which}_timeout"
+        assert CLOSE_REASONS[done[0][3]] == f"{which}_timeout"
         assert ended - start >= timeout_ms / 1000
         late = ended - last_sent - timeout_ms / 1000
         assert late < 1.0, f"reset {late:.2f}s after the {which} timeout (stalled reader)"
@@ -180,7 +180,7 @@ def test_linger_armed_while_relaying_cleared_for_graceful_close(make_loop) -> No
         origin.sendall(b"x" * 300_000)
         origin.shutdown(socket.SHUT_WR)
         events = _events_until(loop, lambda evs: any(e[0] == EV_DONE for e in evs), 10)
-        assert [REASONS[e[3]] for e in events if e[0] == EV_DONE] == ["eof"]
+        assert [CLOSE_REASONS[e[3]] for e in events if e[0] == EV_DONE] == ["eof"]
         client.settimeout(5)
         received = 0
         while True:

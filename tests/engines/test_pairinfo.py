@@ -10,7 +10,7 @@ import time
 import pytest
 
 from relay import engines
-from relay.engines.constants import EV_DONE, REASONS
+from relay.engines.constants import CLOSE_REASONS, EV_DONE
 
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -71,7 +71,7 @@ def test_pairs_report_bytes_age_idle_and_kill_resets_one(engine: str) -> None:
         assert loop.kill(cids[0]) is True
         events = _run_until(loop, lambda evs: any(e[0] == EV_DONE for e in evs))
         done = [e for e in events if e[0] == EV_DONE]
-        assert [(e[1], REASONS[e[3]]) for e in done] == [(cids[0], "killed")]
+        assert [(e[1], CLOSE_REASONS[e[3]]) for e in done] == [(cids[0], "killed")]
         assert loop.pair_info(cids[0]) is None and loop.kill(cids[0]) is False
         assert [p[0] for p in loop.pairs()] == [cids[1]]
         for sock in (clients[0], origins[0]):

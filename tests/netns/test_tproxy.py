@@ -27,6 +27,7 @@ from relay.lab.netlab import (
 )
 from relay.lab.netns import Topology
 from relay.lab.origins import split_hostport
+from relay.sock import format_address
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
@@ -61,7 +62,7 @@ def _egress_for(lab: Lab, dest: str) -> str:
 
 
 def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address((host, port))
 
 
 def test_intercepts_many_destinations_and_ports_ipv4_and_ipv6(env: LabEnv) -> None:

@@ -19,6 +19,7 @@ from helpers import require_netns, wait_until
 
 from relay.lab.netlab import Lab
 from relay.lab.udp import UdpLabEnv, exchange, receive, running_udp_lab, udp_lab_config
+from relay.sock import format_address
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -57,7 +58,7 @@ def _family(dest: tuple[str, int]) -> socket.AddressFamily:
 
 
 def _fmt(addr: tuple[str, int]) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    return format_address(addr)
 
 
 def _udp_records(env: UdpLabEnv) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import pytest
 from helpers import REPO_ROOT, block_io_uring
 
 from relay.config import loads
+from relay.engines.ring_failure import explain_ring_failure
 from relay.host import doctor
 from relay.host.doctor import CHECK_NAMES, Doctor, run_checks
 from relay.process import budgets as limits
@@ -122,9 +123,11 @@ def test_io_uring_blocked_by_seccomp(tmp_path: Path) -> None:
 
 
 def test_ring_failure_names_the_cause() -> None:
-    assert "io_uring_disabled=2" in doctor._ring_failure(errno.EPERM, 2)
-    assert "io_uring_group" in doctor._ring_failure(errno.EPERM, 1)
-    assert "seccomp" in doctor._ring_failure(errno.EPERM, 0)
+    assert "io_uring_disabled=2" in explain_ring_failure(errno.EPERM, 2)
+    assert "io_uring_group" in explain_ring_failure(errno.EPERM, 1)
+    assert "seccomp" in explain_ring_failure(errno.EPERM, 0)
+    assert "seccomp" in explain_ring_failure(errno.EACCES, None)
+    assert "without io_uring" in explain_ring_failure(errno.ENOSYS, 0)
     assert "seccomp" in doctor._ring_fix(errno.EPERM, 0)
     assert "kernel.io_uring_disabled=0" in doctor._ring_fix(errno.EPERM, 2)
 
