@@ -317,6 +317,7 @@ class Server:
             task.add_done_callback(self._route_done)
             return
         up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see relay/sock.py
         rc = up.connect_ex(target)
         if rc not in _CONNECT_PENDING:
             up.close()

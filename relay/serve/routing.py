@@ -264,6 +264,7 @@ class Router:
         else:
             assert self._backend_addr is not None
             sock = socket.socket(self._backend_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see relay/sock.py
             target = dest = self._backend_addr
         try:
             rc = sock.connect_ex(target)
@@ -298,6 +299,7 @@ class Router:
         prefix = self._prefix(client, peer, info, (ip, port))
         egress = self.egress.lookup(ip)
         sock = socket.socket(_family(ip), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see relay/sock.py
         try:
             if egress is not None:
                 bind_upstream(sock, egress)
