@@ -490,7 +490,9 @@ class Server:
             lst.paused = False
             log.info("listener %s: accepting again (%d accept errors during the pause)",
                      lst.name, lst.accept_errors)
-        client = socket.socket(fileno=fd)
+        # family and type given: socket(fileno=) would ask the kernel for them (getsockname,
+        # SO_TYPE, SO_PROTOCOL: three system calls per connection).
+        client = socket.socket(lst.sock.family, socket.SOCK_STREAM, 0, fd)
         try:
             peer = client.getpeername()
         except OSError:
