@@ -490,8 +490,8 @@ class Server:
             lst.paused = False
             log.info("listener %s: accepting again (%d accept errors during the pause)",
                      lst.name, lst.accept_errors)
-        # family and type given: socket(fileno=) would ask the kernel for them (getsockname,
-        # SO_TYPE, SO_PROTOCOL: three system calls per connection).
+        # type and proto given: socket(fileno=) would ask the kernel for them (SO_TYPE and
+        # SO_PROTOCOL, two system calls per connection; its validating getsockname stays).
         client = socket.socket(lst.sock.family, socket.SOCK_STREAM, 0, fd)
         try:
             peer = client.getpeername()
