@@ -80,6 +80,21 @@ def start_origin(tmp: Path) -> procs.Service:
     return procs.start_retrying(make)
 
 
+def plan_levels(wanted: list[int], cap: int, nofile_hard: int) -> tuple[list[int], list[str]]:
+    """The levels to run (each at most `cap`, no repeats, in order) and a note per lowered one."""
+    levels: list[int] = []
+    capped: list[str] = []
+    for level in wanted:
+        if level > cap:
+            capped.append(f"{level:,} lowered to {cap:,}: a proxy holds 2 fds per connection "
+                          f"plus pipes and listeners under the hard RLIMIT_NOFILE of "
+                          f"{nofile_hard:,}")
+            level = cap
+        if level not in levels:
+            levels.append(level)
+    return levels, capped
+
+
 def run_wrk(port: int, conns: int, duration: float, pids: list[int]) -> dict[str, float]:
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency",
             "--timeout", "10s", f"http://127.0.0.1:{port}/64k"]
@@ -117,17 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
     procs.raise_nofile()
-    cap = procs.max_proxied_conns()
-    levels: list[int] = []
-    capped: list[str] = []
-    for level in (int(x) for x in args.levels.split(",")):
-        if level > cap:
-            capped.append(f"{level:,} lowered to {cap:,}: a proxy holds 2 fds per connection "
-                          f"plus pipes and listeners under the hard RLIMIT_NOFILE of "
-                          f"{procs.nofile_hard():,}")
-            level = cap
-        if level not in levels:
-            levels.append(level)
+    levels, capped = plan_levels([int(x) for x in args.levels.split(",")],
+                                 procs.max_proxied_conns(), procs.nofile_hard())
     chosen = contenders.select(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="relay-scale-"))
     rng = random.Random()
