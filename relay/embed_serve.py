@@ -235,6 +235,11 @@ class Server:
         except asyncio.CancelledError:
             _reset(client)
             raise
+        await self._resolve_and_connect(client, peer, target)
+
+    async def _resolve_and_connect(self, client: socket.socket, peer: Address,
+                                   target: Any) -> None:
+        """Connect to `target`, resolving a name first (a failure resets the client)."""
         if (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
                 and self._family_of(target[0]) is None):
             try:
@@ -245,6 +250,9 @@ class Server:
                 log.warning("serve: cannot resolve %s for %s: %s", target[0],
                             format_address(peer), exc)
                 return
+            except asyncio.CancelledError:
+                _reset(client)
+                raise
         self._connect(client, peer, target)
 
     def _route_done(self, task: asyncio.Task[None]) -> None:
@@ -312,7 +320,7 @@ class Server:
         family = self._family_of(target[0])
         if family is None:
             # A name from a sync route: resolve it off the hot path.
-            task = self._aloop.create_task(self._route_async(client, peer, self._resolve(target)))
+            task = self._aloop.create_task(self._resolve_and_connect(client, peer, target))
             self._pending.add(task)
             task.add_done_callback(self._route_done)
             return

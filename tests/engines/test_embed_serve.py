@@ -310,3 +310,24 @@ def test_wait_closed_needs_close(origin) -> None:
             await server.wait_closed()
 
     run_on("asyncio", main)
+
+
+def test_route_to_a_name_is_resolved_off_the_hot_path(origin, caplog) -> None:
+    first = socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)[0][4][0]
+    if first != "127.0.0.1":
+        pytest.skip(f"localhost resolves to {first} first here, the origin listens on 127.0.0.1")
+    up = origin(echo)
+    names = iter([("localhost", up.port), ("no-such-host.invalid", up.port)])
+
+    async def main() -> tuple[list[tuple[bytes, str]], dict[str, int]]:
+        async with await relay.start_server(("127.0.0.1", 0), lambda c, d: next(names)) as server:
+            results = [await exchange(server.address, b"by name"),
+                       await exchange(server.address, b"nowhere")]
+            stats = server.stats()
+        return results, stats
+
+    with caplog.at_level(logging.WARNING, logger="relay.embed"):
+        results, stats = run_on("asyncio", main)
+    assert results == [(b"by name", "eof"), (b"", "reset")]
+    assert stats["relayed"] == 1 and stats["connect_errors"] == 1
+    assert "cannot resolve no-such-host.invalid" in caplog.text
