@@ -17,6 +17,7 @@ HAPROXY = "haproxy"
 STREAMS = "asyncio-streams"
 NGINX = "nginx-stream"
 EMBEDDED = "embedded"
+EMBEDDED_SERVE = "embedded-serve"
 UVLOOP = "uvloop-protocol"
 # Which Protocol proxy variant the numbers come from (see bench/competitors/asyncio_protocol.py).
 PROTOCOL_VARIANT = "EOF closes the peer (no half-close)"
@@ -199,6 +200,9 @@ ALL: tuple[Contender, ...] = (
     Contender(STREAMS, "competitor", _always, _python_script(STREAMS, "bench.competitors.asyncio_streams")),
     Contender(EMBEDDED, "competitor", _uvloop_available, _python_script(EMBEDDED, "bench.competitors.embedded"),
               variant="relay.splice() on uvloop"),
+    Contender(EMBEDDED_SERVE, "competitor", _uvloop_available,
+              _python_script(EMBEDDED_SERVE, "bench.competitors.embedded_serve"),
+              variant="relay.start_server() on uvloop: Python only routes"),
     Contender("socat", "competitor", socat.available, _start_socat, start_udp=_start_socat_udp),
 )
 

@@ -6,7 +6,16 @@ import math
 import statistics
 from typing import Any
 
-from bench.contenders import DIRECT, EMBEDDED, HAPROXY, NGINX, SCALING, STREAMS, UVLOOP
+from bench.contenders import (
+    DIRECT,
+    EMBEDDED,
+    EMBEDDED_SERVE,
+    HAPROXY,
+    NGINX,
+    SCALING,
+    STREAMS,
+    UVLOOP,
+)
 
 # metric -> (value key, unit label, higher is better); the last column is the load of other
 # processes during the run (bench/drivers/foreign.py): a lucky or unlucky contender shows there.
@@ -115,7 +124,7 @@ def targets(summary: dict[str, Any], idle: dict[str, Any], contenders: dict[str,
 
     checks: list[dict[str, Any]] = []
     for name, info in contenders.items():
-        if name == EMBEDDED:  # issue 8: embedding costs no more than the plain uvloop Protocol proxy
+        if name in (EMBEDDED, EMBEDDED_SERVE):  # issue 8: embedding costs no more than the plain uvloop Protocol proxy
             value = ratio("connrate", name, "conn_s", UVLOOP)
             checks.append({"contender": name, "goal": "conn/s x uvloop-protocol", "value": value, "op": ">=",
                            "limit": 1.0, "ok": None if value is None else value >= 1.0})

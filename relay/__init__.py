@@ -2,5 +2,6 @@
 
 from relay._version import __version__
 from relay.embed import Relay, SpliceResult, splice
+from relay.embed_serve import Server, start_server
 
-__all__ = ["Relay", "SpliceResult", "__version__", "splice"]
+__all__ = ["Relay", "Server", "SpliceResult", "__version__", "splice", "start_server"]

@@ -31,6 +31,7 @@ Cancelling ``splice()`` aborts the pair (both sides get an RST), closes both soc
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import asyncio.trsock
 import logging
@@ -52,6 +53,7 @@ _CORE_TICK_S = 1.0  # safety net for core engines, whose fileno() also covers th
 _AIO_TICK_MIN_S = 0.01
 _AIO_TICK_MAX_S = 0.5
 _CLOSE_WAIT_S = 2.0  # aclose(): how long aborted pairs may take to report
+_SOCK_STREAM = int(socket.SOCK_STREAM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +76,21 @@ TRANSPORT_OWNED = (
 )
 
 
+# socket.socket.type converts the kernel's int to a SocketKind enum on every access (a third of
+# _take_fd's time under connection churn): the plain type is the int, read without the enum.
+_raw_type = _socket.socket.type.__get__
+
+
 def _take_fd(sock: Any) -> int:
     """The fd the core will own: detached from a socket.socket, else a duplicate."""
     kind = type(sock)
+    if kind is socket.socket:  # the common case: not a transport's, checks below not needed
+        if sock.fileno() < 0:
+            raise ValueError(f"splice: {sock!r} is closed")
+        if _raw_type(sock) != _SOCK_STREAM:
+            raise ValueError(f"splice: {sock!r} is not a stream socket")
+        fd: int = sock.detach()
+        return fd
     if isinstance(sock, asyncio.trsock.TransportSocket) or (
             kind.__name__ == "PseudoSocket" and kind.__module__.startswith("uvloop")):
         raise TypeError(TRANSPORT_OWNED.format(what="this socket"))

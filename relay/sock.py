@@ -161,6 +161,14 @@ def open_listener(address: tuple[str, int] | str, *, transparent: bool = False,
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # TCP_NODELAY: a relay writes what it read, when it read it; Nagle would hold the short
+        # tail of a response (a 64 KiB body is one loopback MSS + a few hundred bytes) until the
+        # client ACKs the full segment before it, and a client in delayed-ACK mode waits 40 ms
+        # (TCP_DELACK_MIN) to do so: p99 40 ms for every keep-alive response of that shape.
+        # Accepted sockets inherit the option from the listener (the child is a clone of the
+        # listening socket), so it costs no system call per connection on this side; upstream
+        # sockets set it themselves (relay/serve/routing.py).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:

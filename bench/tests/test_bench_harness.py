@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench import charts, procs, report, summary
+from bench import charts, procs, report, scale, summary
 from bench.competitors import nginx
 from bench.contenders import select
 from bench.drivers import procstat, relay_stats, sockperf, udp, udp_sink, wrk
@@ -247,6 +247,34 @@ def test_embedded_goal_against_uvloop_protocol() -> None:
     medians = summary.summarize(batch)
     goal = [t for t in summary.targets(medians, {}, batch["contenders"]) if t["contender"] == "embedded"]
     assert [(g["goal"], g["value"], g["ok"]) for g in goal] == [("conn/s x uvloop-protocol", 0.5, False)]
+
+
+def test_embedded_serve_has_the_same_goal() -> None:
+    batch = _batch()
+    for r in batch["rounds"]:
+        r["results"]["connrate"] = {"embedded-serve": {"conn_s": 1500.0},
+                                    "uvloop-protocol": {"conn_s": 1200.0}}
+    for name in ("embedded-serve", "uvloop-protocol"):
+        batch["contenders"][name] = {"kind": "competitor", "status": "ok", "reason": None}
+    medians = summary.summarize(batch)
+    goal = [t for t in summary.targets(medians, {}, batch["contenders"])
+            if t["contender"] == "embedded-serve"]
+    assert [(g["goal"], g["value"], g["ok"]) for g in goal] == [("conn/s x uvloop-protocol", 1.25, True)]
+    assert [c.name for c in select(["embedded-serve"])] == ["embedded-serve"]
+
+
+def test_scale_levels_are_capped_by_the_fd_limit(tmp_path: Path) -> None:
+    levels, notes = scale.plan_levels([1, 10, 10_000, 20_000], 9_700, 20_000)
+    assert levels == [1, 10, 9_700]
+    assert len(notes) == 2 and notes[0].startswith("10,000 lowered to 9,700")
+    row = {"rps": 100.0, "gbit_s": 0.05, "p99_us": 900.0, "cpu_s_per_gb": 0.5, "cpu_us_per_req": 30.0,
+           "cpu_us_per_conn_s": 40.0, "rss_mb": 60.0, "errors": 0.0, "foreign_cpus": 0.1}
+    args = scale.argparse.Namespace(rounds=2, duration=3.0)
+    scale.write({"relay-uring": {1: [row, {**row, "rps": 300.0}]}}, levels, notes, {"haproxy": "not installed"},
+                args, tmp_path)
+    md = next(tmp_path.glob("*-scale.md")).read_text()
+    assert "| 1 | relay-uring | 200 |" in md
+    assert "10,000 lowered to 9,700" in md and "haproxy: skipped: not installed" in md
 
 
 def test_shares_without_an_admin_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

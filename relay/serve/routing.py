@@ -265,6 +265,7 @@ class Router:
         else:
             assert self._backend_addr is not None
             sock = socket.socket(self._backend_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see relay/sock.py
             target = dest = self._backend_addr
         try:
             rc = sock.connect_ex(target)
@@ -309,6 +310,7 @@ class Router:
                 )
                 raise Denied("slice_unusable", f"egress {egress.address}: {unusable}")
         sock = socket.socket(_family(ip), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see relay/sock.py
         try:
             if egress is not None:
                 bind_upstream(sock, egress)

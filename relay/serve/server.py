@@ -514,7 +514,9 @@ class Server:
             lst.paused = False
             log.info("listener %s: accepting again (%d accept errors during the pause)",
                      lst.name, lst.accept_errors)
-        client = socket.socket(fileno=fd)
+        # type and proto given: socket(fileno=) would ask the kernel for them (SO_TYPE and
+        # SO_PROTOCOL, two system calls per connection; its validating getsockname stays).
+        client = socket.socket(lst.sock.family, socket.SOCK_STREAM, 0, fd)
         try:
             peer = client.getpeername()
         except OSError:

@@ -123,6 +123,24 @@ def test_backend_plain_has_no_prefix_and_connects(backend: BackendServer) -> Non
     assert backend.wait_received() == [b"hello"]
 
 
+def test_both_relayed_sockets_have_tcp_nodelay(backend: BackendServer) -> None:
+    """Nagle on either side holds a short tail behind an unacknowledged segment until the
+    peer's delayed ACK (40 ms): the accepted socket inherits TCP_NODELAY from the listener, the
+    upstream socket sets it itself."""
+    cfg = make_cfg(f'[[listener]]\nbind = "127.0.0.1:0"\nbackend = "127.0.0.1:{backend.address[1]}"\n')
+    with relay_listener(cfg) as (router, listener):
+        with socket.create_connection(listener.getsockname()) as client:
+            conn = accept_one(listener, client)
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            up = router.open_upstream(conn)
+            upstream = socket.socket(fileno=up.fd)
+            try:
+                assert upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            finally:
+                upstream.close()
+            conn.close()
+
+
 def test_backend_proxy_v2_names_client_and_listener(backend: BackendServer) -> None:
     cfg = make_cfg(
         f'[[listener]]\nbind = "127.0.0.1:0"\nbackend = "127.0.0.1:{backend.address[1]}"\n'
