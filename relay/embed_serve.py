@@ -43,10 +43,10 @@ from typing import Any
 
 from relay import engines
 from relay.engines.constants import (
+    CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_DONE,
-    REASONS,
     connect_failure_reason,
 )
 from relay.sock import LINGER_RST, format_address, open_listener
@@ -330,7 +330,7 @@ class Server:
         if rc not in _CONNECT_PENDING:
             up.close()
             self._counts["connect_errors"] += 1
-            key = "connect_" + REASONS[connect_failure_reason(rc)]
+            key = "connect_" + CLOSE_REASONS[connect_failure_reason(rc)]
             self._counts[key] = self._counts.get(key, 0) + 1
             _reset(client)
             return
