@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="IFACE",
-        help="intercept TCP and UDP only on this interface (repeatable)",
+        help="intercept TCP and UDP only on this interface (repeatable); replaces every "
+        "listener's `ingress` key",
     )
     action = p.add_mutually_exclusive_group()
     action.add_argument("--apply", action="store_true", help="install the rules and routes")
@@ -375,6 +376,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         cfg, config_path = _config_from_args(args, check_kernel=True)
     except ConfigError as exc:
         return _print_problems("relay check", exc)
+    from relay.config import interception
+
+    for shadow in interception.shadows(cfg.listener):  # the ones that get nothing were refused
+        print(f"{config_path or 'command line'}: warning: listener {shadow.name}: {shadow.reason}")
     names = ", ".join(f"{lst.name} ({lst.bind}, {lst.mode})" for lst in cfg.listener)
     print(
         f"{config_path or 'command line'}: OK: {len(cfg.listener)} listener(s): {names}; "

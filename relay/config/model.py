@@ -65,6 +65,8 @@ class Listener:
     def is_udp(self) -> bool:
         return self.protocol == "udp"
     reuseport: bool = False  # SO_REUSEPORT: other processes may serve the same address
+    # relay nft: interfaces whose traffic this tproxy/redirect listener catches; () = all but lo
+    ingress_interfaces: tuple[str, ...] = ()
 
     @property
     def transparent(self) -> bool:
@@ -85,6 +87,10 @@ class Listener:
     @property
     def trusted_proxies(self) -> list[str]:
         return [str(n) for n in self.trusted_networks]
+
+    @property
+    def ingress(self) -> list[str]:
+        return list(self.ingress_interfaces)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

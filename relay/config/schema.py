@@ -6,7 +6,7 @@ of ``relay config dump``.  The values the relay runs on are relay.config.model's
 
     [relay]          process-wide settings, declared in relay.config.settings
     [[listener]]     name, protocol (tcp|udp), bind, mode (backend|tproxy|redirect), backend,
-                     proxy_protocol, trusted_proxies, udp_responses
+                     proxy_protocol, trusted_proxies, udp_responses, reuseport, ingress
     [[egress]]       address, ports "lo-hi", destinations (CIDRs)
     [policy]         allow, deny: "CIDR" or "CIDR:80,443,8000-8999"
 """
@@ -81,6 +81,11 @@ class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
             "false = a second relay on this address is refused (EADDRINUSE)"
         ),
     ] = False
+    ingress: Annotated[
+        list[str],
+        Meta(description="tproxy/redirect: interfaces whose traffic relay nft sends to this "
+             "listener; empty = every interface but lo (relay nft --ingress overrides it)"),
+    ] = []
 
 
 class EgressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

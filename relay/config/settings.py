@@ -241,6 +241,36 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             extra={"metavar": "HOST:PORT"},
         ),
     ] = ""
+    # relay nft: how its rules and routes fit the host's own firewall and policy routing.
+    tproxy_mark: Annotated[
+        int,
+        Meta(ge=1, le=0xFFFF_FFFF, description="relay nft: packet mark (fwmark) that selects "
+             "tproxy_table for intercepted packets and replies to soft-unicast addresses"),
+    ] = 1
+    tproxy_table: Annotated[
+        int,
+        Meta(ge=1, le=0xFFFF_FFFF, description="relay nft: routing table holding the one "
+             "route \"local default dev lo\" (not 253-255: default, main, local)"),
+    ] = 100
+    tproxy_rule_priority: Annotated[
+        int,
+        Meta(ge=1, le=32765, description="relay nft: `ip rule` preference of \"fwmark "
+             "tproxy_mark lookup tproxy_table\" (before main, 32766)"),
+    ] = 100
+    nft_table: Annotated[
+        str,
+        Meta(description="relay nft: name of the nft table (family inet) it owns and replaces"),
+    ] = "relay"
+    nft_priority: Annotated[
+        int,
+        Meta(ge=-400, le=400, description="relay nft: priority of its tproxy prerouting chain "
+             "(mangle = -150)"),
+    ] = -150
+    nft_nat_priority: Annotated[
+        int,
+        Meta(ge=-199, le=400, description="relay nft: priority of its redirect (nat) "
+             "prerouting chain (dstnat = -100; after conntrack, -200)"),
+    ] = -100
 
     @property
     def resolved_workers(self) -> int:

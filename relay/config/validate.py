@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from relay.config import host
+from relay.config import host, interception
 from relay.config.model import Config, EgressSlice, Listener, PolicyRules
 from relay.config.schema import Config as ConfigFile
 from relay.config.schema import EgressConfig, ListenerConfig, PolicyConfig
@@ -193,10 +193,42 @@ def _validate_relay(v: dict[str, Any], p: _Problems) -> HostPort | None:
         p.add("relay.admin_socket", admin, "longer than a unix socket path may be (107 bytes)")
     if v.get("group") and not v.get("user"):
         p.add("relay.group", v["group"], "set relay.user too (a group alone is never dropped to)")
+    if v.get("tproxy_table") in _RESERVED_TABLES:
+        p.add("relay.tproxy_table", v["tproxy_table"],
+              f"reserved for the kernel's {_RESERVED_TABLES[v['tproxy_table']]} table")
+    if "nft_table" in v and not _NFT_NAME_RE.fullmatch(v["nft_table"]):
+        p.add("relay.nft_table", v["nft_table"],
+              "use 1-64 letters, digits and '_' (starting with a letter)")
     for key in ("user", "group", "log_file", "admin_socket"):
         if "\0" in v.get(key, ""):
             p.add(f"relay.{key}", v[key], "contains a NUL byte")
     return metrics
+
+
+_RESERVED_TABLES = {253: "default", 254: "main", 255: "local"}
+_NFT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+def _validate_interception(
+    indexed: list[tuple[int, Listener | None]], relay: dict[str, Any] | None, p: _Problems
+) -> None:
+    """The nft rules of tproxy/redirect listeners (relay.config.interception): a listener whose
+    traffic an earlier rule takes entirely is refused; chain priorities that would let the nat
+    chain see packets before the tproxy chain marked them are refused."""
+    by_name = {lst.name: (i, lst) for i, lst in indexed if lst is not None}
+    resolved = [lst for _i, lst in by_name.values()]
+    for shadow in interception.shadows(resolved):
+        if shadow.never:
+            i, lst = by_name[shadow.name]
+            key, value = ("ingress", lst.ingress) if lst.ingress else ("mode", lst.mode)
+            p.add(f"listener[{i}].{key}", value, shadow.reason)
+    modes = {lst.mode for lst in resolved}
+    if relay and {"tproxy", "redirect"} <= modes:
+        prio, nat = relay.get("nft_priority"), relay.get("nft_nat_priority")
+        if isinstance(prio, int) and isinstance(nat, int) and prio >= nat:
+            p.add("relay.nft_priority", prio,
+                  f"must be below relay.nft_nat_priority ({nat}): the redirect rules skip "
+                  "packets the tproxy rules marked, so the tproxy chain has to run first")
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -249,6 +281,12 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
         _check_call(p, f"{path}.trusted_proxies[{j}]", cidr, parse_network)
         for j, cidr in enumerate(v.get("trusted_proxies", ()))
     )
+    ingress = tuple(
+        _check_call(p, f"{path}.ingress[{j}]", name, interception.check_iface)
+        for j, name in enumerate(v.get("ingress", ()))
+    )
+    if ingress and mode == "backend":
+        p.add(f"{path}.ingress", v["ingress"], 'only used in modes "tproxy" and "redirect"')
     protocol = v.get("protocol")
     if protocol == "udp":
         _validate_udp_listener(path, v, backend_address, p)
@@ -275,6 +313,7 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
         protocol=protocol,
         udp_responses=v["udp_responses"],
         reuseport=v["reuseport"],
+        ingress_interfaces=ingress,
     )
 
 
@@ -355,7 +394,6 @@ def _validate_listener_set(
         p.add("listener", _MISSING, "at least one [[listener]] is required")
     seen_names: dict[str, int] = {}
     seen_binds: dict[tuple[str, tuple[str, int]], int] = {}  # TCP and UDP ports are apart
-    tproxy_of: dict[tuple[str, socket.AddressFamily], int] = {}
     for i, v in enumerate(listeners):
         name = v.get("name")
         if name is not None:
@@ -370,19 +408,6 @@ def _validate_listener_set(
         if bind[1] and key in seen_binds:
             p.add(f"listener[{i}].bind", v["bind"], f"same address as listener[{seen_binds[key]}]")
         seen_binds.setdefault(key, i)
-        if v.get("mode") == "tproxy":
-            # relay nft writes one `tproxy ... accept` rule per listener and protocol: the first
-            # rule of a family takes every packet, so a second listener of that family and
-            # protocol never gets one.
-            family = family_of(bind.host)
-            tkey = (str(v.get("protocol", "tcp")), family)
-            if tkey in tproxy_of:
-                p.add(f"listener[{i}].mode", "tproxy",
-                      f"listener[{tproxy_of[tkey]}] is already the IPv"
-                      f"{6 if family == socket.AF_INET6 else 4} {tkey[0].upper()} tproxy listener: "
-                      "the first tproxy rule of a family takes all its traffic, this one would "
-                      "get none")
-            tproxy_of.setdefault(tkey, i)
 
 
 def _tables(data: Any, path: str, table: str, p: _Problems) -> list[Any]:
@@ -479,6 +504,7 @@ def from_dict(
             indexed.append((i, listeners[-1]))
             tables.append(v)
     _validate_listener_set(tables, problems, require_listener)
+    _validate_interception(indexed, relay, problems)
     egress: list[tuple[int, EgressSlice]] = []
     for i, item in enumerate(_tables(data.get("egress", []), "egress", "egress", problems)):
         v = _convert_fields(EgressConfig, item, f"egress[{i}]", problems)

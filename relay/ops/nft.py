@@ -8,6 +8,15 @@ routing decision) assigns a packet addressed to *any* destination to a local lis
 with IP_TRANSPARENT, without rewriting the packet; the accepted socket's getsockname() is the
 original destination. The packet still has to be *routed locally*: the rule marks it (fwmark 1)
 and ``ip rule fwmark 1 lookup 100`` + ``local 0.0.0.0/0 dev lo table 100`` deliver it to the host.
+Mark, table, rule priority, nft table name and chain priorities are ``[relay]`` settings
+(``tproxy_mark``, ``tproxy_table``, ``tproxy_rule_priority``, ``nft_table``, ``nft_priority``,
+``nft_nat_priority``) so that the plumbing fits beside a host's own firewall and policy routing.
+
+Redirect listeners (``mode = "redirect"``) take TCP through NAT instead: a `redirect to :PORT`
+(wildcard bind) or `dnat to ADDR:PORT` rule in a nat prerouting chain rewrites the destination
+and conntrack remembers the original, which the relay reads back with SO_ORIGINAL_DST. Unlike
+tproxy this depends on conntrack (a flushed or full conntrack table loses the destination) and
+needs no policy routing. The nat rules skip packets the tproxy chain already marked.
 
 The same path brings replies home to a soft-unicast egress address that is not on any interface
 here: the outgoing socket has IP_TRANSPARENT, so `socket transparent 1` finds it for every reply
@@ -38,18 +47,22 @@ import subprocess
 import sys
 from collections.abc import Collection, Iterable, Sequence
 
-from relay.config.model import Config
+from relay.config import interception
+from relay.config.model import Config, Listener
+from relay.config.settings import RelaySettings
 from relay.ops import nftguard
 
 __all__ = [
-    "FWMARK", "ROUTE_TABLE", "RULE_PRIORITY", "TABLE", "Plan", "PlumbingError", "apply",
-    "check_ruleset", "main", "remove", "render",
+    "FWMARK", "ROUTE_TABLE", "RULE_PRIORITY", "TABLE", "Plan", "PlumbingError", "Routing",
+    "apply", "check_ruleset", "main", "remove", "render",
 ]
 
-TABLE = "relay"  # nft table (family inet) that holds everything this module installs
-FWMARK = 1  # packet mark that selects the local-delivery routing table
-ROUTE_TABLE = 100  # routing table whose only route is "everything is local"
-RULE_PRIORITY = 100  # `ip rule` preference: before `main` (32766), identifiable on removal
+# Defaults of the [relay] settings of the same meaning (relay.config.settings):
+TABLE = "relay"  # nft_table: nft table (family inet) that holds everything this module installs
+FWMARK = 1  # tproxy_mark: packet mark that selects the local-delivery routing table
+ROUTE_TABLE = 100  # tproxy_table: routing table whose only route is "everything is local"
+RULE_PRIORITY = 100  # tproxy_rule_priority: `ip rule` preference, before `main` (32766)
+_NAMED_PRIORITIES = {-150: "mangle", -100: "dstnat"}  # nft's names for the defaults
 TW_REUSE = "net/ipv4/tcp_tw_reuse"  # also governs IPv6 connect()s
 
 IpCommand = tuple[str, ...]  # argv after "ip"
@@ -65,6 +78,29 @@ class CannotValidate(PlumbingError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Routing:
+    """What identifies the installed plumbing: nft table, mark, routing table, rule priority."""
+
+    table: str = TABLE
+    mark: int = FWMARK
+    route_table: int = ROUTE_TABLE
+    rule_priority: int = RULE_PRIORITY
+
+    @classmethod
+    def of(cls, settings: RelaySettings) -> Routing:
+        return cls(settings.nft_table, settings.tproxy_mark, settings.tproxy_table,
+                   settings.tproxy_rule_priority)
+
+    def rule_selector(self) -> tuple[str, ...]:
+        return ("priority", str(self.rule_priority), "fwmark", str(self.mark),
+                "lookup", str(self.route_table))
+
+    def local_route(self, version: int) -> tuple[str, ...]:
+        default = "::/0" if version == 6 else "0.0.0.0/0"
+        return ("local", default, "dev", "lo", "table", str(self.route_table))
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """What one config needs from the kernel in the relay's network namespace."""
 
@@ -72,6 +108,7 @@ class Plan:
     route_commands: tuple[IpCommand, ...]  # `ip` argv to add the policy routing
     families: tuple[int, ...]  # IP versions (4, 6) that need the policy routing
     notes: tuple[str, ...]  # what each part is for, for humans
+    routing: Routing = Routing()
 
     def text(self) -> str:
         """The plan as a shell-readable script: comments, the ruleset, the ip commands."""
@@ -93,13 +130,27 @@ def _family_flag(version: int) -> str:
     return "-6" if version == 6 else "-4"
 
 
-def _rule_selector() -> tuple[str, ...]:
-    return ("priority", str(RULE_PRIORITY), "fwmark", str(FWMARK), "lookup", str(ROUTE_TABLE))
+def _priority(value: int) -> str:
+    return _NAMED_PRIORITIES.get(value, str(value))
 
 
-def _local_route(version: int) -> tuple[str, ...]:
-    default = "::/0" if version == 6 else "0.0.0.0/0"
-    return ("local", default, "dev", "lo", "table", str(ROUTE_TABLE))
+def _redirect_action(listener: Listener) -> tuple[str, str]:
+    """(nft nat statement, family match) for a redirect listener; the note says what it needs."""
+    host, port = listener.bind_address
+    addr = ipaddress.ip_address(host)
+    nfproto = f"meta nfproto ipv{addr.version}"
+    if addr.is_unspecified:
+        # The primary address of the interface the packet came in on: the wildcard listener
+        # accepts on it.
+        return f"redirect to :{port}", nfproto
+    if addr.version == 6 and addr.is_loopback:
+        raise PlumbingError(
+            f"listener {listener.name} ({listener.bind}): IPv6 never delivers a packet from "
+            "another interface to ::1; bind [::] or an address of this host"
+        )
+    family = "ip6" if addr.version == 6 else "ip"
+    target = f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+    return f"dnat {family} to {target}", nfproto
 
 
 def _tproxy_target(host: str, port: int) -> tuple[int, str]:
@@ -139,12 +190,20 @@ def render(
 ) -> Plan:
     """The nft ruleset and `ip` commands that ``cfg`` needs.
 
-    ``ingress``: interfaces whose TCP and UDP are intercepted; empty means every interface except lo.
+    ``ingress``: interfaces whose TCP and UDP are intercepted, for every listener (it replaces the
+    listeners' own ``ingress`` keys); empty: each listener's ``ingress``, else every interface but
+    lo. Raises PlumbingError when a listener's rule could then never catch a packet.
     ``local``: this host's own addresses (default: read from the current namespace); an egress
     address among them needs no return path.
     """
     own = frozenset(local) if local is not None else local_addresses()
+    routing = Routing.of(cfg.relay)
+    mark = routing.mark
     notes: list[str] = []
+    for shadow in interception.shadows(cfg.listener, ingress):
+        if shadow.never:
+            raise PlumbingError(f"listener {shadow.name}: {shadow.reason}")
+        notes.append(f"warning: listener {shadow.name}: {shadow.reason}")
     versions: set[int] = set()
 
     egress_by_version: dict[int, list[str]] = {4: [], 6: []}
@@ -157,13 +216,31 @@ def render(
             versions.add(addr.version)
             notes.append(
                 f"egress {addr} (ports {egress.ports}): not on any interface here; replies "
-                f"reach its IP_TRANSPARENT sockets via mark {FWMARK} -> table {ROUTE_TABLE}"
+                f"reach its IP_TRANSPARENT sockets via mark {mark} -> table "
+                f"{routing.route_table}"
             )
 
-    where = f"iifname {_quoted_set(ingress)}" if ingress else 'iifname != "lo"'
     intercept: list[str] = []
-    for listener in cfg.listener:
-        if listener.mode != "tproxy":
+    redirect: list[str] = []
+    for listener in interception.catch_order(cfg.listener):
+        names = list(ingress) or list(listener.ingress)
+        where = f"iifname {_quoted_set(names)}" if names else 'iifname != "lo"'
+        if listener.mode == "redirect":
+            action, nfproto = _redirect_action(listener)
+            redirect.append(
+                f"        {where} {nfproto} meta l4proto tcp fib daddr type != local "
+                f"meta mark != {mark} {action}  # listener {listener.name}"
+            )
+            notes.append(
+                f"listener {listener.name} ({listener.bind}, redirect): TCP arriving on "
+                f"{interception.where(names)} for a non-local destination is NATed to it "
+                "(conntrack keeps the original destination for SO_ORIGINAL_DST)"
+            )
+            if action.startswith("dnat ip to 127."):
+                notes.append(
+                    f"listener {listener.name}: a DNAT to 127.0.0.0/8 from another interface "
+                    "needs net.ipv4.conf.<iface>.route_localnet=1 there"
+                )
             continue
         proto = listener.protocol
         host, port = listener.bind_address
@@ -181,12 +258,12 @@ def render(
         not_egress = f" {family} daddr != {{ {', '.join(skip_egress)} }}" if skip_egress else ""
         intercept.append(
             f"        {where} meta l4proto {proto} fib daddr type != local{not_egress} "
-            f"tproxy {family} to {target} meta mark set {FWMARK} accept"
+            f"tproxy {family} to {target} meta mark set {mark} accept"
             f"  # listener {listener.name}"
         )
         notes.append(
             f"listener {listener.name} ({listener.bind}): {proto.upper()} arriving on "
-            f"{', '.join(ingress) if ingress else 'any interface but lo'} for a non-local "
+            f"{interception.where(names)} for a non-local "
             f"IPv{version} destination is delivered to it"
         )
 
@@ -194,7 +271,7 @@ def render(
     # connection or an egress connection from a soft-unicast address; for UDP only a flow's
     # upstream socket, addressed by an egress address: see the module docstring): route it
     # locally.
-    own_sockets = [f"        meta l4proto tcp socket transparent 1 meta mark set {FWMARK} accept"]
+    own_sockets = [f"        meta l4proto tcp socket transparent 1 meta mark set {mark} accept"]
     if any(listener.is_udp for listener in cfg.listener):
         for version, family in ((4, "ip"), (6, "ip6")):
             if not egress_by_version[version]:
@@ -202,7 +279,7 @@ def render(
             addresses = ", ".join(egress_by_version[version])
             own_sockets.append(
                 f"        meta l4proto udp {family} daddr {{ {addresses} }} "
-                f"socket transparent 1 meta mark set {FWMARK} accept"
+                f"socket transparent 1 meta mark set {mark} accept"
             )
         notes.append(
             "udp: replies to the soft-unicast addresses are delivered to the flows' upstream "
@@ -210,25 +287,35 @@ def render(
         )
     guard_lines, guard_notes = nftguard.render_chains(cfg, own)
     notes.extend(guard_notes)
+    nat_chain = [
+        "    chain nat_prerouting {",
+        f"        type nat hook prerouting priority {_priority(cfg.relay.nft_nat_priority)}; "
+        "policy accept;",
+        *redirect,
+        "    }",
+    ] if redirect else []
+    table = routing.table
     body = [
-        f"table inet {TABLE} {{",
+        f"table inet {table} {{",
         "    chain prerouting {",
-        "        type filter hook prerouting priority mangle; policy accept;",
+        f"        type filter hook prerouting priority {_priority(cfg.relay.nft_priority)}; "
+        "policy accept;",
         *own_sockets,
         *intercept,
         "    }",
+        *nat_chain,
         *guard_lines,
         "}",
     ]
     # Declaring the table first makes `delete` succeed when it does not exist yet, so the whole
     # file replaces the table in one transaction (idempotent, never half-applied).
-    ruleset = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + "\n".join(body) + "\n"
+    ruleset = f"table inet {table}\ndelete table inet {table}\n" + "\n".join(body) + "\n"
 
     commands: list[IpCommand] = []
     for version in sorted(versions):
         fam = _family_flag(version)
-        commands.append((fam, "rule", "add", *_rule_selector()))
-        commands.append((fam, "route", "replace", *_local_route(version)))
+        commands.append((fam, "rule", "add", *routing.rule_selector()))
+        commands.append((fam, "route", "replace", *routing.local_route(version)))
     if not versions:
         notes.append("no tproxy listener and no non-local egress address: no policy routing")
     if cfg.egress and _read_sysctl(TW_REUSE) != "1":
@@ -238,7 +325,7 @@ def render(
             "small slice runs dry. Set it to 1 (reuse after 1 s, TCP timestamps keep old "
             "segments apart)"
         )
-    return Plan(ruleset, tuple(commands), tuple(sorted(versions)), tuple(notes))
+    return Plan(ruleset, tuple(commands), tuple(sorted(versions)), tuple(notes), routing)
 
 
 def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -256,39 +343,80 @@ def check_ruleset(ruleset: str) -> None:
         raise PlumbingError(f"nft -c rejected the ruleset: {res.stderr.strip()}")
 
 
-def _rule_present(version: int) -> bool:
-    res = _run(["ip", _family_flag(version), "rule", "show", "priority", str(RULE_PRIORITY)])
-    return f"fwmark {FWMARK:#x} lookup {ROUTE_TABLE}" in res.stdout  # ip prints marks in hex
+def _rules_at(version: int, routing: Routing) -> list[str]:
+    """`ip rule` lines at the plan's priority, without the "PRIORITY:" prefix."""
+    res = _run(["ip", _family_flag(version), "rule", "show", "priority",
+                str(routing.rule_priority)])
+    return [line.partition(":")[2].strip() for line in res.stdout.splitlines() if ":" in line]
+
+
+def _is_ours(rule: str, routing: Routing) -> bool:
+    # ip prints marks in hex and a table by its name when /etc/iproute2/rt_tables has one
+    return f"fwmark {routing.mark:#x} lookup " in rule and rule.split()[-1] in (
+        str(routing.route_table), *_table_names(routing.route_table))
+
+
+def _table_names(number: int) -> tuple[str, ...]:
+    names = []
+    for path in ("/etc/iproute2/rt_tables", "/usr/share/iproute2/rt_tables"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.split("#", 1)[0].split()
+                    if len(parts) == 2 and parts[0] == str(number):
+                        names.append(parts[1])
+        except OSError:
+            continue
+    return tuple(names)
+
+
+def _rule_present(version: int, routing: Routing) -> bool:
+    return any(_is_ours(rule, routing) for rule in _rules_at(version, routing))
 
 
 def apply(plan: Plan) -> None:
     """Install the plan in the current network namespace; running it twice changes nothing."""
     check_ruleset(plan.ruleset)
+    routing = plan.routing
+    for cmd in plan.route_commands:
+        if cmd[1:3] != ("rule", "add"):
+            continue
+        version = 6 if cmd[0] == "-6" else 4
+        foreign = [r for r in _rules_at(version, routing) if not _is_ours(r, routing)]
+        if foreign:
+            # Rules of one preference are evaluated in an unspecified order of insertion:
+            # sharing it with the host's own rule makes either one's effect depend on history.
+            raise PlumbingError(
+                f"ip {cmd[0]} rule priority {routing.rule_priority} already holds "
+                f"\"{foreign[0]}\": set relay.tproxy_rule_priority to a free preference"
+            )
     res = _run(["nft", "-f", "-"], plan.ruleset)
     if res.returncode != 0:
         raise PlumbingError(f"nft -f failed: {res.stderr.strip()}")
     for cmd in plan.route_commands:
-        if cmd[1:3] == ("rule", "add") and _rule_present(6 if cmd[0] == "-6" else 4):
+        if cmd[1:3] == ("rule", "add") and _rule_present(6 if cmd[0] == "-6" else 4, routing):
             continue
         res = _run(["ip", *cmd])
         if res.returncode != 0:
             raise PlumbingError(f"ip {' '.join(cmd)} failed: {res.stderr.strip()}")
 
 
-def remove() -> None:
-    """Take away what ``apply`` installs, for both families whatever the config says now (the
-    table name, rule priority, mark and route table identify it); what is gone is no error."""
+def remove(routing: Routing = Routing()) -> None:
+    """Take away what ``apply`` installs, for both families whatever the listeners and egress
+    addresses say now: the table name, rule priority, mark and route table of ``routing`` (the
+    config's [relay] settings) identify it. What is gone is no error."""
+    table = routing.table
     # "table; delete table" in one transaction: succeeds whether or not the table exists.
-    res = _run(["nft", "-f", "-"], f"table inet {TABLE}\ndelete table inet {TABLE}\n")
+    res = _run(["nft", "-f", "-"], f"table inet {table}\ndelete table inet {table}\n")
     if res.returncode != 0:
-        raise PlumbingError(f"nft delete table inet {TABLE} failed: {res.stderr.strip()}")
+        raise PlumbingError(f"nft delete table inet {table} failed: {res.stderr.strip()}")
     for version in (4, 6):
         fam = _family_flag(version)
-        while _rule_present(version):
-            res = _run(["ip", fam, "rule", "del", *_rule_selector()])
+        while _rule_present(version, routing):
+            res = _run(["ip", fam, "rule", "del", *routing.rule_selector()])
             if res.returncode != 0:
                 raise PlumbingError(f"ip {fam} rule del failed: {res.stderr.strip()}")
-        _run(["ip", fam, "route", "del", *_local_route(version)])  # fails if already gone
+        _run(["ip", fam, "route", "del", *routing.local_route(version)])  # fails if already gone
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -303,7 +431,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="IFACE",
-        help="intercept TCP and UDP only on this interface (repeatable); default: all but lo",
+        help="intercept TCP and UDP only on this interface (repeatable), for every listener: "
+        "replaces the listeners' `ingress` keys; default: those keys, else all but lo",
     )
     action = p.add_mutually_exclusive_group()
     action.add_argument("--apply", action="store_true", help="install in this network namespace")
@@ -324,15 +453,18 @@ def main(args: Sequence[str] | argparse.Namespace | None = None) -> int:
         print(f"relay nft: {exc}", file=sys.stderr)
         return 2
     try:
+        routing = Routing.of(cfg.relay)
         if opts.remove:
-            remove()
-            print(f"relay nft: removed table inet {TABLE} and the fwmark {FWMARK} routing")
+            remove(routing)
+            print(f"relay nft: removed table inet {routing.table} and the fwmark "
+                  f"{routing.mark} routing (table {routing.route_table})")
             return 0
         plan = render(cfg, ingress=opts.ingress)
         sys.stdout.write(plan.text())
         if opts.apply:
             apply(plan)
-            print(f"relay nft: applied table inet {TABLE} and the fwmark {FWMARK} routing")
+            print(f"relay nft: applied table inet {routing.table} and the fwmark "
+                  f"{routing.mark} routing (table {routing.route_table})")
         else:
             check_ruleset(plan.ruleset)
             print("# nft -c: ruleset is valid")

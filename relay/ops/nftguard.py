@@ -116,6 +116,7 @@ class GuardCounter:
     """``read_counter`` cached for the supervisor (an nft process per read: not per scrape)."""
 
     enabled: bool
+    table: str = "relay"  # relay.nft_table
     value: int | None = None
     read_at: float = -_CACHE_S
 
@@ -125,5 +126,5 @@ class GuardCounter:
         now = time.monotonic()
         if now - self.read_at >= _CACHE_S:
             self.read_at = now
-            self.value = read_counter()
+            self.value = read_counter(self.table)
         return self.value

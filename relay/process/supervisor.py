@@ -183,7 +183,8 @@ class Supervisor:
         self.stopping: str | None = None  # None | "drain" | "fast"
         self.exit_code = EXIT_OK
         self.fatal_error = ""
-        self.guard = nftguard.GuardCounter(enabled=True)  # relay nft's slice guard, if installed
+        # relay nft's slice guard, if installed
+        self.guard = nftguard.GuardCounter(enabled=True, table=cfg.relay.nft_table)
         self.admin: Any = None
         self.upgrade: Any = None  # relay.process.upgrade.Upgrade while `relay upgrade` runs
         self.inherited: Any = None  # relay.process.upgrade.Inherited: started by an upgrade

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from helpers import require_netns
 
-from relay.lab.netlab import relay_nft
+from relay.lab.netlab import Lab, open_flow, relay_in, relay_nft, three_hosts
 from relay.lab.netns import Topology
+from relay.lab.origins import Origin
+from relay.lab.process import relay_config, write_config
 
 TPROXY_CONFIG = """
 [[listener]]
@@ -123,3 +125,88 @@ def test_invalid_ruleset_is_refused_before_anything_changes(host: Host) -> None:
     assert host.state() == host.before
 
 
+# -- beside a host's own policy routing: custom mark/table/priority, per-listener ingress,
+# a redirect listener; end to end with a client, the relay and an origin ---------------------
+
+DEST4, DEST6 = ("198.51.100.10", 80), ("2001:db8:100::10", 80)
+
+
+def _fitted_config(ingress: str) -> str:
+    """IPv4 through a redirect listener, IPv6 through a tproxy listener, both caught only on
+    the client-facing interface (their `ingress` keys; no --ingress flag), with the mark,
+    routing table, rule priority and nft table of an operator's choosing."""
+    listeners = (
+        f'[[listener]]\nname = "r4"\nbind = "0.0.0.0:7001"\nmode = "redirect"\n'
+        f'ingress = ["{ingress}"]\n\n'
+        f'[[listener]]\nname = "t6"\nbind = "[::1]:7000"\nmode = "tproxy"\n'
+        f'ingress = ["{ingress}"]\n'
+    )
+    return relay_config(
+        egress=[(Lab.egress4, "40000-40007"), (Lab.egress6, "40000-40007")],
+        allow=("198.51.100.0/24", "2001:db8:100::/48"),
+        settings={"tproxy_mark": 0x2A, "tproxy_table": 4242, "tproxy_rule_priority": 777,
+                  "nft_table": "edge_relay", "connect_timeout": 2.0},
+        extra=listeners,
+    )
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(90)
+def test_custom_routing_and_redirect_listener_intercept_end_to_end(tmp_path: Path) -> None:
+    require_netns()
+    with Topology() as topo:
+        lab = three_hosts(topo)
+        path = write_config(tmp_path, "fitted", _fitted_config(lab.relay_ingress))
+        run = topo.run
+        # The host's own policy routing at the default priority and table stays untouched.
+        run(lab.relay, ["ip", "-4", "rule", "add", "priority", "100", "fwmark", "1",
+                        "lookup", "100"])
+        before = run(lab.relay, ["ip", "-4", "rule", "show"]).stdout
+
+        res = relay_nft(topo, lab.relay, "-c", str(path), "--apply")
+        assert res.returncode == 0, res.stderr
+        assert "applied table inet edge_relay and the fwmark 42 routing (table 4242)" in res.stdout
+        rules4 = run(lab.relay, ["ip", "-4", "rule", "show"]).stdout
+        rules6 = run(lab.relay, ["ip", "-6", "rule", "show"]).stdout
+        assert "777:\tfrom all fwmark 0x2a lookup 4242" in rules4  # egress return path (IPv4)
+        assert "777:\tfrom all fwmark 0x2a lookup 4242" in rules6  # tproxy + return path (IPv6)
+        assert "100:\tfrom all fwmark 0x1 lookup 100" in rules4
+        route4 = run(lab.relay, ["ip", "-4", "route", "show", "table", "4242"]).stdout
+        route6 = run(lab.relay, ["ip", "-6", "route", "show", "table", "4242"]).stdout
+        assert route4.strip() == "local default dev lo scope host"
+        assert route6.startswith("local default dev lo")
+        table = run(lab.relay, ["nft", "list", "table", "inet", "edge_relay"]).stdout
+        assert f'iifname "{lab.relay_ingress}"' in table and "redirect to :7001" in table
+
+        with Origin(binds=[DEST4, DEST6], netns=lab.origin) as _origin:
+            relay = relay_in(topo, lab.relay, path)
+            relay.wait_ready(20)
+            for dest, egress in ((DEST4, Lab.egress4), (DEST6, Lab.egress6)):
+                flow = open_flow(topo, lab.client, dest)
+                # The origin was reached at the address the client dialled, from the
+                # soft-unicast address: the redirect (IPv4) and tproxy (IPv6) rules caught the
+                # connection, and mark 42 -> table 4242 brought the origin's replies home.
+                assert flow.seen.local == dest
+                assert flow.seen.peer[0] == egress and 40000 <= flow.seen.peer[1] <= 40007
+                assert flow.finish(b"y" * 10000) == 10000
+            relay.cleanup()
+
+        res = relay_nft(topo, lab.relay, "-c", str(path), "--remove")
+        assert res.returncode == 0, res.stderr
+        assert run(lab.relay, ["ip", "-4", "rule", "show"]).stdout == before
+        assert "4242" not in run(lab.relay, ["ip", "-6", "rule", "show"]).stdout
+        assert run(lab.relay, ["ip", "-4", "route", "show", "table", "4242"],
+                   check=False).stdout == ""
+        assert "edge_relay" not in run(lab.relay, ["nft", "list", "tables"]).stdout
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(60)
+def test_a_foreign_rule_at_the_priority_is_refused_before_anything_changes(host: Host) -> None:
+    host.topo.run(host.ns, ["ip", "-4", "rule", "add", "priority", "100", "lookup", "main"])
+    host.before = host.state()
+    rc, _out, err = host.relay_nft("-c", str(host.conf), "--apply")
+    assert rc == 1
+    assert 'ip -4 rule priority 100 already holds "from all lookup main"' in err
+    assert "set relay.tproxy_rule_priority to a free preference" in err
+    assert host.state() == host.before

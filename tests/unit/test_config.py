@@ -459,7 +459,7 @@ RUN_REFUSES = [
         '[[listener]]\nbind = "127.0.0.1:1"\nmode = "tproxy"\n'
         '[[listener]]\nbind = "127.0.0.1:2"\nmode = "tproxy"\n',
         'listener[1].mode: "tproxy"',
-        "listener[0] is already the IPv4 TCP tproxy listener",
+        "listener listener0 (IPv4 TCP tproxy, every interface but lo) catches all of its traffic",
     ),
     ("[relay]\nmax_pipes = 2147483648\n" + LISTENER_OK, "relay.max_pipes: 2147483648",
      "<= 20000000"),
