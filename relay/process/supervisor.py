@@ -20,11 +20,14 @@ one whose heartbeat stops for relay.heartbeat_timeout is killed and replaced the
 
 UDP listeners (docs/udp.md) are SO_REUSEPORT groups, one socket per worker slot, bound here
 and inherited by that slot's worker of every generation. UDP is handed over between generations
-by messages on the worker channel, so that no two workers ever hold UDP egress ports at once
-unless their slice partitions are disjoint: a new generation starts with UDP held; once it
-serves, the old workers get UdpRelease("reload") (they end every UDP flow at once and answer
-UdpReleased; one that does not within UDP_RELEASE_TIMEOUT is SIGKILLed), and only then do the
-new workers get UdpStart. Datagrams wait in the listener sockets' buffers meanwhile.
+by messages on the worker channel (relay.process.udp_sequencing), so that no two workers ever
+hold UDP egress ports at once unless their slice partitions are disjoint.
+
+The pieces live beside this arbiter loop: relay.process.listeners (the listener set: binding,
+reuse across reloads, closing), relay.process.generations (the Worker and Generation records,
+the budget of a new generation, restart backoff), relay.process.udp_sequencing (UDP hold,
+release and start between generations), relay.process.handoff and upgrade (flows and the whole
+relay handed over), relay.process.sessions (the session table across workers).
 
 Stop: SIGTERM drains (workers finish their transfers up to drain_timeout), SIGINT/SIGQUIT abort;
 either way the listening sockets are shut down first so new clients are refused at once.
@@ -33,7 +36,6 @@ either way the listening sockets are shut down first so new clients are refused 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -43,31 +45,41 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
-from relay.config import files
-from relay.config.model import Config, Listener
+from relay.config.model import Config
 from relay.ops import nftguard
 from relay.process import privs, systemd
+from relay.process.generations import (
+    Generation,
+    ReplyFn,
+    Worker,
+    give_log_file,
+    new_generation,
+    restart_delay,
+    serving_generation_number,
+)
 from relay.process.heartbeat import Heartbeat
+from relay.process.listeners import ListenerSet, listener_text
 from relay.process.oom import OomCounter
 from relay.process.sessions import SessionBroker, SessionsReply
+from relay.process.udp_sequencing import (
+    UDP_RELEASE_TIMEOUT,
+    release_udp,
+    udp_progress,
+    udp_released,
+)
 from relay.process.worker import (
     BootFailed,
-    Command,
     Serving,
     StatsReport,
-    UdpRelease,
     UdpReleased,
-    UdpStart,
     decode,
-    encode_command,
     run_worker,
 )
-from relay.serve import limits as serve_limits
 from relay.sock import format_local_address
 
 __all__ = ["Supervisor", "run"]
@@ -80,19 +92,12 @@ FAST_STOP_TIMEOUT = 5.0  # SIGINT/SIGQUIT: seconds before leftover workers get S
 # this much later, only for a worker that cannot.
 DRAIN_GRACE = 3.0
 STABLE_AFTER = 10.0  # a worker serving this long resets its slot's crash count
-BACKOFF_MAX = 30.0
 MAX_BOOT_FAILURES = 5
 TICK = 0.5  # main loop wake-up for deadlines and heartbeats
-# An old worker told to release UDP that has not answered by then is SIGKILLed: its egress
-# sockets must be gone before the new generation creates UDP flows (docs/udp.md).
-UDP_RELEASE_TIMEOUT = 2.0
 SESSIONS_TICK = 0.1  # main loop wake-up while a session query waits for the workers
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-
-ReplyFn = Callable[[bool, str], None]
-
 
 def _signame(signum: int) -> str:
     try:
@@ -111,58 +116,6 @@ def describe_status(status: int) -> str:
     return f"status {status:#x}"
 
 
-def listener_key(lst: Listener) -> tuple[str, str, str]:
-    """A listener's identity across configs: name, address text and mode."""
-    return (lst.name, lst.bind, lst.mode)
-
-
-@dataclasses.dataclass(eq=False)
-class Worker:
-    pid: int
-    generation: Generation
-    slot: int
-    heartbeat: Heartbeat
-    channel: socket.socket
-    started: float
-    state: str = "booting"  # booting -> serving -> draining
-    serving_since: float = 0.0
-    engine: str = ""
-    engine_reason: str = ""
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
-    boot_error: str = ""
-    kill_at: float | None = None  # SIGKILL deadline once told to stop
-    hung: bool = False
-    udp: str = "held"  # held -> started (sent UdpStart) -> released (answered UdpReleased)
-    udp_kill_at: float | None = None  # SIGKILL deadline for a UdpRelease without an answer
-
-
-@dataclasses.dataclass(eq=False)
-class Generation:
-    number: int
-    cfg: Config  # as the workers see it (pipe budget applied)
-    sockets: dict[str, socket.socket]  # listener name -> listening socket (TCP)
-    size: int
-    target: privs.Target | None  # who its workers become
-    capabilities: frozenset[int]  # what they keep
-    budget: str  # fd and pipe budget, in words
-    state: str = "starting"  # starting -> serving -> retiring
-    workers: dict[int, Worker] = dataclasses.field(default_factory=dict)
-    crashes: dict[int, int] = dataclasses.field(default_factory=dict)
-    boot_failures: dict[int, int] = dataclasses.field(default_factory=dict)
-    restart_at: dict[int, float] = dataclasses.field(default_factory=dict)
-    replies: list[ReplyFn] = dataclasses.field(default_factory=list)
-    # UDP listener name -> one SO_REUSEPORT socket per worker slot
-    udp_sockets: dict[str, list[socket.socket]] = dataclasses.field(default_factory=dict)
-    udp_go: bool = False  # its workers may create UDP flows (no other generation holds any)
-
-    def slot_sockets(self, slot: int) -> dict[str, socket.socket]:
-        """What slot `slot`'s worker inherits: the TCP listeners and its UDP sockets."""
-        out = dict(self.sockets)
-        out.update({name: group[slot] for name, group in self.udp_sockets.items()})
-        return out
-    limits: Any = None  # relay_ext._limits.SharedLimits of its workers (None: not built)
-
-
 class Supervisor:
     def __init__(
         self, cfg: Config, config_path: str | None, overrides: Mapping[str, Any] | None = None
@@ -174,8 +127,7 @@ class Supervisor:
         self.oom = OomCounter()  # workers are forked into our memory cgroup
         self.selector = selectors.DefaultSelector()
         self.signal_queue: deque[int] = deque()
-        self.listeners: dict[tuple[str, str, str], socket.socket] = {}
-        self.udp_listeners: dict[tuple[str, str, str], list[socket.socket]] = {}
+        self.listeners = ListenerSet()
         self.generations: list[Generation] = []
         self.workers: dict[int, Worker] = {}
         self.next_generation = 1
@@ -224,8 +176,8 @@ class Supervisor:
                         "listeners are bound")
         self._install_signals()
         self._inherit_from_upgrade()
-        sockets = self._bind_listeners(self.cfg)
-        udp_sockets = self._bind_udp_listeners(self.cfg)
+        sockets = self.listeners.bind(self.cfg)
+        udp_sockets = self.listeners.bind_udp(self.cfg)
         gen = self._new_generation(self.cfg, sockets, target, udp_sockets)
         self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics,
                                  sessions=self.sessions.handle, upgrade=self.start_upgrade)
@@ -233,7 +185,7 @@ class Supervisor:
             self.admin.open(self.cfg)
         log.info(
             "relay supervisor %d: %d workers, engine %s, listeners %s",
-            os.getpid(), gen.size, self.cfg.relay.engine, self._listener_text(gen),
+            os.getpid(), gen.size, self.cfg.relay.engine, listener_text(gen),
         )
         for slot in range(gen.size):
             if gen.state == "starting" and not self.stopping:
@@ -304,7 +256,7 @@ class Supervisor:
             log.error("SIGUSR1: cannot reopen the log file, keeping the old one: %s", exc)
             return
         for gen in self.generations:
-            _give_log_file(gen.cfg, gen.target)
+            give_log_file(gen.cfg, gen.target)
         self._signal_workers(signal.SIGUSR1, list(self.workers.values()))
         log.info("SIGUSR1: log files reopened")
 
@@ -346,159 +298,14 @@ class Supervisor:
 
         self.inherited = Inherited.from_environ()
         if self.inherited is not None:
-            self.listeners.update(self.inherited.listeners)
+            self.listeners.tcp.update(self.inherited.listeners)
             inherited = self.inherited
             self.selector.register(inherited.ctl, selectors.EVENT_READ,
                                    lambda: inherited.on_control(self))
             log.info("upgrade: took over %d listening sockets from the previous relay",
                      len(inherited.listeners))
 
-    # ------------------------------------------------------------------ listeners
-
-    def _bind_listeners(self, cfg: Config) -> dict[str, socket.socket]:
-        """Listening sockets for `cfg` by name: existing ones reused, new ones bound now.
-
-        On any bind error the sockets bound by this call are closed and the error raised.
-        """
-        from relay.sock import open_listener
-
-        fresh: list[tuple[tuple[str, str, str], socket.socket]] = []
-        out: dict[str, socket.socket] = {}
-        try:
-            for lst in cfg.listener:
-                if lst.is_udp:
-                    continue
-                sock = self._existing_listener(lst, taken=out.values())
-                if sock is None:
-                    sock = open_listener(lst.bind_address, transparent=lst.transparent,
-                                         reuseport=lst.reuseport)
-                    fresh.append((listener_key(lst), sock))
-                out[lst.name] = sock
-        except BaseException:
-            for _key, sock in fresh:
-                sock.close()
-            raise
-        for key, sock in fresh:
-            self.listeners[key] = sock
-        return out
-
-    def _bind_udp_listeners(self, cfg: Config) -> dict[str, list[socket.socket]]:
-        """One SO_REUSEPORT UDP socket per worker slot for each UDP listener of `cfg`: the
-        group bound for the same (name, address, mode) earlier is kept and grown if needed."""
-        from relay.sock import open_udp_listeners
-
-        size = cfg.relay.resolved_workers
-        out: dict[str, list[socket.socket]] = {}
-        grown: list[tuple[tuple[str, str, str], list[socket.socket], int]] = []
-        try:
-            for lst in cfg.listener:
-                if not lst.is_udp:
-                    continue
-                key = listener_key(lst)
-                existing = self.udp_listeners.get(key, [])
-                group = open_udp_listeners(lst.bind_address, size, transparent=lst.transparent,
-                                           existing=existing)
-                grown.append((key, group, len(existing)))
-                out[lst.name] = group
-        except BaseException:
-            for _key, group, kept in grown:
-                for sock in group[kept:]:
-                    sock.close()
-            raise
-        for key, group, _kept in grown:
-            have = self.udp_listeners.setdefault(key, [])
-            have.extend(group[len(have):])
-        return out
-
-    def _existing_listener(self, lst: Listener, taken: Iterable[socket.socket]
-                           ) -> socket.socket | None:
-        """The bound socket that already serves `lst`, if any: the one of the same name, address
-        text and mode, or, for a fixed port, one bound to that very address with the same
-        IP_TRANSPARENT (so "127.0.0.1:0" then "127.0.0.1:40519", a renamed listener, or one
-        going from backend to redirect mode keep their socket: without SO_REUSEPORT a second
-        socket could not bind there). Port-0 listeners of different names are different
-        sockets."""
-        busy = {id(s) for s in taken}
-        sock = self.listeners.get(listener_key(lst))
-        if sock is not None and id(sock) not in busy:
-            return sock
-        host, port = lst.bind_address
-        if not port:
-            return None
-        for sock in self.listeners.values():
-            if id(sock) in busy or sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            if tuple(sock.getsockname()[:2]) != (host, port):
-                continue
-            transparent, reuseport = _socket_options(sock)
-            if transparent != lst.transparent:
-                continue
-            if reuseport != lst.reuseport:
-                log.warning("listener %s (%s): reuseport = %s applies at the next restart; the "
-                            "bound socket is kept", lst.name, lst.bind,
-                            "true" if lst.reuseport else "false")
-            return sock
-        return None
-
-    def _close_unused_listeners(self) -> None:
-        used = {id(s) for gen in self.generations for s in gen.sockets.values()}
-        for key, sock in list(self.listeners.items()):
-            if id(sock) not in used:
-                log.info("listener %s (%s, %s) closed: not in the config any more", *key)
-                sock.close()
-                del self.listeners[key]
-        used_udp = {id(s) for gen in self.generations for group in gen.udp_sockets.values()
-                    for s in group}
-        for key, group in list(self.udp_listeners.items()):
-            keep = [s for s in group if id(s) in used_udp]
-            for sock in group:
-                if id(sock) not in used_udp:
-                    sock.close()
-            if keep:
-                self.udp_listeners[key] = keep
-            else:
-                log.info("UDP listener %s (%s, %s) closed: not in the config any more", *key)
-                del self.udp_listeners[key]
-
-    def _listener_text(self, gen: Generation) -> str:
-        names = {**gen.sockets, **{n: g[0] for n, g in gen.udp_sockets.items() if g}}
-        return ",".join(f"{lst.name}={format_local_address(names[lst.name])}"
-                        for lst in gen.cfg.listener if lst.name in names)
-
     # ------------------------------------------------------------------ workers
-
-    def _new_generation(
-        self, cfg: Config, sockets: dict[str, socket.socket], target: privs.Target | None,
-        udp_sockets: dict[str, list[socket.socket]] | None = None,
-    ) -> Generation:
-        from relay.process.budgets import nofile_needed_for, pipe_budget, raise_nofile
-
-        size = cfg.relay.resolved_workers
-        nofile = raise_nofile(nofile_needed_for(cfg.relay, len(cfg.listener), size))
-        wanted = cfg.relay.pipes_per_worker(size)
-        user = target.user if target is not None and target.uid != 0 else None  # None: exempt
-        budget = pipe_budget(user, cfg.relay.pipe_size, wanted, size)
-        if budget.per_worker < wanted:
-            # max_pipes = 0 means "maxconn / 4", not "none": no pipe at all is splice = false.
-            capped = (msgspec.structs.replace(cfg.relay, max_pipes=budget.per_worker)
-                      if budget.per_worker else msgspec.structs.replace(cfg.relay, splice=False))
-            cfg = dataclasses.replace(cfg, relay=capped)
-            if not budget.per_worker:
-                log.warning("no full-size splice pipe fits the worker user's budget: workers "
-                            "copy instead of splicing")
-        text = (
-            f"fds: {nofile.message} (soft limit {nofile.soft}, {nofile.needed} needed per worker); "
-            f"pipes: {budget.message}"
-        )
-        log.log(logging.INFO if nofile.ok else logging.WARNING, "budget: %s", text)
-        _give_log_file(cfg, target)
-        gen = Generation(self.next_generation, cfg, sockets, size, target,
-                         privs.needed_capabilities(cfg), text,
-                         udp_sockets=dict(udp_sockets or {}),
-                         limits=serve_limits.create(cfg.relay, size))
-        self.next_generation += 1
-        self.generations.append(gen)
-        return gen
 
     def _spawn(self, gen: Generation, slot: int) -> None:
         try:
@@ -547,14 +354,7 @@ class Supervisor:
 
     def _close_in_child(self, gen: Generation, slot: int = 0) -> None:
         """In a fresh worker: close what belongs to the supervisor (objects, not fd numbers)."""
-        keep = {id(s) for s in gen.slot_sockets(slot).values()}
-        for sock in self.listeners.values():
-            if id(sock) not in keep:
-                sock.close()
-        for group in self.udp_listeners.values():
-            for sock in group:
-                if id(sock) not in keep:
-                    sock.close()
+        self.listeners.close_in_child(gen.slot_sockets(slot).values())
         for other in self.workers.values():
             other.channel.close()
             other.heartbeat.close()
@@ -602,46 +402,21 @@ class Supervisor:
             elif isinstance(msg, SessionsReply):
                 self.sessions.on_reply(msg)
             elif isinstance(msg, UdpReleased):
-                if worker.udp == "started":
-                    worker.udp = "released"
-                    worker.udp_kill_at = None
+                if udp_released(worker):
                     self._udp_progress()
 
-    def _command(self, worker: Worker, cmd: Command) -> None:
-        try:
-            worker.channel.send(encode_command(cmd), socket.MSG_DONTWAIT)
-        except OSError as exc:  # a dead worker: its reaping does the rest
-            log.debug("worker %d: command not sent: %s", worker.pid, exc)
-
-    def _release_udp(self, workers: Iterable[Worker], reason: str, deadline: bool) -> None:
-        for w in workers:
-            if w.udp == "started":
-                self._command(w, UdpRelease(reason))
-                if deadline and w.udp_kill_at is None:
-                    w.udp_kill_at = time.monotonic() + UDP_RELEASE_TIMEOUT
+    def _new_generation(
+        self, cfg: Config, sockets: dict[str, socket.socket], target: privs.Target | None,
+        udp_sockets: dict[str, list[socket.socket]] | None = None,
+    ) -> Generation:
+        gen = new_generation(self.next_generation, cfg, sockets, target, udp_sockets)
+        self.next_generation += 1
+        self.generations.append(gen)
+        return gen
 
     def _udp_progress(self) -> None:
-        """Let the newest serving generation create UDP flows once no worker of any other
-        generation holds UDP (told to start and not yet released or gone); then tell each of
-        its serving workers (also ones restarted later) to start."""
-        if self.stopping:
-            return
-        serving = [g for g in self.generations if g.state == "serving"]
-        if not serving:
-            return
-        gen = serving[-1]
-        if not gen.udp_go:
-            holders = [w for w in self.workers.values()
-                       if w.generation is not gen and w.udp == "started"]
-            if holders:
-                return
-            gen.udp_go = True
-            if gen.udp_sockets:
-                log.info("generation %d: UDP started", gen.number)
-        for w in gen.workers.values():
-            if w.state == "serving" and w.udp == "held":
-                w.udp = "started"
-                self._command(w, UdpStart())
+        if not self.stopping:
+            udp_progress(self.generations, self.workers.values())
 
     def _signal_workers(self, sig: int, workers: list[Worker]) -> None:
         for w in workers:
@@ -719,7 +494,7 @@ class Supervisor:
             self._schedule_restart(gen, worker.slot, n)
 
     def _schedule_restart(self, gen: Generation, slot: int, failures: int) -> None:
-        delay = 0.0 if failures <= 1 else min(BACKOFF_MAX, 2.0 ** (failures - 2))
+        delay = restart_delay(failures)
         gen.restart_at[slot] = time.monotonic() + delay
         if delay:
             log.warning("restarting slot %d of generation %d in %.0fs (failure %d in a row)",
@@ -774,7 +549,7 @@ class Supervisor:
         old = [g for g in self.generations if g is not gen and g.state != "retiring"]
         if not self.ready:
             self.ready = True
-            line = f"READY pid={os.getpid()} listeners={self._listener_text(gen)}"
+            line = f"READY pid={os.getpid()} listeners={listener_text(gen)}"
             print(line, flush=True)
             if self.inherited is not None:
                 self.inherited.send_ready([(w.pid, w.slot, w.engine)
@@ -838,14 +613,14 @@ class Supervisor:
             if w.state != "draining":
                 w.state = "draining"
                 w.kill_at = deadline
-        self._release_udp(gen.workers.values(), "reload", deadline=True)
+        release_udp(gen.workers.values(), "reload", deadline=True)
         self._signal_workers(signal.SIGTERM, list(gen.workers.values()))
         log.info("generation %d draining (%d workers, up to %.0fs)",
                  gen.number, len(gen.workers), gen.cfg.relay.drain_timeout)
 
     def _abort_generation(self, gen: Generation, error: str) -> None:
         log.error("reload aborted, generation %d keeps serving: %s",
-                  self._serving_generation_number(), error)
+                  serving_generation_number(self.generations), error)
         self.metrics.reloads["failed"] += 1
         gen.state = "retiring"
         gen.restart_at.clear()
@@ -859,17 +634,13 @@ class Supervisor:
         systemd.notify(f"READY=1\nSTATUS=reload failed: {error}")
         self._retire_finished_generations()
 
-    def _serving_generation_number(self) -> int:
-        serving = [g.number for g in self.generations if g.state == "serving"]
-        return serving[-1] if serving else 0
-
     def _retire_finished_generations(self) -> None:
         before = len(self.generations)
         self.generations = [
             g for g in self.generations if g.workers or g.state != "retiring"
         ]
         if len(self.generations) != before and not self.stopping:
-            self._close_unused_listeners()
+            self.listeners.close_unused(self.generations)
 
     def reload(self, reply: ReplyFn | None) -> None:
         """Validate the config file, then start a new generation; `reply(ok, text)` at the end."""
@@ -895,11 +666,11 @@ class Supervisor:
         try:
             cfg = load(self.config_path, check_kernel=True, overrides=self.overrides)
             target = privs.resolve_target(cfg.relay.user, cfg.relay.group)
-            sockets = self._bind_listeners(cfg)
+            sockets = self.listeners.bind(cfg)
             try:
-                udp_sockets = self._bind_udp_listeners(cfg)
+                udp_sockets = self.listeners.bind_udp(cfg)
             except BaseException:
-                self._close_unused_listeners()
+                self.listeners.close_unused(self.generations)
                 raise
         except ConfigError as exc:
             problems = "\n".join(exc.problems)
@@ -927,21 +698,9 @@ class Supervisor:
             return
         self.stopping = "drain" if drain else "fast"
         systemd.notify("STOPPING=1")
-        # Stop accepting for everyone at once: shutdown(SHUT_RD) on a listening socket acts on
-        # the socket itself, not on this descriptor (inet_shutdown -> tcp_disconnect -> listen
-        # stop), so the workers' inherited copies stop listening too. New connections are refused
-        # at once (RST), instead of waiting in an accept queue that nobody drains any more.
-        for sock in self.listeners.values():
-            if not keep_listening:  # after an upgrade the new relay listens on them
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RD)
-            sock.close()
-        self.listeners.clear()
-        for group in self.udp_listeners.values():
-            for sock in group:
-                sock.close()
-        self.udp_listeners.clear()
-        self._release_udp(self.workers.values(), "closed", deadline=False)
+        # Stop accepting for everyone at once (shutdown acts on the socket the workers share).
+        self.listeners.shut_down(keep_listening)
+        release_udp(self.workers.values(), "closed", deadline=False)
         timeout = self.cfg.relay.drain_timeout + DRAIN_GRACE if drain else FAST_STOP_TIMEOUT
         deadline = time.monotonic() + timeout
         for gen in self.generations:
@@ -959,13 +718,7 @@ class Supervisor:
     def _cleanup(self) -> None:
         if self.admin is not None:
             self.admin.close()
-        for sock in self.listeners.values():
-            sock.close()
-        self.listeners.clear()
-        for group in self.udp_listeners.values():
-            for sock in group:
-                sock.close()
-        self.udp_listeners.clear()
+        self.listeners.close()
         for w in list(self.workers.values()):
             # Only reached on a start failure or an exception in the loop: leave no orphan.
             self._signal_workers(signal.SIGKILL, [w])
@@ -1020,35 +773,6 @@ class Supervisor:
             **({"guard_dropped_packets": self.guard.get()} if self.cfg.egress else {}),
             "reloads": dict(self.metrics.reloads) if self.metrics is not None else {},
         }
-
-
-def _socket_options(sock: socket.socket) -> tuple[bool, bool]:
-    """(IP_TRANSPARENT, SO_REUSEPORT) of a listening TCP socket."""
-    from relay.sock import IP_TRANSPARENT, IPV6_TRANSPARENT
-
-    if sock.family == socket.AF_INET6:
-        transparent = sock.getsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT)
-    else:
-        transparent = sock.getsockopt(socket.SOL_IP, IP_TRANSPARENT)
-    return bool(transparent), bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
-
-
-def _give_log_file(cfg: Config, target: privs.Target | None) -> None:
-    """Let unprivileged workers reopen the log file on SIGUSR1 (they cannot open root's file)."""
-    from relay.ops import log as relay_log
-
-    path = cfg.relay.log_file
-    if path and target is not None and target.uid != 0:
-        # Checked again on every hand-over (start, SIGUSR1): the directory may have changed.
-        unsafe = [p.reason for p in files.check_log_file(path, cfg.relay.user, cfg.relay.group)]
-        if unsafe:
-            log.error("log file %s: not handed to user %s: %s", path, target.user,
-                      "; ".join(unsafe))
-            return
-        try:
-            relay_log.give_to(target.uid, target.gid)  # fchown of the open file, not the path
-        except OSError as exc:
-            log.warning("log file %s: cannot hand it to user %s: %s", path, target.user, exc)
 
 
 def iowq_threads(pid: int) -> int:

@@ -128,7 +128,7 @@ class Upgrade:
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listeners = [[key[0], key[1], key[2], sock.fileno()]
-                     for key, sock in self.sup.listeners.items() if sock.fileno() >= 0]
+                     for key, sock in self.sup.listeners.tcp.items() if sock.fileno() >= 0]
         env = dict(os.environ)
         env[ENV_FD] = str(theirs.fileno())
         env[ENV_LISTENERS] = json.dumps(listeners)

@@ -3,7 +3,7 @@
 Old worker (``Handoff.hand_over_to(sock)``, then the drain): once it stops accepting, every
 established pair is exported from the core (``Loop.export_pair``), forgotten by the server
 without a flow-log line (the adopting worker writes the one line of that connection) and sent
-in batches over the handoff socket (relay.process.handoff). Pairs still connecting are retried
+in batches over the handoff socket (relay.serve.handoff_wire). Pairs still connecting are retried
 on the next loop iterations, once connected. A batch that cannot be sent is imported back and
 drains here like before. The worker waits for an ack per batch; batches never acked (the
 adopting worker died) are counted ``handoff_lost``: their connections are gone.
@@ -33,7 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from relay.ops.log import log_every
-from relay.process import handoff as wire
+from relay.serve import handoff_wire as wire
 from relay.serve.limits import VERDICT_REASONS
 from relay.sock import reset_and_close
 

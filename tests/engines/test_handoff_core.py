@@ -1,6 +1,6 @@
 """Loop.export_pair / Loop.import_pair (relay_ext/handoff.pxi): a pair moved mid-transfer from
 one loop to another, in this process and across processes with SCM_RIGHTS
-(relay.process.handoff), goes on byte-exact both ways; half-closed directions and timers keep
+(relay.serve.handoff_wire), goes on byte-exact both ways; half-closed directions and timers keep
 their state."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import test_core
 from helpers import REPO_ROOT
 from test_core import BACKENDS, REASONS, core, recv_all, relay_pair
 
-from relay.process import handoff
+from relay.serve import handoff_wire as handoff
 
 make_loop = test_core.make_loop  # the fixture: loops driven by a thread, fds checked after
 
@@ -171,7 +171,7 @@ def _call(drv, fn, *args):
 _CHILD = textwrap.dedent("""
     import json, socket, sys
     import relay_ext._core as core
-    from relay.process import handoff
+    from relay.serve import handoff_wire as handoff
     sock = socket.socket(fileno=int(sys.argv[1]))
     msg = handoff.recv_message(sock)
     loop = core.Loop(sys.argv[2])

@@ -1,5 +1,6 @@
-"""relay.process.handoff: batches within SCM_MAX_FD, descriptors renumbered across a real
-SCM_RIGHTS transfer, orders on a worker channel, bad messages refused with their fds closed."""
+"""relay.serve.handoff_wire: batches within SCM_MAX_FD, descriptors renumbered across a real
+SCM_RIGHTS transfer, bad messages refused with their fds closed; relay.process.handoff: orders on
+a worker channel."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import socket
 
 import pytest
 
-from relay.process import handoff as wire
+from relay.process import handoff as orders
+from relay.serve import handoff_wire as wire
 
 
 def _half(pipe: tuple[int, int] | None = None, buf: bytes = b"") -> wire.HalfState:
@@ -86,11 +88,11 @@ def test_garbage_is_refused_and_its_descriptors_closed() -> None:
 def test_orders_travel_on_a_channel_without_blocking() -> None:
     sup, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    assert wire.take_orders(worker) == []            # nothing queued: returns at once
-    wire.send_order(sup, wire.Adopt(123), b)
-    wire.send_order(sup, wire.HandOver(456), a)
-    got = wire.take_orders(worker)
-    assert [o for o, _s in got] == [wire.Adopt(123), wire.HandOver(456)]
+    assert orders.take_orders(worker) == []            # nothing queued: returns at once
+    orders.send_order(sup, orders.Adopt(123), b)
+    orders.send_order(sup, orders.HandOver(456), a)
+    got = orders.take_orders(worker)
+    assert [o for o, _s in got] == [orders.Adopt(123), orders.HandOver(456)]
     got[0][1].send(b"x")                             # the passed end works
     assert a.recv(1) == b"x"
     for s in (sup, worker, a, b, *(s for _o, s in got)):
