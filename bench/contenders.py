@@ -83,6 +83,7 @@ class RelaySetup:
     engine: str
     workers: int = 1
     flow_log: bool = True  # the default a user gets; `-nolog` variants turn it off
+    extra: tuple[str, ...] = ()  # more `relay run` options (a setting away from its default)
 
 
 def _relay_cli(name: str, setup: RelaySetup, backend_port: int, tmp: Path) -> procs.Service:
@@ -97,6 +98,7 @@ def _relay_cli(name: str, setup: RelaySetup, backend_port: int, tmp: Path) -> pr
         "--backend", f"127.0.0.1:{backend_port}", "--engine", setup.engine,
         "--workers", str(setup.workers), "--drain-timeout", "1", "--admin-socket", str(admin),
         "--flow-log" if setup.flow_log else "--no-flow-log", "--log-file", str(tmp / f"{name}.log"),
+        *setup.extra,
     ]
     svc = procs.start_reporting_port(name, argv, timeout=30.0, cwd=ROOT)
     svc.admin_socket = str(admin)
@@ -180,6 +182,9 @@ RELAY_VARIANTS: dict[str, RelaySetup] = {
     **{f"relay-{e}": RelaySetup(e) for e in RELAY_ENGINES},
     "relay-uring-nolog": RelaySetup("uring", flow_log=False),
     "relay-uring-w2": RelaySetup("uring", workers=2),
+    # a fixed receive buffer instead of auto-tuning: less CPU end to end, more in the relay
+    # (docs/single-stream.md)
+    "relay-uring-rcvbuf512k": RelaySetup("uring", flow_log=False, extra=("--socket-rcvbuf", "524288")),
 }
 SCALING = ("relay-uring", "relay-uring-w2")  # the --workers 1 vs --workers 2 ratio row
 
@@ -187,7 +192,8 @@ ALL: tuple[Contender, ...] = (
     Contender(DIRECT, "baseline", _always, lambda port, tmp: None, start_udp=lambda port, tmp: None),
     *(Contender(name, "relay", _always, _relay(name, setup), idle=name in {f"relay-{e}" for e in RELAY_ENGINES},
                 variant=("flow log on" if setup.flow_log else "--no-flow-log")
-                + (f" --workers {setup.workers}" if setup.workers > 1 else ""), workers=setup.workers)
+                + (f" --workers {setup.workers}" if setup.workers > 1 else "")
+                + "".join(f" {arg}" for arg in setup.extra), workers=setup.workers)
       for name, setup in RELAY_VARIANTS.items()),
     Contender("relay-udp", "relay", _always, None, start_udp=_start_relay_udp),
     Contender(HAPROXY, "competitor", haproxy.available, _start_haproxy, idle=True),

@@ -200,6 +200,7 @@ cdef class Loop:
     cdef char* scratch
     cdef uint32_t splice_min
     cdef bint splice_enabled
+    cdef int socket_rcvbuf      # SO_RCVBUF of relayed sockets; 0 = kernel auto-tuning
     # timers
     cdef uint64_t connect_timeout_ns
     cdef uint64_t idle_timeout_ns

@@ -44,6 +44,7 @@ class Loop:
         ring_entries: int = 1024,
         pipes_keep_idle: int = 8,
         pipe_release_ms: int = 10000,
+        socket_rcvbuf: int = 0,
     ) -> None: ...
     @property
     def backend(self) -> str: ...

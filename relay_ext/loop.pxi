@@ -25,7 +25,7 @@ cdef class Loop:
                  int max_conns=65536, int splice_min=4096, bint splice=True,
                  int connect_timeout_ms=5000, int idle_timeout_ms=300000,
                  int half_close_timeout_ms=60000, int ring_entries=1024,
-                 int pipes_keep_idle=8, int pipe_release_ms=10000):
+                 int pipes_keep_idle=8, int pipe_release_ms=10000, int socket_rcvbuf=0):
         if backend not in ("uring", "epoll"):
             raise ValueError(f"relay core: backend must be 'uring' or 'epoll', not {backend!r}")
         if max_conns < 1 or max_conns > 16_000_000:
@@ -39,7 +39,10 @@ cdef class Loop:
         if pipes_keep_idle < 0 or pipe_release_ms <= 0:
             raise ValueError(f"relay core: pipes_keep_idle={pipes_keep_idle}, "
                              f"pipe_release_ms={pipe_release_ms}: must be >= 0 and > 0")
+        if socket_rcvbuf < 0:
+            raise ValueError(f"relay core: socket_rcvbuf={socket_rcvbuf}: must be >= 0")
         self.backend_id = BACKEND_URING if backend == "uring" else BACKEND_EPOLL
+        self.socket_rcvbuf = socket_rcvbuf
         self.max_conns = max_conns
         self.splice_min = max(splice_min, 1)
         self.splice_enabled = splice and max_pipes > 0
@@ -241,6 +244,8 @@ cdef class Loop:
             if flags >= 0 and not (flags & O_NONBLOCK):
                 fcntl(fd, F_SETFL, flags | O_NONBLOCK)
             set_linger_zero(fd)     # until a graceful close: a dead worker resets (conn.pxi)
+            if self.socket_rcvbuf:
+                set_rcvbuf(fd, self.socket_rcvbuf)
         cdef Py_ssize_t plen = len(prefix)
         if plen:
             c.half[0].buf = <char*>malloc(plen)

@@ -179,6 +179,15 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             description="bytes pending below which a transfer is copied, not spliced",
         ),
     ] = LOOP_DEFAULTS["splice_min"]
+    socket_rcvbuf: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=C_INT_MAX,  # the core takes it as a C int
+            description="SO_RCVBUF of relayed sockets in bytes (the kernel doubles it, capped "
+            "by net.core.rmem_max); 0 = kernel auto-tuning (docs/single-stream.md)",
+        ),
+    ] = LOOP_DEFAULTS["socket_rcvbuf"]
     user: Annotated[
         str, Meta(description="drop privileges to this user after binding; empty = stay")
     ] = ""
@@ -295,6 +304,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             "max_pipes": self.pipes_per_worker(workers),
             "max_conns": self.maxconn_per_worker(workers),
             "splice_min": self.splice_min,
+            "socket_rcvbuf": self.socket_rcvbuf,
             "connect_timeout_ms": round(self.connect_timeout * 1000),
             "idle_timeout_ms": round(self.idle_timeout * 1000),
             "half_close_timeout_ms": round(self.half_close_timeout * 1000),

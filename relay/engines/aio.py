@@ -27,6 +27,7 @@ TCP semantics (the same in every engine):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -226,6 +227,7 @@ class AioLoop:
         half_close_timeout_ms: int = LOOP_DEFAULTS["half_close_timeout_ms"],
         pipes_keep_idle: int = LOOP_DEFAULTS["pipes_keep_idle"],
         pipe_release_ms: int = LOOP_DEFAULTS["pipe_release_ms"],
+        socket_rcvbuf: int = LOOP_DEFAULTS["socket_rcvbuf"],
     ) -> None:
         if backend != "asyncio":
             raise ValueError(f"AioLoop: backend={backend!r}: this engine only provides 'asyncio'")
@@ -237,12 +239,14 @@ class AioLoop:
                             ("idle_timeout_ms", idle_timeout_ms),
                             ("half_close_timeout_ms", half_close_timeout_ms),
                             ("pipes_keep_idle", pipes_keep_idle),
-                            ("pipe_release_ms", pipe_release_ms)):
+                            ("pipe_release_ms", pipe_release_ms),
+                            ("socket_rcvbuf", socket_rcvbuf)):
             if value < 0:
                 raise ValueError(f"AioLoop: {name}={value}: must be >= 0")
         # The write-buffer high-water mark stands in for the pipe: it bounds what one direction
         # holds in user space before reading from the source pauses.
         self._buffer_size = pipe_size
+        self._socket_rcvbuf = socket_rcvbuf
         self._max_conns = max_conns
         self._connect_timeout = connect_timeout_ms / 1000.0
         self._idle_timeout = idle_timeout_ms / 1000.0
@@ -417,6 +421,10 @@ class AioLoop:
         upstream_sock.setblocking(False)
         _set_linger(client_sock, LINGER_RST)  # until the graceful close: a dead process resets
         _set_linger(upstream_sock, LINGER_RST)
+        if self._socket_rcvbuf:  # as the core does (relay_ext/conn.pxi set_rcvbuf)
+            for sock in (client_sock, upstream_sock):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._socket_rcvbuf)
         cid = self._next_cid
         self._next_cid += 1
         pair = _Pair(self, cid, tag, client_sock, upstream_sock, bytes(prefix))

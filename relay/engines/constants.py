@@ -64,6 +64,7 @@ LOOP_DEFAULTS: Mapping[str, int] = MappingProxyType({
     "ring_entries": 1024,  # io_uring submission queue entries (uring backend only)
     "pipes_keep_idle": 8,
     "pipe_release_ms": 10_000,
+    "socket_rcvbuf": 0,  # SO_RCVBUF of relayed sockets; 0 = kernel auto-tuning
 })
 
 # accept(2) errors that mean "out of a resource": retrying at once would spin, so the listener is

@@ -59,6 +59,7 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         SOL_SOCKET
         SO_LINGER
+        SO_RCVBUF
         SO_ERROR
         SOCK_NONBLOCK
         SOCK_CLOEXEC
