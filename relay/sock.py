@@ -139,6 +139,22 @@ def check_address_free(address: tuple[str, int], kind: int = socket.SOCK_STREAM,
             # EADDRNOTAVAIL and friends: the caller's own bind reports them
 
 
+def _make_transparent(sock: socket.socket, family: int, what: str,
+                      recv_origdst: bool = False) -> None:
+    """IP_TRANSPARENT (bind and receive for addresses that are not local: TPROXY); with
+    recv_origdst also IP(V6)_RECVORIGDSTADDR, each datagram's original destination in a cmsg."""
+    level = _SOL_IPV6 if family == socket.AF_INET6 else socket.SOL_IP
+    try:
+        sock.setsockopt(level, IPV6_TRANSPARENT if family == socket.AF_INET6 else IP_TRANSPARENT,
+                        1)
+        if recv_origdst:
+            sock.setsockopt(level, IPV6_RECVORIGDSTADDR if family == socket.AF_INET6
+                            else IP_RECVORIGDSTADDR, 1)
+    except PermissionError as exc:
+        raise PermissionError(
+            exc.errno, f"{what}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW") from None
+
+
 def open_listener(address: tuple[str, int] | str, *, transparent: bool = False,
                   reuseport: bool = False) -> socket.socket:
     """Bind and listen on `address`: (IP literal, port) for TCP, a str path for a unix socket.
@@ -174,16 +190,7 @@ def open_listener(address: tuple[str, int] | str, *, transparent: bool = False,
         if family == socket.AF_INET6:
             sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
-            try:
-                if family == socket.AF_INET6:
-                    sock.setsockopt(_SOL_IPV6, IPV6_TRANSPARENT, 1)
-                else:
-                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            except PermissionError as exc:
-                raise PermissionError(
-                    exc.errno,
-                    f"listener {shown}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW",
-                ) from None
+            _make_transparent(sock, family, f"listener {shown}")
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -240,18 +247,7 @@ def open_udp_listeners(
             if family == socket.AF_INET6:
                 sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
             if transparent:
-                try:
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(_SOL_IPV6, IPV6_TRANSPARENT, 1)
-                        sock.setsockopt(_SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
-                    else:
-                        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
-                except PermissionError as exc:
-                    raise PermissionError(
-                        exc.errno,
-                        f"UDP listener {shown}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW",
-                    ) from None
+                _make_transparent(sock, family, f"UDP listener {shown}", recv_origdst=True)
             try:
                 sock.bind((host, port))
             except OSError as exc:

@@ -430,44 +430,38 @@ class Doctor:
             return Check(name="nftables", status="WARN", detail=f"{nft} --version: {exc}")
         return Check(name="nftables", status="PASS", detail=f"{nft}: {out.stdout.strip()}")
 
-    def check_tproxy(self) -> Check:
+    def _nft_accepts(self, name: str, needed: bool, rules: list[str], what: str,
+                     fix: str) -> Check:
+        """Does `nft -c` (check only, nothing applied) accept these prerouting rules?"""
         nft = shutil.which("nft")
-        needed = any(lst.mode == "tproxy" for lst in self.cfg.listener)
         if nft is None:
-            return Check(
-                name="tproxy",
-                status=self._severity(needed),
-                detail="not checked: nft not found",
-                fix="apt-get install nftables",
-            )
+            return Check(name=name, status=self._severity(needed),
+                         detail="not checked: nft not found", fix="apt-get install nftables")
         ruleset = (
             "table inet relay_doctor {\n"
             "  chain prerouting {\n"
             "    type filter hook prerouting priority mangle; policy accept;\n"
-            "    meta l4proto tcp tproxy ip to 127.0.0.1:1 meta mark set 1 accept\n"
-            "  }\n"
+            + "".join(f"    {rule}\n" for rule in rules)
+            + "  }\n"
             "}\n"
         )
         try:
-            res = subprocess.run(
-                [nft, "-c", "-f", "-"],
-                input=ruleset,
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            )
+            res = subprocess.run([nft, "-c", "-f", "-"], input=ruleset, capture_output=True,
+                                 text=True, timeout=10, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return Check(name="tproxy", status=self._severity(needed), detail=f"nft -c: {exc}")
+            return Check(name=name, status=self._severity(needed), detail=f"nft -c: {exc}")
         if res.returncode == 0:
-            return Check(name="tproxy", status="PASS", detail="nft -c accepts a tproxy rule")
+            return Check(name=name, status="PASS", detail=f"nft -c accepts {what}")
         reason = " ".join(res.stderr.split())[:300] or f"exit status {res.returncode}"
-        return Check(
-            name="tproxy",
-            status=self._severity(needed),
-            detail=f"nft -c rejects a tproxy rule: {reason}",
-            fix="run as root / CAP_NET_ADMIN; the kernel needs nft_tproxy (modprobe nft_tproxy)",
-        )
+        return Check(name=name, status=self._severity(needed),
+                     detail=f"nft -c rejects {what}: {reason}", fix=fix)
+
+    def check_tproxy(self) -> Check:
+        return self._nft_accepts(
+            "tproxy", any(lst.mode == "tproxy" for lst in self.cfg.listener),
+            ["meta l4proto tcp tproxy ip to 127.0.0.1:1 meta mark set 1 accept"],
+            "a tproxy rule",
+            "run as root / CAP_NET_ADMIN; the kernel needs nft_tproxy (modprobe nft_tproxy)")
 
     # ------------------------------------------------------------------ UDP
 
@@ -534,41 +528,14 @@ class Doctor:
                      detail=f"two UDP sockets share port {port} with SO_REUSEPORT")
 
     def check_udp_tproxy(self) -> Check:
-        nft = shutil.which("nft")
-        needed = self.needs_udp_tproxy
-        if nft is None:
-            return Check(
-                name="udp_tproxy",
-                status=self._severity(needed),
-                detail="not checked: nft not found",
-                fix="apt-get install nftables",
-            )
-        ruleset = (
-            "table inet relay_doctor {\n"
-            "  chain prerouting {\n"
-            "    type filter hook prerouting priority mangle; policy accept;\n"
-            "    meta l4proto udp socket transparent 1 meta mark set 1 accept\n"
-            "    meta l4proto udp tproxy ip to 127.0.0.1:1 meta mark set 1 accept\n"
-            "    meta l4proto udp tproxy ip6 to [::1]:1 meta mark set 1 accept\n"
-            "  }\n"
-            "}\n"
-        )
-        try:
-            res = subprocess.run([nft, "-c", "-f", "-"], input=ruleset, capture_output=True,
-                                 text=True, timeout=10, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return Check(name="udp_tproxy", status=self._severity(needed), detail=f"nft -c: {exc}")
-        if res.returncode == 0:
-            return Check(name="udp_tproxy", status="PASS",
-                         detail="nft -c accepts udp tproxy (ip, ip6) and the udp socket match")
-        reason = " ".join(res.stderr.split())[:300] or f"exit status {res.returncode}"
-        return Check(
-            name="udp_tproxy",
-            status=self._severity(needed),
-            detail=f"nft -c rejects the UDP tproxy rules: {reason}",
-            fix="run as root / CAP_NET_ADMIN; the kernel needs nft_tproxy and nft_socket "
-            "(modprobe nft_tproxy nft_socket)",
-        )
+        return self._nft_accepts(
+            "udp_tproxy", self.needs_udp_tproxy,
+            ["meta l4proto udp socket transparent 1 meta mark set 1 accept",
+             "meta l4proto udp tproxy ip to 127.0.0.1:1 meta mark set 1 accept",
+             "meta l4proto udp tproxy ip6 to [::1]:1 meta mark set 1 accept"],
+            "udp tproxy (ip, ip6) and the udp socket match",
+            "run as root / CAP_NET_ADMIN; the kernel needs nft_tproxy and nft_socket "
+            "(modprobe nft_tproxy nft_socket)")
 
     def check_udp_buffers(self) -> Check:
         """Socket buffer sysctls against one burst: a datagram that finds the receive queue

@@ -52,6 +52,20 @@ def send_order(channel: socket.socket, order: Order, sock: socket.socket) -> Non
     socket.send_fds(channel, [_encoder.encode(order)], [sock.fileno()])
 
 
+def _decode_order(data: bytes, fds: list[int]) -> tuple[Order, socket.socket] | None:
+    """An order and the one socket it carries; anything else is dropped with its fds."""
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    try:
+        order: Order | None = _order_decoder.decode(data)
+    except msgspec.DecodeError:
+        order = None
+    if order is None or len(socks) != 1:
+        for s in socks:
+            s.close()
+        return None
+    return order, socks[0]
+
+
 def take_orders(channel: socket.socket) -> list[tuple[Order, socket.socket]]:
     """The orders queued on a worker's channel (never blocks); each with its socket."""
     out: list[tuple[Order, socket.socket]] = []
@@ -67,16 +81,9 @@ def take_orders(channel: socket.socket) -> list[tuple[Order, socket.socket]]:
             for fd in fds:
                 close_fd(fd)
             return out
-        socks = [socket.socket(fileno=fd) for fd in fds]
-        try:
-            order = _order_decoder.decode(data)
-        except msgspec.DecodeError:
-            order = None
-        if order is None or len(socks) != 1:
-            for s in socks:
-                s.close()
-            continue
-        out.append((order, socks[0]))
+        taken = _decode_order(data, fds)
+        if taken is not None:
+            out.append(taken)
 
 
 def apply_orders(channel: socket.socket, target: Any) -> None:
@@ -153,16 +160,11 @@ def recv_with_fds(channel: socket.socket) -> tuple[bytes, list[int]]:
 def apply_order(data: bytes, fds: list[int], target: Any) -> None:
     """A HandOver/Adopt order with its socket, for a Server's Handoff (``target``); anything
     else carrying descriptors is dropped with them."""
-    socks = [socket.socket(fileno=fd) for fd in fds]
-    try:
-        order = _order_decoder.decode(data)
-    except msgspec.DecodeError:
-        order = None
-    if order is None or len(socks) != 1:
-        for s in socks:
-            s.close()
+    taken = _decode_order(data, fds)
+    if taken is None:
         return
+    order, sock = taken
     if isinstance(order, HandOver):
-        target.hand_over_to(socks[0])
+        target.hand_over_to(sock)
     else:
-        target.adopt_from(socks[0])
+        target.adopt_from(sock)
