@@ -515,3 +515,37 @@ def block_io_uring() -> None:
         raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
     if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
         raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+# Two configs whose nft plans tests/unit/test_nft.py renders and tests/netns/test_nft_apply.py
+# applies: TCP tproxy listeners of both families and a backend listener; a backend listener alone.
+TPROXY_CONFIG = """
+[[listener]]
+name = "in4"
+bind = "127.0.0.1:7000"
+mode = "tproxy"
+
+[[listener]]
+name = "in6"
+bind = "[::]:7001"
+mode = "tproxy"
+
+[[listener]]
+name = "plain"
+bind = "127.0.0.1:8000"
+backend = "127.0.0.1:9000"
+
+[[egress]]
+address = "203.0.113.7"
+ports = "40000-40007"
+
+[[egress]]
+address = "2001:db8:7::7"
+ports = "40000-40007"
+"""
+
+BACKEND_ONLY = """
+[[listener]]
+bind = "127.0.0.1:8000"
+backend = "127.0.0.1:9000"
+"""

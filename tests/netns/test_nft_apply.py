@@ -7,44 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import require_netns
+from helpers import BACKEND_ONLY, TPROXY_CONFIG, require_netns
 
 from relay.lab.netlab import Lab, open_flow, relay_in, relay_nft, three_hosts
 from relay.lab.netns import Topology
 from relay.lab.origins import Origin
 from relay.lab.process import relay_config, write_config
-
-TPROXY_CONFIG = """
-[[listener]]
-name = "in4"
-bind = "127.0.0.1:7000"
-mode = "tproxy"
-
-[[listener]]
-name = "in6"
-bind = "[::]:7001"
-mode = "tproxy"
-
-[[listener]]
-name = "plain"
-bind = "127.0.0.1:8000"
-backend = "127.0.0.1:9000"
-
-[[egress]]
-address = "203.0.113.7"
-ports = "40000-40007"
-
-[[egress]]
-address = "2001:db8:7::7"
-ports = "40000-40007"
-"""
-
-BACKEND_ONLY = """
-[[listener]]
-bind = "127.0.0.1:8000"
-backend = "127.0.0.1:9000"
-"""
-
 
 # -- in a network namespace: the real nft and ip --------------------------------------------
 

@@ -5,40 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import BACKEND_ONLY, TPROXY_CONFIG
 
 from relay.config import loads
 from relay.ops import nft
-
-TPROXY_CONFIG = """
-[[listener]]
-name = "in4"
-bind = "127.0.0.1:7000"
-mode = "tproxy"
-
-[[listener]]
-name = "in6"
-bind = "[::]:7001"
-mode = "tproxy"
-
-[[listener]]
-name = "plain"
-bind = "127.0.0.1:8000"
-backend = "127.0.0.1:9000"
-
-[[egress]]
-address = "203.0.113.7"
-ports = "40000-40007"
-
-[[egress]]
-address = "2001:db8:7::7"
-ports = "40000-40007"
-"""
-
-BACKEND_ONLY = """
-[[listener]]
-bind = "127.0.0.1:8000"
-backend = "127.0.0.1:9000"
-"""
 
 
 def _rules(plan: nft.Plan) -> list[str]:
