@@ -9,6 +9,7 @@ can assert on the far side of the relay: bytes and sha256 received, and how the 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
@@ -16,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -549,3 +550,12 @@ BACKEND_ONLY = """
 bind = "127.0.0.1:8000"
 backend = "127.0.0.1:9000"
 """
+
+
+def run_on(flavor: str, main: Callable[[], Awaitable[Any]]) -> Any:
+    """Run the coroutine function `main` on asyncio or uvloop (the `flavor` fixture)."""
+    if flavor == "uvloop":
+        import uvloop
+
+        return uvloop.run(main())
+    return asyncio.run(main())

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from helpers import echo, pattern, reset_after, sha, sink
+from helpers import echo, pattern, reset_after, run_on, sha, sink
 
 import relay
 from relay import Relay, SpliceResult
@@ -21,29 +20,6 @@ MiB = 1 << 20
 CORE_ENGINES = ("uring", "epoll")
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="session")
-def uvloop_warmed() -> None:
-    """libuv opens a process-wide signal pipe pair on its first run and never closes it: let
-    that happen before any fd baseline is taken."""
-    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
-    uvloop.run(asyncio.sleep(0))
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def flavor(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        request.getfixturevalue("uvloop_warmed")
-    return str(request.param)
-
-
-def run_on(flavor: str, main: Callable[[], Awaitable[Any]]) -> Any:
-    if flavor == "uvloop":
-        import uvloop
-
-        return uvloop.run(main())
-    return asyncio.run(main())
 
 
 async def relayed_pair(upstream_address: tuple[str, int]

@@ -7,40 +7,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import echo, pattern, sha, sink
+from helpers import echo, pattern, run_on, sha, sink
 
 import relay
 
 MiB = 1 << 20
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="session")
-def uvloop_warmed() -> None:
-    """libuv opens a process-wide signal pipe pair on its first run and never closes it: let
-    that happen before any fd baseline is taken."""
-    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
-    uvloop.run(asyncio.sleep(0))
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def flavor(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        request.getfixturevalue("uvloop_warmed")
-    return str(request.param)
-
-
-def run_on(flavor: str, main: Callable[[], Awaitable[Any]]) -> Any:
-    if flavor == "uvloop":
-        import uvloop
-
-        return uvloop.run(main())
-    return asyncio.run(main())
 
 
 async def connect(address: tuple[str, int]) -> socket.socket:
