@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import subprocess
 import threading
 from typing import Any
@@ -18,21 +17,6 @@ from relay.process import budgets, privs
 
 USER = "relaytest"
 IP_TRANSPARENT = 19
-
-
-@pytest.fixture(scope="module")
-def unprivileged_user() -> pwd.struct_passwd:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch users")
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        pass
-    if shutil.which("useradd") is None:
-        pytest.skip(f"no user {USER!r} and no useradd to create it")
-    subprocess.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", USER], check=True,
-                   timeout=30)
-    return pwd.getpwnam(USER)
 
 
 def _status(pid: int) -> dict[str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import socket
 import stat
@@ -34,21 +33,6 @@ def relay_cmd(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def worker_user() -> pwd.struct_passwd:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch users")
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        pass
-    if shutil.which("useradd") is None:
-        pytest.skip(f"no user {USER!r} and no useradd to create it")
-    subprocess.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", USER], check=True,
-                   timeout=30)
-    return pwd.getpwnam(USER)
-
-
 def _config(path: Path, **relay: str) -> Path:
     lines = ["[relay]", "workers = 1"] + [f'{k} = "{v}"' for k, v in relay.items()]
     path.write_text("\n".join(lines) + '\n\n[[listener]]\nbind = "127.0.0.1:0"\n'
@@ -57,13 +41,13 @@ def _config(path: Path, **relay: str) -> Path:
 
 
 def test_symlinked_log_file_is_refused_and_its_target_untouched(
-        tmp_path: Path, worker_user: pwd.struct_passwd) -> None:
+        tmp_path: Path, unprivileged_user: pwd.struct_passwd) -> None:
     secret = tmp_path / "root-secret"
     secret.write_text("root only\n")
     os.chmod(secret, 0o600)
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    os.chown(logdir, worker_user.pw_uid, worker_user.pw_gid)  # the worker user can write here
+    os.chown(logdir, unprivileged_user.pw_uid, unprivileged_user.pw_gid)  # the worker user can write here
     link = logdir / "relay.log"
     os.symlink(secret, link)
     cfg = _config(tmp_path / "relay.toml", user=USER, log_file=str(link))
@@ -76,11 +60,11 @@ def test_symlinked_log_file_is_refused_and_its_target_untouched(
     assert secret.read_text() == "root only\n"
 
 
-def test_log_directory_writable_by_the_worker_user_is_refused(
-        tmp_path: Path, worker_user: pwd.struct_passwd) -> None:
+def test_log_directory_writable_by_the_unprivileged_user_is_refused(
+        tmp_path: Path, unprivileged_user: pwd.struct_passwd) -> None:
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    os.chown(logdir, worker_user.pw_uid, worker_user.pw_gid)
+    os.chown(logdir, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
     cfg = _config(tmp_path / "relay.toml", user=USER, log_file=str(logdir / "relay.log"))
     res = relay_cmd("check", "-c", str(cfg))
     assert res.returncode == 1, res.stdout
@@ -111,7 +95,7 @@ def test_log_file_is_opened_without_following_links(tmp_path: Path) -> None:
 
 
 def test_log_file_is_handed_over_by_descriptor(
-        tmp_path: Path, origins: Any, relays: Any, worker_user: pwd.struct_passwd) -> None:
+        tmp_path: Path, origins: Any, relays: Any, unprivileged_user: pwd.struct_passwd) -> None:
     os.chmod(tmp_path, 0o755)
     log_file = tmp_path / "relay.log"
     echo = origins(echo_handler)
@@ -120,7 +104,7 @@ def test_log_file_is_handed_over_by_descriptor(
     rp.wait_ready()
     assert echo_roundtrip(rp.address())
     st = os.stat(log_file)
-    assert (st.st_uid, st.st_gid) == (worker_user.pw_uid, worker_user.pw_gid)
+    assert (st.st_uid, st.st_gid) == (unprivileged_user.pw_uid, unprivileged_user.pw_gid)
 
 
 def test_admin_socket_naming_a_regular_file_is_never_deleted(tmp_path: Path) -> None:
@@ -182,7 +166,7 @@ def test_idle_admin_clients_are_timed_out_and_capped(origins: Any, relays: Any) 
 
 @pytest.mark.timeout(60)
 def test_sigusr1_reopen_neither_follows_a_link_nor_hands_over_in_a_writable_directory(
-        tmp_path: Path, origins: Any, relays: Any, worker_user: pwd.struct_passwd) -> None:
+        tmp_path: Path, origins: Any, relays: Any, unprivileged_user: pwd.struct_passwd) -> None:
     os.chmod(tmp_path, 0o755)
     logdir = tmp_path / "logs"
     logdir.mkdir(mode=0o755)
@@ -194,7 +178,7 @@ def test_sigusr1_reopen_neither_follows_a_link_nor_hands_over_in_a_writable_dire
     rp = relays(lambda adm: relay_config(echo.port, admin_socket=adm, settings={
         "user": USER, "log_file": str(log_file)}))
     rp.wait_ready()
-    assert os.stat(log_file).st_uid == worker_user.pw_uid
+    assert os.stat(log_file).st_uid == unprivileged_user.pw_uid
     # logrotate moved the file; someone planted a link to root's file in its place.
     os.rename(log_file, logdir / "relay.log.1")
     os.symlink(secret, log_file)
@@ -206,7 +190,7 @@ def test_sigusr1_reopen_neither_follows_a_link_nor_hands_over_in_a_writable_dire
     assert "is a symbolic link" in (logdir / "relay.log.1").read_text()
     # The directory became writable by the worker user: a new file is not handed over.
     os.unlink(log_file)
-    os.chown(logdir, worker_user.pw_uid, worker_user.pw_gid)
+    os.chown(logdir, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
     rp.send_signal(signal.SIGUSR1)
     assert wait_for(lambda: log_file.exists() and "not handed to user" in log_file.read_text(),
                     5, "the refusal in the new log file")
