@@ -559,3 +559,50 @@ def run_on(flavor: str, main: Callable[[], Awaitable[Any]]) -> Any:
 
         return uvloop.run(main())
     return asyncio.run(main())
+
+
+class UdpOrigin:
+    """A UDP origin on a thread: answers each datagram with `reply(payload)` (a list of
+    datagrams, possibly empty); `received` keeps (payload, peer) of every datagram."""
+
+    def __init__(self, host: str = "127.0.0.1",
+                 reply: Callable[[bytes], list[bytes]] = lambda b: [b]) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.05)
+        self.addr = self.sock.getsockname()[:2]
+        self.reply = reply
+        self.received: list[tuple[bytes, tuple[Any, ...]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(70000)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received.append((data, peer))
+            for out in self.reply(data):
+                try:
+                    self.sock.sendto(out, peer)
+                except OSError:
+                    pass
+
+    @property
+    def port(self) -> int:
+        return int(self.addr[1])
+
+    @property
+    def peers(self) -> list[tuple[Any, ...]]:
+        return [peer for _data, peer in self.received]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()

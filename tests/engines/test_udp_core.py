@@ -12,13 +12,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import count_fds
+from helpers import UdpOrigin, count_fds
 
 import relay_ext._udp as udp  # built by `make test`: a missing core is a failure, not a skip
 
@@ -41,47 +40,9 @@ def ipv6_loopback() -> bool:
         return False
 
 
-class Origin:
-    """A UDP origin on a thread: answers each datagram with `reply(payload)` (a list)."""
-
-    def __init__(self, host: str = "127.0.0.1",
-                 reply: Callable[[bytes], list[bytes]] = lambda b: [b]) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind((host, 0))
-        self.sock.settimeout(0.05)
-        self.addr = self.sock.getsockname()[:2]
-        self.reply = reply
-        self.received: list[tuple[bytes, tuple[Any, ...]]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(70000)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.received.append((data, peer))
-            for out in self.reply(data):
-                try:
-                    self.sock.sendto(out, peer)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close()
-
-
 @pytest.fixture
-def origin() -> Iterator[Origin]:
-    o = Origin()
+def origin() -> Iterator[UdpOrigin]:
+    o = UdpOrigin()
     yield o
     o.close()
 
@@ -160,7 +121,7 @@ def of_kind(events: list[Event], kind: int) -> list[Event]:
 # ------------------------------------------------------------------ backend-style flows
 
 
-def test_backend_flows_relay_both_ways_and_count(origin: Origin) -> None:
+def test_backend_flows_relay_both_ways_and_count(origin: UdpOrigin) -> None:
     lsn = udp_socket()
     laddr = lsn.getsockname()
     clients = [client() for _ in range(3)]
@@ -198,7 +159,7 @@ def test_backend_flows_relay_both_ways_and_count(origin: Origin) -> None:
     lsn.close()
 
 
-def test_close_flow_reports_closed_with_counters(origin: Origin) -> None:
+def test_close_flow_reports_closed_with_counters(origin: UdpOrigin) -> None:
     lsn = udp_socket()
     c = client()
     with UdpLoop() as u:
@@ -222,7 +183,7 @@ def test_close_flow_reports_closed_with_counters(origin: Origin) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
     not ipv6_loopback(), reason="no IPv6 loopback (::1) here"))])
 def test_transparent_key_and_reply_socket(host: str) -> None:
-    o = Origin(host)
+    o = UdpOrigin(host)
     lsn = udp_socket(host, transparent_key=True, reuse=True)
     laddr = lsn.getsockname()[:2]
     c = client(host)
@@ -276,7 +237,7 @@ def test_transparent_listener_without_origdst_cmsg_drops() -> None:
 # ------------------------------------------------------------------ lifetimes
 
 
-def test_idle_expiry_frees_the_flow_and_its_fds(origin: Origin) -> None:
+def test_idle_expiry_frees_the_flow_and_its_fds(origin: UdpOrigin) -> None:
     lsn = udp_socket()
     c = client()
     with UdpLoop(idle_timeout_ms=200) as u:
@@ -316,7 +277,7 @@ def test_undecided_pending_flow_expires() -> None:
 
 
 def test_responses_one_closes_after_first_reply() -> None:
-    o = Origin(reply=lambda b: [b + b"-1", b + b"-2"])    # two answers per question
+    o = UdpOrigin(reply=lambda b: [b + b"-1", b + b"-2"])    # two answers per question
     lsn = udp_socket()
     c = client()
     try:
@@ -356,7 +317,7 @@ def test_icmp_port_unreachable_ends_flow_with_error() -> None:
 # ------------------------------------------------------------------ limits and bad input
 
 
-def test_max_flows_drops_extra_keys_without_growth(origin: Origin) -> None:
+def test_max_flows_drops_extra_keys_without_growth(origin: UdpOrigin) -> None:
     lsn = udp_socket()
     clients = [client() for _ in range(5)]
     with UdpLoop(max_flows=2) as u:
@@ -378,7 +339,7 @@ def test_max_flows_drops_extra_keys_without_growth(origin: Origin) -> None:
     lsn.close()
 
 
-def test_max_pending_per_flow_and_pending_flows(origin: Origin) -> None:
+def test_max_pending_per_flow_and_pending_flows(origin: UdpOrigin) -> None:
     lsn = udp_socket()
     a, b, c = client(), client(), client()
     with UdpLoop(max_pending=3, max_pending_flows=2) as u:
@@ -426,7 +387,7 @@ def test_refuse_flow_holds_the_key_then_forgets_it() -> None:
 
 def test_truncated_datagrams_are_dropped_both_ways() -> None:
     # The origin answers with as many bytes as the question asks for.
-    o = Origin(reply=lambda b: [b"r" * int(b)])
+    o = UdpOrigin(reply=lambda b: [b"r" * int(b)])
     lsn = udp_socket()
     c = client()
     try:
@@ -447,7 +408,7 @@ def test_truncated_datagrams_are_dropped_both_ways() -> None:
         lsn.close()
 
 
-def test_burst_of_quic_sized_datagrams_loses_under_one_percent(origin: Origin) -> None:
+def test_burst_of_quic_sized_datagrams_loses_under_one_percent(origin: UdpOrigin) -> None:
     lsn = udp_socket()
     c = client()
     c.setblocking(False)
@@ -494,7 +455,7 @@ def test_burst_of_quic_sized_datagrams_loses_under_one_percent(origin: Origin) -
 # ------------------------------------------------------------------ lifecycle and API
 
 
-def test_close_closes_flow_fds_and_stats_survive(origin: Origin) -> None:
+def test_close_closes_flow_fds_and_stats_survive(origin: UdpOrigin) -> None:
     lsn = udp_socket()
     clients = [client() for _ in range(3)]
     base = count_fds()
@@ -561,7 +522,7 @@ def test_listener_dup_outlives_caller_close_for_replies() -> None:
     srv.close()
 
 
-def test_flow_table_survives_churn(origin: Origin) -> None:
+def test_flow_table_survives_churn(origin: UdpOrigin) -> None:
     # A small table (index of 64 slots) with keys coming and going in every way it can lose
     # one: added, refused without hold, closed, expired.  Every later datagram of a live key
     # must find its flow (no new event), and every freed key must come back as a new one.

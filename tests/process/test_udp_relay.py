@@ -13,47 +13,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, wait_for
+from helpers import PYTHON, REPO_ROOT, UdpOrigin, wait_for
 from test_metrics import scrape, value
 
 from relay.lab.process import relay_config
-
-
-class UdpOrigin:
-    """A UDP origin on a thread: answers every datagram with ``reply(payload)`` (None: silent)."""
-
-    def __init__(self, reply: Callable[[bytes], bytes | None] = lambda b: b) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.reply = reply
-        self.peers: list[tuple[str, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(70000)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.peers.append(peer)
-            out = self.reply(data)
-            if out is not None:
-                try:
-                    self.sock.sendto(out, peer)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 @pytest.fixture
@@ -61,7 +24,11 @@ def udp_origin() -> Iterator[Callable[..., UdpOrigin]]:
     made: list[UdpOrigin] = []
 
     def make(reply: Callable[[bytes], bytes | None] = lambda b: b) -> UdpOrigin:
-        o = UdpOrigin(reply)
+        def answers(data: bytes) -> list[bytes]:
+            out = reply(data)
+            return [] if out is None else [out]
+
+        o = UdpOrigin(reply=answers)
         made.append(o)
         return o
 
