@@ -234,6 +234,7 @@ cdef class Loop:
     cdef dict final_stats       # stats() as they were when close() ran
 
     cdef _ensure_alive(self)
+    cdef bint _reset_pair(self, int64_t cid, int reason)
     cdef int _listener_slot(self, int64_t tag) except -1
     cdef Conn* _take_slot(self) except NULL
     cdef int _probe_pipe_size(self)

@@ -328,14 +328,13 @@ cdef class Loop:
     def abort(self, int64_t cid):
         """Reset both sides of pair `cid` now (reason "aborted").  Unknown ids are ignored."""
         self._ensure_alive()
-        cdef uint32_t idx = ud_slot(<uint64_t>cid)
-        cdef uint32_t gen = ud_gen(<uint64_t>cid)
-        if idx >= self.high_water:
+        return self._reset_pair(cid, R_ABORTED)
+
+    cdef bint _reset_pair(self, int64_t cid, int reason):
+        cdef Conn* c = _conn_by_id(self, cid)
+        if c == NULL:
             return False
-        cdef Conn* c = &self.conns[idx]
-        if c.state == ST_FREE or c.state == ST_WATCH or not gen_matches(c.gen, gen):
-            return False
-        _close_conn(self, c, R_ABORTED, 0, True)
+        _close_conn(self, c, reason, 0, True)
         _uring_flush(self)
         return True
 
@@ -345,11 +344,8 @@ cdef class Loop:
         the caller; nothing was closed or reset.  Raises KeyError for an unknown id and
         ValueError for a pair still connecting (it has nothing to hand over yet)."""
         self._ensure_alive()
-        cdef uint32_t idx = ud_slot(<uint64_t>cid)
-        if idx >= self.high_water:
-            raise KeyError(f"relay core: no pair {cid}")
-        cdef Conn* c = &self.conns[idx]
-        if c.state == ST_FREE or not gen_matches(c.gen, ud_gen(<uint64_t>cid)):
+        cdef Conn* c = _conn_by_id(self, cid)
+        if c == NULL:
             raise KeyError(f"relay core: no pair {cid}")
         if c.state != ST_RELAY:
             raise ValueError(f"relay core: pair {cid} is still connecting")
@@ -366,12 +362,7 @@ cdef class Loop:
         """Like abort(), at an operator's request: reset both sides, reason "killed".  Returns
         False for an id whose pair is already gone."""
         self._ensure_alive()
-        cdef Conn* c = _conn_by_id(self, cid)
-        if c == NULL:
-            return False
-        _close_conn(self, c, R_KILLED, 0, True)
-        _uring_flush(self)
-        return True
+        return self._reset_pair(cid, R_KILLED)
 
     def pair_info(self, int64_t cid):
         """(cid, tag, connecting, c2s_bytes, s2c_bytes, age_us, idle_us) or None (pairinfo.pxi)."""

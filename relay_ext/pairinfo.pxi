@@ -7,14 +7,15 @@
 
 
 cdef Conn* _conn_by_id(Loop self, int64_t cid) noexcept nogil:
-    """The pair a connection id names, or NULL when that pair is gone (its slot reused)."""
+    """The pair a connection id names, or NULL when that pair is gone (its slot reused) or
+    the slot holds a watch (Loop.watch: not a pair, its fd is the caller's)."""
     if cid < 0:
         return NULL
     cdef uint32_t idx = ud_slot(<uint64_t>cid)
     if idx >= self.high_water:
         return NULL
     cdef Conn* c = &self.conns[idx]
-    if c.state == ST_FREE or not gen_matches(c.gen, ud_gen(<uint64_t>cid)):
+    if c.state == ST_FREE or c.state == ST_WATCH or not gen_matches(c.gen, ud_gen(<uint64_t>cid)):
         return NULL
     return c
 
@@ -31,6 +32,6 @@ cdef list _pair_list(Loop self):
     cdef uint32_t i
     cdef uint64_t now = now_ns()
     for i in range(self.high_water):
-        if self.conns[i].state != ST_FREE:
+        if self.conns[i].state != ST_FREE and self.conns[i].state != ST_WATCH:
             out.append(_pair_tuple(self, &self.conns[i], now))
     return out

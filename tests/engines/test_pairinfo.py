@@ -85,3 +85,24 @@ def test_pairs_report_bytes_age_idle_and_kill_resets_one(engine: str) -> None:
         loop.close()
         for s in clients + origins:
             s.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_watch_is_not_a_pair(engine: str) -> None:
+    """A watched fd (Loop.watch, PROXY header parking) is the caller's: the session table does
+    not list it, and kill()/abort() by its id neither close it nor count a pair."""
+    loop, _ = engines.create(engine, max_conns=16, max_pipes=4)
+    a, b = _tcp_pair()
+    try:
+        wid = loop.watch(b.fileno(), 5, 10_000)
+        assert loop.pairs() == []
+        assert loop.pair_info(wid) is None
+        assert loop.kill(wid) is False
+        assert not loop.abort(wid)
+        assert b.fileno() >= 0 and b.getsockname()  # still open, still ours
+        assert loop.stats()["conns_open"] == 0
+        assert loop.unwatch(wid) is True
+    finally:
+        loop.close()
+        a.close()
+        b.close()
