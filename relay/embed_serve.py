@@ -47,9 +47,10 @@ from relay.engines.constants import (
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_DONE,
+    LOOP_DEFAULTS,
     connect_failure_reason,
 )
-from relay.sock import LINGER_RST, format_address, open_listener
+from relay.sock import format_address, open_listener, reset_and_close
 
 __all__ = ["Route", "RouteResult", "Server", "start_server"]
 
@@ -66,14 +67,6 @@ _CONNECT_PENDING = (0, errno.EINPROGRESS)
 _ROUTE_LOG_INTERVAL_S = 10.0
 _FAMILY_CACHE_MAX = 4096
 _WILDCARDS = ("", "0.0.0.0", "::")
-
-
-def _reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-    except OSError:
-        pass
-    sock.close()
 
 
 class Server:
@@ -105,10 +98,9 @@ class Server:
                         "connect_refused": 0, "connect_unreachable": 0, "connect_error": 0}
         self._last_route_log = 0.0
         self._routes_unlogged = 0
-        timeouts = [loop_options.get(k, d) for k, d in (
-            ("connect_timeout_ms", 5000), ("idle_timeout_ms", 300_000),
-            ("half_close_timeout_ms", 60_000))]
-        shortest = min(t for t in timeouts if t > 0) / 1000.0
+        timeouts = [loop_options.get(k, LOOP_DEFAULTS[k]) for k in (
+            "connect_timeout_ms", "idle_timeout_ms", "half_close_timeout_ms")]
+        shortest = min((t for t in timeouts if t > 0), default=10_000) / 1000.0
         self._tick_s = min(max(shortest / 10.0, _TICK_MIN_S), _TICK_MAX_S)
         self._tick_handle: asyncio.TimerHandle | None = None
         try:
@@ -233,7 +225,7 @@ class Server:
             self._route_failed(client, peer)
             return
         except asyncio.CancelledError:
-            _reset(client)
+            reset_and_close(client)
             raise
         await self._resolve_and_connect(client, peer, target)
 
@@ -246,12 +238,12 @@ class Server:
                 target = await self._resolve(target)
             except OSError as exc:
                 self._counts["connect_errors"] += 1
-                _reset(client)
+                reset_and_close(client)
                 log.warning("serve: cannot resolve %s for %s: %s", target[0],
                             format_address(peer), exc)
                 return
             except asyncio.CancelledError:
-                _reset(client)
+                reset_and_close(client)
                 raise
         self._connect(client, peer, target)
 
@@ -265,7 +257,7 @@ class Server:
         """route() raised (called from its except clause) or returned `bad`: reset the client,
         log (at most once per interval, with the count of those not logged)."""
         self._counts["route_errors"] += 1
-        _reset(client)
+        reset_and_close(client)
         now = time.monotonic()
         if now - self._last_route_log >= _ROUTE_LOG_INTERVAL_S:
             more = f" ({self._routes_unlogged} more since the last report)" \
@@ -310,10 +302,10 @@ class Server:
     def _connect_to(self, client: socket.socket, peer: Address, target: Any) -> None:
         if target is None:
             self._counts["refused"] += 1
-            _reset(client)
+            reset_and_close(client)
             return
         if self._closed:
-            _reset(client)
+            reset_and_close(client)
             return
         if not isinstance(target, tuple) or len(target) != 2:
             raise TypeError("not a tuple")
@@ -332,15 +324,15 @@ class Server:
             self._counts["connect_errors"] += 1
             key = "connect_" + CLOSE_REASONS[connect_failure_reason(rc)]
             self._counts[key] = self._counts.get(key, 0) + 1
-            _reset(client)
+            reset_and_close(client)
             return
         client_fd = client.detach()
         up_fd = up.detach()
         try:
             self._core.add_pair(client_fd, up_fd, _TAG, rc != 0)
         except (OSError, ValueError) as exc:
-            _reset(socket.socket(self._family, socket.SOCK_STREAM, 0, client_fd))
-            _reset(socket.socket(family, socket.SOCK_STREAM, 0, up_fd))
+            reset_and_close(socket.socket(self._family, socket.SOCK_STREAM, 0, client_fd))
+            reset_and_close(socket.socket(family, socket.SOCK_STREAM, 0, up_fd))
             self._counts["connect_errors"] += 1
             log.warning("serve: engine refused a pair: %s; client %s reset", exc,
                         format_address(peer))
