@@ -18,23 +18,12 @@ from typing import Any
 
 import pytest
 from helpers import echo as echo_handler
-from helpers import wait_for
+from helpers import require_engine, wait_for
 
 from relay.lab.process import relay_config
 
 ENGINES = ["uring", "epoll"]
 MIN_SHARE = 0.20
-
-
-def _engine_or_skip(engine: str) -> None:
-    try:
-        from relay_ext._core import Loop
-    except ImportError as exc:
-        pytest.skip(f"core not built: {exc}")
-    try:
-        Loop(engine, max_conns=4).close()
-    except OSError as exc:
-        pytest.skip(f"{engine}: {exc}")
 
 
 def _roundtrip(addr: tuple[str, int], timeout: float = 5.0) -> float:
@@ -61,8 +50,8 @@ def _per_worker(rp: Any, key: str, expect_total: int) -> dict[int, int]:
     return result
 
 
-def _start(relays: Any, origins: Any, engine: str) -> Any:
-    _engine_or_skip(engine)
+def _start(relays: Any, origins: Any, engine: str, availability: dict[str, str | None]) -> Any:
+    require_engine(engine, availability)
     origin = origins(echo_handler)
     rp = relays(lambda adm: relay_config(origin.port, engine=engine, workers=2,
                                          admin_socket=adm, drain=5.0))
@@ -73,8 +62,9 @@ def _start(relays: Any, origins: Any, engine: str) -> Any:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_burst_of_short_connections_is_shared(relays: Any, origins: Any, engine: str) -> None:
-    rp = _start(relays, origins, engine)
+def test_a_burst_of_short_connections_is_shared(relays: Any, origins: Any, engine: str,
+                                                 engine_availability: Any) -> None:
+    rp = _start(relays, origins, engine, engine_availability)
     n = 600
     with ThreadPoolExecutor(12) as pool:
         times = list(pool.map(lambda _i: _roundtrip(rp.address()), range(n)))
@@ -85,8 +75,9 @@ def test_a_burst_of_short_connections_is_shared(relays: Any, origins: Any, engin
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("engine", ENGINES)
-def test_long_lived_connections_are_shared(relays: Any, origins: Any, engine: str) -> None:
-    rp = _start(relays, origins, engine)
+def test_long_lived_connections_are_shared(relays: Any, origins: Any, engine: str,
+                                           engine_availability: Any) -> None:
+    rp = _start(relays, origins, engine, engine_availability)
     n = 200
     held: list[socket.socket] = []
     try:
@@ -104,10 +95,11 @@ def test_long_lived_connections_are_shared(relays: Any, origins: Any, engine: st
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_stopped_worker_stalls_no_connection(relays: Any, origins: Any, engine: str) -> None:
+def test_a_stopped_worker_stalls_no_connection(relays: Any, origins: Any, engine: str,
+                                               engine_availability: Any) -> None:
     """SIGSTOP one worker: every new connection is served by the other one, none waits in
     the accept queue for the stopped one; after SIGCONT both serve again."""
-    rp = _start(relays, origins, engine)
+    rp = _start(relays, origins, engine, engine_availability)
     stopped, running = sorted(w["pid"] for w in rp.workers())
     before = _per_worker(rp, "flows_accepted", 0)
     os.kill(stopped, signal.SIGSTOP)
@@ -129,11 +121,12 @@ def test_a_stopped_worker_stalls_no_connection(relays: Any, origins: Any, engine
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_reloads_leave_no_connection_in_the_accept_queue(relays: Any, origins: Any,
-                                                         engine: str) -> None:
+                                                         engine: str,
+                                                         engine_availability: Any) -> None:
     """One connection at a time through three reloads: a connection that waited in the
     shared queue for a worker that stopped accepting would wait until the next one arrives,
     which never comes while it waits (the old exclusive-accept stall)."""
-    rp = _start(relays, origins, engine)
+    rp = _start(relays, origins, engine, engine_availability)
     times: list[float] = []
     for generation in (2, 3, 4):
         rp.send_signal(signal.SIGHUP)

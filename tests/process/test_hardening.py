@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from helpers import echo as echo_handler
-from helpers import wait_for
+from helpers import require_engine, wait_for
 
 from relay.lab.origins import Seen
 from relay.lab.process import relay_config
@@ -21,12 +21,6 @@ from relay.serve import proxyproto
 
 ENGINES = ("uring", "epoll", "asyncio")
 TRUSTED_LISTENER = 'trusted_proxies = ["127.0.0.0/8"]\n'
-
-
-def _engine_or_skip(engine: str, engine_availability: dict[str, str | None]) -> None:
-    reason = engine_availability.get(engine)
-    if reason:
-        pytest.skip(f"{engine}: {reason}")
 
 
 def _worker_stats(rp: Any) -> dict[str, Any]:
@@ -51,7 +45,7 @@ def _round_trip(sock: socket.socket, payload: bytes) -> float:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_dribbling_proxy_headers_never_stall_the_worker(origins: Any, relays: Any, engine: str,
                                                         engine_availability: Any) -> None:
-    _engine_or_skip(engine, engine_availability)
+    require_engine(engine, engine_availability)
     header_timeout = 2.0
     echo = origins(echo_handler)
     rp = relays(lambda adm: relay_config(
@@ -135,7 +129,7 @@ def _endless_source(conn: socket.socket, seen: Seen) -> None:
 def test_sigkilled_worker_resets_its_downloads(origins: Any, relays: Any, engine: str,
                                                engine_availability: Any) -> None:
     """SIGKILL a worker in the middle of 5 downloads: every client sees a reset, none a FIN."""
-    _engine_or_skip(engine, engine_availability)
+    require_engine(engine, engine_availability)
     up = origins(_endless_source)
     rp = relays(lambda adm: relay_config(up.port, engine=engine, admin_socket=adm, workers=1))
     addr = rp.wait_ready()["main"]
