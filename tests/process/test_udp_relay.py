@@ -187,9 +187,11 @@ def test_largest_and_empty_datagrams_pass_intact(udp_origin: Any, relays: Any) -
         assert c.recvfrom(70000)[0] == big
         c.sendto(b"", addr)
         assert c.recvfrom(100)[0] == b""
-    t = udp_totals(rp)
+    # Read the drops from the same (fresh) report that shows the bytes: the supervisor's
+    # snapshot lags about a second, so an earlier read would always see zero.
+    t = wait_for(lambda: (lambda t: t if t["udp_bytes_s2c"] == len(big) else None)(
+        udp_totals(rp)), 3.0, "the worker's report of the 65,507-byte reply")
     assert t["udp_drops"]["truncated"] == 0
-    assert until(lambda: udp_totals(rp)["udp_bytes_s2c"] == len(big), timeout=3.0)
 
 
 @pytest.mark.timeout(90)
