@@ -100,8 +100,7 @@ class UdpService:
         self._released = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # start vs release from different threads
-        self._closed: dict[str, int] = dict.fromkeys(
-            ("idle_timeout", "responses", "closed", "reload", "error"), 0)
+        self._closed: dict[str, int] = dict.fromkeys(UDP_CLOSE_REASONS, 0)
         self._denied: dict[str, int] = {}
         self._core: dict[str, int] = {}
         self._running = False

@@ -27,6 +27,7 @@ tproxy's socket lookup finds connected sockets first, so the flow's next datagra
 
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass
 
@@ -34,13 +35,12 @@ from relay.config.model import Config, Listener
 from relay.serve import slicecheck
 from relay.serve.egress import Egress, EgressTable
 from relay.serve.policy import Policy
-from relay.serve.routing import Denied, SliceExhausted
+from relay.serve.routing import Denied, SliceExhausted, _family, _unmap
 from relay.serve.udp_ports import PortAllocator, SlicePorts
 from relay.sock import IP_TRANSPARENT, IPV6_TRANSPARENT
 
 __all__ = ["UdpFlow", "UdpRouter"]
 
-_MAPPED_V4_PREFIX = "::ffff:"
 _BIND_RETRIES = 8  # ports tried when bind() finds one taken by a socket that is not ours
 
 
@@ -53,16 +53,6 @@ class UdpFlow:
     dest: tuple[str, int]
     egress: tuple[str, int] | None = None  # (egress address, slice port) when a slice is used
     slice: SlicePorts | None = None
-
-
-def _unmap(ip: str) -> str:
-    if ip.startswith(_MAPPED_V4_PREFIX) and "." in ip:
-        return ip[len(_MAPPED_V4_PREFIX):]
-    return ip
-
-
-def _family(ip: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
 def _set_transparent(sock: socket.socket, what: str) -> None:
@@ -213,7 +203,7 @@ class UdpRouter:
             except OSError as exc:
                 sock.close()
                 share.give_back(dest, chosen)
-                if exc.errno == 98:  # EADDRINUSE: a socket not ours holds it without REUSEADDR
+                if exc.errno == errno.EADDRINUSE:  # a socket not ours holds it without REUSEADDR
                     skip.add(chosen)
                     continue
                 raise
