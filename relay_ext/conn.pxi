@@ -29,6 +29,18 @@ cdef inline void set_rcvbuf(int fd, int size) noexcept nogil:
     # Best effort: a refusal leaves auto-tuning on, which relays all the same.
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size))
 
+cdef inline void adopt_socket(int fd, int rcvbuf) noexcept nogil:
+    """A relayed socket as the loop wants it: non-blocking, SO_LINGER {1, 0} armed until a
+    graceful close (a worker that dies resets its peers), SO_RCVBUF when configured.  For
+    add_pair and import_pair alike."""
+    cdef int flags = fcntl(fd, F_GETFL)
+    if flags >= 0 and not (flags & O_NONBLOCK):
+        fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+    set_linger_zero(fd)
+    if rcvbuf:
+        set_rcvbuf(fd, rcvbuf)
+
+
 
 cdef inline void clear_linger(int fd) noexcept nogil:
     # SO_LINGER {0, 0}: the default again, a close() that sends a FIN after whatever is still

@@ -139,11 +139,8 @@ cdef int64_t _handoff_import(Loop self, dict st, int64_t tag) except -1:
     c.start_ns = st["start_ns"]
     c.last_ns = st["last_ns"]
     c.connect_us = st["connect_us"]
-    for fd in (cfd, ufd):
-        flags = fcntl(fd, F_GETFL)
-        if flags >= 0 and not (flags & O_NONBLOCK):
-            fcntl(fd, F_SETFL, flags | O_NONBLOCK)
-        set_linger_zero(fd)     # until a graceful close: a dead worker resets (conn.pxi)
+    adopt_socket(cfd, self.socket_rcvbuf)
+    adopt_socket(ufd, self.socket_rcvbuf)
     self.now = now_ns()
     c.state = ST_RELAY
     self.n_open += 1

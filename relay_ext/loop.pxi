@@ -239,13 +239,8 @@ cdef class Loop:
         self.now = now_ns()
         c.start_ns = self.now
         c.last_ns = self.now
-        for fd in (client_fd, upstream_fd):
-            flags = fcntl(fd, F_GETFL)
-            if flags >= 0 and not (flags & O_NONBLOCK):
-                fcntl(fd, F_SETFL, flags | O_NONBLOCK)
-            set_linger_zero(fd)     # until a graceful close: a dead worker resets (conn.pxi)
-            if self.socket_rcvbuf:
-                set_rcvbuf(fd, self.socket_rcvbuf)
+        adopt_socket(client_fd, self.socket_rcvbuf)
+        adopt_socket(upstream_fd, self.socket_rcvbuf)
         cdef Py_ssize_t plen = len(prefix)
         if plen:
             c.half[0].buf = <char*>malloc(plen)
