@@ -179,6 +179,8 @@ class Supervisor:
         sockets = self.listeners.bind(self.cfg)
         udp_sockets = self.listeners.bind_udp(self.cfg)
         gen = self._new_generation(self.cfg, sockets, target, udp_sockets)
+        if self.inherited is not None:  # inherited sockets the new config does not use
+            self.listeners.close_unused(self.generations)
         self.admin = AdminServer(self.selector, self.snapshot, self.reload, self.metrics,
                                  sessions=self.sessions.handle, upgrade=self.start_upgrade)
         if self.inherited is None:  # after an upgrade: once the old relay releases them
@@ -224,6 +226,8 @@ class Supervisor:
         self._check_workers()
         if self.upgrade is not None:
             self.upgrade.tick()
+        if self.inherited is not None:
+            self.inherited.tick(self)
         self.sessions.check()
         if self.admin is not None:
             self.admin.tick()
@@ -277,7 +281,7 @@ class Supervisor:
         why = ("relay is stopping" if self.stopping
                else "an upgrade is already in progress" if self.upgrade is not None
                else "this relay is still taking over from the previous one"
-               if self.inherited is not None and not self.inherited.released
+               if self.inherited is not None and self.inherited.taking_over
                else "a reload is in progress"
                if any(g.state == "starting" for g in self.generations) else "")
         if why:
@@ -299,11 +303,13 @@ class Supervisor:
         self.inherited = Inherited.from_environ()
         if self.inherited is not None:
             self.listeners.tcp.update(self.inherited.listeners)
+            self.listeners.udp.update(self.inherited.udp_listeners)
             inherited = self.inherited
             self.selector.register(inherited.ctl, selectors.EVENT_READ,
                                    lambda: inherited.on_control(self))
-            log.info("upgrade: took over %d listening sockets from the previous relay",
-                     len(inherited.listeners))
+            log.info("upgrade: took over %d listening sockets and %d UDP listener groups from "
+                     "the previous relay", len(inherited.listeners),
+                     len(inherited.udp_listeners))
 
     # ------------------------------------------------------------------ workers
 
@@ -415,8 +421,11 @@ class Supervisor:
         return gen
 
     def _udp_progress(self) -> None:
-        if not self.stopping:
-            udp_progress(self.generations, self.workers.values())
+        if self.upgrade is not None:  # the old tree: tell the new one once it holds no UDP
+            self.upgrade.udp_progress()
+        if self.stopping or (self.inherited is not None and not self.inherited.udp_released):
+            return  # the new tree: UDP waits until the old one released it
+        udp_progress(self.generations, self.workers.values())
 
     def _signal_workers(self, sig: int, workers: list[Worker]) -> None:
         for w in workers:

@@ -5,16 +5,23 @@ line (``sys.orig_argv``; ``RELAY_UPGRADE_COMMAND`` overrides it, e.g. to start a
 elsewhere), passing its listening sockets and one end of a control socketpair:
 
 1. The new supervisor adopts the listening sockets instead of binding (same kernel sockets: no
-   connection is refused), starts its workers, and leaves the admin socket and /metrics to the
-   old one for now.
+   connection is refused; each UDP listener's SO_REUSEPORT group, one socket per worker slot,
+   too), starts its workers with UDP held, and leaves the admin socket and /metrics to the old
+   one for now.
 2. Once every new worker serves, it sends ``Ready`` (its pid and workers) on the control socket.
 3. The old supervisor answers the `relay upgrade` client, then links each of its workers to a
    new worker (old slot i -> new slot i mod N) with a handoff socketpair: ``HandOver`` to its own
    worker, ``Link`` (with the other end) to the new supervisor, which gives it to that worker as
    an ``Adopt`` order (relay.process.handoff). Established flows move as on a reload.
-4. The old supervisor closes its admin endpoints, sends ``Released`` (the new one opens them
-   now), stops its workers without shutting the shared listening sockets down, and exits once
-   they are gone: the new tree serves alone.
+4. The old supervisor tells its workers to release UDP (as at a reload: their UDP flows end,
+   relay.process.udp_sequencing), closes its admin endpoints, sends ``Released`` (the new one
+   opens them now), stops its workers without shutting the shared listening sockets down, and
+   exits once they are gone: the new tree serves alone.
+5. Once none of its workers holds UDP any more (each answered UdpReleased, was SIGKILLed after
+   UDP_RELEASE_TIMEOUT, or exited), the old supervisor sends ``UdpReleased``: only then does the
+   new tree start UDP, so no two workers ever hold UDP egress ports at once (docs/udp.md).
+   Datagrams wait in the shared listener sockets' buffers meanwhile. If the old relay dies or
+   closes the control socket first, the new tree starts UDP anyway: it holds the only workers.
 
 If the new relay exits, closes the control socket or is not serving within READY_TIMEOUT, the
 old tree kills what it started, keeps serving and says why (log, `relay upgrade` answer).
@@ -38,13 +45,17 @@ from typing import Any
 import msgspec
 
 from relay.process.handoff import CAN_HAND_OVER, Adopt, HandOver, send_order
+from relay.process.udp_sequencing import UDP_RELEASE_TIMEOUT, release_udp
 
-__all__ = ["ENV_COMMAND", "Inherited", "Released", "Upgrade", "upgrade_command"]
+__all__ = ["ENV_COMMAND", "Inherited", "Released", "UdpReleased", "Upgrade", "upgrade_command"]
 
 log = logging.getLogger("relay.supervisor")
 
 ENV_FD = "RELAY_UPGRADE_FD"  # the new supervisor's end of the control socketpair
 ENV_LISTENERS = "RELAY_UPGRADE_LISTENERS"  # JSON [[name, bind, mode, fd], ...]
+# JSON [[name, bind, mode, [fd per worker slot, ...]], ...]: a variable of its own, so that a
+# relay that does not know it ignores it (and binds, or fails to, as before)
+ENV_UDP_LISTENERS = "RELAY_UPGRADE_UDP_LISTENERS"
 ENV_COMMAND = "RELAY_UPGRADE_COMMAND"  # the command to start instead of sys.orig_argv
 READY_TIMEOUT = 45.0  # seconds for the new tree to serve (its own worker boot timeout is 30 s)
 
@@ -69,7 +80,11 @@ class Released(msgspec.Struct, tag="released"):
     links: int
 
 
-Message = Ready | Link | Released
+class UdpReleased(msgspec.Struct, tag="udp_released"):
+    """No worker of the old tree holds UDP any more: start yours."""
+
+
+Message = Ready | Link | Released | UdpReleased
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
@@ -124,16 +139,22 @@ class Upgrade:
         self.ctl: socket.socket | None = None
         self.deadline = time.monotonic() + READY_TIMEOUT
         self.done = False
+        self.handed_over = False  # Released sent: UdpReleased follows once we hold no UDP
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listeners = [[key[0], key[1], key[2], sock.fileno()]
                      for key, sock in self.sup.listeners.tcp.items() if sock.fileno() >= 0]
+        udp = [[key[0], key[1], key[2], [sock.fileno() for sock in group]]
+               for key, group in self.sup.listeners.udp.items()
+               if group and all(sock.fileno() >= 0 for sock in group)]
         env = dict(os.environ)
         env[ENV_FD] = str(theirs.fileno())
         env[ENV_LISTENERS] = json.dumps(listeners)
+        env[ENV_UDP_LISTENERS] = json.dumps(udp)
         argv = upgrade_command()
-        fds = [theirs.fileno(), *(fd for *_k, fd in listeners)]
+        fds = [theirs.fileno(), *(fd for *_k, fd in listeners),
+               *(fd for *_k, group_fds in udp for fd in group_fds)]
         try:
             self.pid = _spawn(argv, env, fds)
         except OSError as exc:
@@ -156,6 +177,8 @@ class Upgrade:
         if msgs is None:
             if not self.done:
                 self.fail(f"the new relay (pid {self.pid}) {self._exit_status()} before serving")
+            else:  # it went away after the hand-over: nobody waits for UdpReleased
+                self._close_control()
             return
         for msg, fds in msgs:
             for fd in fds:
@@ -238,14 +261,30 @@ class Upgrade:
         from relay.process import systemd
 
         systemd.notify(f"MAINPID={ready.pid}\nSTATUS=upgraded: relay pid {ready.pid} serves")
+        # UDP flows are not handed over: they end as at a reload, and the new tree starts UDP
+        # once none of our workers holds any (udp_progress).
+        release_udp(self.sup.workers.values(), "reload", deadline=True)
         self.sup.admin.close()
         with contextlib.suppress(OSError):
             _send(self.ctl, Released(links))
-        self._close_control()
+        self.handed_over = True
         log.info("upgrade: relay pid %d serves; %d workers hand their flows over; exiting",
                  ready.pid, links)
         self.sup.metrics.reloads["upgrade_ok"] = self.sup.metrics.reloads.get("upgrade_ok", 0) + 1
+        self.udp_progress()
         self.sup.begin_upgrade_exit()
+
+    def udp_progress(self) -> None:
+        """After the hand-over, once none of our workers holds UDP (released, killed or gone):
+        send UdpReleased, so that the new tree starts UDP, and close the control socket."""
+        if not self.handed_over or self.ctl is None:
+            return
+        if any(w.udp == "started" for w in self.sup.workers.values()):
+            return
+        with contextlib.suppress(OSError):
+            _send(self.ctl, UdpReleased())
+        log.info("upgrade: no worker of this relay holds UDP any more: the new relay starts UDP")
+        self._close_control()
 
     def _close_control(self) -> None:
         if self.ctl is not None:
@@ -275,15 +314,25 @@ def _default_signals() -> list[int]:
 class Inherited:
     """The new tree's side: the sockets and the control socket the old supervisor passed."""
 
-    def __init__(self, ctl: socket.socket, listeners: dict[tuple[str, str, str], socket.socket]):
+    def __init__(self, ctl: socket.socket, listeners: dict[tuple[str, str, str], socket.socket],
+                 udp_listeners: dict[tuple[str, str, str], list[socket.socket]] | None = None):
         self.ctl = ctl
         self.listeners = listeners
-        self.released = False
+        self.udp_listeners = dict(udp_listeners or {})
+        self.released = False  # the admin endpoints are ours
+        self.udp_released = False  # no old worker holds UDP: ours may start it
+        self.udp_at: float | None = None  # the old relay vanished: start UDP then anyway
+
+    @property
+    def taking_over(self) -> bool:
+        """The old relay has not released everything yet (admin endpoints or UDP)."""
+        return not (self.released and self.udp_released)
 
     @classmethod
     def from_environ(cls) -> Inherited | None:
         fd_text = os.environ.pop(ENV_FD, "")
         spec = os.environ.pop(ENV_LISTENERS, "[]")
+        udp_spec = os.environ.pop(ENV_UDP_LISTENERS, "[]")
         if not fd_text:
             return None
         ctl = socket.socket(fileno=int(fd_text))
@@ -291,7 +340,13 @@ class Inherited:
         listeners = {}
         for name, bind, mode, fd in json.loads(spec):
             listeners[(name, bind, mode)] = socket.socket(fileno=int(fd))
-        return cls(ctl, listeners)
+        udp_listeners = {}
+        for name, bind, mode, fds in json.loads(udp_spec):
+            group = [socket.socket(fileno=int(fd)) for fd in fds]
+            for sock in group:
+                sock.setblocking(False)
+            udp_listeners[(name, bind, mode)] = group
+        return cls(ctl, listeners, udp_listeners)
 
     def send_ready(self, workers: list[tuple[int, int, str]]) -> None:
         try:
@@ -319,6 +374,8 @@ class Inherited:
                     sock.close()
             elif isinstance(msg, Released):
                 self._open_admin(sup)
+            elif isinstance(msg, UdpReleased):
+                self._start_udp(sup, "the previous relay released its UDP ports")
             else:
                 for fd in fds:
                     os.close(fd)
@@ -328,6 +385,24 @@ class Inherited:
             self.ctl.close()
             if not self.released:
                 self._open_admin(sup)  # the old relay died: take the endpoints anyway
+            if not self.udp_released and self.udp_at is None:
+                # ... and UDP, a little later: its workers release UDP by themselves when their
+                # supervisor's channel closes (relay.process.worker), within about a second.
+                self.udp_at = time.monotonic() + UDP_RELEASE_TIMEOUT
+                log.warning("upgrade: the previous relay closed the control socket before "
+                            "releasing UDP: UDP starts here in %.0fs", UDP_RELEASE_TIMEOUT)
+
+    def tick(self, sup: Any) -> None:
+        if self.udp_at is not None and time.monotonic() >= self.udp_at:
+            self._start_udp(sup, "the previous relay is gone")
+
+    def _start_udp(self, sup: Any, why: str) -> None:
+        if self.udp_released:
+            return
+        self.udp_released = True
+        if self.udp_listeners:
+            log.info("upgrade: %s: UDP starts here", why)
+        sup._udp_progress()  # (the supervisor's own UDP sequencing step)
 
     def _open_admin(self, sup: Any) -> None:
         if self.released:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, alive, echo_roundtrip, wait_for
+from helpers import PYTHON, REPO_ROOT, UdpOrigin, alive, echo_roundtrip, wait_for
 from helpers import echo as echo_handler
 from test_handoff import Conversation, _config
 
@@ -88,3 +90,74 @@ def test_upgrade_moves_listeners_and_established_flows_to_a_new_tree(
         if new_pid and alive(new_pid):
             os.kill(new_pid, signal.SIGINT)
             wait_for(lambda: not alive(new_pid), 10, "the new relay stopped")
+
+
+@pytest.mark.timeout(90)
+def test_upgrade_carries_udp_listeners_and_the_old_tree_releases_udp_first(
+        origins: Any, relays: Any) -> None:
+    echo = origins(echo_handler)
+    origin = UdpOrigin()
+    udp = f'''
+[[listener]]
+name = "dns"
+protocol = "udp"
+bind = "127.0.0.1:0"
+backend = "127.0.0.1:{origin.port}"
+'''
+    rp = relays(lambda adm: _config(echo.port, adm, extra=udp,
+                                    settings={"udp_idle_timeout": 30.0}))
+    rp.wait_ready()
+    old_workers = rp.children()
+    dns = rp.address("dns")
+    old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # a UDP flow of the old tree
+    old.bind(("127.0.0.1", 0))
+    old.settimeout(3.0)
+    new_pid = 0
+    try:
+        old.sendto(b"before", dns)
+        assert old.recvfrom(100)[0] == b"before"
+        result = _upgrade_cli(rp)
+        assert result.returncode == 0, result.stderr
+        new_pid = int(result.stdout.split("relay pid ")[1].split()[0])
+        # Sent at once: it waits in the listener socket's buffer until the new tree starts UDP
+        # (after the old one released its UDP ports), then gets its reply.
+        old.sendto(b"after", dns)
+        assert old.recvfrom(100)[0] == b"after"
+        assert rp.proc.wait(10) == 0                 # the old supervisor left, cleanly
+        assert not any(alive(p) for p in old_workers)
+        snap = rp.stats()
+        assert snap["pid"] == new_pid
+        assert snap["listeners"]["dns"] == f"{dns[0]}:{dns[1]}"    # the same UDP socket group
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(3.0)
+            c.sendto(b"fresh", dns)
+            assert c.recvfrom(100)[0] == b"fresh"
+        assert echo_roundtrip(rp.address())          # and TCP
+        os.kill(new_pid, signal.SIGINT)              # its UDP flows end (flow log lines)
+        wait_for(lambda: not alive(new_pid), 10, "the new relay stopped")
+        port = old.getsockname()[1]
+
+        def flows_of_old_client() -> list[dict[str, Any]] | None:
+            mine = [r for r in rp.flows() if r.get("protocol") == "udp"
+                    and int(str(r["client"]).rsplit(":", 1)[1]) == port]
+            return mine if len(mine) == 2 else None
+
+        before, after = sorted(wait_for(flows_of_old_client, 10, "both UDP flows logged"),
+                               key=lambda r: _end(r))
+        assert before["reason"] == "reload" and before["c2s_dgrams"] == 1
+        assert after["c2s_dgrams"] == 1 and after["s2c_dgrams"] == 1
+        assert before["pid"] != after["pid"]
+        # The old tree's flow ended before the new tree's flow started (ms resolution).
+        assert _end(before) <= _end(after) - after["duration"] + 0.002, (before, after)
+    finally:
+        old.close()
+        origin.close()
+        if new_pid and alive(new_pid):
+            os.kill(new_pid, signal.SIGINT)
+            wait_for(lambda: not alive(new_pid), 10, "the new relay stopped")
+
+
+def _end(record: dict[str, Any]) -> float:
+    """A flow log line's end time ("time", UTC, ms resolution) in seconds since the epoch."""
+    return datetime.strptime(str(record["time"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=UTC).timestamp()
