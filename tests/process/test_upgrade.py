@@ -161,3 +161,59 @@ def _end(record: dict[str, Any]) -> float:
     """A flow log line's end time ("time", UTC, ms resolution) in seconds since the epoch."""
     return datetime.strptime(str(record["time"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
         tzinfo=UTC).timestamp()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1)])
+def test_upgrade_to_a_config_with_another_worker_count_serves_every_udp_flow(
+        origins: Any, relays: Any, before: int, after: int) -> None:
+    """More workers: the inherited group grows on the same port; fewer: the sockets no worker
+    reads any more are closed (the kernel hashes flows over the rest), none loses datagrams."""
+    echo = origins(echo_handler)
+    origin = UdpOrigin()
+    udp = f'''
+[[listener]]
+name = "dns"
+protocol = "udp"
+bind = "127.0.0.1:0"
+backend = "127.0.0.1:{origin.port}"
+udp_responses = 1
+'''
+    rp = relays(lambda adm: _config(echo.port, adm, workers=before, extra=udp))
+    rp.wait_ready()
+    dns = rp.address("dns")
+    rp.config_path.write_text(rp.config_path.read_text().replace(
+        f"workers = {before}", f"workers = {after}"))
+    new_pid = 0
+    try:
+        result = _upgrade_cli(rp)
+        assert result.returncode == 0, result.stderr
+        new_pid = int(result.stdout.split("relay pid ")[1].split()[0])
+        assert rp.proc.wait(10) == 0
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(24)]
+        try:
+            lost = []
+            for i, c in enumerate(clients):
+                c.settimeout(3.0)
+                c.sendto(b"q%d" % i, dns)
+                try:
+                    assert c.recvfrom(100)[0] == b"q%d" % i
+                except TimeoutError:
+                    lost.append(c.getsockname()[1])
+        finally:
+            for c in clients:
+                c.close()
+        assert lost == [], f"no reply to the clients from ports {lost}"
+
+        def udp_flows_by_worker() -> list[int] | None:
+            snap = rp.stats()
+            counts = [w["stats"].get("udp_flows_total", 0) for w in snap["workers"]]
+            return counts if snap["pid"] == new_pid and sum(counts) == 24 else None
+
+        counts = wait_for(udp_flows_by_worker, 10, "the new workers' UDP counts")
+        assert len(counts) == after and all(counts), counts   # every new worker carries flows
+    finally:
+        origin.close()
+        if new_pid and alive(new_pid):
+            os.kill(new_pid, signal.SIGINT)
+            wait_for(lambda: not alive(new_pid), 10, "the new relay stopped")
