@@ -5,6 +5,10 @@ A new generation starts with UDP held; once it serves, the old workers get UdpRe
 UDP_RELEASE_TIMEOUT is SIGKILLed by the supervisor), and only then do the new workers get
 UdpStart. Datagrams wait in the listener sockets' buffers meanwhile. A worker's `udp` goes
 held -> started (sent UdpStart) -> released (answered UdpReleased, or gone).
+
+A binary upgrade does the same between two process trees (relay.process.upgrade): the new
+supervisor holds its generation until the old one says, on the upgrade control socket, that none
+of its workers holds UDP any more.
 """
 
 from __future__ import annotations
