@@ -21,7 +21,8 @@ elsewhere), passing its listening sockets and one end of a control socketpair:
    UDP_RELEASE_TIMEOUT, or exited), the old supervisor sends ``UdpReleased``: only then does the
    new tree start UDP, so no two workers ever hold UDP egress ports at once (docs/udp.md).
    Datagrams wait in the shared listener sockets' buffers meanwhile. If the old relay dies or
-   closes the control socket first, the new tree starts UDP anyway: it holds the only workers.
+   closes the control socket first, the new tree starts UDP UDP_RELEASE_TIMEOUT later anyway
+   (the old workers release UDP by themselves when their supervisor's channel closes).
 
 If the new relay exits, closes the control socket or is not serving within READY_TIMEOUT, the
 old tree kills what it started, keeps serving and says why (log, `relay upgrade` answer).
