@@ -349,17 +349,17 @@ cdef void _udp_poll(UdpLoop self, int timeout_ms) noexcept nogil:
         self.st_wakeups += 1
     for i in range(n):
         ud = self.epevents[i].data.u64
-        kind = <uint32_t>(ud >> 56)
-        gen = <uint32_t>((ud >> 32) & 0xFFFFFF)
-        idx = <uint32_t>(ud & 0xFFFFFFFFULL)
+        kind = ud_op(ud)
+        gen = ud_gen(ud)
+        idx = ud_slot(ud)
         if kind == UK_LISTENER:
-            if idx < MAX_LISTENERS and self.lsn[idx].active and self.lsn[idx].gen == gen:
+            if idx < MAX_LISTENERS and self.lsn[idx].active and gen_matches(self.lsn[idx].gen, gen):
                 _read_listener(self, <int>idx)
         elif kind == UK_UPSTREAM or kind == UK_REPLY:
             # A stale event (the flow ended earlier in this batch, maybe the slot was reused)
             # misses on the generation.
             if idx < self.t.cap and self.t.ents[idx].state == ENT_ACTIVE \
-                    and (self.t.ents[idx].gen & 0xFFFFFF) == gen:
+                    and gen_matches(self.t.ents[idx].gen, gen):
                 _read_flow(self, idx, kind == UK_UPSTREAM)
         elif kind == UK_TIMER:
             read(self.tfd, &ticks, sizeof(ticks))

@@ -51,10 +51,6 @@ cdef struct UEvent:
     UKey key
 
 
-cdef inline uint64_t pack_ud(uint64_t kind, uint32_t gen, uint32_t idx) noexcept nogil:
-    return (kind << 56) | ((<uint64_t>(gen & 0xFFFFFF)) << 32) | <uint64_t>idx
-
-
 cdef object _addr_tuple(uint8_t fam, const uint8_t* addr, uint16_t port_n):
     cdef char buf[64]
     if inet_ntop(AF_INET if fam == 4 else AF_INET6, addr, buf, sizeof(buf)) == NULL:
@@ -495,7 +491,7 @@ cdef void _listener_unref(UdpLoop self, int slot, uint32_t n) noexcept nogil:
         close(l.fd)
         l.fd = -1
         l.used = 0
-        l.gen = (l.gen + 1) & 0xFFFFFF
+        l.gen = (l.gen + 1) & GEN_MASK
 
 
 cdef void _free_held(UdpLoop self, UFlow* e) noexcept nogil:
