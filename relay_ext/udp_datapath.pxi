@@ -77,22 +77,20 @@ cdef inline sock_len _client_sockaddr(const UKey* k, sockaddr_in6* out) noexcept
 
 
 cdef int _recv_batch(UdpLoop self, int fd, uint32_t vlen, bint names, bint ctl) noexcept nogil:
-    # Returns the number of datagrams (>= 1) or -errno.  The kernel rewrites msg_namelen,
-    # msg_controllen and msg_flags of every message: reset them before each call.
+    # Returns the number of datagrams (>= 1) or -errno.  recvmmsg(2) writes back, per message,
+    # msg_len and msg_flags (outputs only: their old values are never read) and msg_namelen and
+    # msg_controllen (in-out: the room we give, then what was used), never the pointers nor the
+    # iovecs: those are set once in UdpLoop.__init__.  So each call sets the two lengths again,
+    # with the name / control pointers that go with this socket (names, ctl).
     cdef uint32_t i
     cdef msghdr* h
     cdef int n
     for i in range(vlen):
         h = &self.rx[i].msg_hdr
-        self.rx_iov[i].iov_base = self.bufs + <size_t>i * self.bufsize
-        self.rx_iov[i].iov_len = self.bufsize
-        h.msg_iov = &self.rx_iov[i]
-        h.msg_iovlen = 1
         h.msg_name = &self.rx_names[i] if names else NULL
         h.msg_namelen = sizeof(sockaddr_in6) if names else 0
         h.msg_control = self.rx_ctl + <size_t>i * CTL_SIZE if ctl else NULL
         h.msg_controllen = CTL_SIZE if ctl else 0
-        h.msg_flags = 0
     while True:
         n = recvmmsg(fd, self.rx, vlen, MSG_DONTWAIT, NULL)
         if n >= 0 or errno != EINTR:

@@ -181,6 +181,14 @@ cdef class UdpLoop:
                 and self.tx and self.tx_iov and self.epevents and self.evq):
             self._free_memory()
             raise MemoryError("relay udp core: cannot allocate the datagram buffers")
+        # The receive vector's fixed part: message i always lands in buffer i (_recv_batch sets
+        # the rest per call; the kernel never writes back msg_iov or the iovecs).
+        cdef int i
+        for i in range(batch):
+            self.rx_iov[i].iov_base = self.bufs + <size_t>i * <size_t>max_datagram
+            self.rx_iov[i].iov_len = <size_t>max_datagram
+            self.rx[i].msg_hdr.msg_iov = &self.rx_iov[i]
+            self.rx[i].msg_hdr.msg_iovlen = 1
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             err = errno
