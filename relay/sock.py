@@ -102,8 +102,14 @@ def format_local_address(sock: socket.socket) -> str:
     return format_address(name)
 
 
-def address_in_use(what: str) -> OSError:
-    """The refusal of an address another socket already serves (EADDRINUSE), in one line."""
+def address_in_use(what: str, kind: int = socket.SOCK_STREAM) -> OSError:
+    """The refusal of an address another socket already serves (EADDRINUSE), in one line.
+    Only a TCP listener may share its address on purpose (reuseport = true): a UDP listener's
+    sockets always set SO_REUSEPORT among themselves, so no setting would help there."""
+    if kind == socket.SOCK_DGRAM:
+        return OSError(errno.EADDRINUSE,
+                       f"{what}: address already in use: another process already serves this "
+                       "UDP address")
     return OSError(
         errno.EADDRINUSE,
         f"{what}: address already in use: another process (a second relay?) serves it; "
@@ -135,7 +141,7 @@ def check_address_free(address: tuple[str, int], kind: int = socket.SOCK_STREAM,
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise address_in_use(what or format_address(address)) from None
+                raise address_in_use(what or format_address(address), kind) from None
             # EADDRNOTAVAIL and friends: the caller's own bind reports them
 
 
@@ -228,16 +234,8 @@ def open_udp_listeners(
     group = list(existing or [])
     if group:
         port = group[0].getsockname()[1]
-    elif port:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            if family == socket.AF_INET6:
-                probe.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                why = ("another process already serves this UDP address"
-                       if exc.errno == errno.EADDRINUSE else exc.strerror)
-                raise OSError(exc.errno, f"UDP listener {shown}: bind failed: {why}") from None
+    else:
+        check_address_free((host, port), socket.SOCK_DGRAM, f"UDP listener {shown}")
     fresh: list[socket.socket] = []
     try:
         while len(group) + len(fresh) < count:
