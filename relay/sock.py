@@ -31,6 +31,7 @@ __all__ = [
     "check_address_free",
     "format_address",
     "format_local_address",
+    "make_transparent",
     "open_listener",
     "open_udp_listeners",
     "original_destination",
@@ -145,20 +146,20 @@ def check_address_free(address: tuple[str, int], kind: int = socket.SOCK_STREAM,
             # EADDRNOTAVAIL and friends: the caller's own bind reports them
 
 
-def _make_transparent(sock: socket.socket, family: int, what: str,
-                      recv_origdst: bool = False) -> None:
-    """IP_TRANSPARENT (bind and receive for addresses that are not local: TPROXY); with
-    recv_origdst also IP(V6)_RECVORIGDSTADDR, each datagram's original destination in a cmsg."""
-    level = _SOL_IPV6 if family == socket.AF_INET6 else socket.SOL_IP
+def make_transparent(sock: socket.socket, what: str, recv_origdst: bool = False) -> None:
+    """IP_TRANSPARENT / IPV6_TRANSPARENT (bind to and receive for addresses that are not local:
+    TPROXY listeners, soft-unicast egress, UDP reply sockets); with recv_origdst also
+    IP(V6)_RECVORIGDSTADDR, each datagram's original destination in a cmsg. A refusal raises
+    OSError (PermissionError for EPERM) naming `what` and the capability it needs."""
+    v6 = sock.family == socket.AF_INET6
+    level = _SOL_IPV6 if v6 else socket.SOL_IP
     try:
-        sock.setsockopt(level, IPV6_TRANSPARENT if family == socket.AF_INET6 else IP_TRANSPARENT,
-                        1)
-        if recv_origdst:
-            sock.setsockopt(level, IPV6_RECVORIGDSTADDR if family == socket.AF_INET6
-                            else IP_RECVORIGDSTADDR, 1)
-    except PermissionError as exc:
-        raise PermissionError(
-            exc.errno, f"{what}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW") from None
+        sock.setsockopt(level, IPV6_TRANSPARENT if v6 else IP_TRANSPARENT, 1)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: IP_TRANSPARENT refused ({exc.strerror}); "
+                      "it needs CAP_NET_ADMIN or CAP_NET_RAW") from None
+    if recv_origdst:
+        sock.setsockopt(level, IPV6_RECVORIGDSTADDR if v6 else IP_RECVORIGDSTADDR, 1)
 
 
 def open_listener(address: tuple[str, int] | str, *, transparent: bool = False,
@@ -196,7 +197,7 @@ def open_listener(address: tuple[str, int] | str, *, transparent: bool = False,
         if family == socket.AF_INET6:
             sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
-            _make_transparent(sock, family, f"listener {shown}")
+            make_transparent(sock, f"listener {shown}")
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -245,7 +246,7 @@ def open_udp_listeners(
             if family == socket.AF_INET6:
                 sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
             if transparent:
-                _make_transparent(sock, family, f"UDP listener {shown}", recv_origdst=True)
+                make_transparent(sock, f"UDP listener {shown}", recv_origdst=True)
             try:
                 sock.bind((host, port))
             except OSError as exc:
