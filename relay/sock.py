@@ -66,13 +66,15 @@ _SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # family, port, flowinfo, addr, scop
 
 
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER {on, 0 s}: close() sends an RST, not a FIN
+LINGER_OFF = struct.pack("ii", 0, 0)  # SO_LINGER {off}: the default close (FIN after the data)
 
 
-def arm_reset(sock: socket.socket) -> bool:
+def arm_reset(sock: socket.socket, armed: bool = True) -> bool:
     """Make the next close() of `sock` send an RST: the peer must see a truncated stream as
-    a reset, never as a clean end of data. False when the socket is already gone."""
+    a reset, never as a clean end of data. armed=False: back to the default close (FIN after
+    the data). False when the socket is already gone."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST if armed else LINGER_OFF)
     except OSError:
         return False
     return True
