@@ -31,6 +31,7 @@ __all__ = [
     "check_address_free",
     "format_address",
     "format_local_address",
+    "make_transparent",
     "open_listener",
     "open_udp_listeners",
     "original_destination",
@@ -65,13 +66,15 @@ _SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # family, port, flowinfo, addr, scop
 
 
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER {on, 0 s}: close() sends an RST, not a FIN
+LINGER_OFF = struct.pack("ii", 0, 0)  # SO_LINGER {off}: the default close (FIN after the data)
 
 
-def arm_reset(sock: socket.socket) -> bool:
+def arm_reset(sock: socket.socket, armed: bool = True) -> bool:
     """Make the next close() of `sock` send an RST: the peer must see a truncated stream as
-    a reset, never as a clean end of data. False when the socket is already gone."""
+    a reset, never as a clean end of data. armed=False: back to the default close (FIN after
+    the data). False when the socket is already gone."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST if armed else LINGER_OFF)
     except OSError:
         return False
     return True
@@ -102,8 +105,14 @@ def format_local_address(sock: socket.socket) -> str:
     return format_address(name)
 
 
-def address_in_use(what: str) -> OSError:
-    """The refusal of an address another socket already serves (EADDRINUSE), in one line."""
+def address_in_use(what: str, kind: int = socket.SOCK_STREAM) -> OSError:
+    """The refusal of an address another socket already serves (EADDRINUSE), in one line.
+    Only a TCP listener may share its address on purpose (reuseport = true): a UDP listener's
+    sockets always set SO_REUSEPORT among themselves, so no setting would help there."""
+    if kind == socket.SOCK_DGRAM:
+        return OSError(errno.EADDRINUSE,
+                       f"{what}: address already in use: another process already serves this "
+                       "UDP address")
     return OSError(
         errno.EADDRINUSE,
         f"{what}: address already in use: another process (a second relay?) serves it; "
@@ -135,24 +144,24 @@ def check_address_free(address: tuple[str, int], kind: int = socket.SOCK_STREAM,
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise address_in_use(what or format_address(address)) from None
+                raise address_in_use(what or format_address(address), kind) from None
             # EADDRNOTAVAIL and friends: the caller's own bind reports them
 
 
-def _make_transparent(sock: socket.socket, family: int, what: str,
-                      recv_origdst: bool = False) -> None:
-    """IP_TRANSPARENT (bind and receive for addresses that are not local: TPROXY); with
-    recv_origdst also IP(V6)_RECVORIGDSTADDR, each datagram's original destination in a cmsg."""
-    level = _SOL_IPV6 if family == socket.AF_INET6 else socket.SOL_IP
+def make_transparent(sock: socket.socket, what: str, recv_origdst: bool = False) -> None:
+    """IP_TRANSPARENT / IPV6_TRANSPARENT (bind to and receive for addresses that are not local:
+    TPROXY listeners, soft-unicast egress, UDP reply sockets); with recv_origdst also
+    IP(V6)_RECVORIGDSTADDR, each datagram's original destination in a cmsg. A refusal raises
+    OSError (PermissionError for EPERM) naming `what` and the capability it needs."""
+    v6 = sock.family == socket.AF_INET6
+    level = _SOL_IPV6 if v6 else socket.SOL_IP
     try:
-        sock.setsockopt(level, IPV6_TRANSPARENT if family == socket.AF_INET6 else IP_TRANSPARENT,
-                        1)
-        if recv_origdst:
-            sock.setsockopt(level, IPV6_RECVORIGDSTADDR if family == socket.AF_INET6
-                            else IP_RECVORIGDSTADDR, 1)
-    except PermissionError as exc:
-        raise PermissionError(
-            exc.errno, f"{what}: IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW") from None
+        sock.setsockopt(level, IPV6_TRANSPARENT if v6 else IP_TRANSPARENT, 1)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: IP_TRANSPARENT refused ({exc.strerror}); "
+                      "it needs CAP_NET_ADMIN or CAP_NET_RAW") from None
+    if recv_origdst:
+        sock.setsockopt(level, IPV6_RECVORIGDSTADDR if v6 else IP_RECVORIGDSTADDR, 1)
 
 
 def open_listener(address: tuple[str, int] | str, *, transparent: bool = False,
@@ -190,7 +199,7 @@ def open_listener(address: tuple[str, int] | str, *, transparent: bool = False,
         if family == socket.AF_INET6:
             sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
-            _make_transparent(sock, family, f"listener {shown}")
+            make_transparent(sock, f"listener {shown}")
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -228,16 +237,8 @@ def open_udp_listeners(
     group = list(existing or [])
     if group:
         port = group[0].getsockname()[1]
-    elif port:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            if family == socket.AF_INET6:
-                probe.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                why = ("another process already serves this UDP address"
-                       if exc.errno == errno.EADDRINUSE else exc.strerror)
-                raise OSError(exc.errno, f"UDP listener {shown}: bind failed: {why}") from None
+    else:
+        check_address_free((host, port), socket.SOCK_DGRAM, f"UDP listener {shown}")
     fresh: list[socket.socket] = []
     try:
         while len(group) + len(fresh) < count:
@@ -247,7 +248,7 @@ def open_udp_listeners(
             if family == socket.AF_INET6:
                 sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)
             if transparent:
-                _make_transparent(sock, family, f"UDP listener {shown}", recv_origdst=True)
+                make_transparent(sock, f"UDP listener {shown}", recv_origdst=True)
             try:
                 sock.bind((host, port))
             except OSError as exc:

@@ -61,9 +61,7 @@ cdef enum:
 
 # 64 bits, integers only, never pointers:  op (8 bits) | generation (24 bits) | slot (32 bits).
 # A connection id handed to Python is the same without the op: generation << 32 | slot.
-cdef enum:
-    GEN_MASK = 0xFFFFFF         # the generation bits kept in a user_data / connection id
-
+# GEN_MASK and the packing helpers are in userdata.pxi, shared with the UDP core (_udp.pyx).
 cdef enum:
     OP_ACCEPT = 1               # a listener's readiness: uring POLLIN poll / epoll registration
     OP_POLL = 2                 # OP_POLL + side * 2 + (1 if POLLOUT else 0): 2..5 (epoll: 2..3)

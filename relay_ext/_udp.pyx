@@ -5,6 +5,7 @@ egress) and learns when it ends.  See docs/udp-core.md.
 
 Table of contents (one compilation unit, fragments in dependency order):
   includes/udp_system.pxi  the system calls and constants we use
+  userdata.pxi             the TCP core's epoll_data packing: kind | generation | slot, flow ids
   udp_table.pxi            packed flow key, hash index, per-state intrusive lists (no sockets)
   udp_loop.pxi             class UdpLoop: setup, the Python API, events out, flow teardown
   udp_datapath.pxi         recvmmsg/sendmmsg: listener, upstream and reply sockets; epoll dispatch
@@ -19,6 +20,7 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 include "includes/udp_system.pxi"
+include "userdata.pxi"
 include "udp_table.pxi"
 include "udp_loop.pxi"
 include "udp_datapath.pxi"

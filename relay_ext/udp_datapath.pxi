@@ -77,22 +77,20 @@ cdef inline sock_len _client_sockaddr(const UKey* k, sockaddr_in6* out) noexcept
 
 
 cdef int _recv_batch(UdpLoop self, int fd, uint32_t vlen, bint names, bint ctl) noexcept nogil:
-    # Returns the number of datagrams (>= 1) or -errno.  The kernel rewrites msg_namelen,
-    # msg_controllen and msg_flags of every message: reset them before each call.
+    # Returns the number of datagrams (>= 1) or -errno.  recvmmsg(2) writes back, per message,
+    # msg_len and msg_flags (outputs only: their old values are never read) and msg_namelen and
+    # msg_controllen (in-out: the room we give, then what was used), never the pointers nor the
+    # iovecs: those are set once in UdpLoop.__init__.  So each call sets the two lengths again,
+    # with the name / control pointers that go with this socket (names, ctl).
     cdef uint32_t i
     cdef msghdr* h
     cdef int n
     for i in range(vlen):
         h = &self.rx[i].msg_hdr
-        self.rx_iov[i].iov_base = self.bufs + <size_t>i * self.bufsize
-        self.rx_iov[i].iov_len = self.bufsize
-        h.msg_iov = &self.rx_iov[i]
-        h.msg_iovlen = 1
         h.msg_name = &self.rx_names[i] if names else NULL
         h.msg_namelen = sizeof(sockaddr_in6) if names else 0
         h.msg_control = self.rx_ctl + <size_t>i * CTL_SIZE if ctl else NULL
         h.msg_controllen = CTL_SIZE if ctl else 0
-        h.msg_flags = 0
     while True:
         n = recvmmsg(fd, self.rx, vlen, MSG_DONTWAIT, NULL)
         if n >= 0 or errno != EINTR:
@@ -349,17 +347,17 @@ cdef void _udp_poll(UdpLoop self, int timeout_ms) noexcept nogil:
         self.st_wakeups += 1
     for i in range(n):
         ud = self.epevents[i].data.u64
-        kind = <uint32_t>(ud >> 56)
-        gen = <uint32_t>((ud >> 32) & 0xFFFFFF)
-        idx = <uint32_t>(ud & 0xFFFFFFFFULL)
+        kind = ud_op(ud)
+        gen = ud_gen(ud)
+        idx = ud_slot(ud)
         if kind == UK_LISTENER:
-            if idx < MAX_LISTENERS and self.lsn[idx].active and self.lsn[idx].gen == gen:
+            if idx < MAX_LISTENERS and self.lsn[idx].active and gen_matches(self.lsn[idx].gen, gen):
                 _read_listener(self, <int>idx)
         elif kind == UK_UPSTREAM or kind == UK_REPLY:
             # A stale event (the flow ended earlier in this batch, maybe the slot was reused)
             # misses on the generation.
             if idx < self.t.cap and self.t.ents[idx].state == ENT_ACTIVE \
-                    and (self.t.ents[idx].gen & 0xFFFFFF) == gen:
+                    and gen_matches(self.t.ents[idx].gen, gen):
                 _read_flow(self, idx, kind == UK_UPSTREAM)
         elif kind == UK_TIMER:
             read(self.tfd, &ticks, sizeof(ticks))

@@ -51,10 +51,6 @@ cdef struct UEvent:
     UKey key
 
 
-cdef inline uint64_t pack_ud(uint64_t kind, uint32_t gen, uint32_t idx) noexcept nogil:
-    return (kind << 56) | ((<uint64_t>(gen & 0xFFFFFF)) << 32) | <uint64_t>idx
-
-
 cdef object _addr_tuple(uint8_t fam, const uint8_t* addr, uint16_t port_n):
     cdef char buf[64]
     if inet_ntop(AF_INET if fam == 4 else AF_INET6, addr, buf, sizeof(buf)) == NULL:
@@ -185,6 +181,14 @@ cdef class UdpLoop:
                 and self.tx and self.tx_iov and self.epevents and self.evq):
             self._free_memory()
             raise MemoryError("relay udp core: cannot allocate the datagram buffers")
+        # The receive vector's fixed part: message i always lands in buffer i (_recv_batch sets
+        # the rest per call; the kernel never writes back msg_iov or the iovecs).
+        cdef int i
+        for i in range(batch):
+            self.rx_iov[i].iov_base = self.bufs + <size_t>i * <size_t>max_datagram
+            self.rx_iov[i].iov_len = <size_t>max_datagram
+            self.rx[i].msg_hdr.msg_iov = &self.rx_iov[i]
+            self.rx[i].msg_hdr.msg_iovlen = 1
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             err = errno
@@ -343,10 +347,9 @@ cdef class UdpLoop:
         if responses < 0:
             raise ValueError(f"relay udp core: responses={responses}: must be >= 0")
         e = &self.t.ents[idx]
-        for fd in (upstream_fd, reply_fd):
-            if fd >= 0 and fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0:
-                err = errno
-                raise OSError(err, f"relay udp core: O_NONBLOCK on fd {fd}: {os.strerror(err)}")
+        # No O_NONBLOCK on the flow's sockets: every recvmmsg/sendmmsg on them passes
+        # MSG_DONTWAIT (udp_datapath.pxi), which makes that one call non-blocking whatever the
+        # file's flags say, and nothing else reads or writes them (two fcntl calls per flow saved).
         ev.events = EPOLLIN
         ev.data.u64 = pack_ud(UK_UPSTREAM, e.gen, idx)
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, upstream_fd, &ev) != 0:
@@ -495,7 +498,7 @@ cdef void _listener_unref(UdpLoop self, int slot, uint32_t n) noexcept nogil:
         close(l.fd)
         l.fd = -1
         l.used = 0
-        l.gen = (l.gen + 1) & 0xFFFFFF
+        l.gen = (l.gen + 1) & GEN_MASK
 
 
 cdef void _free_held(UdpLoop self, UFlow* e) noexcept nogil:

@@ -235,20 +235,19 @@ cdef void table_remove(UdpTable* t, uint32_t idx) noexcept nogil:
     list_unlink(t, idx)
     table_index_del(t, idx)
     e.state = ENT_FREE
-    e.gen = (e.gen + 1) & 0xFFFFFF
+    e.gen = (e.gen + 1) & GEN_MASK
     t.free_stack[t.n_free] = idx
     t.n_free += 1
 
 
 cdef inline uint64_t entry_id(UdpTable* t, uint32_t idx) noexcept nogil:
-    return (<uint64_t>(t.ents[idx].gen & 0xFFFFFF) << 32) | idx
+    return <uint64_t>pack_cid(t.ents[idx].gen, idx)
 
 
 cdef inline uint32_t entry_by_id(UdpTable* t, uint64_t ident, uint8_t state) noexcept nogil:
-    cdef uint32_t idx = <uint32_t>(ident & 0xFFFFFFFFULL)
-    cdef uint32_t gen = <uint32_t>((ident >> 32) & 0xFFFFFF)
-    if (ident >> 56) != 0 or idx >= t.cap:
+    cdef uint32_t idx = ud_slot(ident)
+    if ud_op(ident) != 0 or idx >= t.cap:
         return NIL
-    if t.ents[idx].state != state or (t.ents[idx].gen & 0xFFFFFF) != gen:
+    if t.ents[idx].state != state or not gen_matches(t.ents[idx].gen, ud_gen(ident)):
         return NIL
     return idx

@@ -3,6 +3,10 @@
 #   connection id:               generation (24 bits) | slot (32 bits)
 # A slot's generation is bumped when it is freed, so a completion or an id that outlived its
 # connection (or listener) no longer matches and is dropped.
+# Shared by both cores: _core.pyx (TCP) and _udp.pyx (UDP flows, ops UK_*) include this file.
+
+cdef enum:
+    GEN_MASK = 0xFFFFFF         # the generation bits kept in a user_data / connection id
 
 
 cdef inline uint64_t pack_ud(uint64_t op, uint32_t gen, uint32_t idx) noexcept nogil:

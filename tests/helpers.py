@@ -15,6 +15,7 @@ import hashlib
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -362,22 +363,45 @@ def require_netns() -> None:
 # -- clients of relay processes ------------------------------------------------------------
 
 
-def echo_roundtrip(addr: tuple[str, int], payload: bytes = b"ping", timeout: float = 5.0,
-                   source: str | None = None) -> bool:
-    """Connect, send `payload`, read it back whole; False on any failure."""
+@dataclass(frozen=True)
+class Echoed:
+    """One short connection that got its payload back."""
+    port: int  # its local port (the client port the relay saw)
+    seconds: float  # from before connect() to the last byte back
+
+
+def echo_once(addr: tuple[str, int], payload: bytes = b"ping", timeout: float = 5.0,
+              source: str | None = None) -> Echoed | None:
+    """One short connection to an echo: connect, send `payload`, read it back whole, close.
+    None on any failure."""
+    t0 = time.monotonic()
     try:
         with socket.create_connection(addr, timeout=timeout,
                                       source_address=(source, 0) if source else None) as s:
+            port = s.getsockname()[1]
             s.sendall(payload)
             got = b""
             while len(got) < len(payload):
                 data = s.recv(65536)
                 if not data:
-                    return False
+                    return None
                 got += data
-            return got == payload
+            return Echoed(port, time.monotonic() - t0) if got == payload else None
     except OSError:
-        return False
+        return None
+
+
+def echo_roundtrip(addr: tuple[str, int], payload: bytes = b"ping", timeout: float = 5.0,
+                   source: str | None = None) -> bool:
+    """Connect, send `payload`, read it back whole; False on any failure."""
+    return echo_once(addr, payload, timeout, source) is not None
+
+
+def all_echoed(results: list[Echoed | None], what: str = "") -> list[Echoed]:
+    """`results` of echo_once, asserting that none failed."""
+    failed = results.count(None)
+    assert not failed, f"{failed} of {len(results)} connections failed{what and ': ' + what}"
+    return [r for r in results if r is not None]
 
 
 class Transfer(threading.Thread):
@@ -468,6 +492,23 @@ class ConnectionStream(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(15)
+
+
+def relay_cli(*args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """`relay ARGS` run as its own process from this tree (PYTHONPATH first), without the
+    caller's RELAY_* variables, output captured as text. `kw`: more subprocess.run arguments."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return subprocess.run([PYTHON, "-m", "relay", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def relay_totals(rp: Any) -> dict[str, Any]:
+    """A running relay's counters added up over its workers, retired ones included."""
+    from relay.ops.metrics import totals
+
+    snap = rp.stats()
+    return totals(snap["workers"], snap.get("retired"))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:

@@ -33,7 +33,6 @@ import logging
 import os
 import selectors
 import socket
-import struct
 import time
 from typing import Any
 
@@ -60,7 +59,7 @@ from relay.engines.constants import (
     R_RESET_ORIGIN,
     connect_failure_reason,
 )
-from relay.sock import LINGER_RST, arm_reset
+from relay.sock import arm_reset
 
 __all__ = ["AioLoop"]
 
@@ -70,7 +69,6 @@ log = logging.getLogger("relay.engines.aio")
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 _CLOSED_KEYS = tuple(f"closed_{name}" for name in CLOSE_REASONS)  # per-reason counters, as the core
 _ACCEPT_BATCH = 64  # accepts per readiness callback: fairness with the established pairs
-_LINGER_OFF = struct.pack("ii", 0, 0)  # SO_LINGER {0, 0}: the default close (FIN after the data)
 _SAMPLES_PER_TIMEOUT = 8  # write-buffer samples per idle/half-close timeout
 
 
@@ -163,14 +161,6 @@ class _Pair:
         self.finished = False
         self.pending_seen = 0
         self.pending_at = 0.0  # when pending_seen was sampled
-
-
-def _set_linger(sock: socket.socket | None, value: bytes) -> None:
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
-        except OSError:
-            pass  # already gone
 
 
 def _pair_tuple(pair: _Pair, now_ns: int, now: float) -> tuple[int, int, bool, int, int, int, int]:
@@ -419,8 +409,8 @@ class AioLoop:
             raise
         client_sock.setblocking(False)
         upstream_sock.setblocking(False)
-        _set_linger(client_sock, LINGER_RST)  # until the graceful close: a dead process resets
-        _set_linger(upstream_sock, LINGER_RST)
+        arm_reset(client_sock)  # until the graceful close: a dead process resets
+        arm_reset(upstream_sock)
         if self._socket_rcvbuf:  # as the core does (relay_ext/conn.pxi set_rcvbuf)
             for sock in (client_sock, upstream_sock):
                 with contextlib.suppress(OSError):
@@ -537,7 +527,8 @@ class AioLoop:
             pair.reason = R_EOF
             self._cancel_timer(pair)
             for h in (half, peer):
-                _set_linger(h.transport.get_extra_info("socket"), _LINGER_OFF)
+                if (sock := h.transport.get_extra_info("socket")) is not None:
+                    arm_reset(sock, armed=False)
                 h.transport.close()
             return
         try:

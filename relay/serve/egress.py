@@ -22,12 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.config.model import Config, EgressSlice
-from relay.sock import (
-    IP_BIND_ADDRESS_NO_PORT,
-    IP_LOCAL_PORT_RANGE,
-    IP_TRANSPARENT,
-    IPV6_TRANSPARENT,
-)
+from relay.sock import IP_BIND_ADDRESS_NO_PORT, IP_LOCAL_PORT_RANGE, make_transparent
 
 __all__ = [
     "Egress",
@@ -119,18 +114,7 @@ def bind_upstream(sock: socket.socket, egress: Egress) -> None:
     """Prepare an unconnected TCP socket to leave from `egress`: transparent (the address may
     be non-local), port chosen at connect() inside the slice, bound to (address, 0).
     Raises OSError naming the option the kernel refused."""
-    v6 = sock.family == socket.AF_INET6
-    try:
-        if v6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        else:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    except OSError as exc:
-        raise OSError(
-            exc.errno,
-            f"egress {egress.address}: IP_TRANSPARENT refused ({exc.strerror}); "
-            "it needs CAP_NET_RAW or CAP_NET_ADMIN",
-        ) from None
+    make_transparent(sock, f"egress {egress.address}")
     try:
         sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         sock.setsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, egress.range_value)

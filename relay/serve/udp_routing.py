@@ -37,7 +37,7 @@ from relay.serve.egress import Egress, EgressTable
 from relay.serve.policy import Policy
 from relay.serve.routing import Denied, SliceExhausted, _family, _unmap
 from relay.serve.udp_ports import PortAllocator, SlicePorts
-from relay.sock import IP_TRANSPARENT, IPV6_TRANSPARENT
+from relay.sock import make_transparent
 
 __all__ = ["UdpFlow", "UdpRouter"]
 
@@ -53,17 +53,6 @@ class UdpFlow:
     dest: tuple[str, int]
     egress: tuple[str, int] | None = None  # (egress address, slice port) when a slice is used
     slice: SlicePorts | None = None
-
-
-def _set_transparent(sock: socket.socket, what: str) -> None:
-    try:
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        else:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    except OSError as exc:
-        raise OSError(exc.errno, f"{what}: IP_TRANSPARENT refused ({exc.strerror}); "
-                      "it needs CAP_NET_ADMIN or CAP_NET_RAW") from None
 
 
 def _drop_foreign(sock: socket.socket, peer: tuple[str, int]) -> int:
@@ -196,7 +185,7 @@ class UdpRouter:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if not self._address_is_local(egress.address):
-                    _set_transparent(sock, f"egress {egress.address}")
+                    make_transparent(sock, f"egress {egress.address}")
                 sock.bind((egress.address, chosen))
                 sock.connect(dest)
                 self.foreign_dropped += _drop_foreign(sock, dest)
@@ -221,7 +210,7 @@ class UdpRouter:
         sock = socket.socket(_family(orig_dst[0]), socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _set_transparent(sock, f"reply socket {orig_dst[0]}:{orig_dst[1]}")
+            make_transparent(sock, f"reply socket {orig_dst[0]}:{orig_dst[1]}")
             sock.bind(orig_dst)
             sock.connect(client)
             self.foreign_dropped += _drop_foreign(sock, client)

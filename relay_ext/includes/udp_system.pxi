@@ -15,10 +15,7 @@ cdef extern from "<errno.h>" nogil:
 
 cdef extern from "<fcntl.h>" nogil:
     enum:
-        F_GETFL
-        F_SETFL
         F_DUPFD_CLOEXEC
-        O_NONBLOCK
     int fcntl(int fd, int cmd, ...)
 
 cdef extern from "<unistd.h>" nogil:

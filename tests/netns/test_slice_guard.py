@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import require_netns, wait_for
+from helpers import relay_totals, require_netns, wait_for
 
 from relay.lab.netlab import (
     Lab,
@@ -23,7 +23,6 @@ from relay.lab.netlab import (
     syn_counters,
 )
 from relay.lab.process import PYTHON, SOURCE_ROOT, relay_config
-from relay.ops.metrics import totals
 from relay.sock import IP_TRANSPARENT
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
@@ -54,8 +53,7 @@ def _origin_counters(env: LabEnv) -> tuple[int, int]:
 
 
 def _denied(env: LabEnv) -> dict[str, int]:
-    snap = env.relay.stats()
-    return dict(totals(snap["workers"], snap.get("retired", {})).get("denied", {}))
+    return dict(relay_totals(env.relay).get("denied", {}))
 
 
 def test_refused_before_connect_while_the_slice_is_outside_the_port_range(env: LabEnv) -> None:

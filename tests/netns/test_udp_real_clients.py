@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import require_netns, wait_until
+from helpers import require_netns, wait_for, wait_until
 
 from relay.lab.netlab import Lab
 from relay.lab.origins import split_hostport
@@ -108,11 +108,15 @@ def test_dig_through_a_backend_listener_with_one_response(real: RealLab) -> None
     host, port = DNS_BACKEND.split(":")
     for _ in range(3):
         assert real.dig(f"@{host}", "-p", port, "example.test", "A") == ANSWER4
-    records = real.env.relay.flows_where(
-        lambda r: r.get("listener") == "udpbackend" and r["reason"] == "responses", 2)
-    assert wait_until(lambda: len(real.env.relay.flows_where(
-        lambda r: r.get("listener") == "udpbackend", 2)) == 3, 2)
-    assert all(r["s2c_dgrams"] == 1 and r["duration"] < IDLE for r in records)
+
+    def all_three() -> list[dict[str, Any]]:
+        found = [r for r in real.env.relay.flows() if r.get("listener") == "udpbackend"]
+        return found if len(found) >= 3 else []
+
+    records = wait_for(all_three, 10, "the flow-log records of the 3 queries")
+    assert len(records) == 3, records
+    assert all(r["reason"] == "responses" and r["s2c_dgrams"] == 1 and r["duration"] < IDLE
+               for r in records), records
 
 
 @pytest.mark.parametrize("dest", [QUIC4, QUIC6], ids=["ipv4", "ipv6"])

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, relay_cli
 
 from relay import cli, config
 from relay.ops import log as relay_log
@@ -35,23 +35,6 @@ name = "main"
 bind = "127.0.0.1:0"
 backend = "127.0.0.1:9"
 """
-
-
-def relay_cmd(
-    *args: str, env: dict[str, str] | None = None, **kw: object
-) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    full_env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        **kw,  # type: ignore[call-overload]
-    )
 
 
 @pytest.fixture
@@ -127,7 +110,7 @@ def test_bad_arguments_one_line_exit_2(
 
 
 def test_bad_arguments_as_a_process() -> None:
-    res = relay_cmd("run", "--listen", "1.2.3.4:0", "--backend", "1.2.3.4:70000")
+    res = relay_cli("run", "--listen", "1.2.3.4:0", "--backend", "1.2.3.4:70000")
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
         "relay run: error: argument --backend: invalid HOST:PORT '1.2.3.4:70000': "
@@ -163,7 +146,7 @@ def test_check_reports_every_problem_exit_1(tmp_path: Path) -> None:
         "[relay]\nworkers = -2\n[[listener]]\nbind = '127.0.0.1:1'\nmode = 'tproxy'\n"
         "backend = '127.0.0.1:2'\n[[egress]]\naddress = '10.0.0.1'\nports = '5-4'\n"
     )
-    res = relay_cmd("check", "-c", str(path))
+    res = relay_cli("check", "-c", str(path))
     assert res.returncode == 1
     lines = res.stderr.splitlines()
     assert lines == [
@@ -219,7 +202,7 @@ def test_config_dump_precedence(
 
 
 def test_config_dump_round_trips_through_load(good_file: Path, tmp_path: Path) -> None:
-    res = relay_cmd("config", "dump", "-c", str(good_file))
+    res = relay_cli("config", "dump", "-c", str(good_file))
     assert res.returncode == 0, res.stderr
     dumped = tmp_path / "dumped.toml"
     dumped.write_text(res.stdout)
@@ -249,7 +232,7 @@ def test_config_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_version_as_a_process() -> None:
     from relay import __version__
 
-    res = relay_cmd("--version")
+    res = relay_cli("--version")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.startswith(f"relay {__version__}\n")
@@ -485,10 +468,10 @@ def test_stats_and_reload_reach_a_running_relay(tmp_path: Path, echo: EchoServer
     proc = _start_relay(["-c", str(path)])
     try:
         _wait_ready(proc)
-        stats = relay_cmd("stats", "--json", "-c", str(path))
+        stats = relay_cli("stats", "--json", "-c", str(path))
         assert stats.returncode == 0, stats.stderr
         assert isinstance(json.loads(stats.stdout), dict)
-        reload = relay_cmd("reload", "--socket", str(sock))
+        reload = relay_cli("reload", "--socket", str(sock))
         assert reload.returncode == 0, reload.stderr
     finally:
         err = _stop(proc)
@@ -510,7 +493,7 @@ def test_admin_socket_from_environment(
 def test_run_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(GOOD + "\n[relay.extra]\n")
-    res = relay_cmd("run", "-c", str(path))
+    res = relay_cli("run", "-c", str(path))
     assert res.returncode == 1
     assert res.stderr.splitlines()[-1] == "relay run: 1 problem"
     assert "READY" not in res.stdout
@@ -618,7 +601,7 @@ def test_check_and_run_refuse_alike_without_traceback(
     listener = GOOD[GOOD.index("[[listener]]"):]
     path.write_text(fragment.format(tmp=tmp_path) + "\n" + listener)
     for command in ("check", "run"):
-        res = relay_cmd(command, "-c", str(path))
+        res = relay_cli(command, "-c", str(path))
         assert res.returncode == 1, (command, res.stderr)
         assert "Traceback" not in res.stderr and "READY" not in res.stdout
         first = res.stderr.splitlines()[0]
@@ -630,6 +613,6 @@ def test_run_refuses_a_backend_that_is_the_listener(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody serves, for the refusal's sake only
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    res = relay_cmd("run", "--listen", f"127.0.0.1:{port}", "--backend", f"0.0.0.0:{port}")
+    res = relay_cli("run", "--listen", f"127.0.0.1:{port}", "--backend", f"0.0.0.0:{port}")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "reaches this listener itself" in res.stderr and "READY" not in res.stdout

@@ -9,17 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO_ROOT
+from helpers import relay_cli
 
 from relay import cli, cli_docs
 
 MAIN_COMMANDS = ("run", "check", "stats", "reload", "sessions", "kill", "nft", "doctor", "demo",
                  "gen", "completion")
-
-
-def _relay(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "relay", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60)
 
 
 def _paths() -> list[tuple[str, ...]]:
@@ -28,7 +23,7 @@ def _paths() -> list[tuple[str, ...]]:
 
 @pytest.mark.parametrize("command", MAIN_COMMANDS)
 def test_help_shows_examples(command: str) -> None:
-    res = _relay(command, "--help")
+    res = relay_cli(command, "--help")
     assert res.returncode == 0, res.stderr
     assert "examples:\n  relay " + command in res.stdout, res.stdout
 
@@ -37,7 +32,7 @@ def test_bash_completion_is_valid_and_names_every_command_and_flag(tmp_path: Pat
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("bash is not installed")
-    res = _relay("completion", "bash")
+    res = relay_cli("completion", "bash")
     assert res.returncode == 0, res.stderr
     script = tmp_path / "relay.bash"
     script.write_text(res.stdout)
@@ -65,7 +60,7 @@ def test_bash_completion_is_valid_and_names_every_command_and_flag(tmp_path: Pat
 
 
 def test_zsh_completion_names_every_command() -> None:
-    res = _relay("completion", "zsh")
+    res = relay_cli("completion", "zsh")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("#compdef relay\n") and "compdef _relay relay" in res.stdout
     for path in _paths():
@@ -78,7 +73,7 @@ def test_zsh_completion_names_every_command() -> None:
 
 def test_man_page_renders(tmp_path: Path) -> None:
     page = tmp_path / "relay.1"
-    res = _relay("gen", "man", "-o", str(page))
+    res = relay_cli("gen", "man", "-o", str(page))
     assert res.returncode == 0, res.stderr
     text = page.read_text()
     assert text.startswith(".TH RELAY 1 ")

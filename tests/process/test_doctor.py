@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, block_io_uring
+from helpers import REPO_ROOT, block_io_uring, relay_cli
 
 from relay.config import loads
 from relay.engines.ring_failure import explain_ring_failure
@@ -25,17 +25,7 @@ LISTENER = '[[listener]]\nbind = "127.0.0.1:0"\nbackend = "127.0.0.1:9"\n'
 
 
 def relay_doctor(*args: str, preexec: object = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", "relay", "doctor", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=preexec,  # type: ignore[arg-type]
-    )
+    return relay_cli("doctor", *args, timeout=120, preexec_fn=preexec)
 
 
 def by_name(results: list[doctor.Check]) -> dict[str, doctor.Check]:

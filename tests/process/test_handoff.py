@@ -14,7 +14,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from helpers import alive, wait_for
+from helpers import alive, relay_totals, wait_for
 from helpers import echo as echo_handler
 
 from relay.lab.process import relay_config
@@ -82,13 +82,6 @@ def _reload_and_check(rp: Any, number: int, old: set[int]) -> set[int]:
     return new
 
 
-def _totals(rp: Any) -> dict[str, Any]:
-    from relay.ops.metrics import totals
-
-    snap = rp.stats()
-    return totals(snap["workers"], snap.get("retired"))
-
-
 @pytest.mark.timeout(120)
 def test_conversations_survive_four_reloads(origins: Any, relays: Any) -> None:
     echo = origins(echo_handler)
@@ -110,7 +103,7 @@ def test_conversations_survive_four_reloads(origins: Any, relays: Any) -> None:
         t.join(10)
     assert all(t.done for t in talks), [t.error for t in talks if not t.done][:5]
     assert all(t.sent > 0 for t in talks)
-    t = _totals(rp)
+    t = relay_totals(rp)
     assert t["handoff_lost"] == 0 and sum(t["handoff_refused"].values()) == 0
     assert t["handoff_adopted"] >= 40 * 4 and t["handoff_handed_over"] == t["handoff_adopted"]
     # One flow-log line per connection across the five generations, with all its bytes.
@@ -237,7 +230,7 @@ def test_bulk_both_ways_and_half_closed_flows_move(origins: Any, relays: Any,
     assert got.hexdigest() == want_down, "the half-closed flow's answer differs"
     ups = sorted(s.sha256 for s in sink.results if s.nbytes)
     assert ups == sorted(b.up_sha for b in bulks), "an upload differs at the origin"
-    t = _totals(rp)
+    t = relay_totals(rp)
     assert t["handoff_adopted"] == 5 and t["handoff_lost"] == 0
     assert t["handoff_pending_bytes"] > 0, {k: v for k, v in t.items() if "handoff" in k}
     if not splice:
@@ -275,7 +268,7 @@ def test_a_removed_listener_closes_exactly_its_flows(origins: Any, relays: Any) 
         t.join(10)
     assert all(t.done for t in kept), [t.error for t in kept]
     assert all(not t.done and "reset" in t.error.lower() for t in cut), [t.error for t in cut]
-    t = _totals(rp)
+    t = relay_totals(rp)
     assert t["handoff_refused"]["listener_removed"] == 4 and t["handoff_adopted"] == 6
     refused = rp.flows_where(lambda r: r["reason"] == "handoff_refused_listener_removed")
     assert sorted(int(str(r["client"]).rsplit(":", 1)[1]) for r in refused) == sorted(
@@ -327,6 +320,6 @@ def test_sigkill_of_an_adopting_worker_loses_only_its_flows(origins: Any,
         t.join(10)
     failed = [t for t in talks if not t.done]
     assert len(failed) == opened[0], [t.error for t in talks]
-    t = _totals(rp)
+    t = relay_totals(rp)
     assert t["handoff_lost"] == opened[0]
     assert t["handoff_handed_over"] == opened[1] == 12 - opened[0]

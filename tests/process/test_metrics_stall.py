@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -16,8 +15,8 @@ import urllib.request
 from typing import Any
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, echo_roundtrip, wait_for
 from helpers import echo as echo_handler
+from helpers import echo_roundtrip, relay_cli, wait_for
 
 from relay.lab.process import alive, relay_config
 from relay.ops.http import MAX_CLIENTS, REQUEST_DEADLINE
@@ -102,9 +101,8 @@ def test_stalling_metrics_clients_hold_nothing(origins: Any, relays: Any) -> Non
     try:
         # relay stats answers at once, again and again (each used to wait out a 5 s read).
         for _ in range(5):
-            took, text = _timed(lambda: subprocess.run(
-                [PYTHON, "-m", "relay", "stats", "--socket", rp.admin_socket], cwd=REPO_ROOT,
-                capture_output=True, text=True, timeout=30))
+            took, text = _timed(lambda: relay_cli("stats", "--socket", rp.admin_socket,
+                                                  timeout=30))
             assert text.returncode == 0 and "workers: 2" in text.stdout, text.stderr
             assert took < 1.5, f"relay stats took {took:.2f}s"
             time.sleep(0.3)
@@ -129,9 +127,7 @@ def test_stalling_metrics_clients_hold_nothing(origins: Any, relays: Any) -> Non
         assert time.monotonic() - killed < 3.0
 
         # Reload goes through at once.
-        took, res = _timed(lambda: subprocess.run(
-            [PYTHON, "-m", "relay", "reload", "--socket", rp.admin_socket], cwd=REPO_ROOT,
-            capture_output=True, text=True, timeout=60))
+        took, res = _timed(lambda: relay_cli("reload", "--socket", rp.admin_socket))
         assert res.returncode == 0, res.stderr
         assert took < 10.0, f"reload took {took:.2f}s"
         assert echo_roundtrip(rp.address())

@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 from helpers import (
-    PYTHON,
-    REPO_ROOT,
     ConnectionStream,
     Transfer,
     alive,
     echo_roundtrip,
     hash_reply,
+    relay_cli,
     wait_for,
 )
 from helpers import echo as echo_handler
@@ -45,8 +44,7 @@ backend = "127.0.0.1:{hash_port}"
 
 
 def _reload_cli(rp: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "relay", "reload", "--socket", rp.admin_socket],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    return relay_cli("reload", "--socket", rp.admin_socket)
 
 
 @pytest.mark.timeout(90)

@@ -9,28 +9,19 @@ import pwd
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO_ROOT, echo_roundtrip, wait_for
 from helpers import echo as echo_handler
+from helpers import echo_roundtrip, relay_cli, wait_for
 
 from relay.lab.process import relay_config
 from relay.ops import admin
 from relay.ops import log as relay_log
 
 USER = "relaytest"
-
-
-def relay_cmd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "relay", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
 
 
 def _config(path: Path, **relay: str) -> Path:
@@ -52,7 +43,7 @@ def test_symlinked_log_file_is_refused_and_its_target_untouched(
     os.symlink(secret, link)
     cfg = _config(tmp_path / "relay.toml", user=USER, log_file=str(link))
     for command in ("check", "run"):
-        res = relay_cmd(command, "-c", str(cfg))
+        res = relay_cli(command, "-c", str(cfg))
         assert res.returncode == 1, (command, res.stdout, res.stderr)
         assert f"relay.log_file: \"{link}\": is a symbolic link" in res.stderr, res.stderr
     st = os.stat(secret)
@@ -66,12 +57,12 @@ def test_log_directory_writable_by_the_unprivileged_user_is_refused(
     logdir.mkdir()
     os.chown(logdir, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
     cfg = _config(tmp_path / "relay.toml", user=USER, log_file=str(logdir / "relay.log"))
-    res = relay_cmd("check", "-c", str(cfg))
+    res = relay_cli("check", "-c", str(cfg))
     assert res.returncode == 1, res.stdout
     assert f"is writable by the worker user {USER}" in res.stderr, res.stderr
     os.chown(logdir, 0, 0)
     os.chmod(logdir, 0o755)
-    res = relay_cmd("check", "-c", str(cfg))
+    res = relay_cli("check", "-c", str(cfg))
     assert res.returncode == 0, res.stderr
 
 
@@ -112,7 +103,7 @@ def test_admin_socket_naming_a_regular_file_is_never_deleted(tmp_path: Path) -> 
     victim.write_text("keep me\n")
     cfg = _config(tmp_path / "relay.toml", admin_socket=str(victim))
     for command in ("check", "run"):
-        res = relay_cmd(command, "-c", str(cfg))
+        res = relay_cli(command, "-c", str(cfg))
         assert res.returncode == 1, (command, res.stdout, res.stderr)
         assert f"relay.admin_socket: \"{victim}\": exists and is not a socket" in res.stderr
     assert victim.read_text() == "keep me\n"

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, Transfer, alive, echo_roundtrip, hash_reply, wait_for
+from helpers import (
+    Transfer,
+    alive,
+    echo_roundtrip,
+    hash_reply,
+    relay_cli,
+    wait_for,
+)
 from helpers import echo as echo_handler
 
 from relay.lab.process import RelayProcess, relay_config, write_config
@@ -57,16 +64,10 @@ def test_ready_line_workers_and_stats(origins: Any, relays: Any) -> None:
     if "uring" in {w["engine"] for w in snap["workers"]}:
         assert all(_has_ring(p) for p in pids)
 
-    text = subprocess.run(
-        [PYTHON, "-m", "relay", "stats", "--socket", rp.admin_socket],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=20,
-    )
+    text = relay_cli("stats", "--socket", rp.admin_socket, timeout=20)
     assert text.returncode == 0, text.stderr
     assert "workers: 2" in text.stdout and "listeners: main=" in text.stdout
-    js = subprocess.run(
-        [PYTHON, "-m", "relay", "stats", "--json", "--socket", rp.admin_socket],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=20,
-    )
+    js = relay_cli("stats", "--json", "--socket", rp.admin_socket, timeout=20)
     assert js.returncode == 0, js.stderr
     assert {w["pid"] for w in json.loads(js.stdout)["workers"]} == pids
 
@@ -290,8 +291,7 @@ def test_gen_systemd_unit_is_hardened_and_allows_io_uring(tmp_path: Path) -> Non
     cfg = tmp_path / "relay.toml"
     cfg.write_text(relay_config(9, admin_socket="/run/relay/admin.sock", workers=2,
                                 drain=10.0))
-    out = subprocess.run([PYTHON, "-m", "relay", "gen", "systemd", "-c", str(cfg)],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
+    out = relay_cli("gen", "systemd", "-c", str(cfg), timeout=20)
     assert out.returncode == 0, out.stderr
     unit = out.stdout
     settings: dict[str, list[str]] = {}

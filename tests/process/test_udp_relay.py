@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import PYTHON, REPO_ROOT, UdpOrigin, wait_for
+from helpers import UdpOrigin, relay_cli, relay_totals, wait_for
 from test_metrics import scrape, value
 
 from relay.lab.process import relay_config
@@ -55,10 +54,6 @@ udp_responses = {responses}
     return rp
 
 
-def until(predicate: Callable[[], Any], timeout: float, what: str = "the condition") -> Any:
-    return wait_for(predicate, timeout, what)
-
-
 def client(timeout: float = 2.0) -> socket.socket:
     c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     c.bind(("127.0.0.1", 0))
@@ -73,13 +68,6 @@ def ask(addr: tuple[str, int], payload: bytes, timeout: float = 2.0) -> bytes | 
             return c.recvfrom(70000)[0]
         except TimeoutError:
             return None
-
-
-def udp_totals(rp: Any) -> dict[str, Any]:
-    from relay.ops.metrics import totals
-
-    snap = rp.stats()
-    return totals(snap["workers"], snap.get("retired"))
 
 
 def udp_flows(rp: Any) -> list[dict[str, Any]]:
@@ -111,9 +99,8 @@ def test_dns_style_flows_close_at_once_and_both_workers_carry_them(
             return {"workers": workers}
         return None
 
-    got = until(settled, timeout=5.0)
-    assert got is not None, "both workers should have carried UDP flows (SO_REUSEPORT hash)"
-    t = udp_totals(rp)
+    wait_for(settled, 5.0, "both workers to have carried UDP flows (SO_REUSEPORT hash)")
+    t = relay_totals(rp)
     assert t["udp_flows_open"] == 0
     assert t["udp_closed"]["responses"] == n
     assert t["udp_dgrams_c2s"] == t["udp_dgrams_s2c"] == n
@@ -128,8 +115,8 @@ def test_idle_timeout_frees_flows(udp_origin: Any, relays: Any) -> None:
     for c in socks:
         c.sendto(b"hello", addr)
         assert c.recvfrom(100)[0] == b"hello"
-    assert until(lambda: udp_totals(rp)["udp_flows_total"] == 5, timeout=3.0)
-    assert until(lambda: udp_totals(rp)["udp_flows_open"] == 0, timeout=6.0)
+    wait_for(lambda: relay_totals(rp)["udp_flows_total"] == 5, 3.0, "udp_flows_total == 5")
+    wait_for(lambda: relay_totals(rp)["udp_flows_open"] == 0, 6.0, "udp_flows_open == 0")
     flows = udp_flows(rp)
     assert len(flows) == 5 and {r["reason"] for r in flows} == {"idle_timeout"}
     assert all(r["duration"] >= 1.4 for r in flows)
@@ -162,15 +149,17 @@ def test_flood_beyond_max_flows_is_dropped_counted_and_does_not_grow(
             pass
     assert answered == 8
     # Stats reach the supervisor once a second: wait for the snapshot that saw the burst.
-    t = until(lambda: (t := udp_totals(rp))["udp_drops"]["no_flow_slot"] >= 192 and t, 5.0)
+    t = wait_for(lambda: (t := relay_totals(rp))["udp_drops"]["no_flow_slot"] >= 192 and t, 5.0,
+                 "no_flow_slot drops >= 192")
     assert t["udp_flows_open"] == 8 and t["udp_flows_total"] == 8
     assert t["udp_drops"]["no_flow_slot"] == 192
     assert len({p for p in origin.peers}) == 8
     # A second wave changes nothing: still 8 flows, every datagram counted as dropped.
     for c in socks[8:]:
         c.sendto(b"y", addr)
-    assert until(lambda: udp_totals(rp)["udp_drops"]["no_flow_slot"] == 384, timeout=3.0)
-    assert udp_totals(rp)["udp_flows_open"] == 8
+    wait_for(lambda: relay_totals(rp)["udp_drops"]["no_flow_slot"] == 384, 3.0,
+             "no_flow_slot drops == 384")
+    assert relay_totals(rp)["udp_flows_open"] == 8
     for c in socks:
         c.close()
 
@@ -190,7 +179,7 @@ def test_largest_and_empty_datagrams_pass_intact(udp_origin: Any, relays: Any) -
     # Read the drops from the same (fresh) report that shows the bytes: the supervisor's
     # snapshot lags about a second, so an earlier read would always see zero.
     t = wait_for(lambda: (lambda t: t if t["udp_bytes_s2c"] == len(big) else None)(
-        udp_totals(rp)), 3.0, "the worker's report of the 65,507-byte reply")
+        relay_totals(rp)), 3.0, "the worker's report of the 65,507-byte reply")
     assert t["udp_drops"]["truncated"] == 0
 
 
@@ -218,8 +207,9 @@ def test_reload_serves_new_flows_without_failure(udp_origin: Any, relays: Any) -
     t.start()
     time.sleep(0.3)
     rp.send_signal(signal.SIGHUP)
-    assert until(lambda: {w["generation"] for w in rp.workers()} == {2}
-                    and all(w["stats"].get("udp_started") for w in rp.workers()), timeout=20.0)
+    wait_for(lambda: {w["generation"] for w in rp.workers()} == {2}
+             and all(w["stats"].get("udp_started") for w in rp.workers()), 20.0,
+             "generation 2 alone, its UDP started")
     time.sleep(0.5)
     done.set()
     t.join(10)
@@ -253,15 +243,14 @@ def test_stats_and_metrics_count_the_same_datagrams(udp_origin: Any, relays: Any
             return m
         return None
 
-    m = until(counted, timeout=5.0)
-    assert m is not None
+    m = wait_for(counted, 5.0, f"{n} UDP closes with reason responses")
     assert value(m, "relay_udp_flows_total") == n
     assert value(m, "relay_udp_flows_open") == 0
     assert value(m, "relay_udp_datagrams_total", direction="c2s") == n
     assert value(m, "relay_udp_datagrams_total", direction="s2c") == n
     assert value(m, "relay_udp_bytes_total", direction="c2s") == 4 * n
     assert value(m, "relay_udp_bytes_total", direction="s2c") == 8 * n
-    t = udp_totals(rp)
+    t = relay_totals(rp)
     assert t["udp_dgrams_c2s"] == n and t["udp_bytes_s2c"] == 8 * n
     text = rp.admin("stats")
     assert f"udp: flows open 0, total {n}" in text
@@ -290,8 +279,7 @@ bind = "127.0.0.1:5355"
 backend = "127.0.0.1:53"
 udp_responses = 1
 ''')
-    out = subprocess.run([PYTHON, "-m", "relay", "check", "-c", str(path)], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = relay_cli("check", "-c", str(path))
     assert out.returncode != 0
     text = out.stdout + out.stderr
     assert f'{path}: listener[0].mode: "redirect": not available for protocol = "udp"' in text
