@@ -86,7 +86,7 @@ cdef enum:
 
 cdef enum:
     HF_EOF = 1          # the source sent FIN (read returned 0)
-    HF_SHUT = 2         # we forwarded that FIN: shutdown(dst, SHUT_WR) done
+    HF_SHUT = 2         # we forwarded that FIN: shutdown(dst, SHUT_WR), or the close() right after
     HF_STREAM = 4       # a bulk flow: move it with splice through a pipe
     HF_WANT_READ = 8    # waiting for the source to become readable
     HF_WANT_WRITE = 16  # bytes pending for the destination, waiting for it to drain

@@ -81,7 +81,14 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
         if h.flags & HF_EOF:
             if h.pipe_r >= 0:
                 pipe_put(&self.pipes, h, self.now)
-            shutdown(dst, SHUT_WR)
+            # With the other direction's FIN already forwarded, _after_pump closes the pair
+            # as soon as this pump returns, and close() sends this FIN itself: dst has read
+            # its peer's FIN (nothing unread, so tcp_close() sends a FIN, not an RST) and
+            # its linger is cleared first (_close_conn).  A shutdown() here is one system
+            # call per short connection for nothing.  While the other direction is still
+            # open, the half-close must go out now.
+            if not (c.half[1 - d].flags & HF_SHUT):
+                shutdown(dst, SHUT_WR)
             h.flags |= HF_SHUT
             return 0
         if rounds == 0:
