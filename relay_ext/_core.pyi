@@ -18,7 +18,7 @@ CYTHON_VERSION: Final[str]
 LIBURING_HEADERS: Final[str]
 
 # run() returns tuples of these shapes:
-#   (EV_ACCEPT, listener_tag, fd)
+#   (EV_ACCEPT, listener_tag, fd)   fd: O_NONBLOCK, SO_LINGER {1, 0} inherited from the listener
 #   (EV_ACCEPT_ERROR, listener_tag, errno)
 #   (EV_CONNECTED, conn_id, tag, connect_us)
 #   (EV_DONE, conn_id, tag, reason, c2s_bytes, s2c_bytes, spliced, copied, duration_us, errno)

@@ -3,9 +3,9 @@
 
 
 cdef void _start_relay(Loop self, Conn* c) noexcept nogil:
-    if _pump(self, c, 0) < 0:
+    if _pump(self, c, 0, False) < 0:
         return
-    if _pump(self, c, 1) < 0:
+    if _pump(self, c, 1, False) < 0:
         return
     _after_pump(self, c)
 
@@ -28,8 +28,11 @@ cdef inline void _delivered_splice(Loop self, Conn* c, int d, ssize_t n) noexcep
     self.st_bytes_spliced += n
 
 
-cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
-    """Move what can move in direction d without blocking.  -1: the pair was closed."""
+cdef int _pump(Loop self, Conn* c, int d, bint fin_queued) noexcept nogil:
+    """Move what can move in direction d without blocking.  -1: the pair was closed.
+
+    fin_queued: the poll that woke us saw the source's FIN (POLLRDHUP) or a hangup/error
+    behind whatever data is queued, so reading on after a short read finds it at once."""
     cdef Half* h = &c.half[d]
     cdef int src = c.fd[d]
     cdef int dst = c.fd[1 - d]
@@ -148,6 +151,15 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
                 h.buf_len = <uint32_t>(n - m)
                 h.flags |= HF_WANT_WRITE
                 return 0
+            if <size_t>n < SCRATCH_SIZE and not fin_queued:
+                # A short read emptied the receive queue as it was: another recv() now
+                # would most likely be an EAGAIN (one wasted system call per request, e.g.
+                # every HTTP request of a short connection).  Wait for readiness instead:
+                # both backends poll level-triggered (epoll's registration, io_uring's
+                # one-shot poll re-armed by _after_pump, which completes at once if data or
+                # a FIN came in meanwhile), so nothing that arrived since is missed.
+                h.flags |= HF_WANT_READ
+                return 0
             continue
         if n == 0:
             h.flags |= HF_EOF
@@ -194,7 +206,9 @@ cdef inline uint8_t _wanted(Loop self, Conn* c, int side) noexcept nogil:
         want |= POLL_BIT_OUT
     return want
 
-cdef void _on_ready(Loop self, Conn* c, int side, bint readable, bint writable) noexcept nogil:
+cdef void _on_ready(Loop self, Conn* c, int side, int readable, bint writable) noexcept nogil:
+    # readable: 0 no; READY_IN data (or a FIN) to read; READY_IN_FIN the poll also saw the
+    # peer's FIN, a hangup or an error: a read after a short one will not be an EAGAIN.
     if c.state == ST_WATCH:
         if readable:
             _watch_end(self, c, EV_READABLE_)
@@ -206,10 +220,10 @@ cdef void _on_ready(Loop self, Conn* c, int side, bint readable, bint writable) 
     if c.state != ST_RELAY:
         return
     if readable and (c.half[side].flags & HF_WANT_READ):
-        if _pump(self, c, side) < 0:
+        if _pump(self, c, side, readable == READY_IN_FIN) < 0:
             return
     if writable and (c.half[1 - side].flags & HF_WANT_WRITE):
-        if _pump(self, c, 1 - side) < 0:
+        if _pump(self, c, 1 - side, False) < 0:
             return
     _after_pump(self, c)
 
