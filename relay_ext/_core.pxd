@@ -96,10 +96,6 @@ cdef enum:
     POLL_BIT_IN = 1
     POLL_BIT_OUT = 2
 
-cdef enum:
-    READY_IN = 1        # _on_ready's readable: data (or a FIN) to read
-    READY_IN_FIN = 2    # ... and the poll saw the FIN (POLLRDHUP), a hangup or an error too
-
 cdef struct Half:
     int pipe_r              # -1: no pipe held
     int pipe_w
@@ -280,7 +276,8 @@ cdef void _accept_pause(Loop self, int slot, int err) noexcept nogil
 
 # datapath.pxi
 cdef void _start_relay(Loop self, Conn* c) noexcept nogil
-cdef void _on_ready(Loop self, Conn* c, int side, int readable, bint writable) noexcept nogil
+cdef void _start_fresh(Loop self, Conn* c) noexcept nogil
+cdef void _on_ready(Loop self, Conn* c, int side, bint readable, bint writable) noexcept nogil
 
 # timers.pxi
 cdef void _scan_timers(Loop self) noexcept nogil

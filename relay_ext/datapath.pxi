@@ -9,6 +9,25 @@ cdef void _start_relay(Loop self, Conn* c) noexcept nogil:
         return
     _after_pump(self, c)
 
+cdef void _start_fresh(Loop self, Conn* c) noexcept nogil:
+    """_start_relay for a pair that has never relayed (add_pair, a finished connect).
+
+    What the client sent while we connected is read and sent; a short read there took all
+    there was (a client that sent a request waits for the answer), so no second recv() that
+    would return EAGAIN.  The upstream is not read at all: it has just been connected (or
+    handed over), and an origin answers what it got, so a read now is an EAGAIN too.  Both
+    sides then wait on a level-triggered poll (epoll's registration, io_uring's poll armed
+    by _after_pump, which completes at once when bytes or a FIN are already there), so a
+    server that speaks first or a client that sent more is not missed: it costs one poll
+    round instead of one wasted system call per connection."""
+    if _pump(self, c, 0, True) < 0:
+        return
+    if c.half[1].buf_len == 0 and c.half[1].pipe_len == 0 and not (c.half[1].flags & HF_EOF):
+        c.half[1].flags |= HF_WANT_READ
+    elif _pump(self, c, 1, False) < 0:
+        return
+    _after_pump(self, c)
+
 cdef inline void _delivered(Loop self, Conn* c, int d, ssize_t n) noexcept nogil:
     """n bytes of direction d reached the destination socket."""
     c.half[d].nbytes += n
@@ -28,11 +47,10 @@ cdef inline void _delivered_splice(Loop self, Conn* c, int d, ssize_t n) noexcep
     self.st_bytes_spliced += n
 
 
-cdef int _pump(Loop self, Conn* c, int d, bint fin_queued) noexcept nogil:
+cdef int _pump(Loop self, Conn* c, int d, bint stop_short) noexcept nogil:
     """Move what can move in direction d without blocking.  -1: the pair was closed.
 
-    fin_queued: the poll that woke us saw the source's FIN (POLLRDHUP) or a hangup/error
-    behind whatever data is queued, so reading on after a short read finds it at once."""
+    stop_short: a copy read shorter than the buffer ends the round (wait for readiness)."""
     cdef Half* h = &c.half[d]
     cdef int src = c.fd[d]
     cdef int dst = c.fd[1 - d]
@@ -151,13 +169,7 @@ cdef int _pump(Loop self, Conn* c, int d, bint fin_queued) noexcept nogil:
                 h.buf_len = <uint32_t>(n - m)
                 h.flags |= HF_WANT_WRITE
                 return 0
-            if <size_t>n < SCRATCH_SIZE and not fin_queued:
-                # A short read emptied the receive queue as it was: another recv() now
-                # would most likely be an EAGAIN (one wasted system call per request, e.g.
-                # every HTTP request of a short connection).  Wait for readiness instead:
-                # both backends poll level-triggered (epoll's registration, io_uring's
-                # one-shot poll re-armed by _after_pump, which completes at once if data or
-                # a FIN came in meanwhile), so nothing that arrived since is missed.
+            if stop_short and <size_t>n < SCRATCH_SIZE:
                 h.flags |= HF_WANT_READ
                 return 0
             continue
@@ -206,9 +218,7 @@ cdef inline uint8_t _wanted(Loop self, Conn* c, int side) noexcept nogil:
         want |= POLL_BIT_OUT
     return want
 
-cdef void _on_ready(Loop self, Conn* c, int side, int readable, bint writable) noexcept nogil:
-    # readable: 0 no; READY_IN data (or a FIN) to read; READY_IN_FIN the poll also saw the
-    # peer's FIN, a hangup or an error: a read after a short one will not be an EAGAIN.
+cdef void _on_ready(Loop self, Conn* c, int side, bint readable, bint writable) noexcept nogil:
     if c.state == ST_WATCH:
         if readable:
             _watch_end(self, c, EV_READABLE_)
@@ -220,7 +230,7 @@ cdef void _on_ready(Loop self, Conn* c, int side, int readable, bint writable) n
     if c.state != ST_RELAY:
         return
     if readable and (c.half[side].flags & HF_WANT_READ):
-        if _pump(self, c, side, readable == READY_IN_FIN) < 0:
+        if _pump(self, c, side, False) < 0:
             return
     if writable and (c.half[1 - side].flags & HF_WANT_WRITE):
         if _pump(self, c, 1 - side, False) < 0:
@@ -244,4 +254,4 @@ cdef void _finish_connect(Loop self, Conn* c) noexcept nogil:
     cdef Event* ev = _push_event(self, EV_CONNECTED_, _cid(self, c), c.tag)
     if ev != NULL:
         ev.v[0] = <int64_t>c.connect_us
-    _start_relay(self, c)
+    _start_fresh(self, c)

@@ -29,7 +29,7 @@ cdef void _epoll_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
         return
     ev.events = 0
     if want & POLL_BIT_IN:
-        ev.events |= EPOLLIN | EPOLLRDHUP    # RDHUP: is the FIN queued too? (_pump)
+        ev.events |= EPOLLIN
     if want & POLL_BIT_OUT:
         ev.events |= EPOLLOUT
     ev.data.u64 = pack_ud(OP_POLL + side, c.gen, idx)
@@ -107,9 +107,7 @@ cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
             continue
         side = op - OP_POLL
         _on_ready(self, c, side,
-                       0 if not ((evs & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP))
-                                 and (c.polled[side] & POLL_BIT_IN))
-                       else READY_IN_FIN if evs & (EPOLLRDHUP | EPOLLERR | EPOLLHUP)
-                       else READY_IN,
+                       (evs & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0
+                       and (c.polled[side] & POLL_BIT_IN) != 0,
                        (evs & (EPOLLOUT | EPOLLERR | EPOLLHUP)) != 0
                        and (c.polled[side] & POLL_BIT_OUT) != 0)

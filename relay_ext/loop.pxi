@@ -266,7 +266,7 @@ cdef class Loop:
                 _arm_side(self, c, SIDE_UPSTREAM, POLL_BIT_OUT)
             else:
                 c.state = ST_RELAY
-                _start_relay(self, c)
+                _start_fresh(self, c)
         _uring_flush(self)
         return cid
 

@@ -86,8 +86,7 @@ cdef void _uring_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
     if missing & POLL_BIT_IN:
         sqe = _sqe(self)
         if sqe != NULL:
-            # POLLRDHUP: the completion then says whether the FIN is queued too (_pump).
-            __io_uring_prep_poll_add(sqe, c.fd[side], POLLIN | POLLRDHUP)
+            __io_uring_prep_poll_add(sqe, c.fd[side], POLLIN)
             __io_uring_sqe_set_data64(sqe, pack_ud(OP_POLL + side * 2, c.gen, idx))
             c.polled[side] |= POLL_BIT_IN
     if missing & POLL_BIT_OUT:
@@ -189,10 +188,7 @@ cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexc
     c.polled[side] &= ~(POLL_BIT_OUT if out else POLL_BIT_IN)
     if res == -ECANCELED:
         return
-    _on_ready(self, c, side,
-              0 if out else (READY_IN_FIN if res < 0 or (res & (POLLRDHUP | POLLHUP | POLLERR))
-                             else READY_IN),
-              out)
+    _on_ready(self, c, side, not out, out)
 
 cdef void _uring_reap(Loop self) noexcept nogil:
     cdef __io_uring* r = &self.ring.ptr
