@@ -46,7 +46,8 @@ def _run_until(loop: core.Loop, events: list, done: Callable[[], bool], timeout:
 def _recv_ready(sock: socket.socket) -> Callable[[], bool]:
     def ready() -> bool:
         try:
-            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) or True
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)     # bytes or EOF
+            return True
         except BlockingIOError:
             return False
         except OSError:
