@@ -329,7 +329,8 @@ class Server:
         client_fd = client.detach()
         up_fd = up.detach()
         try:
-            self._core.add_pair(client_fd, up_fd, _TAG, rc != 0)
+            self._core.add_pair(client_fd, up_fd, _TAG, rc != 0, client_accepted=True,
+                                upstream_nonblocking=True)
         except (OSError, ValueError) as exc:
             reset_and_close(socket.socket(self._family, socket.SOCK_STREAM, 0, client_fd))
             reset_and_close(socket.socket(family, socket.SOCK_STREAM, 0, up_fd))

@@ -84,7 +84,7 @@ cdef enum:
 
 cdef enum:
     HF_EOF = 1          # the source sent FIN (read returned 0)
-    HF_SHUT = 2         # we forwarded that FIN: shutdown(dst, SHUT_WR) done
+    HF_SHUT = 2         # we forwarded that FIN: shutdown(dst, SHUT_WR), or the close() right after
     HF_STREAM = 4       # a bulk flow: move it with splice through a pipe
     HF_WANT_READ = 8    # waiting for the source to become readable
     HF_WANT_WRITE = 16  # bytes pending for the destination, waiting for it to drain
@@ -274,6 +274,7 @@ cdef void _accept_pause(Loop self, int slot, int err) noexcept nogil
 
 # datapath.pxi
 cdef void _start_relay(Loop self, Conn* c) noexcept nogil
+cdef void _start_fresh(Loop self, Conn* c) noexcept nogil
 cdef void _on_ready(Loop self, Conn* c, int side, bint readable, bint writable) noexcept nogil
 
 # timers.pxi

@@ -18,7 +18,7 @@ CYTHON_VERSION: Final[str]
 LIBURING_HEADERS: Final[str]
 
 # run() returns tuples of these shapes:
-#   (EV_ACCEPT, listener_tag, fd)
+#   (EV_ACCEPT, listener_tag, fd)   fd: O_NONBLOCK, SO_LINGER {1, 0} inherited from the listener
 #   (EV_ACCEPT_ERROR, listener_tag, errno)
 #   (EV_CONNECTED, conn_id, tag, connect_us)
 #   (EV_DONE, conn_id, tag, reason, c2s_bytes, s2c_bytes, spliced, copied, duration_us, errno)
@@ -60,7 +60,13 @@ class Loop:
         tag: int = 0,
         connecting: bool = False,
         prefix: bytes = b"",
-    ) -> int: ...
+        *,
+        client_accepted: bool = False,
+        upstream_nonblocking: bool = False,
+    ) -> int:
+        """client_accepted: client_fd is as this loop's EV_ACCEPT gave it (non-blocking,
+        SO_LINGER {1, 0} inherited from the listener); upstream_nonblocking: upstream_fd was
+        made with SOCK_NONBLOCK. Each skips the checks (system calls) it makes redundant."""
     def abort(self, cid: int) -> bool: ...
     def export_pair(self, cid: int) -> dict[str, Any]:
         """Stop relaying `cid` and return its state: client_fd, upstream_fd, tag, start_ns,

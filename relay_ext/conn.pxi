@@ -29,17 +29,22 @@ cdef inline void set_rcvbuf(int fd, int size) noexcept nogil:
     # Best effort: a refusal leaves auto-tuning on, which relays all the same.
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size))
 
-cdef inline void adopt_socket(int fd, int rcvbuf) noexcept nogil:
+cdef inline void adopt_socket(int fd, int rcvbuf, bint nonblocking, bint armed) noexcept nogil:
     """A relayed socket as the loop wants it: non-blocking, SO_LINGER {1, 0} armed until a
     graceful close (a worker that dies resets its peers), SO_RCVBUF when configured.  For
-    add_pair and import_pair alike."""
-    cdef int flags = fcntl(fd, F_GETFL)
-    if flags >= 0 and not (flags & O_NONBLOCK):
-        fcntl(fd, F_SETFL, flags | O_NONBLOCK)
-    set_linger_zero(fd)
+    add_pair and import_pair alike.  `nonblocking`: the caller knows the fd is O_NONBLOCK
+    already (accept4/socket with SOCK_NONBLOCK): no F_GETFL.  `armed`: SO_LINGER {1, 0} is
+    set already (accepted from a listener add_listener armed: an accepted TCP socket is a clone
+    of its listener and inherits SOCK_LINGER and the linger time)."""
+    cdef int flags
+    if not nonblocking:
+        flags = fcntl(fd, F_GETFL)
+        if flags >= 0 and not (flags & O_NONBLOCK):
+            fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+    if not armed:
+        set_linger_zero(fd)
     if rcvbuf:
         set_rcvbuf(fd, rcvbuf)
-
 
 
 cdef inline void clear_linger(int fd) noexcept nogil:

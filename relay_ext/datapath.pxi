@@ -3,9 +3,28 @@
 
 
 cdef void _start_relay(Loop self, Conn* c) noexcept nogil:
-    if _pump(self, c, 0) < 0:
+    if _pump(self, c, 0, False) < 0:
         return
-    if _pump(self, c, 1) < 0:
+    if _pump(self, c, 1, False) < 0:
+        return
+    _after_pump(self, c)
+
+cdef void _start_fresh(Loop self, Conn* c) noexcept nogil:
+    """_start_relay for a pair that has never relayed (add_pair, a finished connect).
+
+    What the client sent while we connected is read and sent; a short read there took all
+    there was (a client that sent a request waits for the answer), so no second recv() that
+    would return EAGAIN.  The upstream is not read at all: it has just been connected (or
+    handed over), and an origin answers what it got, so a read now is an EAGAIN too.  Both
+    sides then wait on a level-triggered poll (epoll's registration, io_uring's poll armed
+    by _after_pump, which completes at once when bytes or a FIN are already there), so a
+    server that speaks first or a client that sent more is not missed: it costs one poll
+    round instead of one wasted system call per connection."""
+    if _pump(self, c, 0, True) < 0:
+        return
+    if c.half[1].buf_len == 0 and c.half[1].pipe_len == 0 and not (c.half[1].flags & HF_EOF):
+        c.half[1].flags |= HF_WANT_READ
+    elif _pump(self, c, 1, False) < 0:
         return
     _after_pump(self, c)
 
@@ -28,8 +47,10 @@ cdef inline void _delivered_splice(Loop self, Conn* c, int d, ssize_t n) noexcep
     self.st_bytes_spliced += n
 
 
-cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
-    """Move what can move in direction d without blocking.  -1: the pair was closed."""
+cdef int _pump(Loop self, Conn* c, int d, bint stop_short) noexcept nogil:
+    """Move what can move in direction d without blocking.  -1: the pair was closed.
+
+    stop_short: a copy read shorter than the buffer ends the round (wait for readiness)."""
     cdef Half* h = &c.half[d]
     cdef int src = c.fd[d]
     cdef int dst = c.fd[1 - d]
@@ -81,7 +102,14 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
         if h.flags & HF_EOF:
             if h.pipe_r >= 0:
                 pipe_put(&self.pipes, h, self.now)
-            shutdown(dst, SHUT_WR)
+            # With the other direction's FIN already forwarded, _after_pump closes the pair
+            # as soon as this pump returns, and close() sends this FIN itself: dst has read
+            # its peer's FIN (nothing unread, so tcp_close() sends a FIN, not an RST) and
+            # its linger is cleared first (_close_conn).  A shutdown() here is one system
+            # call per short connection for nothing.  While the other direction is still
+            # open, the half-close must go out now.
+            if not (c.half[1 - d].flags & HF_SHUT):
+                shutdown(dst, SHUT_WR)
             h.flags |= HF_SHUT
             return 0
         if rounds == 0:
@@ -141,6 +169,9 @@ cdef int _pump(Loop self, Conn* c, int d) noexcept nogil:
                 h.buf_len = <uint32_t>(n - m)
                 h.flags |= HF_WANT_WRITE
                 return 0
+            if stop_short and <size_t>n < SCRATCH_SIZE:
+                h.flags |= HF_WANT_READ
+                return 0
             continue
         if n == 0:
             h.flags |= HF_EOF
@@ -199,10 +230,10 @@ cdef void _on_ready(Loop self, Conn* c, int side, bint readable, bint writable) 
     if c.state != ST_RELAY:
         return
     if readable and (c.half[side].flags & HF_WANT_READ):
-        if _pump(self, c, side) < 0:
+        if _pump(self, c, side, False) < 0:
             return
     if writable and (c.half[1 - side].flags & HF_WANT_WRITE):
-        if _pump(self, c, 1 - side) < 0:
+        if _pump(self, c, 1 - side, False) < 0:
             return
     _after_pump(self, c)
 
@@ -223,4 +254,4 @@ cdef void _finish_connect(Loop self, Conn* c) noexcept nogil:
     cdef Event* ev = _push_event(self, EV_CONNECTED_, _cid(self, c), c.tag)
     if ev != NULL:
         ev.v[0] = <int64_t>c.connect_us
-    _start_relay(self, c)
+    _start_fresh(self, c)

@@ -139,8 +139,8 @@ cdef int64_t _handoff_import(Loop self, dict st, int64_t tag) except -1:
     c.start_ns = st["start_ns"]
     c.last_ns = st["last_ns"]
     c.connect_us = st["connect_us"]
-    adopt_socket(cfd, self.socket_rcvbuf)
-    adopt_socket(ufd, self.socket_rcvbuf)
+    adopt_socket(cfd, self.socket_rcvbuf, False, False)    # from another process: check all
+    adopt_socket(ufd, self.socket_rcvbuf, False, False)
     self.now = now_ns()
     c.state = ST_RELAY
     self.n_open += 1

@@ -186,6 +186,10 @@ cdef class Loop:
         l.armed = 0
         l.resume_at = 0
         l.backoff_ms = ACCEPT_BACKOFF_FIRST_MS
+        # Every socket accepted from it starts with SO_LINGER {1, 0} (add_pair's
+        # client_accepted); on the listener itself linger changes nothing: closing a
+        # listening socket resets its unaccepted connections either way.
+        set_linger_zero(fd)
         _listener_arm(self, slot)
         _uring_flush(self)
 
@@ -223,8 +227,13 @@ cdef class Loop:
         raise KeyError(f"relay core: no listener with tag {tag}")
 
     def add_pair(self, int client_fd, int upstream_fd, int64_t tag=0, bint connecting=False,
-                 bytes prefix=b""):
-        """Relay between two sockets; the loop owns both fds from now on.  Returns the id."""
+                 bytes prefix=b"", *, bint client_accepted=False,
+                 bint upstream_nonblocking=False):
+        """Relay between two sockets; the loop owns both fds from now on.  Returns the id.
+
+        client_accepted: client_fd is exactly as this loop's EV_ACCEPT delivered it (already
+        O_NONBLOCK, SO_LINGER {1, 0} inherited from the listener): two system calls fewer.
+        upstream_nonblocking: upstream_fd was made with SOCK_NONBLOCK: one fewer."""
         self._ensure_alive()
         if client_fd < 0 or upstream_fd < 0 or client_fd == upstream_fd:
             raise ValueError(f"relay core: bad fds {client_fd}, {upstream_fd}")
@@ -239,8 +248,8 @@ cdef class Loop:
         self.now = now_ns()
         c.start_ns = self.now
         c.last_ns = self.now
-        adopt_socket(client_fd, self.socket_rcvbuf)
-        adopt_socket(upstream_fd, self.socket_rcvbuf)
+        adopt_socket(client_fd, self.socket_rcvbuf, client_accepted, client_accepted)
+        adopt_socket(upstream_fd, self.socket_rcvbuf, upstream_nonblocking, False)
         cdef Py_ssize_t plen = len(prefix)
         if plen:
             c.half[0].buf = <char*>malloc(plen)
@@ -257,7 +266,7 @@ cdef class Loop:
                 _arm_side(self, c, SIDE_UPSTREAM, POLL_BIT_OUT)
             else:
                 c.state = ST_RELAY
-                _start_relay(self, c)
+                _start_fresh(self, c)
         _uring_flush(self)
         return cid
 

@@ -393,10 +393,13 @@ class AioLoop:
     # -- pairs ---------------------------------------------------------------------------------
 
     def add_pair(self, client_fd: int, upstream_fd: int, tag: int = 0, connecting: bool = False,
-                 prefix: bytes = b"") -> int:
+                 prefix: bytes = b"", *, client_accepted: bool = False,
+                 upstream_nonblocking: bool = False) -> int:
         """Take ownership of both fds and relay between them; returns the pair id.
 
         If this raises, ownership stays with the caller (the fds are not closed).
+        client_accepted / upstream_nonblocking are the core's hints to skip redundant system
+        calls; this engine's accepted sockets are blocking and unarmed, so it checks anyway.
         """
         self._ensure_open()
         if len(self._pairs) >= self._max_conns:

@@ -615,7 +615,10 @@ class Server:
             return
         client_fd = client.detach()
         try:
-            cid = self._loop.add_pair(client_fd, up.fd, tag, up.connecting, up.prefix)
+            # The client fd is as EV_ACCEPT gave it; every upstream is made SOCK_NONBLOCK
+            # (routing.py): the core skips re-checking them.
+            cid = self._loop.add_pair(client_fd, up.fd, tag, up.connecting, up.prefix,
+                                      client_accepted=True, upstream_nonblocking=True)
         except (OSError, ValueError) as exc:
             # The pair was refused (table full...): the fds are still ours.
             self._release(source)

@@ -542,7 +542,7 @@ def test_idle_pairs_hold_no_pipe_and_no_kernel_thread(make_loop, backend: str) -
 # gets one byte ("accepted") and is closed, then the worker is busy for 2 ms (a worker with
 # something to do: the case where the share matters).  On SIGTERM it prints its count.
 WORKER = textwrap.dedent("""
-    import os, signal, sys, time
+    import os, signal, socket, struct, sys, time
     from relay_ext._core import EV_ACCEPT, Loop
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
@@ -555,7 +555,10 @@ WORKER = textwrap.dedent("""
                 if ev[0] == EV_ACCEPT:
                     n += 1
                     os.write(ev[2], b"a")
-                    os.close(ev[2])
+                    # SO_LINGER {1, 0} came with it from the listener: clear it for a FIN
+                    s = socket.socket(fileno=ev[2])
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
+                    s.close()
                     time.sleep(0.002)
     print(n, flush=True)
 """)
