@@ -185,6 +185,8 @@ RELAY_VARIANTS: dict[str, RelaySetup] = {
     # a fixed receive buffer instead of auto-tuning: less CPU end to end, more in the relay
     # (docs/single-stream.md)
     "relay-uring-rcvbuf512k": RelaySetup("uring", flow_log=False, extra=("--socket-rcvbuf", "524288")),
+    "relay-uring-lowat256k": RelaySetup("uring", flow_log=False,
+                                        extra=("--socket-rcvlowat", "262144")),
 }
 SCALING = ("relay-uring", "relay-uring-w2")  # the --workers 1 vs --workers 2 ratio row
 
