@@ -185,6 +185,11 @@ RELAY_VARIANTS: dict[str, RelaySetup] = {
     # a fixed receive buffer instead of auto-tuning: less CPU end to end, more in the relay
     # (docs/single-stream.md)
     "relay-uring-rcvbuf512k": RelaySetup("uring", flow_log=False, extra=("--socket-rcvbuf", "524288")),
+    # SO_RCVLOWAT on bulk sources: woken once the mark is queued (a 1 ms timeout moves a tail)
+    "relay-uring-lowat256k": RelaySetup("uring", flow_log=False,
+                                        extra=("--socket-rcvlowat", "262144")),
+    "relay-uring-rcvbuf512k-lowat128k": RelaySetup(
+        "uring", flow_log=False, extra=("--socket-rcvbuf", "524288", "--socket-rcvlowat", "131072")),
 }
 SCALING = ("relay-uring", "relay-uring-w2")  # the --workers 1 vs --workers 2 ratio row
 

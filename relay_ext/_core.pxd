@@ -6,6 +6,7 @@
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from liburing.lib.uring cimport __io_uring_sqe
+from liburing.lib.type cimport __kernel_timespec
 from liburing.queue cimport io_uring, io_uring_cqe, sigset as uring_sigset
 from liburing.time cimport timespec as uring_timespec
 
@@ -55,6 +56,7 @@ cdef enum:
     EPOLL_BATCH = 256
     ACCEPT_BATCH = 16           # accept4() calls per listener wakeup (listeners.pxi)
     SHRINK_BATCH = 64           # idle pipes closed per timer scan at most (pipes.pxi)
+    LOWAT_KEEP_FRACTION = 4     # a low-water timeout with 1/4 of the mark queued keeps the mark
 
 
 # ------------------------------------------------------------------ user_data (userdata.pxi)
@@ -89,6 +91,7 @@ cdef enum:
     HF_WANT_READ = 8    # waiting for the source to become readable
     HF_WANT_WRITE = 16  # bytes pending for the destination, waiting for it to drain
     HF_NO_SPLICE = 32   # splice(2) refused these sockets (EINVAL/ENOSYS): always copy
+    HF_LOWAT = 64       # SO_RCVLOWAT raised on the source (bulk): its polls carry a timeout
 
 cdef enum:
     POLL_BIT_IN = 1
@@ -199,6 +202,10 @@ cdef class Loop:
     cdef uint32_t splice_min
     cdef bint splice_enabled
     cdef int socket_rcvbuf      # SO_RCVBUF of relayed sockets; 0 = kernel auto-tuning
+    cdef int rcvlowat           # SO_RCVLOWAT of bulk sources (uring only); 0 = never raised
+    cdef __kernel_timespec lowat_wait   # the linked timeout of a low-water poll
+    cdef uint64_t st_lowat_raised       # bulk sources switched to the low-water mark ...
+    cdef uint64_t st_lowat_timeouts     # ... and low-water polls ended by the timeout
     # timers
     cdef uint64_t connect_timeout_ns
     cdef uint64_t idle_timeout_ns

@@ -45,6 +45,8 @@ class Loop:
         pipes_keep_idle: int = 8,
         pipe_release_ms: int = 10000,
         socket_rcvbuf: int = 0,
+        socket_rcvlowat: int = 0,
+        rcvlowat_wait_us: int = 1000,
     ) -> None: ...
     @property
     def backend(self) -> str: ...

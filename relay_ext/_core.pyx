@@ -36,7 +36,7 @@ from libc.string cimport memcpy, memmove, memset
 from liburing.lib.uring cimport (
     __io_uring, __io_uring_params, __io_uring_sqe, __io_uring_cqe, __io_uring_get_sqe, __io_uring_sq_ready,
     __io_uring_cq_ready, __io_uring_cq_advance, __io_uring_prep_poll_add,
-    __io_uring_prep_poll_remove,
+    __io_uring_prep_poll_remove, __io_uring_prep_link_timeout, __IOSQE_IO_LINK,
     __io_uring_sqe_set_data64, __IORING_SETUP_CQSIZE,
     __IORING_SETUP_COOP_TASKRUN, __IORING_SETUP_SUBMIT_ALL,
 )

@@ -29,6 +29,27 @@ cdef inline void set_rcvbuf(int fd, int size) noexcept nogil:
     # Best effort: a refusal leaves auto-tuning on, which relays all the same.
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size))
 
+cdef inline void lowat_raise(Loop self, Conn* c, int d) noexcept nogil:
+    # Low-water mode for a bulk source (the mark: Loop(rcvlowat=)): the kernel wakes our poll
+    # only once that much is queued, so the relay reads in large batches and its receive
+    # queue runs fuller instead of near empty (docs/single-stream.md).  tcp_set_rcvlowat caps
+    # the mark at half of tcp_rmem[2] and may grow sk_rcvbuf to hold it; it never shrinks the
+    # window.  Only the uring backend raises it: every poll of such a source carries a linked
+    # timeout (uring.pxi) so a tail below the mark waits lowat_wait at most.
+    cdef int val = self.rcvlowat
+    if setsockopt(c.fd[d], SOL_SOCKET, SO_RCVLOWAT, &val, sizeof(val)) == 0:
+        c.half[d].flags |= HF_LOWAT
+        self.st_lowat_raised += 1
+
+cdef inline void lowat_drop(Conn* c, int d) noexcept nogil:
+    # Back to waking on every byte (the flow turned interactive, or the pair leaves this loop:
+    # an importer that does not know of the mark would strand a tail below it).  On a TCP
+    # socket SO_RCVLOWAT only fails for a bad fd.
+    cdef int one = 1
+    setsockopt(c.fd[d], SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one))
+    c.half[d].flags &= ~HF_LOWAT
+
+
 cdef inline void adopt_socket(int fd, int rcvbuf, bint nonblocking, bint armed) noexcept nogil:
     """A relayed socket as the loop wants it: non-blocking, SO_LINGER {1, 0} armed until a
     graceful close (a worker that dies resets its peers), SO_RCVBUF when configured.  For

@@ -127,6 +127,11 @@ cdef int _pump(Loop self, Conn* c, int d, bint stop_short) noexcept nogil:
                 c.last_ns = self.now
                 if <size_t>n < self.splice_min:
                     h.flags &= ~HF_STREAM       # the flow slowed down: copy again
+                elif (self.rcvlowat and n >= self.rcvlowat
+                        and not (h.flags & (HF_LOWAT | HF_EOF))):
+                    # One read found the whole mark queued: a bulk flow, wake on the mark
+                    # from now on (conn.pxi lowat_raise; dropped by the poll's timeout).
+                    lowat_raise(self, c, d)
                 continue
             if n == 0:
                 h.flags |= HF_EOF

@@ -53,7 +53,11 @@ cdef dict _half_export(Loop self, Half* h):
 cdef dict _handoff_export(Loop self, Conn* c):
     """The pair's state; the slot is freed, its descriptors now belong to the caller."""
     cdef uint32_t idx = <uint32_t>(c - self.conns)
+    cdef int d
     _disarm_all(self, c)
+    for d in range(2):
+        if c.half[d].flags & HF_LOWAT:
+            lowat_drop(c, d)    # the importer knows nothing of the mark: never leave it up
     self.now = now_ns()
     out = {
         "client_fd": c.fd[SIDE_CLIENT], "upstream_fd": c.fd[SIDE_UPSTREAM], "tag": c.tag,

@@ -25,7 +25,8 @@ cdef class Loop:
                  int max_conns=65536, int splice_min=4096, bint splice=True,
                  int connect_timeout_ms=5000, int idle_timeout_ms=300000,
                  int half_close_timeout_ms=60000, int ring_entries=1024,
-                 int pipes_keep_idle=8, int pipe_release_ms=10000, int socket_rcvbuf=0):
+                 int pipes_keep_idle=8, int pipe_release_ms=10000, int socket_rcvbuf=0,
+                 int socket_rcvlowat=0, int rcvlowat_wait_us=1000):
         if backend not in ("uring", "epoll"):
             raise ValueError(f"relay core: backend must be 'uring' or 'epoll', not {backend!r}")
         if max_conns < 1 or max_conns > 16_000_000:
@@ -41,7 +42,15 @@ cdef class Loop:
                              f"pipe_release_ms={pipe_release_ms}: must be >= 0 and > 0")
         if socket_rcvbuf < 0:
             raise ValueError(f"relay core: socket_rcvbuf={socket_rcvbuf}: must be >= 0")
+        if socket_rcvlowat < 0 or rcvlowat_wait_us < 1 or rcvlowat_wait_us > 1000000:
+            raise ValueError(f"relay core: socket_rcvlowat={socket_rcvlowat}, rcvlowat_wait_us="
+                             f"{rcvlowat_wait_us}: must be >= 0 and 1..1000000")
         self.backend_id = BACKEND_URING if backend == "uring" else BACKEND_EPOLL
+        # Low-water mode needs the linked poll timeout only io_uring offers (datapath.pxi):
+        # epoll would strand a tail below the mark, so it never raises the mark.
+        self.rcvlowat = socket_rcvlowat if self.backend_id == BACKEND_URING else 0
+        self.lowat_wait.tv_sec = rcvlowat_wait_us // 1000000
+        self.lowat_wait.tv_nsec = (rcvlowat_wait_us % 1000000) * 1000
         self.socket_rcvbuf = socket_rcvbuf
         self.max_conns = max_conns
         self.splice_min = max(splice_min, 1)
@@ -462,6 +471,8 @@ cdef class Loop:
             "watching": self.n_watching,
             "watches": self.st_watches,
             "watch_timeouts": self.st_watch_timeouts,
+            "lowat_raised": self.st_lowat_raised,
+            "lowat_timeouts": self.st_lowat_timeouts,
         }
         for i, name in enumerate(REASONS):
             d["closed_" + name] = self.st_closes[i]

@@ -89,12 +89,34 @@ cdef void _uring_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
             __io_uring_prep_poll_add(sqe, c.fd[side], POLLIN)
             __io_uring_sqe_set_data64(sqe, pack_ud(OP_POLL + side * 2, c.gen, idx))
             c.polled[side] |= POLL_BIT_IN
+            if (c.half[side].flags & HF_LOWAT) and _uring_link_timeout(self, sqe) < 0:
+                lowat_drop(c, side)
     if missing & POLL_BIT_OUT:
         sqe = _sqe(self)
         if sqe != NULL:
             __io_uring_prep_poll_add(sqe, c.fd[side], POLLOUT)
             __io_uring_sqe_set_data64(sqe, pack_ud(OP_POLL + side * 2 + 1, c.gen, idx))
             c.polled[side] |= POLL_BIT_OUT
+
+cdef inline int _uring_link_timeout(Loop self, __io_uring_sqe* poll) noexcept nogil:
+    # A source in low-water mode (SO_RCVLOWAT, datapath.pxi) only wakes its poll once the mark
+    # is queued (or at FIN, an error, a nearly closed window or memory pressure: tcp_data_ready).
+    # A tail below the mark would wait for the next byte: an IORING_OP_LINK_TIMEOUT linked to
+    # the poll cancels it after lowat_wait, and the -ECANCELED completion pumps what is there.
+    # The SQ must hold both entries back to back (a link spans consecutive SQEs): when it has
+    # no room for the second, the poll goes without the timer and the mark is dropped instead.
+    cdef __io_uring_sqe* sqe = __io_uring_get_sqe(&self.ring.ptr)
+    if sqe == NULL:
+        return -1
+    poll.flags |= __IOSQE_IO_LINK
+    __io_uring_prep_link_timeout(sqe, &self.lowat_wait, 0)
+    __io_uring_sqe_set_data64(sqe, pack_ud(OP_IGNORE, 0, 0))
+    return 0
+
+cdef inline int _lowat_inq(int fd) noexcept nogil:
+    cdef int inq = 0
+    ioctl(fd, SIOCINQ, &inq)
+    return inq
 
 cdef void _uring_disarm(Loop self, Conn* c) noexcept nogil:
     # A pending poll holds a reference to the socket's file: close() alone would keep the
@@ -187,7 +209,16 @@ cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexc
     out = rel & 1
     c.polled[side] &= ~(POLL_BIT_OUT if out else POLL_BIT_IN)
     if res == -ECANCELED:
-        return
+        # Our own removals only come with a slot that is freed (stale generation above): a
+        # poll of a live pair cancelled here is a low-water poll whose linked timeout fired.
+        # Less than the mark arrived in that time: move what is queued now.  A bulk sender
+        # that was only descheduled for a moment left a good part of the mark; a flow with
+        # a small tail (or request/response) did not: wake on every byte again for it.
+        if out or not (c.half[side].flags & HF_LOWAT):
+            return
+        self.st_lowat_timeouts += 1
+        if _lowat_inq(c.fd[side]) * LOWAT_KEEP_FRACTION < self.rcvlowat:
+            lowat_drop(c, side)
     _on_ready(self, c, side, not out, out)
 
 cdef void _uring_reap(Loop self) noexcept nogil:

@@ -188,6 +188,16 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             "by net.core.rmem_max); 0 = kernel auto-tuning (docs/single-stream.md)",
         ),
     ] = LOOP_DEFAULTS["socket_rcvbuf"]
+    socket_rcvlowat: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=C_INT_MAX,  # the core takes it as a C int
+            description="uring engine: SO_RCVLOWAT in bytes raised on a bulk flow's source "
+            "(woken only once this much is queued; a tail below it waits 1 ms at most); "
+            "0 = off (docs/single-stream.md)",
+        ),
+    ] = LOOP_DEFAULTS["socket_rcvlowat"]
     user: Annotated[
         str, Meta(description="drop privileges to this user after binding; empty = stay")
     ] = ""
@@ -305,6 +315,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             "max_conns": self.maxconn_per_worker(workers),
             "splice_min": self.splice_min,
             "socket_rcvbuf": self.socket_rcvbuf,
+            "socket_rcvlowat": self.socket_rcvlowat,
             "connect_timeout_ms": round(self.connect_timeout * 1000),
             "idle_timeout_ms": round(self.idle_timeout * 1000),
             "half_close_timeout_ms": round(self.half_close_timeout * 1000),

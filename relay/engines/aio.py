@@ -218,6 +218,8 @@ class AioLoop:
         pipes_keep_idle: int = LOOP_DEFAULTS["pipes_keep_idle"],
         pipe_release_ms: int = LOOP_DEFAULTS["pipe_release_ms"],
         socket_rcvbuf: int = LOOP_DEFAULTS["socket_rcvbuf"],
+        socket_rcvlowat: int = LOOP_DEFAULTS["socket_rcvlowat"],
+        rcvlowat_wait_us: int = LOOP_DEFAULTS["rcvlowat_wait_us"],
     ) -> None:
         if backend != "asyncio":
             raise ValueError(f"AioLoop: backend={backend!r}: this engine only provides 'asyncio'")
@@ -230,9 +232,13 @@ class AioLoop:
                             ("half_close_timeout_ms", half_close_timeout_ms),
                             ("pipes_keep_idle", pipes_keep_idle),
                             ("pipe_release_ms", pipe_release_ms),
-                            ("socket_rcvbuf", socket_rcvbuf)):
+                            ("socket_rcvbuf", socket_rcvbuf),
+                            ("socket_rcvlowat", socket_rcvlowat),
+                            ("rcvlowat_wait_us", rcvlowat_wait_us)):
             if value < 0:
                 raise ValueError(f"AioLoop: {name}={value}: must be >= 0")
+        # socket_rcvlowat is accepted and ignored, as the core's epoll backend does: without a
+        # timeout linked to each poll a tail below the mark would wait for the next byte.
         # The write-buffer high-water mark stands in for the pipe: it bounds what one direction
         # holds in user space before reading from the source pauses.
         self._buffer_size = pipe_size

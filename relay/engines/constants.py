@@ -65,6 +65,8 @@ LOOP_DEFAULTS: Mapping[str, int] = MappingProxyType({
     "pipes_keep_idle": 8,
     "pipe_release_ms": 10_000,
     "socket_rcvbuf": 0,  # SO_RCVBUF of relayed sockets; 0 = kernel auto-tuning
+    "socket_rcvlowat": 0,  # SO_RCVLOWAT of bulk sources (uring only); 0 = never raised
+    "rcvlowat_wait_us": 1000,  # a low-water poll's timeout: the longest a tail waits
 })
 
 # accept(2) errors that mean "out of a resource": retrying at once would spin, so the listener is

@@ -60,6 +60,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_LINGER
         SO_RCVBUF
+        SO_RCVLOWAT
         SO_ERROR
         SOCK_NONBLOCK
         SOCK_CLOEXEC
@@ -130,3 +131,4 @@ cdef extern from "<sys/ioctl.h>" nogil:
 cdef extern from "<linux/sockios.h>" nogil:
     enum:
         SIOCOUTQ        # bytes in a socket's send queue not yet acknowledged
+        SIOCINQ         # bytes in a TCP socket's receive queue not yet read
