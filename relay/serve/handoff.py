@@ -38,7 +38,7 @@ from relay.serve.limits import VERDICT_REASONS
 from relay.sock import reset_and_close
 
 if TYPE_CHECKING:
-    from relay.serve.server import Server, _Flow, _Listener
+    from relay.serve.server import Server, _Listener
 
 __all__ = ["HANDOFF_REFUSALS", "PAUSE_BUCKETS", "Handoff"]
 
@@ -184,7 +184,7 @@ class Handoff:
             except KeyError:
                 continue  # finished meanwhile: its EV_DONE is queued
             del srv._flows[cid]
-            _forget(srv, flow)
+            srv._forget(flow)
             f = wire.flow_state(
                 state, listener=flow.listener.name, client=flow.client, dest=flow.dest,
                 egress=flow.egress, egress_address=flow.egress_address, source=flow.source)
@@ -227,7 +227,7 @@ class Handoff:
                 # _forget released it at export; it stays here after all (the counters
                 # clamp at zero, so a refused re-acquire costs at most one count).
                 srv._shared.acquire(srv._slot, f.source)
-            _track(srv, cid, _Flow(lst, _tuple(f.client), f.source, _tuple(f.dest),
+            srv._track(cid, _Flow(lst, _tuple(f.client), f.source, _tuple(f.dest),
                                    _tuple(f.egress), f.egress_address))
             self.kept += 1
 
@@ -330,7 +330,7 @@ class Handoff:
         self.pause.observe(pause)
         self.pause_max = max(self.pause_max, pause)
         self.adopted += 1
-        _track(srv, cid, _Flow(lst, _tuple(f.client), f.source, _tuple(f.dest),
+        srv._track(cid, _Flow(lst, _tuple(f.client), f.source, _tuple(f.dest),
                                _tuple(f.egress), f.egress_address))
         return True
 
@@ -377,30 +377,3 @@ def _tuple(value: Any) -> Any:
     """msgspec hands sequences back as lists; addresses are tuples everywhere else."""
     return tuple(value) if isinstance(value, list) else value
 
-
-def _track(srv: Server, cid: int, flow: _Flow) -> None:
-    """The server's bookkeeping of a new pair (as Server._on_accept does it)."""
-    srv._flows[cid] = flow
-    srv._open += 1
-    flow.listener.open += 1
-    if flow.source is not None and srv._shared is None:
-        srv._per_source[flow.source] = srv._per_source.get(flow.source, 0) + 1
-    if flow.egress_address is not None:
-        srv._egress_in_use[flow.egress_address] = (
-            srv._egress_in_use.get(flow.egress_address, 0) + 1)
-
-
-def _forget(srv: Server, flow: _Flow) -> None:
-    """The server's bookkeeping of a pair that left (as Server._on_done does it), no log."""
-    srv._open -= 1
-    flow.listener.open -= 1
-    if srv._shared is not None:
-        srv._release(flow.source)
-    elif flow.source is not None:
-        left = srv._per_source.get(flow.source, 0) - 1
-        if left > 0:
-            srv._per_source[flow.source] = left
-        else:
-            srv._per_source.pop(flow.source, None)
-    if flow.egress_address is not None:
-        srv._egress_in_use[flow.egress_address] -= 1

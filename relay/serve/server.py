@@ -628,16 +628,36 @@ class Server:
                       "listener %s: engine refused a pair: %s; client reset", lst.name, exc)
             self._closed_by_reason["error"] += 1
             return
-        self._flows[cid] = _Flow(lst, peer, source, up.dest, up.egress, up.egress_address,
-                                 next(self._serials))
-        self._open += 1
-        lst.open += 1
+        self._track(cid, _Flow(lst, peer, source, up.dest, up.egress, up.egress_address))
         lst.total += 1
-        if source is not None and self._shared is None:
-            self._per_source[source] = self._per_source.get(source, 0) + 1
-        if up.egress_address is not None:
-            self._egress_in_use[up.egress_address] = (
-                self._egress_in_use.get(up.egress_address, 0) + 1)
+
+    def _track(self, cid: int, flow: _Flow) -> None:
+        """Count a pair the loop relays from now on: accepted here, or adopted in a handoff
+        (relay.serve.handoff). It gets the next session serial."""
+        flow.serial = next(self._serials)
+        self._flows[cid] = flow
+        self._open += 1
+        flow.listener.open += 1
+        if flow.source is not None and self._shared is None:
+            self._per_source[flow.source] = self._per_source.get(flow.source, 0) + 1
+        if flow.egress_address is not None:
+            self._egress_in_use[flow.egress_address] = (
+                self._egress_in_use.get(flow.egress_address, 0) + 1)
+
+    def _forget(self, flow: _Flow) -> None:
+        """Uncount a pair that left the loop (closed, or exported in a handoff); no log line."""
+        self._open -= 1
+        flow.listener.open -= 1
+        if self._shared is not None:
+            self._shared.release(self._slot, flow.source)
+        elif flow.source is not None:
+            left = self._per_source[flow.source] - 1
+            if left:
+                self._per_source[flow.source] = left
+            else:
+                del self._per_source[flow.source]
+        if flow.egress_address is not None:
+            self._egress_in_use[flow.egress_address] -= 1
 
     def _reject(self, client: socket.socket, lst: _Listener, limit: str, peer: Any) -> None:
         self._rejected[limit] += 1
@@ -669,18 +689,7 @@ class Server:
         flow = self._flows.pop(cid, None)
         if flow is None:
             return
-        self._open -= 1
-        flow.listener.open -= 1
-        if self._shared is not None:
-            self._shared.release(self._slot, flow.source)
-        elif flow.source is not None:
-            left = self._per_source[flow.source] - 1
-            if left:
-                self._per_source[flow.source] = left
-            else:
-                del self._per_source[flow.source]
-        if flow.egress_address is not None:
-            self._egress_in_use[flow.egress_address] -= 1
+        self._forget(flow)
         if self._flowlog is not None:
             self._flowlog.add((time.time(), flow.listener.name, flow.client, flow.dest,
                                flow.egress, c2s, s2c, spliced, copied, duration_us, name, err,
