@@ -39,9 +39,13 @@ class Contender:
     start_udp: Start | None = None  # the same for UDP (None: not a UDP contender)
     variant: str = ""  # how this contender is set up, shown next to its numbers
     workers: int = 1  # relay worker processes (per-worker shares are read when > 1)
+    only_metrics: tuple[str, ...] = ()  # measured for these metrics only (empty: all it serves)
 
     def serves(self, protocol: str) -> bool:
         return (self.start if protocol == "tcp" else self.start_udp) is not None
+
+    def measures(self, metric: str, protocol: str) -> bool:
+        return self.serves(protocol) and (not self.only_metrics or metric in self.only_metrics)
 
 
 def _python_script(name: str, module: str) -> Callable[[int, Path], procs.Service | None]:
@@ -84,6 +88,7 @@ class RelaySetup:
     workers: int = 1
     flow_log: bool = True  # the default a user gets; `-nolog` variants turn it off
     extra: tuple[str, ...] = ()  # more `relay run` options (a setting away from its default)
+    only_metrics: tuple[str, ...] = ()  # a tuning variant: measured only where it can matter
 
 
 def _relay_cli(name: str, setup: RelaySetup, backend_port: int, tmp: Path) -> procs.Service:
@@ -178,18 +183,23 @@ def _always() -> str | None:
     return None
 
 
+# The single-stream tuning variants (docs/single-stream.md) are measured where they can matter.
+BULK_TUNING = ("stream1",)
+
 RELAY_VARIANTS: dict[str, RelaySetup] = {
     **{f"relay-{e}": RelaySetup(e) for e in RELAY_ENGINES},
     "relay-uring-nolog": RelaySetup("uring", flow_log=False),
     "relay-uring-w2": RelaySetup("uring", workers=2),
     # a fixed receive buffer instead of auto-tuning: less CPU end to end, more in the relay
     # (docs/single-stream.md)
-    "relay-uring-rcvbuf512k": RelaySetup("uring", flow_log=False, extra=("--socket-rcvbuf", "524288")),
+    "relay-uring-rcvbuf512k": RelaySetup("uring", flow_log=False, extra=("--socket-rcvbuf", "524288"),
+                                         only_metrics=BULK_TUNING),
     # SO_RCVLOWAT on bulk sources: woken once the mark is queued (a 1 ms timeout moves a tail)
     "relay-uring-lowat256k": RelaySetup("uring", flow_log=False,
-                                        extra=("--socket-rcvlowat", "262144")),
+                                        extra=("--socket-rcvlowat", "262144"), only_metrics=BULK_TUNING),
     "relay-uring-rcvbuf512k-lowat128k": RelaySetup(
-        "uring", flow_log=False, extra=("--socket-rcvbuf", "524288", "--socket-rcvlowat", "131072")),
+        "uring", flow_log=False, extra=("--socket-rcvbuf", "524288", "--socket-rcvlowat", "131072"),
+        only_metrics=BULK_TUNING),
 }
 SCALING = ("relay-uring", "relay-uring-w2")  # the --workers 1 vs --workers 2 ratio row
 
@@ -198,7 +208,8 @@ ALL: tuple[Contender, ...] = (
     *(Contender(name, "relay", _always, _relay(name, setup), idle=name in {f"relay-{e}" for e in RELAY_ENGINES},
                 variant=("flow log on" if setup.flow_log else "--no-flow-log")
                 + (f" --workers {setup.workers}" if setup.workers > 1 else "")
-                + "".join(f" {arg}" for arg in setup.extra), workers=setup.workers)
+                + "".join(f" {arg}" for arg in setup.extra), workers=setup.workers,
+                only_metrics=setup.only_metrics)
       for name, setup in RELAY_VARIANTS.items()),
     Contender("relay-udp", "relay", _always, None, start_udp=_start_relay_udp),
     Contender(HAPROXY, "competitor", haproxy.available, _start_haproxy, idle=True),

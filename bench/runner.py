@@ -193,7 +193,7 @@ class Batch:
                 log(f"{metric}: skipped: {exc}")
                 continue
             names = [c for c in self.contenders
-                     if self.status[c.name]["status"] == "ok" and c.serves(protocol(metric))]
+                     if self.status[c.name]["status"] == "ok" and c.measures(metric, protocol(metric))]
             self.rng.shuffle(names)
             record["order"][metric] = [c.name for c in names]
             results: dict[str, dict[str, Any]] = {}
