@@ -231,9 +231,17 @@ class RelayProcess(_Child):
             time.sleep(0.05)
         return found
 
-    def flows_of_client_port(self, port: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """The flow records of the client connection from local port ``port``."""
-        return self.flows_where(lambda r: split_hostport(str(r["client"]))[1] == port, timeout)
+    def flows_of_client_port(self, port: int, dest: tuple[str, int] | None = None,
+                             timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The flow records of the client connection from local port ``port`` (to ``dest``:
+        connect() gives different destinations the same ephemeral port, so a client port alone
+        is unique only per destination)."""
+        def match(r: dict[str, Any]) -> bool:
+            if split_hostport(str(r["client"]))[1] != port:
+                return False
+            return dest is None or split_hostport(str(r["dest"])) == (dest[0], dest[1])
+
+        return self.flows_where(match, timeout)
 
     def wait_flows(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

@@ -70,7 +70,7 @@ def test_refused_before_connect_while_the_slice_is_outside_the_port_range(env: L
         for _ in range(3):
             end = connect_refused(topo, lab.client, lab.client_address, DEST)
             assert end.outcome == "reset", end
-            reasons = [r["reason"] for r in env.relay.flows_of_client_port(end.client_port)]
+            reasons = [r["reason"] for r in env.relay.flows_of_client_port(end.client_port, DEST)]
             assert reasons == ["denied_slice_unusable"]
         # Not one SYN left the relay host: neither from the slice nor from anywhere else.
         assert _origin_counters(env) == (inside_before, 0)

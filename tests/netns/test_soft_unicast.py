@@ -66,9 +66,9 @@ def test_origin_sees_exactly_the_reported_source_and_only_slice_syns(env: LabEnv
         flow = open_flow(env.topo, lab.client, dest)
         client_port = flow.sock.getsockname()[1]
         assert flow.finish(b"d" * 1000) == 1000
-        done.append((client_port, flow.seen.peer))
-    for client_port, origin_saw in done:
-        (record,) = env.relay.flows_of_client_port(client_port)
+        done.append((client_port, dest, flow.seen.peer))
+    for client_port, dest, origin_saw in done:
+        (record,) = env.relay.flows_of_client_port(client_port, dest)
         # What the relay's upstream socket reported (getsockname after connect) is exactly what
         # the origin's kernel saw: nothing between them rewrote address or port.
         assert split_hostport(str(record["egress"])) == origin_saw
@@ -97,7 +97,7 @@ def test_slice_of_8_serves_8_per_destination_and_refuses_the_9th_fast(env: LabEn
         # once, the origin never sees a SYN from another port or address.
         end = connect_refused(env.topo, lab.client, lab.client_address, dests[0])
         assert end.outcome == "reset" and end.seconds < 1.0
-        assert [r["reason"] for r in env.relay.flows_of_client_port(end.client_port)] == [
+        assert [r["reason"] for r in env.relay.flows_of_client_port(end.client_port, dests[0])] == [
             "denied_slice_exhausted"
         ]
         assert _counters(env)[1] == 0
@@ -128,7 +128,7 @@ def test_without_the_return_path_the_failure_is_a_clear_connect_timeout(env: Lab
         end = connect_refused(topo, lab.client, lab.client_address, (lab.dests4[0], 443))
         assert end.outcome in ("reset", "eof")
         assert 0.8 <= end.seconds < 3.0
-        (record,) = env.relay.flows_of_client_port(end.client_port)
+        (record,) = env.relay.flows_of_client_port(end.client_port, (lab.dests4[0], 443))
         assert record["reason"] == "connect_timeout"
     finally:
         handle = next(

@@ -126,7 +126,7 @@ def test_policy_refuses_with_a_reset_and_a_log_line(
     end = connect_refused(env.topo, env.lab.client, env.lab.client_address, dest)
     # An RST, not a clean EOF that could pass for an empty answer; at once.
     assert end.outcome == "reset" and end.seconds < 1.0
-    mine = env.relay.flows_of_client_port(end.client_port)
+    mine = env.relay.flows_of_client_port(end.client_port, dest)
     assert [r["reason"] for r in mine] == [reason]
     assert mine[0]["egress"] == "" and mine[0]["c2s_bytes"] == 0
     # Nothing reached the origin: refused before any upstream connect.
