@@ -119,7 +119,8 @@ class UdpRouter:
             family, _t, _p, _c, sockaddr = infos[0]
             self._backend = (str(sockaddr[0]), int(sockaddr[1]))
             self._backend_family = family
-            self.core_backend = tuple(sockaddr)
+            # IPv6: (ip, port, flowinfo, scope_id), the scope matters for a link-local backend
+            self.core_backend = (*self._backend, *(int(x) for x in sockaddr[2:4]))
         elif self.mode != "tproxy":
             raise ValueError(f"listener {self.name}: mode {self.mode!r} cannot carry UDP")
         self.egress = egress if egress is not None else EgressTable(cfg.egress)
