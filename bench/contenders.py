@@ -37,6 +37,8 @@ class Contender:
     start: Start | None
     idle: bool = False  # also measured by the idle-connections driver
     start_udp: Start | None = None  # the same for UDP (None: not a UDP contender)
+    # the UDP proxy for the udpflows metric when it is set up differently (None: start_udp's)
+    start_udp_flows: Start | None = None
     variant: str = ""  # how this contender is set up, shown next to its numbers
     workers: int = 1  # relay worker processes (per-worker shares are read when > 1)
     only_metrics: tuple[str, ...] = ()  # measured for these metrics only (empty: all it serves)
@@ -144,22 +146,37 @@ UDP_CONFIG = """\
 workers = 1
 drain_timeout = 1.0
 log_file = "{log}"
-
+{relay_extra}
 [[listener]]
 name = "udp"
 protocol = "udp"
 mode = "backend"
 bind = "127.0.0.1:0"
 backend = "127.0.0.1:{backend_port}"
-"""
+{listener_extra}"""
+# udpflows: one datagram per flow to a sink that never answers, as nginx's config
+# (proxy_responses 0: the session ends once the datagram is forwarded; proxy_timeout 10s).
+# With the defaults every flow would hold its socket and table slot for udp_idle_timeout (60 s),
+# and the 16,384 slots fill within the run: the metric would measure that limit, not the rate.
+UDP_FLOWS_RELAY = "udp_idle_timeout = 10.0\n"
+UDP_FLOWS_LISTENER = "udp_oneway = true\n"
+UDP_VARIANT = ("udp64/udp1200: defaults (flow log on, udp_idle_timeout 60 s, udp_max_flows 16384); "
+               "udpflows: listener udp_oneway = true, udp_idle_timeout = 10 s")
+NGINX_VARIANT = "UDP: proxy_responses 0; proxy_timeout 10s (every UDP metric)"
 
 
-def _start_relay_udp(backend_port: int, tmp: Path) -> procs.Service:
-    """`relay run -c` with one UDP listener in backend mode (fails cleanly until relay has UDP)."""
-    cfg = tmp / f"relay-udp-{backend_port}.toml"
-    cfg.write_text(UDP_CONFIG.format(log=tmp / "relay-udp.log", backend_port=backend_port))
-    argv = [sys.executable, "-m", "relay", "run", "-c", str(cfg)]
-    return procs.start_reporting_port("relay-udp", argv, timeout=30.0, cwd=ROOT, protocol="udp")
+def _relay_udp(flows: bool) -> Start:
+    def start(backend_port: int, tmp: Path) -> procs.Service:
+        """`relay run -c` with one UDP listener in backend mode."""
+        name = "relay-udp-flows" if flows else "relay-udp"
+        cfg = tmp / f"{name}-{backend_port}.toml"
+        cfg.write_text(UDP_CONFIG.format(log=tmp / f"{name}.log", backend_port=backend_port,
+                                         relay_extra=UDP_FLOWS_RELAY if flows else "",
+                                         listener_extra=UDP_FLOWS_LISTENER if flows else ""))
+        argv = [sys.executable, "-m", "relay", "run", "-c", str(cfg)]
+        return procs.start_reporting_port("relay-udp", argv, timeout=30.0, cwd=ROOT, protocol="udp")
+
+    return start
 
 
 def _start_nginx_stream(udp: bool) -> Callable[[int, Path], procs.Service | None]:
@@ -211,10 +228,11 @@ ALL: tuple[Contender, ...] = (
                 + "".join(f" {arg}" for arg in setup.extra), workers=setup.workers,
                 only_metrics=setup.only_metrics)
       for name, setup in RELAY_VARIANTS.items()),
-    Contender("relay-udp", "relay", _always, None, start_udp=_start_relay_udp),
+    Contender("relay-udp", "relay", _always, None, start_udp=_relay_udp(flows=False),
+              start_udp_flows=_relay_udp(flows=True), variant=UDP_VARIANT),
     Contender(HAPROXY, "competitor", haproxy.available, _start_haproxy, idle=True),
     Contender(NGINX, "competitor", nginx.stream_available, _start_nginx_stream(udp=False),
-              start_udp=_start_nginx_stream(udp=True)),
+              start_udp=_start_nginx_stream(udp=True), variant=NGINX_VARIANT),
     Contender("uvloop-protocol", "competitor", _uvloop_available,
               _python_script("uvloop-protocol", "bench.competitors.uvloop_protocol"), variant=PROTOCOL_VARIANT),
     Contender("asyncio-protocol", "competitor", _always,

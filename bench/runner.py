@@ -120,9 +120,11 @@ class Batch:
 
     # -- proxies -------------------------------------------------------------------------------
 
-    def instance(self, c: Contender, kind: str) -> procs.Service | None:
-        """The running proxy of contender `c` in front of origin `kind` (started on first use)."""
-        key = (c.name, kind)
+    def instance(self, c: Contender, kind: str, flows: bool = False) -> procs.Service | None:
+        """The running proxy of contender `c` in front of origin `kind` (started on first use);
+        flows: the one set up for the udpflows metric, when `c` has one."""
+        flows = flows and c.start_udp_flows is not None
+        key = (c.name, "udpflows" if flows else kind)
         svc = self.instances.get(key)
         if svc is not None and not svc.alive():
             log(f"{c.name} ({kind}) died: {svc.failure_reason()}; restarting")
@@ -131,7 +133,7 @@ class Batch:
             self.instances.pop(key, None)
         if key not in self.instances:
             origin = self.origin(kind)
-            start = c.start_udp if kind == "udp" else c.start
+            start = c.start_udp_flows if flows else c.start_udp if kind == "udp" else c.start
             assert start is not None, f"{c.name} does not serve {kind}"
             svc = start(origin.port, self.tmp)
             self.instances[key] = svc
@@ -147,7 +149,7 @@ class Batch:
 
     def measure(self, c: Contender, metric: str) -> dict[str, Any]:
         kind = ORIGIN[metric]
-        svc = self.instance(c, kind)
+        svc = self.instance(c, kind, flows=metric == "udpflows")
         target = svc.port if svc is not None else self.origin(kind).port
         pids = svc.pids if svc is not None else list
         if metric == "connrate":
@@ -201,13 +203,13 @@ class Batch:
                 if self.status[c.name]["status"] != "ok":
                     continue
                 try:
-                    self.instance(c, ORIGIN[metric])  # start outside the probe
+                    flows = metric == "udpflows"
+                    svc = self.instance(c, ORIGIN[metric], flows)  # start outside the probe
                     waited = wait_quiet(self.opts.quiet_wait) if self.opts.quiet_wait else 0.0
                     with ForeignLoad() as load:
                         results[c.name] = self.measure(c, metric)
                     results[c.name]["foreign_cpus"] = load.cpus
                     results[c.name]["quiet_wait_s"] = waited
-                    svc = self.instances.get((c.name, ORIGIN[metric]))
                     if svc is not None and not svc.alive():
                         # A proxy that crashed under the load makes every ratio against it void.
                         results[c.name] = {"error": f"died during the run: {svc.failure_reason()}"}

@@ -222,6 +222,64 @@ cdef void _new_pending(UdpLoop self, int slot, UKey* k, uint64_t h, char* data,
     _hold_datagram(self, e, data, length)
 
 
+cdef uint32_t _open_backend_flow(UdpLoop self, int slot, UKey* k, uint64_t h) noexcept nogil:
+    # A new key on a listener with a backend: the flow's decision is the same for every client
+    # (a socket connected to the backend, the kernel picks the source port), so the loop makes
+    # it here with no Python call.  NIL when it could not (counted; the caller hands the key to
+    # Python, which refuses it with the error, logs it and holds it).
+    cdef ULsn* l = &self.lsn[slot]
+    cdef uint32_t idx
+    cdef UFlow* e
+    cdef int fd
+    cdef epoll_event ev
+    fd = socket(l.backend.sin6_family, SOCK_DGRAM | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        self.st_errors += 1
+        self.last_errno = errno
+        return NIL
+    # connect() on UDP only sets the peer (and autobinds the source): it never waits.
+    if connect(fd, <sockaddr*>&l.backend, l.backend_len) != 0:
+        self.st_errors += 1
+        self.last_errno = errno
+        close(fd)
+        return NIL
+    idx = table_insert(&self.t, k, h, ENT_ACTIVE, LIST_ACTIVE)
+    if idx == NIL:                      # (the pending path counts it)
+        close(fd)
+        return NIL
+    e = &self.t.ents[idx]
+    if not l.oneway:
+        # No EPOLL_CTL_DEL at the end (polled = 0): nobody else holds this socket.
+        ev.events = EPOLLIN
+        ev.data.u64 = pack_ud(UK_UPSTREAM, e.gen, idx)
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
+            self.st_errors += 1
+            self.last_errno = errno
+            close(fd)
+            table_remove(&self.t, idx)
+            return NIL
+    e.listener = slot
+    l.refs += 1
+    e.start_ns = self.now
+    e.deadline_ns = self.now
+    e.up_fd = fd
+    e.reply_fd = -1
+    e.responses = l.responses
+    e.utag = l.tag
+    self.st_flows_total += 1
+    return idx
+
+
+cdef void _flush_run(UdpLoop self, uint32_t idx, uint32_t n) noexcept nogil:
+    # A listener's consecutive datagrams of one active flow: upstream in one sendmmsg.  A
+    # one-way flow ends once they are out.
+    cdef UFlow* e = &self.t.ents[idx]
+    cdef uint32_t gen = e.gen
+    _send_batch(self, e.up_fd, n, idx, 0)
+    if self.lsn[e.listener].oneway and e.state == ENT_ACTIVE and e.gen == gen:
+        _flow_finish(self, idx, R_RESPONSES, 0)
+
+
 cdef void _read_listener(UdpLoop self, int slot) noexcept nogil:
     cdef ULsn* l = &self.lsn[slot]
     cdef int n, i, rounds
@@ -256,6 +314,14 @@ cdef void _read_listener(UdpLoop self, int slot) noexcept nogil:
                     and self.t.ents[idx].deadline_ns <= self.now:
                 _entry_release(self, idx)       # a hold past its time, not yet at the head
                 idx = NIL
+            if idx == NIL and l.has_backend \
+                    and self.t.count[LIST_ACTIVE] + self.t.count[LIST_PENDING] < self.max_flows:
+                # Send the run first: a one-way flow it ends frees its entry and socket.
+                if run_n:
+                    _flush_run(self, run_idx, run_n)
+                    run_n = 0
+                    run_idx = NIL
+                idx = _open_backend_flow(self, slot, &k, h)
             if idx == NIL:
                 _new_pending(self, slot, &k, h, <char*>self.rx_iov[i].iov_base, length)
                 continue
@@ -270,14 +336,14 @@ cdef void _read_listener(UdpLoop self, int slot) noexcept nogil:
             # the connected reply socket captured the flow): upstream.
             if idx != run_idx:
                 if run_n:
-                    _send_batch(self, self.t.ents[run_idx].up_fd, run_n, run_idx, 0)
+                    _flush_run(self, run_idx, run_n)
                 run_idx = idx
                 run_n = 0
             _tx_set(self, run_n, self.rx_iov[i].iov_base, length, NULL, 0)
             run_n += 1
             _touch(self, idx)
         if run_n:
-            _send_batch(self, self.t.ents[run_idx].up_fd, run_n, run_idx, 0)
+            _flush_run(self, run_idx, run_n)
         if <uint32_t>n < self.batch:
             return
 

@@ -37,6 +37,11 @@ cdef struct ULsn:
     uint8_t used                # slot taken (reading, or still referenced)
     uint8_t active              # reading
     uint8_t transparent
+    uint8_t oneway              # a flow ends once its client datagrams are forwarded
+    uint8_t has_backend         # the loop opens new flows itself: a socket connected to backend
+    sock_len backend_len
+    sockaddr_in6 backend
+    uint32_t responses          # of the flows the loop opens (0 = unlimited)
 
 
 cdef struct UEvent:
@@ -280,12 +285,46 @@ cdef class UdpLoop:
         self._ensure_alive()
         return self.epfd
 
-    def add_listener(self, int fd, int64_t tag, bint transparent):
-        """Read datagrams from `fd` (a bound UDP socket, not owned) under `tag`."""
+    def add_listener(self, int fd, int64_t tag, bint transparent, *, backend=None,
+                     int responses=0, bint oneway=False):
+        """Read datagrams from `fd` (a bound UDP socket, not owned) under `tag`.
+
+        backend=(ip, port[, flowinfo, scope_id]) (numeric, not transparent): the loop opens
+        each new flow itself (a socket connected to backend, kernel-chosen source, `responses`
+        as in add_flow) with no UEV_NEW_FLOW; if that fails it asks Python as usual.
+        oneway: a flow ends (reason "responses") as soon as its client datagrams are forwarded;
+        its upstream socket is never read.
+        """
         self._ensure_alive()
         cdef int i, slot = -1, stype = 0, dupfd
         cdef sock_len optlen = sizeof(stype)
         cdef epoll_event ev
+        cdef sockaddr_in6 baddr
+        cdef sockaddr_in* bsin = <sockaddr_in*>&baddr
+        cdef sock_len blen = 0
+        memset(&baddr, 0, sizeof(baddr))
+        if responses < 0:
+            raise ValueError(f"relay udp core: responses={responses}: must be >= 0")
+        if backend is not None:
+            if transparent:
+                raise ValueError("relay udp core: a transparent listener cannot have a backend")
+            host = str(backend[0]).encode("ascii")
+            port = int(backend[1])
+            if not 0 < port < 65536:
+                raise ValueError(f"relay udp core: backend port {port}: must be 1..65535")
+            if inet_pton(AF_INET, host, &bsin.sin_addr) == 1:
+                bsin.sin_family = AF_INET
+                bsin.sin_port = htons(<uint16_t>port)
+                blen = sizeof(sockaddr_in)
+            elif inet_pton(AF_INET6, host, &baddr.sin6_addr) == 1:
+                baddr.sin6_family = AF_INET6
+                baddr.sin6_port = htons(<uint16_t>port)
+                if len(backend) >= 4:
+                    baddr.sin6_flowinfo = <uint32_t>int(backend[2])
+                    baddr.sin6_scope_id = <uint32_t>int(backend[3])
+                blen = sizeof(sockaddr_in6)
+            else:
+                raise ValueError(f"relay udp core: backend {backend!r}: not a numeric address")
         for i in range(MAX_LISTENERS):
             if self.lsn[i].active and self.lsn[i].tag == tag:
                 raise ValueError(f"relay udp core: listener tag {tag} already added")
@@ -312,6 +351,11 @@ cdef class UdpLoop:
         self.lsn[slot].tag = tag
         self.lsn[slot].refs = 0
         self.lsn[slot].transparent = transparent
+        self.lsn[slot].oneway = oneway
+        self.lsn[slot].has_backend = blen != 0
+        self.lsn[slot].backend = baddr
+        self.lsn[slot].backend_len = blen
+        self.lsn[slot].responses = <uint32_t>responses
         self.lsn[slot].active = 1
         self.lsn[slot].used = 1
         if slot >= self.n_lsn:
@@ -340,6 +384,8 @@ cdef class UdpLoop:
         cdef uint32_t idx = entry_by_id(&self.t, pending_id, ENT_PENDING)
         cdef epoll_event ev
         cdef UFlow* e
+        cdef bint oneway
+        cdef uint32_t gen
         if idx == NIL:
             raise LookupError(f"relay udp core: {pending_id} is not a pending flow")
         if upstream_fd < 0 or reply_fd < -1 or upstream_fd == reply_fd:
@@ -347,15 +393,17 @@ cdef class UdpLoop:
         if responses < 0:
             raise ValueError(f"relay udp core: responses={responses}: must be >= 0")
         e = &self.t.ents[idx]
+        oneway = self.lsn[e.listener].oneway
         # No O_NONBLOCK on the flow's sockets: every recvmmsg/sendmmsg on them passes
         # MSG_DONTWAIT (udp_datapath.pxi), which makes that one call non-blocking whatever the
         # file's flags say, and nothing else reads or writes them (two fcntl calls per flow saved).
+        # A one-way flow ends right after the held datagrams went out: never polled.
         ev.events = EPOLLIN
         ev.data.u64 = pack_ud(UK_UPSTREAM, e.gen, idx)
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, upstream_fd, &ev) != 0:
+        if not oneway and epoll_ctl(self.epfd, EPOLL_CTL_ADD, upstream_fd, &ev) != 0:
             err = errno
             raise OSError(err, f"relay udp core: epoll add upstream fd: {os.strerror(err)}")
-        if reply_fd >= 0:
+        if reply_fd >= 0 and not oneway:
             ev.data.u64 = pack_ud(UK_REPLY, e.gen, idx)
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, reply_fd, &ev) != 0:
                 err = errno
@@ -368,12 +416,16 @@ cdef class UdpLoop:
         e.responses = responses
         e.utag = tag
         e.state = ENT_ACTIVE
+        e.polled = not oneway
         e.deadline_ns = self.now
         list_unlink(&self.t, idx)
         list_append(&self.t, idx, LIST_ACTIVE)
         self.st_flows_total += 1
         fid = entry_id(&self.t, idx)
+        gen = e.gen
         _flush_held(self, idx)
+        if oneway and e.state == ENT_ACTIVE and e.gen == gen:
+            _flow_finish(self, idx, R_RESPONSES, 0)
         _timer_update(self)
         return fid
 
@@ -408,6 +460,18 @@ cdef class UdpLoop:
         _flow_finish(self, idx, R_CLOSED, 0)
         return True
 
+    def close_flows(self):
+        """Close every active flow now (UEV_FLOW_DONE reason "closed", also for the flows the
+        loop opened itself); returns how many."""
+        self._ensure_alive()
+        cdef uint32_t i, n = 0
+        self.now = mono_ns()
+        for i in range(self.t.cap):
+            if self.t.ents[i].state == ENT_ACTIVE:
+                _flow_finish(self, i, R_CLOSED, 0)
+                n += 1
+        return n
+
     def run(self, int timeout_ms=0):
         """Wait up to timeout_ms (0 = poll), move datagrams, expire; return the events."""
         self._ensure_alive()
@@ -431,7 +495,8 @@ cdef class UdpLoop:
             else:
                 out.append((UEV_FLOW_DONE_, ev.ident, ev.tag, ev.reason,
                             ev.dgrams[0], ev.nbytes[0], ev.dgrams[1], ev.nbytes[1],
-                            ev.duration_us, ev.err))
+                            ev.duration_us, ev.err,
+                            _addr_tuple(ev.key.cfam, ev.key.caddr, ev.key.cport)))
         self.evq_len = 0
         return out
 
@@ -535,16 +600,20 @@ cdef void _flow_finish(UdpLoop self, uint32_t idx, int reason, int err) noexcept
         ev.nbytes[0] = e.nbytes[0]
         ev.nbytes[1] = e.nbytes[1]
         ev.duration_us = (self.now - e.start_ns) // 1000 if self.now > e.start_ns else 0
+        memcpy(&ev.key, &e.key, sizeof(UKey))
     self.st_closes[reason] += 1
     if err:
         self.last_errno = err
     # close() removes a descriptor from epoll only when no other descriptor shares its file;
-    # delete explicitly in case the caller kept a dup.
-    epoll_ctl(self.epfd, EPOLL_CTL_DEL, e.up_fd, NULL)
+    # delete explicitly in case the caller kept a dup (the sockets the loop opened have none,
+    # and a one-way flow's were never added).
+    if e.polled:
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, e.up_fd, NULL)
     close(e.up_fd)
     e.up_fd = -1
     if e.reply_fd >= 0:
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, e.reply_fd, NULL)
+        if e.polled:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, e.reply_fd, NULL)
         close(e.reply_fd)
         e.reply_fd = -1
     _entry_release(self, idx)

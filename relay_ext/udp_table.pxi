@@ -50,6 +50,7 @@ cdef struct UFlow:
     uint8_t state
     uint8_t lst             # which list it is on (N_LISTS = none)
     uint16_t n_held
+    uint8_t polled          # its sockets were added to epoll by add_flow (a caller may keep a dup)
     int32_t listener        # listener slot the key came from
     uint32_t prev
     uint32_t next

@@ -60,6 +60,7 @@ class Listener:
     trusted_networks: tuple[IPNetwork, ...] = ()
     protocol: Protocol = "tcp"
     udp_responses: int = 0  # UDP: end a flow after this many replies; 0 = unlimited
+    udp_oneway: bool = False  # UDP: a flow ends once its datagrams are forwarded (no replies)
 
     @property
     def is_udp(self) -> bool:

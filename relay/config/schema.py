@@ -6,7 +6,8 @@ of ``relay config dump``.  The values the relay runs on are relay.config.model's
 
     [relay]          process-wide settings, declared in relay.config.settings
     [[listener]]     name, protocol (tcp|udp), bind, mode (backend|tproxy|redirect), backend,
-                     proxy_protocol, trusted_proxies, udp_responses, reuseport, ingress
+                     proxy_protocol, trusted_proxies, udp_responses, udp_oneway, reuseport,
+                     ingress
     [[egress]]       address, ports "lo-hi", destinations (CIDRs)
     [policy]         allow, deny: "CIDR" or "CIDR:80,443,8000-8999"
 """
@@ -74,6 +75,13 @@ class ListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
             description="UDP only: end a flow after this many replies (DNS = 1); 0 = unlimited",
         ),
     ] = 0
+    udp_oneway: Annotated[
+        bool,
+        Meta(
+            description="UDP only: the upstream never answers (syslog, statsd, NetFlow): a flow "
+            "ends as soon as its datagrams are forwarded, like nginx's proxy_responses 0",
+        ),
+    ] = False
     reuseport: Annotated[
         bool,
         Meta(

@@ -290,8 +290,10 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
     protocol = v.get("protocol")
     if protocol == "udp":
         _validate_udp_listener(path, v, backend_address, p)
-    elif protocol == "tcp" and v.get("udp_responses"):
-        p.add(f"{path}.udp_responses", v["udp_responses"], 'only used with protocol = "udp"')
+    elif protocol == "tcp":
+        for key in ("udp_responses", "udp_oneway"):
+            if v.get(key):
+                p.add(f"{path}.{key}", v[key], 'only used with protocol = "udp"')
     if (
         len(p.lines) != ok
         or bind is None
@@ -299,6 +301,7 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
         or protocol is None
         or "proxy_protocol" not in v
         or "udp_responses" not in v
+        or "udp_oneway" not in v
     ):
         return None
     return Listener(
@@ -312,6 +315,7 @@ def _validate_listener(path: str, v: dict[str, Any], p: _Problems) -> Listener |
         trusted_networks=trusted,
         protocol=protocol,
         udp_responses=v["udp_responses"],
+        udp_oneway=v["udp_oneway"],
         reuseport=v["reuseport"],
         ingress_interfaces=ingress,
     )
@@ -345,6 +349,12 @@ def _validate_udp_listener(
             f"{path}.trusted_proxies",
             v["trusted_proxies"],
             'TCP only (PROXY headers); not available for protocol = "udp"',
+        )
+    if v.get("udp_oneway") and v.get("udp_responses"):
+        p.add(
+            f"{path}.udp_oneway",
+            v["udp_oneway"],
+            f"a one-way flow reads no replies; udp_responses = {v['udp_responses']} contradicts it",
         )
 
 

@@ -10,10 +10,12 @@ The core releases the GIL while it waits and moves datagrams, so this thread cos
 nothing but the Python work of flow decisions. ``listeners`` are (tag, Listener, socket) of the
 UDP listeners; the sockets stay the caller's (the loop keeps its own dup while it needs one).
 
-On UEV_NEW_FLOW the listener's UdpRouter opens the flow's sockets (policy, loop guard, egress
-slice port from this worker's allocator); refused flows are held in C for a moment
-(refuse_flow) so a client that keeps sending costs no Python work. On UEV_FLOW_DONE the slice
-port goes back to the allocator and the flow is logged. A release ends every flow with the given
+A backend listener's flows are opened by the core itself (a socket connected to the backend:
+the same decision for every client), so Python sees them only when they end. On UEV_NEW_FLOW
+(tproxy listeners, or a backend flow the core could not open) the listener's UdpRouter opens
+the flow's sockets (policy, loop guard, egress slice port from this worker's allocator);
+refused flows are held in C for a moment (refuse_flow) so a client that keeps sending costs no
+Python work. On UEV_FLOW_DONE the slice port goes back to the allocator and the flow is logged. A release ends every flow with the given
 reason (``reload`` when the supervisor hands UDP over to a new generation, ``closed`` at stop).
 """
 
@@ -168,6 +170,10 @@ class UdpService:
             self._release_reason = self._release_reason or "error"
         finally:
             self._running = False
+            try:
+                self._close_all(loop, self._release_reason or "closed")
+            except Exception:
+                log.exception("UDP loop: closing its flows failed")
             for fid in list(self._flows):
                 self._forget(fid)
             loop.close()
@@ -178,7 +184,9 @@ class UdpService:
         from relay_ext._udp import UEV_FLOW_DONE, UEV_NEW_FLOW
 
         for tag, lst, sock in self._listeners:
-            loop.add_listener(sock.fileno(), tag, lst.transparent)
+            router = self._routers[tag]
+            loop.add_listener(sock.fileno(), tag, lst.transparent, backend=router.core_backend,
+                              responses=router.responses, oneway=router.oneway)
         self._running = True
         log.info("UDP: serving %s (this worker's slice ports: %s)",
                  ", ".join(lst.name for _t, lst, _s in self._listeners),
@@ -201,19 +209,22 @@ class UdpService:
         for tag, _lst, _sock in self._listeners:
             loop.remove_listener(tag)
         grace_end = time.monotonic() + RELEASE_GRACE_S
-        while self._flows and time.monotonic() < grace_end:
+        while loop.stats()["flows_open"] and time.monotonic() < grace_end:
             for ev in loop.run(10):
                 if ev[0] == UEV_NEW_FLOW:
                     self._on_new(loop, ev)  # read before the release: decided as usual
                 elif ev[0] == UEV_FLOW_DONE:
                     self._on_done(ev, None)
-        for fid in list(self._flows):
-            loop.close_flow(fid)
-        deadline = time.monotonic() + 1.0
-        while self._flows and time.monotonic() < deadline:
-            for ev in loop.run(10):
-                if ev[0] == UEV_FLOW_DONE:
-                    self._on_done(ev, reason)
+        self._close_all(loop, reason)
+
+    def _close_all(self, loop: Any, reason: str | None) -> None:
+        """End every open flow (also those the core opened) and log each with ``reason``."""
+        from relay_ext._udp import UEV_FLOW_DONE
+
+        loop.close_flows()
+        for ev in loop.run(0):
+            if ev[0] == UEV_FLOW_DONE:
+                self._on_done(ev, reason)
 
     def _on_new(self, loop: Any, ev: tuple[Any, ...]) -> None:
         _kind, tag, pending, client, orig_dst = ev
@@ -253,13 +264,19 @@ class UdpService:
                                 err, "udp", 0, 0))
 
     def _on_done(self, ev: tuple[Any, ...], override: str | None) -> None:
-        (_kind, fid, _tag, reason_i, d_c2s, b_c2s, d_s2c, b_s2c, duration_us, err) = ev
+        (_kind, fid, tag, reason_i, d_c2s, b_c2s, d_s2c, b_s2c, duration_us, err, client) = ev
         reason = UDP_CLOSE_REASONS[reason_i]
         if override is not None and reason == "closed":
             reason = override
         self._closed[reason] = self._closed.get(reason, 0) + 1
         rec = self._flows.pop(fid, None)
         if rec is None:
+            # A flow the core opened itself (backend listener): no port, nothing to release.
+            if self._flow_log is not None:
+                router = self._routers[tag]
+                self._flow_log.add((time.time(), router.name, client, router.core_dest, None,
+                                    b_c2s, b_s2c, 0, b_c2s + b_s2c, duration_us, reason, err,
+                                    "udp", d_c2s, d_s2c))
             return
         rec.router.release(rec.flow)
         if self._flow_log is not None:

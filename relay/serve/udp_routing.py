@@ -101,7 +101,11 @@ class UdpRouter:
         self.name = listener.name
         self.mode = listener.mode
         self.responses = listener.udp_responses
+        self.oneway = listener.udp_oneway
         self.ports = ports
+        # backend mode: the numeric backend sockaddr; the UDP core opens these flows itself
+        # (the decision is the same for every client), Python only when that fails.
+        self.core_backend: tuple[str | int, ...] | None = None
         self._backend: tuple[str, int] | None = None
         self._backend_family = socket.AF_UNSPEC
         if self.mode == "backend":
@@ -115,6 +119,8 @@ class UdpRouter:
             family, _t, _p, _c, sockaddr = infos[0]
             self._backend = (str(sockaddr[0]), int(sockaddr[1]))
             self._backend_family = family
+            # IPv6: (ip, port, flowinfo, scope_id), the scope matters for a link-local backend
+            self.core_backend = (*self._backend, *(int(x) for x in sockaddr[2:4]))
         elif self.mode != "tproxy":
             raise ValueError(f"listener {self.name}: mode {self.mode!r} cannot carry UDP")
         self.egress = egress if egress is not None else EgressTable(cfg.egress)
@@ -126,6 +132,11 @@ class UdpRouter:
         self._slices: dict[str, tuple[tuple[int, int], ...]] = {}
         for e in self.egress.entries:
             self._slices[e.address] = self._slices.get(e.address, ()) + ((e.lo, e.hi),)
+
+    @property
+    def core_dest(self) -> tuple[str, int] | None:
+        """The destination of the flows the core opens (the backend), for the flow log."""
+        return self._backend
 
     def open_flow(self, client: tuple[str, int], orig_dst: tuple[str, int] | None) -> UdpFlow:
         """Open the sockets of a new flow; raises Denied (SliceExhausted) or OSError, leaving

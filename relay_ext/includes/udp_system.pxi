@@ -55,6 +55,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_TYPE
         SOCK_DGRAM
+        SOCK_CLOEXEC
         MSG_DONTWAIT
         MSG_TRUNC
         MSG_CTRUNC
@@ -62,6 +63,8 @@ cdef extern from "<sys/socket.h>" nogil:
     cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
     unsigned char* CMSG_DATA(cmsghdr* c)
     size_t CMSG_SPACE(size_t n)
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr* addr, sock_len addrlen)
     int getsockname(int fd, sockaddr* addr, sock_len* addrlen)
     int getsockopt(int fd, int level, int optname, void* optval, sock_len* optlen)
     # Both return how many messages moved; recvmmsg fills msg_len and msg_flags per message.
@@ -89,6 +92,7 @@ cdef extern from "<netinet/in.h>" nogil:
         SOL_IPV6
         INET6_ADDRSTRLEN
     uint16_t ntohs(uint16_t)
+    uint16_t htons(uint16_t)
 
 # Linux values (include/uapi/linux/in.h, in6.h); glibc's headers do not all carry them.
 cdef enum:
@@ -97,6 +101,7 @@ cdef enum:
 
 cdef extern from "<arpa/inet.h>" nogil:
     const char* inet_ntop(int af, const void* src, char* dst, sock_len size)
+    int inet_pton(int af, const char* src, void* dst)
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:

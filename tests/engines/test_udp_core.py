@@ -568,3 +568,115 @@ def test_stub_lists_every_public_name() -> None:
                    "close_flow", "run", "stats", "close"):
         assert hasattr(UdpLoop, method) and f"def {method}(" in stub
     assert REASONS == ("idle_timeout", "responses", "closed", "error")
+
+
+# ------------------------------------------------------------------ flows the loop opens itself
+
+
+def test_backend_listener_opens_flows_without_events_and_reports_the_client(
+        origin: UdpOrigin) -> None:
+    lsn = udp_socket()
+    laddr = lsn.getsockname()
+    clients = [client() for _ in range(3)]
+    with UdpLoop(max_flows=16, idle_timeout_ms=10_000) as u:
+        u.add_listener(lsn.fileno(), 9, False, backend=origin.addr, responses=2)
+        for i, c in enumerate(clients):
+            c.sendto(b"a%d" % i, laddr)
+            c.sendto(b"b%d" % i, laddr)
+        events = pump(u, lambda ev: len(of_kind(ev, DONE)) == 3)
+        assert not of_kind(events, NEW), "backend flows must need no Python decision"
+        for i, c in enumerate(clients):
+            got = recv_all(c, 2)
+            assert sorted(d for d, _ in got) == [b"a%d" % i, b"b%d" % i]
+            assert all(src == laddr for _, src in got), "replies must come from the listener"
+        done = of_kind(events, DONE)
+        # responses=2: each flow ended with its second reply; the event names the client.
+        assert {ev[10] for ev in done} == {c.getsockname() for c in clients}
+        assert all(ev[2] == 9 and REASONS[ev[3]] == "responses" for ev in done)
+        assert all(ev[4:8] == (2, 4, 2, 4) for ev in done)
+        assert len({peer for _, peer in origin.received}) == 3  # one socket per flow
+        st = u.stats()
+        assert st["flows_total"] == 3 and st["flows_open"] == 0 and st["pending_flows"] == 0
+
+
+def test_oneway_listener_ends_each_flow_once_forwarded(origin: UdpOrigin) -> None:
+    lsn = udp_socket()
+    laddr = lsn.getsockname()
+    c = client()
+    fds_before = count_fds()
+    with UdpLoop(max_flows=4, idle_timeout_ms=60_000) as u:
+        u.add_listener(lsn.fileno(), 3, False, backend=origin.addr, oneway=True)
+        # More flows than max_flows, one after the other: each ends at once, nothing fills up.
+        for i in range(12):
+            c.sendto(b"m%d" % i, laddr)
+            events = pump(u, lambda ev: bool(of_kind(ev, DONE)))
+            (done,) = of_kind(events, DONE)
+            assert REASONS[done[3]] == "responses" and done[4:8] == (1, 2 + (i >= 10), 0, 0)
+            assert done[10] == c.getsockname()
+        wait = time.monotonic() + 2
+        while len(origin.received) < 12 and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert [d for d, _ in origin.received] == [b"m%d" % i for i in range(12)]
+        # The origin echoed every datagram; a one-way flow never reads it.
+        assert recv_all(c, 1, timeout=0.3) == []
+        st = u.stats()
+        assert st["flows_total"] == 12 and st["flows_open"] == 0 and st["dgrams_s2c"] == 0
+        assert st["drop_no_flow_slot"] == 0
+        assert count_fds() <= fds_before + 3  # the loop's epoll, timerfd and listener dup
+    c.close()
+    lsn.close()
+
+
+def test_oneway_add_flow_ends_after_the_held_datagrams(origin: UdpOrigin) -> None:
+    lsn = udp_socket()
+    c = client()
+    with UdpLoop() as u:
+        u.add_listener(lsn.fileno(), 1, False, oneway=True)
+        for j in range(3):
+            c.sendto(b"h%d" % j, lsn.getsockname())
+        events = pump(u, lambda ev: bool(of_kind(ev, DONE)), on_new=accept_to(u, origin.addr))
+        (done,) = of_kind(events, DONE)
+        assert REASONS[done[3]] == "responses" and done[4] == 3
+    assert recv_all(c, 1, timeout=0.3) == []
+
+
+def test_close_flows_reports_every_flow_also_those_the_loop_opened(origin: UdpOrigin) -> None:
+    auto, manual = udp_socket(), udp_socket()
+    c = client()
+    with UdpLoop(idle_timeout_ms=60_000) as u:
+        u.add_listener(auto.fileno(), 1, False, backend=origin.addr)
+        u.add_listener(manual.fileno(), 2, False)
+        c.sendto(b"x", auto.getsockname())
+        c.sendto(b"y", manual.getsockname())
+        pump(u, lambda ev: u.stats()["dgrams_s2c"] == 2, on_new=accept_to(u, origin.addr))
+        assert u.close_flows() == 2
+        done = of_kind(pump(u, lambda ev: bool(ev)), DONE)
+        assert sorted(ev[2] for ev in done) == [0, 1]  # add_flow tag 0 (accept_to), listener 1
+        assert all(REASONS[ev[3]] == "closed" and ev[10] == c.getsockname() for ev in done)
+        assert u.stats()["flows_open"] == 0 and u.close_flows() == 0
+
+
+def test_backend_flow_the_loop_cannot_open_goes_to_python() -> None:
+    # connect() of a UDP socket to the broadcast address without SO_BROADCAST fails (EACCES):
+    # the loop hands the key to Python as a usual new flow instead of dropping it.
+    target = ("255.255.255.255", 53)
+    lsn = udp_socket()
+    c = client()
+    with UdpLoop() as u:
+        u.add_listener(lsn.fileno(), 4, False, backend=target)
+        c.sendto(b"z", lsn.getsockname())
+        (new,) = of_kind(pump(u, lambda ev: bool(ev)), NEW)
+        assert new[1] == 4 and new[3] == c.getsockname()
+        assert u.stats()["errors"] == 1 and u.stats()["flows_total"] == 0
+        u.refuse_flow(new[2], 0)
+
+
+def test_add_listener_backend_arguments_are_checked() -> None:
+    lsn = udp_socket()
+    with UdpLoop() as u:
+        with pytest.raises(ValueError, match="not a numeric address"):
+            u.add_listener(lsn.fileno(), 1, False, backend=("localhost", 53))
+        with pytest.raises(ValueError, match="transparent listener cannot have a backend"):
+            u.add_listener(lsn.fileno(), 1, True, backend=("127.0.0.1", 53))
+        with pytest.raises(ValueError, match="backend port 0"):
+            u.add_listener(lsn.fileno(), 1, False, backend=("127.0.0.1", 0))

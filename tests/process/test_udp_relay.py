@@ -37,7 +37,8 @@ def udp_origin() -> Iterator[Callable[..., UdpOrigin]]:
 
 
 def udp_relay(relays: Any, origin_port: int, *, workers: int = 2, responses: int = 0,
-              settings: dict[str, Any] | None = None, extra_relay: str = "") -> Any:
+              settings: dict[str, Any] | None = None, extra_relay: str = "",
+              listener_extra: str = "") -> Any:
     """A relay with UDP listener "dns" in backend mode towards 127.0.0.1:origin_port."""
     relay_settings = {"log_format": "json", **(settings or {})}
     rp = relays(lambda adm: relay_config(None, admin_socket=adm, workers=workers, drain=5.0,
@@ -49,7 +50,7 @@ protocol = "udp"
 bind = "127.0.0.1:0"
 backend = "127.0.0.1:{origin_port}"
 udp_responses = {responses}
-'''))
+{listener_extra}'''))
     rp.wait_ready()
     return rp
 
@@ -104,6 +105,41 @@ def test_dns_style_flows_close_at_once_and_both_workers_carry_them(
     assert t["udp_flows_open"] == 0
     assert t["udp_closed"]["responses"] == n
     assert t["udp_dgrams_c2s"] == t["udp_dgrams_s2c"] == n
+
+
+@pytest.mark.timeout(60)
+def test_oneway_flows_end_once_forwarded_and_are_logged(udp_origin: Any, relays: Any) -> None:
+    # udp_oneway: every flow ends as soon as its datagram is forwarded (nginx proxy_responses 0),
+    # long before the idle timeout; the origin's answers are never read; one log line per flow.
+    origin = udp_origin(lambda b: b"ignored:" + b)
+    rp = udp_relay(relays, origin.port, workers=1, settings={"udp_idle_timeout": 30.0},
+                   listener_extra="udp_oneway = true\n")
+    addr = rp.address("dns")
+    n = 40
+    socks = [client(timeout=0.3) for _ in range(n)]
+    for i, c in enumerate(socks):
+        c.sendto(b"m%d" % i, addr)
+    wait_for(lambda: len(origin.received) >= n, 5.0, f"the origin to get {n} datagrams")
+    assert sorted(d for d, _peer in origin.received) == sorted(b"m%d" % i for i in range(n))
+    assert len({peer for _d, peer in origin.received}) == n  # a socket (source port) per flow
+    records = [r for r in rp.wait_flows(n) if r.get("protocol") == "udp"]
+    assert len(records) == n
+    assert {r["reason"] for r in records} == {"responses"}
+    assert all(r["c2s_dgrams"] == 1 and r["s2c_dgrams"] == 0 for r in records)
+    assert {r["client"] for r in records} == {f"127.0.0.1:{c.getsockname()[1]}" for c in socks}
+    assert all(r["dest"] == f"127.0.0.1:{origin.port}" and r["egress"] == "" for r in records)
+    wait_for(lambda: relay_totals(rp)["udp_flows_total"] == n, 5.0, f"udp_flows_total == {n}")
+    t = relay_totals(rp)
+    assert t["udp_flows_open"] == 0
+    assert t["udp_closed"]["responses"] == n and t["udp_dgrams_s2c"] == 0
+    # The origin answered every datagram; nothing reached a client.
+    with pytest.raises(TimeoutError):
+        socks[0].recvfrom(100)
+    # The same client's next datagram is a new flow.
+    socks[0].sendto(b"again", addr)
+    wait_for(lambda: relay_totals(rp)["udp_flows_total"] == n + 1, 5.0, "a new flow for 'again'")
+    for c in socks:
+        c.close()
 
 
 @pytest.mark.timeout(60)
@@ -278,6 +314,15 @@ name = "c"
 bind = "127.0.0.1:5355"
 backend = "127.0.0.1:53"
 udp_responses = 1
+udp_oneway = true
+
+[[listener]]
+name = "d"
+protocol = "udp"
+bind = "127.0.0.1:5356"
+backend = "127.0.0.1:53"
+udp_responses = 2
+udp_oneway = true
 ''')
     out = relay_cli("check", "-c", str(path))
     assert out.returncode != 0
@@ -286,6 +331,8 @@ udp_responses = 1
     assert f'{path}: listener[1].backend: "unix:/run/x.sock": a unix socket backend' in text
     assert f'{path}: listener[1].proxy_protocol: "v2": TCP only' in text
     assert f'{path}: listener[2].udp_responses: 1: only used with protocol = "udp"' in text
+    assert f'{path}: listener[2].udp_oneway: true: only used with protocol = "udp"' in text
+    assert f'{path}: listener[3].udp_oneway: true: a one-way flow reads no replies' in text
 
 
 @pytest.mark.timeout(60)
