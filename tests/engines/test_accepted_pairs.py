@@ -15,25 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-
-import relay_ext._core as core
-
-Loop = core.Loop
-
-
-def _unavailable(name: str) -> str | None:
-    try:
-        Loop(name, max_conns=4).close()
-    except OSError as exc:
-        return str(exc)
-    return None
-
-
-BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(bool(_unavailable(name)),
-                                                reason=f"{name}: {_unavailable(name)}"))
-    for name in ("uring", "epoll")
-]
+from test_core import BACKENDS, Loop, core
 
 
 def _run_until(loop: core.Loop, events: list, done: Callable[[], bool], timeout: float = 5.0) -> None:

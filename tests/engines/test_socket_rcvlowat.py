@@ -18,19 +18,10 @@ import threading
 import time
 
 import pytest
-
-core = pytest.importorskip("relay_ext._core", reason="the Cython core is not built")
+from test_core import BACKENDS, backend_unavailable, core
 
 MARK = 256 << 10
 BURST = 1 << 20     # queued before the pair is added: the first splice finds the whole mark
-
-
-def _unavailable(backend: str) -> str | None:
-    try:
-        core.Loop(backend, max_conns=4).close()
-    except OSError as exc:
-        return str(exc)
-    return None
 
 
 def tcp_pair(rcvbuf: int = 0) -> tuple[socket.socket, socket.socket]:
@@ -90,7 +81,8 @@ def _inq(sock: socket.socket) -> int:
     return int.from_bytes(fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"), "little")
 
 
-@pytest.mark.skipif(bool(_unavailable("uring")), reason=f"uring: {_unavailable('uring')}")
+@pytest.mark.skipif(bool(backend_unavailable("uring")),
+                    reason=f"uring: {backend_unavailable('uring')}")
 def test_tail_after_a_bulk_burst_arrives_promptly_and_the_mark_is_dropped() -> None:
     # A long wait (300 ms instead of 1 ms) so the mark is still up when the tail comes.
     with core.Loop("uring", socket_rcvlowat=MARK, rcvlowat_wait_us=300_000) as loop:
@@ -116,10 +108,7 @@ def test_tail_after_a_bulk_burst_arrives_promptly_and_the_mark_is_dropped() -> N
         origin.sock.close()
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(name, marks=pytest.mark.skipif(bool(_unavailable(name)),
-                                                reason=f"{name}: {_unavailable(name)}"))
-    for name in ("uring", "epoll")])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bulk_in_low_water_mode_delivers_every_byte(backend: str) -> None:
     with core.Loop(backend, socket_rcvlowat=MARK) as loop:
         client, origin, _ = start_bulk_pair(loop)
