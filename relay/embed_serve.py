@@ -105,7 +105,7 @@ class Server:
         self._tick_handle: asyncio.TimerHandle | None = None
         try:
             self._fd = core.fileno()
-            core.add_listener(lsock.fileno(), _TAG)
+            core.add_listener(lsock.fileno(), _TAG, local_address=self._fixed_dst is None)
         except BaseException:
             core.close()
             raise
@@ -185,7 +185,7 @@ class Server:
         for ev in events:
             kind = ev[0]
             if kind == EV_ACCEPT:
-                self._on_accept(ev[2])
+                self._on_accept(ev[2], ev[3], ev[4])
             elif kind == EV_DONE:
                 self._open -= 1
             elif kind == EV_ACCEPT_ERROR:
@@ -195,29 +195,35 @@ class Server:
         if not self._accepting:
             self._check_drained()
 
-    def _on_accept(self, fd: int) -> None:
+    def _on_accept(self, fd: int, peer: Address | None, local: Address | None) -> None:
         self._counts["accepted"] += 1
-        # family/type given: socket() then asks the kernel nothing (no getsockname/getsockopt).
-        client = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
-        try:
-            peer = client.getpeername()
-            dst = self._fixed_dst or client.getsockname()
-        except OSError:
-            client.close()  # reset before we got to it: nobody to tell
-            return
+        # The core's accept gave the peer (and the local address, unless fixed): the client
+        # stays a bare fd, a socket object only where one is closed (its constructor's
+        # validating getsockname() is a system call).
+        client: socket.socket | int = fd
+        dst = self._fixed_dst or local
+        if peer is None or dst is None:
+            client = self._sock(fd)
+            try:
+                peer = peer or client.getpeername()
+                dst = dst or client.getsockname()
+            except OSError:
+                client.close()  # reset before we got to it: nobody to tell
+                return
         try:
             target = self._route(peer, dst)
         except Exception:
             self._route_failed(client, peer)
             return
         if target is not None and not isinstance(target, tuple) and inspect.isawaitable(target):
-            task = self._aloop.create_task(self._route_async(client, peer, target))
+            # A socket object from here: a task cancelled before it ran still closes it.
+            task = self._aloop.create_task(self._route_async(self._sock(client), peer, target))
             self._pending.add(task)
             task.add_done_callback(self._route_done)
             return
         self._connect(client, peer, target)
 
-    async def _route_async(self, client: socket.socket, peer: Address,
+    async def _route_async(self, client: socket.socket | int, peer: Address,
                            pending: Awaitable[RouteResult]) -> None:
         try:
             target = await pending
@@ -225,11 +231,11 @@ class Server:
             self._route_failed(client, peer)
             return
         except asyncio.CancelledError:
-            reset_and_close(client)
+            reset_and_close(self._sock(client))
             raise
         await self._resolve_and_connect(client, peer, target)
 
-    async def _resolve_and_connect(self, client: socket.socket, peer: Address,
+    async def _resolve_and_connect(self, client: socket.socket | int, peer: Address,
                                    target: Any) -> None:
         """Connect to `target`, resolving a name first (a failure resets the client)."""
         if (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
@@ -238,12 +244,12 @@ class Server:
                 target = await self._resolve(target)
             except OSError as exc:
                 self._counts["connect_errors"] += 1
-                reset_and_close(client)
+                reset_and_close(self._sock(client))
                 log.warning("serve: cannot resolve %s for %s: %s", target[0],
                             format_address(peer), exc)
                 return
             except asyncio.CancelledError:
-                reset_and_close(client)
+                reset_and_close(self._sock(client))
                 raise
         self._connect(client, peer, target)
 
@@ -253,11 +259,11 @@ class Server:
         if not self._accepting:
             self._check_drained()
 
-    def _route_failed(self, client: socket.socket, peer: Address, bad: Any = None) -> None:
+    def _route_failed(self, client: socket.socket | int, peer: Address, bad: Any = None) -> None:
         """route() raised (called from its except clause) or returned `bad`: reset the client,
         log (at most once per interval, with the count of those not logged)."""
         self._counts["route_errors"] += 1
-        reset_and_close(client)
+        reset_and_close(self._sock(client))
         now = time.monotonic()
         if now - self._last_route_log >= _ROUTE_LOG_INTERVAL_S:
             more = f" ({self._routes_unlogged} more since the last report)" \
@@ -292,27 +298,35 @@ class Server:
             raise OSError(errno.ENOENT, "no address")
         return str(infos[0][4][0]), int(infos[0][4][1])
 
-    def _connect(self, client: socket.socket, peer: Address, target: Any) -> None:
+    def _sock(self, client: socket.socket | int) -> socket.socket:
+        """The accepted client as a socket object (from its fd, as EV_ACCEPT gave it)."""
+        if isinstance(client, socket.socket):
+            return client
+        # family/type given: socket() asks the kernel only its validating getsockname().
+        return socket.socket(self._family, socket.SOCK_STREAM, 0, client)
+
+    def _connect(self, client: socket.socket | int, peer: Address, target: Any) -> None:
         try:
             self._connect_to(client, peer, target)
         except (TypeError, ValueError, IndexError, OverflowError):
             # not (host, port) or None: the route's fault, reported like its exceptions
             self._route_failed(client, peer, target)
 
-    def _connect_to(self, client: socket.socket, peer: Address, target: Any) -> None:
+    def _connect_to(self, client: socket.socket | int, peer: Address, target: Any) -> None:
         if target is None:
             self._counts["refused"] += 1
-            reset_and_close(client)
+            reset_and_close(self._sock(client))
             return
         if self._closed:
-            reset_and_close(client)
+            reset_and_close(self._sock(client))
             return
         if not isinstance(target, tuple) or len(target) != 2:
             raise TypeError("not a tuple")
         family = self._family_of(target[0])
         if family is None:
             # A name from a sync route: resolve it off the hot path.
-            task = self._aloop.create_task(self._resolve_and_connect(client, peer, target))
+            task = self._aloop.create_task(
+                self._resolve_and_connect(self._sock(client), peer, target))
             self._pending.add(task)
             task.add_done_callback(self._route_done)
             return
@@ -324,9 +338,9 @@ class Server:
             self._counts["connect_errors"] += 1
             key = "connect_" + CLOSE_REASONS[connect_failure_reason(rc)]
             self._counts[key] = self._counts.get(key, 0) + 1
-            reset_and_close(client)
+            reset_and_close(self._sock(client))
             return
-        client_fd = client.detach()
+        client_fd = client.detach() if isinstance(client, socket.socket) else client
         up_fd = up.detach()
         try:
             self._core.add_pair(client_fd, up_fd, _TAG, rc != 0, client_accepted=True,

@@ -3,7 +3,7 @@
 # the cdef functions one fragment calls in another.  Declared here once, so the fragments can be
 # grouped by concern in _core.pyx and included in any order (uvloop's loop.pxd does the same).
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from liburing.lib.uring cimport __io_uring_sqe
 from liburing.lib.type cimport __kernel_timespec
@@ -153,7 +153,7 @@ cdef struct Event:
     int kind
     int64_t a               # listener tag / conn id
     int64_t b               # fd / errno / tag
-    int64_t v[8]
+    int64_t v[8]            # EV_ACCEPT: v[0:4] the peer's, v[4:8] the local sockaddr (listeners.pxi)
 
 
 # ------------------------------------------------------------------ listeners (listeners.pxi)
@@ -165,6 +165,7 @@ cdef struct Listener:
     uint8_t active
     uint8_t user_paused
     uint8_t armed               # uring: a POLLIN poll is in flight; epoll: registered
+    uint8_t want_local          # EV_ACCEPT carries the accepted socket's local address
     uint64_t resume_at          # paused after EMFILE & co until this time (0 = not paused)
     uint32_t backoff_ms
 

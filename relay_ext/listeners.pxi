@@ -37,12 +37,23 @@ cdef int _accept_batch(Loop self, int slot) noexcept nogil:
     resumes it) and must be disarmed."""
     cdef Listener* l = &self.listeners[slot]
     cdef int fd, k, err
+    cdef Event* ev
+    cdef sockaddr_in6 peer
+    cdef sock_len peer_len
     for k in range(ACCEPT_BATCH):
-        fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        # accept4() fills in the peer for free; Python would ask again with getpeername().
+        peer_len = sizeof(peer)
+        fd = accept4(l.fd, <sockaddr*>&peer, &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd >= 0:
             self.st_accepts += 1
             l.backoff_ms = ACCEPT_BACKOFF_FIRST_MS
-            _push_event(self, EV_ACCEPT_, l.tag, fd)
+            ev = _push_event(self, EV_ACCEPT_, l.tag, fd)
+            if ev != NULL:
+                _store_sockaddr(&ev.v[0], &peer, peer_len)
+                if l.want_local:
+                    _store_local(fd, &ev.v[4])
+                else:
+                    memset(&ev.v[4], 0, sizeof(sockaddr_in6))
             continue
         err = errno
         if err == EAGAIN:
@@ -70,3 +81,48 @@ cdef void _accept_pause(Loop self, int slot, int err) noexcept nogil:
     if is_accept_pause_errno(err):
         self.st_accept_paused += 1
         _push_event(self, EV_ACCEPT_ERROR_, l.tag, err)
+
+
+# EV_ACCEPT's addresses travel in the Event's v[] as raw sockaddrs (an IPv4 or IPv6 one fits in
+# 32 bytes); a unix peer (its sockaddr_un is longer) or a failed getsockname is stored as family
+# 0 and becomes None.
+
+cdef inline void _store_sockaddr(int64_t* slot, sockaddr_in6* sa, sock_len n) noexcept nogil:
+    if n <= sizeof(sockaddr_in6) and (sa.sin6_family == AF_INET or sa.sin6_family == AF_INET6):
+        memcpy(slot, sa, sizeof(sockaddr_in6))
+    else:
+        memset(slot, 0, sizeof(sockaddr_in6))
+
+
+cdef inline void _store_local(int fd, int64_t* slot) noexcept nogil:
+    cdef sockaddr_in6 local
+    cdef sock_len n = sizeof(local)
+    if getsockname(fd, <sockaddr*>&local, &n) == 0:
+        _store_sockaddr(slot, &local, n)
+    else:
+        memset(slot, 0, sizeof(sockaddr_in6))
+
+
+cdef object _sockaddr_tuple(const int64_t* slot):
+    """A stored sockaddr as Python's socket module gives its first two fields: (ip, port),
+    the IPv6 scope as "%ifname" like getnameinfo(NI_NUMERICHOST); None when none was stored."""
+    cdef const sockaddr_in6* sa6 = <const sockaddr_in6*>slot
+    cdef const sockaddr_in* sa4
+    cdef char buf[INET6_ADDRSTRLEN + 1 + IF_NAMESIZE]
+    cdef char ifname[IF_NAMESIZE]
+    if sa6.sin6_family == AF_INET:
+        sa4 = <const sockaddr_in*>slot
+        if inet_ntop(AF_INET, &sa4.sin_addr, buf, sizeof(buf)) == NULL:
+            return None
+        return (buf.decode("ascii"), ntohs(sa4.sin_port))
+    if sa6.sin6_family != AF_INET6:
+        return None
+    if inet_ntop(AF_INET6, &sa6.sin6_addr, buf, sizeof(buf)) == NULL:
+        return None
+    ip = buf.decode("ascii")
+    if sa6.sin6_scope_id:
+        if if_indextoname(sa6.sin6_scope_id, ifname) != NULL:
+            ip = f"{ip}%{ifname.decode('ascii', 'replace')}"
+        else:
+            ip = f"{ip}%{sa6.sin6_scope_id}"
+    return (ip, ntohs(sa6.sin6_port))

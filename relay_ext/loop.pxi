@@ -172,8 +172,11 @@ cdef class Loop:
             self.efd = fd
         return self.efd
 
-    def add_listener(self, int fd, int64_t tag):
-        """Accept on `fd` (non-blocking listening socket, not owned) under `tag`."""
+    def add_listener(self, int fd, int64_t tag, bint local_address=False):
+        """Accept on `fd` (non-blocking listening socket, not owned) under `tag`.
+
+        Each EV_ACCEPT carries the peer (from accept4() itself) and, with `local_address`,
+        the accepted socket's local address (one getsockname() here, none in Python)."""
         self._ensure_alive()
         cdef int i, slot = -1
         for i in range(self.n_listener_slots):
@@ -193,6 +196,7 @@ cdef class Loop:
         l.active = 1
         l.user_paused = 0
         l.armed = 0
+        l.want_local = local_address
         l.resume_at = 0
         l.backoff_ms = ACCEPT_BACKOFF_FIRST_MS
         # Every socket accepted from it starts with SO_LINGER {1, 0} (add_pair's

@@ -180,13 +180,14 @@ def _reset_raw_sockets(pair: _Pair) -> None:
 
 
 class _Listener:
-    __slots__ = ("tag", "sock", "fd", "user_paused", "error_paused", "backoff", "resume_handle",
-                 "reading")
+    __slots__ = ("tag", "sock", "fd", "local_address", "user_paused", "error_paused", "backoff",
+                 "resume_handle", "reading")
 
-    def __init__(self, tag: int, sock: socket.socket) -> None:
+    def __init__(self, tag: int, sock: socket.socket, local_address: bool) -> None:
         self.tag = tag
         self.sock = sock
         self.fd = sock.fileno()
+        self.local_address = local_address
         self.user_paused = False
         self.error_paused = False
         self.backoff = ACCEPT_BACKOFF_FIRST_S
@@ -257,7 +258,7 @@ class AioLoop:
         self._listeners: dict[int, _Listener] = {}
         self._pairs: dict[int, _Pair] = {}
         self._watches: dict[int, tuple[int, int, asyncio.TimerHandle]] = {}  # id: fd, tag, timer
-        self._events: list[tuple[int, ...]] = []
+        self._events: list[tuple[Any, ...]] = []
         self._next_cid = 1
         self._closed = False
         self._stats = {
@@ -316,14 +317,14 @@ class AioLoop:
 
     # -- listeners -----------------------------------------------------------------------------
 
-    def add_listener(self, fd: int, tag: int) -> None:
+    def add_listener(self, fd: int, tag: int, local_address: bool = False) -> None:
         self._ensure_open()
         if tag in self._listeners:
             raise ValueError(f"add_listener: tag {tag} is already in use")
         # Borrow the fd: detach() on removal so the caller keeps ownership.
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        listener = _Listener(tag, sock)
+        listener = _Listener(tag, sock, local_address)
         self._listeners[tag] = listener
         self._sync_listener(listener)
 
@@ -366,7 +367,7 @@ class AioLoop:
         stats = self._stats
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, _addr = listener.sock.accept()
+                conn, addr = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -379,7 +380,14 @@ class AioLoop:
             listener.backoff = ACCEPT_BACKOFF_FIRST_S
             stats["accepts"] += 1
             conn.setblocking(False)
-            self._emit((EV_ACCEPT, listener.tag, conn.detach()))
+            # The core's shape: (ip, port) peer and local address, None for unix sockets.
+            peer = local = None
+            if conn.family != socket.AF_UNIX:
+                peer = (addr[0], addr[1])
+                if listener.local_address:
+                    name = conn.getsockname()
+                    local = (name[0], name[1])
+            self._emit((EV_ACCEPT, listener.tag, conn.detach(), peer, local))
 
     def _pause_after_error(self, listener: _Listener, err: int) -> None:
         self._stats["accept_paused"] += 1
@@ -701,7 +709,7 @@ class AioLoop:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, timeout_ms: int) -> list[tuple[int, ...]]:
+    def run(self, timeout_ms: int) -> list[tuple[Any, ...]]:
         """Process I/O for up to ``timeout_ms`` (0: poll once, <0: until an event) and return
         the events produced, as tuples identical to the core's."""
         self._ensure_open()
@@ -736,7 +744,7 @@ class AioLoop:
             if outer is not None:
                 asyncio.events._set_running_loop(outer)
 
-    def _emit(self, event: tuple[int, ...]) -> None:
+    def _emit(self, event: tuple[Any, ...]) -> None:
         self._events.append(event)
         if self._loop.is_running():
             self._loop.stop()  # return from run() after this iteration

@@ -13,7 +13,7 @@ import errno
 from collections.abc import Mapping
 from types import MappingProxyType
 
-EV_ACCEPT = 1  # (EV_ACCEPT, listener_tag, fd)
+EV_ACCEPT = 1  # (EV_ACCEPT, listener_tag, fd, peer, local): (ip, port) or None
 EV_ACCEPT_ERROR = 2  # (EV_ACCEPT_ERROR, listener_tag, errno)
 EV_CONNECTED = 3  # (EV_CONNECTED, cid, tag, connect_us)
 EV_DONE = 4  # (EV_DONE, cid, tag, reason, c2s, s2c, spliced, copied, duration_us, errno)

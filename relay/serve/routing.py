@@ -140,6 +140,11 @@ class Router:
         self.mode = listener.mode
         self.proxy_v2 = listener.proxy_protocol == "v2"
         self.proxy_header_timeout = proxy_header_timeout
+        # What open_upstream needs beyond the client's peer address: its local address (tproxy's
+        # original destination, a PROXY v2 header's destination), or the socket itself
+        # (redirect asks conntrack through it).
+        self.wants_local = self.mode == "tproxy" or (self.mode == "backend" and self.proxy_v2)
+        self.needs_socket = self.mode == "redirect"
         self.trusted = NetworkSet(listener.trusted_networks)
         self.closed = False
 
@@ -201,24 +206,31 @@ class Router:
 
     # ------------------------------------------------------------------ per connection
 
-    def needs_header(self, client: socket.socket, peer: tuple | None) -> bool:
-        """Must this client send a PROXY v2 header first (its source is a trusted proxy)?"""
-        if not self.trusted or client.family == socket.AF_UNIX:
+    def needs_header(self, client: socket.socket | None, peer: tuple | None) -> bool:
+        """Must this client send a PROXY v2 header first (its source is a trusted proxy)?
+        `client` None: an IP client whose `peer` is given."""
+        if not self.trusted or (client is not None and client.family == socket.AF_UNIX):
             return False
         if peer is None:
+            assert client is not None
             peer = client.getpeername()
         return peer[0] in self.trusted
 
     def open_upstream(
         self,
-        client: socket.socket,
+        client: socket.socket | None,
         peer: tuple | None = None,
         header: proxyproto.ProxyInfo | None = None,
         header_read: bool = False,
+        local: tuple | None = None,
     ) -> Upstream:
         """Open (start connecting) the upstream for accepted socket `client`.
 
         `peer`: client.getpeername() if the caller already has it (saves a system call).
+        `local`: client.getsockname() if the caller already has it (likewise).
+        `client` may be None for an IP client when the caller gives `peer`, `local` if
+        `wants_local`, header_read=True, and the router does not `needs_socket`: the engine's
+        accept already told it all (no socket object, no system call).
         `header_read`: the caller already read the client's PROXY v2 header (`header`, or None
         when the client needs none); otherwise a trusted client's header is read here, waiting
         up to proxy_header_timeout (never from an event loop: see the module docstring).
@@ -230,14 +242,15 @@ class Router:
             raise RuntimeError(f"router for listener {self.name} is closed")
         info = header
         if not header_read and self.needs_header(client, peer):
+            assert client is not None
             info = self._read_proxy_header(client)
         if self.mode == "backend":
-            return self._open_backend(client, peer, info)
-        return self._open_transparent(client, peer, info)
+            return self._open_backend(client, peer, info, local)
+        return self._open_transparent(client, peer, info, local)
 
     def _prefix(
         self,
-        client: socket.socket,
+        client: socket.socket | None,
         peer: tuple | None,
         info: proxyproto.ProxyInfo | None,
         dest: tuple | None = None,
@@ -248,16 +261,22 @@ class Router:
             return b""
         if info is not None and info.command == "PROXY":
             return proxyproto.build(info.src, info.dst)
-        if client.family == socket.AF_UNIX:
+        if client is not None and client.family == socket.AF_UNIX:
             return proxyproto.build_local()
-        if peer is None:
-            peer = client.getpeername()
-        return proxyproto.build(peer, dest if dest is not None else client.getsockname())
+        if peer is None or dest is None:
+            assert client is not None
+            peer = peer if peer is not None else client.getpeername()
+            dest = dest if dest is not None else client.getsockname()
+        return proxyproto.build(peer, dest)
 
     def _open_backend(
-        self, client: socket.socket, peer: tuple | None, info: proxyproto.ProxyInfo | None
+        self,
+        client: socket.socket | None,
+        peer: tuple | None,
+        info: proxyproto.ProxyInfo | None,
+        local: tuple | None,
     ) -> Upstream:
-        prefix = self._prefix(client, peer, info)
+        prefix = self._prefix(client, peer, info, local)
         if self._backend_unix is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             target: Any = self._backend_unix
@@ -278,10 +297,18 @@ class Router:
         return Upstream(sock.detach(), rc == errno.EINPROGRESS, prefix, dest)
 
     def _open_transparent(
-        self, client: socket.socket, peer: tuple | None, info: proxyproto.ProxyInfo | None
+        self,
+        client: socket.socket | None,
+        peer: tuple | None,
+        info: proxyproto.ProxyInfo | None,
+        local: tuple | None,
     ) -> Upstream:
         try:
-            ip, port = original_destination(client, self.mode)
+            if local is not None and self.mode == "tproxy":
+                ip, port = local[0], local[1]  # TPROXY kept the destination: see sock.py
+            else:
+                assert client is not None
+                ip, port = original_destination(client, self.mode)
         except OSError as exc:
             # ENOENT: conntrack has no NAT entry for it; ENOPROTOOPT: nf_conntrack not loaded.
             if self.mode == "redirect" and exc.errno in (errno.ENOENT, errno.ENOPROTOOPT):
@@ -293,6 +320,7 @@ class Router:
             raise Denied(reason, f"destination {ip}:{port}")
         if self._egress_slices:
             if peer is None:
+                assert client is not None
                 peer = client.getpeername()
             slices = self._egress_slices.get(_unmap(peer[0]))
             if slices is not None and any(lo <= peer[1] <= hi for lo, hi in slices):

@@ -235,7 +235,8 @@ class Server:
             self._loop, self.engine_reason = engines.create(name, **options)
             self.engine_name: str = self._loop.backend
             for lst in self._listeners:
-                self._loop.add_listener(lst.sock.fileno(), lst.tag)
+                self._loop.add_listener(lst.sock.fileno(), lst.tag, local_address=(
+                    lst.router is not None and lst.router.wants_local))
             self._header_waits = HeaderWaits(self._loop, float(settings.proxy_header_timeout),
                                              int(settings.proxy_header_max_waiting))
         except BaseException:
@@ -497,7 +498,7 @@ class Server:
         for ev in events:
             kind = ev[0]
             if kind == EV_ACCEPT:
-                self._on_accept(ev[1], ev[2])
+                self._on_accept(ev[1], ev[2], ev[3], ev[4])
             elif kind == EV_DONE:
                 self._on_done(ev)
             elif kind == EV_CONNECTED:
@@ -507,41 +508,49 @@ class Server:
             elif kind == EV_ACCEPT_ERROR:
                 self._on_accept_error(ev[1], ev[2])
 
-    def _on_accept(self, tag: int, fd: int) -> None:
+    def _on_accept(self, tag: int, fd: int, peer: tuple | None, local: tuple | None) -> None:
         lst = self._listeners[tag]
         self._accepted += 1
         if lst.paused:
             lst.paused = False
             log.info("listener %s: accepting again (%d accept errors during the pause)",
                      lst.name, lst.accept_errors)
-        # type and proto given: socket(fileno=) would ask the kernel for them (SO_TYPE and
-        # SO_PROTOCOL, two system calls per connection; its validating getsockname stays).
-        client = socket.socket(lst.sock.family, socket.SOCK_STREAM, 0, fd)
-        try:
-            peer = client.getpeername()
-        except OSError:
-            client.close()  # reset before we got to it: nothing to relay, nobody to tell
-            return
+        router = lst.router
+        assert router is not None
+        # The engine's accept gave the peer (and the local address the router wants): a socket
+        # object is built only where one is used (its constructor's validating getsockname()
+        # is a system call): unix clients, redirect's conntrack lookup, rejects, PROXY headers.
+        client = None
+        if peer is None or router.needs_socket or (local is None and router.wants_local):
+            client = _client_socket(lst, fd)
+            if peer is None:
+                try:
+                    peer = client.getpeername()
+                except OSError:
+                    client.close()  # reset before we got to it: nothing to relay, nobody to tell
+                    return
         source = None
-        if self._maxconn_per_source and client.family != socket.AF_UNIX:
+        if self._maxconn_per_source and lst.sock.family != socket.AF_UNIX:
+            assert peer is not None
             source = source_key(peer[0], self._source_prefix)
         if self._shared is not None:
             # Admitted here, counted until _on_done, or until _release on any path where the
             # client is not relayed after all.
             verdict = self._shared.acquire(self._slot, source)
             if verdict:
-                self._reject(client, lst, VERDICT_REASONS.get(verdict, "maxconn"), peer)
+                self._reject(client or _client_socket(lst, fd), lst,
+                             VERDICT_REASONS.get(verdict, "maxconn"), peer)
                 return
         else:
             if self._open + len(self._header_waits) >= self._maxconn:
-                self._reject(client, lst, "maxconn", peer)
+                self._reject(client or _client_socket(lst, fd), lst, "maxconn", peer)
                 return
             if source is not None and self._per_source.get(source, 0) >= self._maxconn_per_source:
-                self._reject(client, lst, "maxconn_per_source", peer)
+                self._reject(client or _client_socket(lst, fd), lst, "maxconn_per_source", peer)
                 return
-        router = lst.router
-        assert router is not None
         if router.needs_header(client, peer):
+            if client is None:
+                client = _client_socket(lst, fd)
             waiting = Waiting(lst, tag, client, peer, source)
             try:
                 info = self._header_waits.begin(waiting)
@@ -551,7 +560,7 @@ class Server:
             if info is not None:
                 self._relay(lst, tag, client, peer, source, info)
             return
-        self._relay(lst, tag, client, peer, source, None)
+        self._relay(lst, tag, client if client is not None else fd, peer, source, None, local)
 
     def _on_header_wait_over(self, fd: int, timed_out: bool) -> None:
         waiting = self._header_waits.pop(fd)
@@ -587,23 +596,26 @@ class Server:
         reset_and_close(client)
         self._log_unrelayed(lst, peer, dest, "denied_" + exc.reason, 0)
 
-    def _relay(self, lst: _Listener, tag: int, client: socket.socket, peer: Any,
-               source: bytes | None, header: ProxyInfo | None) -> None:
+    def _relay(self, lst: _Listener, tag: int, client: socket.socket | int, peer: Any,
+               source: bytes | None, header: ProxyInfo | None,
+               local: tuple | None = None) -> None:
         """Open the upstream (the client's header, if any, already read) and hand the pair to
-        the loop."""
+        the loop. `client`: the accepted socket, or its bare fd when the router needs no socket
+        (peer and `local` came with the accept)."""
         router = lst.router
         assert router is not None
+        sock = client if isinstance(client, socket.socket) else None
         try:
-            up = router.open_upstream(client, peer, header, header_read=True)
+            up = router.open_upstream(sock, peer, header, header_read=True, local=local)
         except Denied as exc:
-            self._deny(lst, client, peer, source, exc)
+            self._deny(lst, sock or _client_socket(lst, client), peer, source, exc)
             return
         except OSError as exc:
             self._release(source)
             err = exc.errno or 0
             reason = CLOSE_REASONS[connect_failure_reason(err)]
             self._closed_by_reason[reason] += 1
-            reset_and_close(client)
+            reset_and_close(sock or _client_socket(lst, client))
             if err in ACCEPT_PAUSE_ERRNOS:
                 # Out of descriptors/memory after accept() worked (io_uring's accept keeps the
                 # RLIMIT_NOFILE it read when armed): new clients are refused fast, logged once.
@@ -613,7 +625,8 @@ class Server:
                           listener=lst.name, errno=err)
             self._log_unrelayed(lst, peer, None, reason, err)
             return
-        client_fd = client.detach()
+        client_fd = sock.detach() if sock is not None else client
+        assert isinstance(client_fd, int)
         try:
             # The client fd is as EV_ACCEPT gave it; every upstream is made SOCK_NONBLOCK
             # (routing.py): the core skips re-checking them.
@@ -818,6 +831,15 @@ def _unlink_unix_listener(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _client_socket(lst: _Listener, client: socket.socket | int) -> socket.socket:
+    """The accepted client as a socket object (from its fd, as EV_ACCEPT gave it)."""
+    if isinstance(client, socket.socket):
+        return client
+    # type and proto given: socket(fileno=) would ask the kernel for them (SO_TYPE and
+    # SO_PROTOCOL, two system calls; its validating getsockname() stays).
+    return socket.socket(lst.sock.family, socket.SOCK_STREAM, 0, client)
 
 
 def _local_address(sock: socket.socket) -> tuple | None:

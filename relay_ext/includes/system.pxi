@@ -73,6 +73,38 @@ cdef extern from "<sys/socket.h>" nogil:
     int setsockopt(int fd, int level, int optname, const void* optval, sock_len optlen)
     int getsockopt(int fd, int level, int optname, void* optval, sock_len* optlen)
     int accept4(int fd, sockaddr* addr, sock_len* addrlen, int flags)
+    int getsockname(int fd, sockaddr* addr, sock_len* addrlen)
+    ctypedef unsigned short sa_family_t
+    enum:
+        AF_INET
+        AF_INET6
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        uint32_t s_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in:
+        sa_family_t sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+    enum:
+        INET6_ADDRSTRLEN
+    uint16_t ntohs(uint16_t)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char* inet_ntop(int af, const void* src, char* dst, sock_len size)
+
+cdef extern from "<net/if.h>" nogil:
+    enum:
+        IF_NAMESIZE
+    char* if_indextoname(unsigned int ifindex, char* ifname)
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:

@@ -493,8 +493,10 @@ def test_loop_events_prefix_and_accept_pause(engine_loop, origin) -> None:
         assert not [e for e in loop.run(300) if e[0] == EV_ACCEPT], "accepted while paused"
         loop.resume_accept(7)
         events = _run_until(loop, lambda evs: any(e[0] == EV_ACCEPT for e in evs))
-        [(kind, tag, fd)] = [e for e in events if e[0] == EV_ACCEPT]
+        [(kind, tag, fd, peer, local)] = [e for e in events if e[0] == EV_ACCEPT]
         assert (kind, tag) == (EV_ACCEPT, 7) and fd >= 0
+        # The peer as accept() saw it; no local address unless the listener asked for it.
+        assert (peer, local) == (c.getsockname(), None)
 
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         upstream.setblocking(False)
@@ -520,6 +522,39 @@ def test_loop_events_prefix_and_accept_pause(engine_loop, origin) -> None:
             c.close()
         if upstream is not None:
             upstream.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_accept_event_carries_peer_and_local_address(engine_loop, host: str) -> None:
+    """EV_ACCEPT's (ip, port) peer and, with local_address=True, local address: the same
+    values getpeername()/getsockname() give, from every engine."""
+    from relay.engines import EV_ACCEPT
+
+    loop = engine_loop
+    try:
+        listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host
+                                        else socket.AF_INET)
+    except OSError as exc:
+        pytest.skip(f"no {host}: {exc}")
+    listener.setblocking(False)
+    c = None
+    try:
+        loop.add_listener(listener.fileno(), 3, local_address=True)
+        c = socket.create_connection(listener.getsockname()[:2], timeout=5)
+        events = _run_until(loop, lambda evs: any(e[0] == EV_ACCEPT for e in evs))
+        [(_kind, tag, fd, peer, local)] = [e for e in events if e[0] == EV_ACCEPT]
+        accepted = socket.socket(fileno=fd)
+        try:
+            assert tag == 3
+            assert peer == tuple(accepted.getpeername()[:2]) == tuple(c.getsockname()[:2])
+            assert local == tuple(accepted.getsockname()[:2]) == tuple(c.getpeername()[:2])
+        finally:
+            accepted.close()
+        loop.remove_listener(3)
+    finally:
+        if c is not None:
+            c.close()
         listener.close()
 
 
