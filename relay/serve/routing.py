@@ -148,7 +148,7 @@ class Router:
         self.wants_local = self.mode == "tproxy" or (self.mode == "backend" and self.proxy_v2)
         self.needs_socket = self.mode == "redirect"
         self.trusted = NetworkSet(listener.trusted_networks)
-        self._any_trusted = bool(self.trusted)  # per connection: a bool, not a __bool__ call
+        self.any_trusted = bool(self.trusted)  # per connection: a bool, not a __bool__ call
         self.closed = False
 
         listener_binds: set[tuple[str, int]] = {
@@ -212,7 +212,7 @@ class Router:
     def needs_header(self, client: socket.socket | None, peer: tuple | None) -> bool:
         """Must this client send a PROXY v2 header first (its source is a trusted proxy)?
         `client` None: an IP client whose `peer` is given."""
-        if not self._any_trusted or (client is not None and client.family == socket.AF_UNIX):
+        if not self.any_trusted or (client is not None and client.family == socket.AF_UNIX):
             return False
         if peer is None:
             assert client is not None
