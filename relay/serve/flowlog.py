@@ -197,6 +197,7 @@ class _Formatter:
             tail = tails.get((reason, err, proto))
             if tail is None:
                 tail = tails[(reason, err, proto)] = self._tail(reason, err, proto)
+            shown_egress = '""' if egress is None else addr(egress)  # None: backend mode
             # repr(dur / 1e6) is repr(round(dur / 1e6, 6)) for any integer duration below
             # 2**33 s: the quotient is already the double nearest to the 6-decimal value.
             if json:
@@ -205,7 +206,7 @@ class _Formatter:
                 append(
                     f'{{"time": "{clock(t)}"{head}, '
                     f'"client": {addr(client)}, "dest": {shown_dest}, '
-                    f'"egress": {addr(egress)}, "c2s_bytes": {c2s}, '
+                    f'"egress": {shown_egress}, "c2s_bytes": {c2s}, '
                     f'"s2c_bytes": {s2c}, "spliced_bytes": {spliced}, '
                     f'"copied_bytes": {copied}, "duration": {dur / 1e6!r}{tail}{dgrams}')
             else:
@@ -213,7 +214,7 @@ class _Formatter:
                 append(
                     f"{clock(t)}{head} "
                     f"client={addr(client)} dest={shown_dest} "
-                    f"egress={addr(egress)} c2s_bytes={c2s} s2c_bytes={s2c} "
+                    f"egress={shown_egress} c2s_bytes={c2s} s2c_bytes={s2c} "
                     f"spliced_bytes={spliced} copied_bytes={copied} "
                     f"duration={dur / 1e6!r}{tail}{dgrams}")
         return "".join(out)
