@@ -141,6 +141,8 @@ class _Formatter:
                             '"message": "flow"'
         self._names: dict[str, str] = {}
         self._dests: dict[Any, str] = {}
+        self._heads: dict[str, str] = {}
+        self._tails: dict[tuple[str, int, str], str] = {}
 
     def _time(self, created: float) -> str:
         second = int(created)
@@ -175,41 +177,59 @@ class _Formatter:
         out: list[str] = []
         append = out.append
         addr = self._addr
-        name = self._name
+        clock = self._time
         dests = self._dests  # a backend's or a destination's address repeats: shown once
+        heads = self._heads  # "... listener=NAME" per listener name
+        tails = self._tails  # the reason/errno/protocol fields per (reason, errno, protocol)
         if len(dests) > 4096:
             dests.clear()
-        if self.json:
-            for (t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason,
-                 err, proto, d_c2s, d_s2c) in records:
-                shown_dest = dests.get(dest)
-                if shown_dest is None:
-                    shown_dest = dests[dest] = addr(dest)
-                dgrams = (f', "c2s_dgrams": {d_c2s}, "s2c_dgrams": {d_s2c}'
-                          if d_c2s >= 0 else "")
+        if len(tails) > 4096:
+            tails.clear()
+        json = self.json
+        for (t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason,
+             err, proto, d_c2s, d_s2c) in records:
+            shown_dest = dests.get(dest)
+            if shown_dest is None:
+                shown_dest = dests[dest] = addr(dest)
+            head = heads.get(lst)
+            if head is None:
+                head = heads[lst] = self._head(lst)
+            tail = tails.get((reason, err, proto))
+            if tail is None:
+                tail = tails[(reason, err, proto)] = self._tail(reason, err, proto)
+            shown_egress = '""' if egress is None else addr(egress)  # None: backend mode
+            # repr(dur / 1e6) is repr(round(dur / 1e6, 6)) for any integer duration below
+            # 2**33 s: the quotient is already the double nearest to the 6-decimal value.
+            if json:
+                dgrams = (f', "c2s_dgrams": {d_c2s}, "s2c_dgrams": {d_s2c}}}\n'
+                          if d_c2s >= 0 else "}\n")
                 append(
-                    f'{{"time": "{self._time(t)}"{self._json_prefix}, "listener": {name(lst)}, '
+                    f'{{"time": "{clock(t)}"{head}, '
                     f'"client": {addr(client)}, "dest": {shown_dest}, '
-                    f'"egress": {addr(egress)}, "c2s_bytes": {c2s}, '
+                    f'"egress": {shown_egress}, "c2s_bytes": {c2s}, '
                     f'"s2c_bytes": {s2c}, "spliced_bytes": {spliced}, '
-                    f'"copied_bytes": {copied}, "duration": {round(dur / 1e6, 6)!r}, '
-                    f'"reason": {name(reason)}, "errno": {name(_errno_name(err))}, '
-                    f'"protocol": {name(proto)}{dgrams}}}\n')
-        else:
-            for (t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason,
-                 err, proto, d_c2s, d_s2c) in records:
-                shown_dest = dests.get(dest)
-                if shown_dest is None:
-                    shown_dest = dests[dest] = addr(dest)
-                dgrams = f" c2s_dgrams={d_c2s} s2c_dgrams={d_s2c}" if d_c2s >= 0 else ""
+                    f'"copied_bytes": {copied}, "duration": {dur / 1e6!r}{tail}{dgrams}')
+            else:
+                dgrams = (f" c2s_dgrams={d_c2s} s2c_dgrams={d_s2c}\n" if d_c2s >= 0 else "\n")
                 append(
-                    f"{self._time(t)} {self._text_prefix} listener={name(lst)} "
+                    f"{clock(t)}{head} "
                     f"client={addr(client)} dest={shown_dest} "
-                    f"egress={addr(egress)} c2s_bytes={c2s} s2c_bytes={s2c} "
+                    f"egress={shown_egress} c2s_bytes={c2s} s2c_bytes={s2c} "
                     f"spliced_bytes={spliced} copied_bytes={copied} "
-                    f"duration={round(dur / 1e6, 6)!r} reason={name(reason)} "
-                    f"errno={name(_errno_name(err))} protocol={name(proto)}{dgrams}\n")
+                    f"duration={dur / 1e6!r}{tail}{dgrams}")
         return "".join(out)
+
+    def _head(self, lst: str) -> str:
+        if self.json:
+            return f'{self._json_prefix}, "listener": {self._name(lst)}'
+        return f" {self._text_prefix} listener={self._name(lst)}"
+
+    def _tail(self, reason: str, err: int, proto: str) -> str:
+        name = self._name
+        if self.json:
+            return (f', "reason": {name(reason)}, "errno": {name(_errno_name(err))}, '
+                    f'"protocol": {name(proto)}')
+        return f" reason={name(reason)} errno={name(_errno_name(err))} protocol={name(proto)}"
 
 
 def _as_extra(rec: Record) -> dict[str, Any]:

@@ -36,6 +36,7 @@ in the constructor.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import os
@@ -72,6 +73,7 @@ DENY_REASONS: tuple[str, ...] = (
 
 _EXHAUSTED_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 _CONNECT_PENDING = frozenset({0, errno.EINPROGRESS})
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _MAPPED_V4_PREFIX = "::ffff:"
 _LOG_INTERVAL = 1.0  # seconds between two log lines of the same kind (relay.ops.log.log_every)
 
@@ -146,6 +148,7 @@ class Router:
         self.wants_local = self.mode == "tproxy" or (self.mode == "backend" and self.proxy_v2)
         self.needs_socket = self.mode == "redirect"
         self.trusted = NetworkSet(listener.trusted_networks)
+        self.any_trusted = bool(self.trusted)  # per connection: a bool, not a __bool__ call
         self.closed = False
 
         listener_binds: set[tuple[str, int]] = {
@@ -209,7 +212,7 @@ class Router:
     def needs_header(self, client: socket.socket | None, peer: tuple | None) -> bool:
         """Must this client send a PROXY v2 header first (its source is a trusted proxy)?
         `client` None: an IP client whose `peer` is given."""
-        if not self.trusted or (client is not None and client.family == socket.AF_UNIX):
+        if not self.any_trusted or (client is not None and client.family == socket.AF_UNIX):
             return False
         if peer is None:
             assert client is not None
@@ -276,14 +279,16 @@ class Router:
         info: proxyproto.ProxyInfo | None,
         local: tuple | None,
     ) -> Upstream:
-        prefix = self._prefix(client, peer, info, local)
+        prefix = self._prefix(client, peer, info, local) if self.proxy_v2 else b""
+        # The upstream is detached at once: the C socket type (_socket.socket) does what the
+        # socket.socket subclass does here without its Python-level __init__/detach.
         if self._backend_unix is not None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(socket.AF_UNIX, _STREAM_NONBLOCK)
             target: Any = self._backend_unix
             dest: tuple = (UNIX_PREFIX + self._backend_unix, 0)
         else:
             assert self._backend_addr is not None
-            sock = socket.socket(self._backend_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(self._backend_family, _STREAM_NONBLOCK)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see relay/sock.py
             target = dest = self._backend_addr
         try:

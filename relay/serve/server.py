@@ -495,14 +495,18 @@ class Server:
     # -- event handling ------------------------------------------------------------------------
 
     def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
+        # Every connection is three events (accept, connected, done): handlers bound once.
+        on_accept = self._on_accept
+        on_done = self._on_done
+        observe = self._connect_hist.observe
         for ev in events:
             kind = ev[0]
             if kind == EV_ACCEPT:
-                self._on_accept(ev[1], ev[2], ev[3], ev[4])
+                on_accept(ev[1], ev[2], ev[3], ev[4])
             elif kind == EV_DONE:
-                self._on_done(ev)
+                on_done(ev)
             elif kind == EV_CONNECTED:
-                self._connect_hist.observe(ev[3] / 1e6)
+                observe(ev[3] / 1e6)
             elif kind == EV_READABLE or kind == EV_WATCH_TIMEOUT:
                 self._on_header_wait_over(ev[2], kind == EV_WATCH_TIMEOUT)
             elif kind == EV_ACCEPT_ERROR:
@@ -548,7 +552,7 @@ class Server:
             if source is not None and self._per_source.get(source, 0) >= self._maxconn_per_source:
                 self._reject(client or _client_socket(lst, fd), lst, "maxconn_per_source", peer)
                 return
-        if router.needs_header(client, peer):
+        if router.any_trusted and router.needs_header(client, peer):
             if client is None:
                 client = _client_socket(lst, fd)
             waiting = Waiting(lst, tag, client, peer, source)

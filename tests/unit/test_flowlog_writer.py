@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -166,3 +167,13 @@ def test_reopen_finishes_the_old_file_first(tmp_path: Path) -> None:
     old = [json.loads(x)["reason"] for x in (tmp_path / "relay.log.1").read_text().splitlines()]
     new = [json.loads(x)["reason"] for x in path.read_text().splitlines()]
     assert (old, new) == (["eof", "reset_origin"], ["rejected_maxconn"])
+
+
+def test_duration_text_is_the_rounded_seconds() -> None:
+    """The writer prints repr(us / 1e6) where the record's meaning is round(us / 1e6, 6): the
+    same text for every integer duration (microseconds) up to ~2**33 seconds, both notations."""
+    rng = random.Random(8)
+    samples = [*range(0, 2000), *(10**k + d for k in range(2, 16) for d in (-1, 0, 1)),
+               *(rng.randrange(10**n) for n in range(3, 16) for _ in range(2000))]
+    for us in samples:
+        assert repr(us / 1e6) == repr(round(us / 1e6, 6)), us
