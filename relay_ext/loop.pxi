@@ -473,6 +473,8 @@ cdef class Loop:
             "watch_timeouts": self.st_watch_timeouts,
             "lowat_raised": self.st_lowat_raised,
             "lowat_timeouts": self.st_lowat_timeouts,
+            "reaps_cut": self.st_reaps_cut,
+            "cq_overflows": self.st_cq_overflows,
         }
         for i, name in enumerate(REASONS):
             d["closed_" + name] = self.st_closes[i]
