@@ -303,6 +303,7 @@ cdef void _uring_listener_arm(Loop self, int slot) noexcept nogil
 cdef void _uring_listener_disarm(Loop self, int slot) noexcept nogil
 cdef void _uring_wait(Loop self, int timeout_ms)
 cdef void _uring_reap(Loop self) noexcept nogil
+cdef void _uring_keep_notified(Loop self) noexcept nogil
 cdef void _uring_flush(Loop self)
 
 # epoll.pxi

@@ -429,6 +429,7 @@ cdef class Loop:
             _uring_flush(self)
             if self.evq_len or self.interrupted or self.now >= deadline:
                 break
+        _uring_keep_notified(self)
         return _take_events(self)
 
     def stats(self):

@@ -257,6 +257,17 @@ cdef void _uring_reap(Loop self) noexcept nogil:
         # moves them into the CQ.  Counted: a CQ too small for the polls armed costs syscalls.
         self.st_cq_overflows += 1
 
+cdef void _uring_keep_notified(Loop self) noexcept nogil:
+    # fileno()'s eventfd is signalled when a completion is posted, and run() drains it.  A round
+    # cut short by REAP_BATCH (or completions parked in the overflow list) leaves work that no
+    # new signal announces: an embedder waiting on fileno() would sleep on it until its next
+    # tick.  Signal it ourselves, as epoll's fd stays readable while events are pending.
+    cdef uint64_t one = 1
+    if self.efd < 0 or not self.ring_ready:
+        return
+    if __io_uring_cq_ready(&self.ring.ptr) or (self.ring.ptr.sq.kflags[0] & __IORING_SQ_CQ_OVERFLOW):
+        write(self.efd, &one, sizeof(one))
+
 cdef void _uring_wait(Loop self, int timeout_ms):
     if timeout_ms <= 0 or __io_uring_cq_ready(&self.ring.ptr):
         # Enter once even when not waiting: submits our SQEs and, with COOP_TASKRUN, runs
