@@ -54,6 +54,7 @@ cdef enum:
     STREAM_MIN = 16384          # a recv this large marks a bulk flow: splice from now on
     PUMP_ROUNDS = 16            # fairness: at most this many reads per readiness event
     EPOLL_BATCH = 256
+    REAP_BATCH = 256            # CQEs dispatched per loop round at most (uring.pxi)
     ACCEPT_BATCH = 16           # accept4() calls per listener wakeup (listeners.pxi)
     SHRINK_BATCH = 64           # idle pipes closed per timer scan at most (pipes.pxi)
     LOWAT_KEEP_FRACTION = 4     # a low-water timeout with 1/4 of the mark queued keeps the mark
@@ -233,6 +234,8 @@ cdef class Loop:
     cdef uint64_t st_submit_errors
     cdef int last_submit_errno
     cdef uint64_t st_wakeups
+    cdef uint64_t st_reaps_cut
+    cdef uint64_t st_cq_overflows
     cdef uint64_t st_events_dropped
     cdef uint64_t st_watches
     cdef uint64_t st_watch_timeouts
@@ -301,6 +304,7 @@ cdef void _uring_listener_arm(Loop self, int slot) noexcept nogil
 cdef void _uring_listener_disarm(Loop self, int slot) noexcept nogil
 cdef void _uring_wait(Loop self, int timeout_ms)
 cdef void _uring_reap(Loop self) noexcept nogil
+cdef void _uring_keep_notified(Loop self) noexcept nogil
 cdef void _uring_flush(Loop self)
 
 # epoll.pxi

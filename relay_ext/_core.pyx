@@ -38,7 +38,7 @@ from liburing.lib.uring cimport (
     __io_uring_cq_ready, __io_uring_cq_advance, __io_uring_prep_poll_add,
     __io_uring_prep_poll_remove, __io_uring_prep_link_timeout, __IOSQE_IO_LINK,
     __io_uring_sqe_set_data64, __IORING_SETUP_CQSIZE,
-    __IORING_SETUP_COOP_TASKRUN, __IORING_SETUP_SUBMIT_ALL,
+    __IORING_SETUP_COOP_TASKRUN, __IORING_SETUP_SUBMIT_ALL, __IORING_SQ_CQ_OVERFLOW,
 )
 # ... and its cpdef functions, called through Cython's cross-module C API at C speed.
 from liburing.queue cimport (

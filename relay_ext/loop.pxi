@@ -433,6 +433,7 @@ cdef class Loop:
             _uring_flush(self)
             if self.evq_len or self.interrupted or self.now >= deadline:
                 break
+        _uring_keep_notified(self)
         return _take_events(self)
 
     def stats(self):
@@ -477,6 +478,8 @@ cdef class Loop:
             "watch_timeouts": self.st_watch_timeouts,
             "lowat_raised": self.st_lowat_raised,
             "lowat_timeouts": self.st_lowat_timeouts,
+            "reaps_cut": self.st_reaps_cut,
+            "cq_overflows": self.st_cq_overflows,
         }
         for i, name in enumerate(REASONS):
             d["closed_" + name] = self.st_closes[i]

@@ -222,13 +222,26 @@ cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexc
     _on_ready(self, c, side, not out, out)
 
 cdef void _uring_reap(Loop self) noexcept nogil:
+    # At most REAP_BATCH completions per round, like epoll_wait's EPOLL_BATCH.  Draining "until
+    # the CQ is empty" never ends on a saturated loop: every recv/send/splice we issue returns
+    # to user mode through io_uring's task work, which posts the completions of polls woken
+    # meanwhile, and a full SQ submitted mid-batch posts those of re-armed ready sockets at
+    # once.  Measured at 1,000 busy connections: single drains of 15-27k CQEs lasting 0.3-0.4 s,
+    # during which run() could not return, so accepted connections waited in the event queue
+    # (their clients' first requests with them), SQEs re-arming polls waited for the SQ to
+    # fill, and the timer scan did not run.  What is left stays in the CQ in order (the next
+    # round enters the kernel without waiting for it): FIFO fairness between pairs is kept.
     cdef __io_uring* r = &self.ring.ptr
     cdef unsigned int head, mask, n, i
+    cdef unsigned int budget = REAP_BATCH
     cdef __io_uring_cqe* cqe
-    while True:
+    while budget:
         n = __io_uring_cq_ready(r)
         if n == 0:
             break
+        if n > budget:
+            n = budget
+        budget -= n
         head = r.cq.khead[0]
         mask = r.cq.ring_mask
         for i in range(n):
@@ -236,6 +249,24 @@ cdef void _uring_reap(Loop self) noexcept nogil:
             _uring_dispatch(self, cqe.user_data, cqe.res, cqe.flags)
         __io_uring_cq_advance(r, n)
         self.st_wakeups += 1
+    if budget == 0 and __io_uring_cq_ready(r):
+        self.st_reaps_cut += 1
+    if r.sq.kflags[0] & __IORING_SQ_CQ_OVERFLOW:
+        # The CQ was full: the kernel parked completions in its overflow list (IORING_FEAT_NODROP
+        # loses none); the next io_uring_enter with GETEVENTS, which _uring_wait always does,
+        # moves them into the CQ.  Counted: a CQ too small for the polls armed costs syscalls.
+        self.st_cq_overflows += 1
+
+cdef void _uring_keep_notified(Loop self) noexcept nogil:
+    # fileno()'s eventfd is signalled when a completion is posted, and run() drains it.  A round
+    # cut short by REAP_BATCH (or completions parked in the overflow list) leaves work that no
+    # new signal announces: an embedder waiting on fileno() would sleep on it until its next
+    # tick.  Signal it ourselves, as epoll's fd stays readable while events are pending.
+    cdef uint64_t one = 1
+    if self.efd < 0 or not self.ring_ready:
+        return
+    if __io_uring_cq_ready(&self.ring.ptr) or (self.ring.ptr.sq.kflags[0] & __IORING_SQ_CQ_OVERFLOW):
+        write(self.efd, &one, sizeof(one))
 
 cdef void _uring_wait(Loop self, int timeout_ms):
     if timeout_ms <= 0 or __io_uring_cq_ready(&self.ring.ptr):
