@@ -777,7 +777,8 @@ class AioLoop:
         for key in ("pipes_in_use", "pipes_free", "pipes_max", "pipes_created", "pipes_killed",
                     "pipes_released",
                     "pipe_refused", "pipe_resize_denied", "sqe_starved", "submit_errors",
-                    "events_dropped"):
+                    "submit_last_errno", "reaps_cut", "cq_overflows", "lowat_raised",
+                    "lowat_timeouts", "events_dropped"):
             s[key] = 0
         # No pipes here: the write-buffer high-water mark plays the pipe's role.
         s["pipe_size_granted"] = self._buffer_size

@@ -81,6 +81,19 @@ def test_asyncio_engine_takes_the_loop_defaults() -> None:
     assert set(py.LOOP_DEFAULTS) - set(taken) == {"splice", "ring_entries"}  # core-only knobs
 
 
+def test_asyncio_engine_reports_every_stat_the_core_does() -> None:
+    """relay stats and /metrics read the same keys whatever the engine."""
+    from relay.engines.aio import AioLoop
+
+    loop = core.Loop("epoll", max_conns=4)
+    aio = AioLoop(max_conns=4)
+    try:
+        assert set(loop.stats()) <= set(aio.stats())
+    finally:
+        loop.close()
+        aio.close()
+
+
 def test_accept_pause_and_backoff_match_the_core() -> None:
     assert py.ACCEPT_PAUSE_ERRNOS == core.ACCEPT_PAUSE_ERRNOS
     assert py.ACCEPT_BACKOFF_FIRST_S == core.ACCEPT_BACKOFF_FIRST_S
