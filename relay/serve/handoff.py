@@ -174,6 +174,7 @@ class Handoff:
         the time to export them all)."""
         srv = self._srv
         batch: list[wire.FlowState] = []
+        fds = size = 0  # the batch's running totals (re-summing it per flow was quadratic)
         connecting = 0
         for cid, flow in list(srv._flows.items()):
             try:
@@ -188,10 +189,13 @@ class Handoff:
             f = wire.flow_state(
                 state, listener=flow.listener.name, client=flow.client, dest=flow.dest,
                 egress=flow.egress, egress_address=flow.egress_address, source=flow.source)
-            if batch and not wire.fits(batch, f):
+            n_fds, weight = f.n_fds, wire.weight(f)
+            if batch and not wire.fits_totals(fds + n_fds, size + weight):
                 self._send(batch)
-                batch = []
+                batch, fds, size = [], 0, 0
             batch.append(f)
+            fds += n_fds
+            size += weight
         if batch:
             self._send(batch)
         self._exported_all = connecting == 0

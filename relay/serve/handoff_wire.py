@@ -38,11 +38,13 @@ __all__ = [
     "core_state",
     "fds_of",
     "fits",
+    "fits_totals",
     "flow_fds",
     "flow_state",
     "recv_message",
     "send_ack",
     "send_batch",
+    "weight",
 ]
 
 SCM_MAX_FD = 253  # include/net/scm.h: descriptors one SCM_RIGHTS message may carry
@@ -147,12 +149,18 @@ def flow_fds(flow: FlowState) -> list[int]:
 
 def fits(batch: list[FlowState], flow: FlowState) -> bool:
     """May `flow` join `batch` within SCM_MAX_FD descriptors and about MAX_BATCH_BYTES?"""
-    fds = sum(f.n_fds for f in batch) + flow.n_fds
-    size = sum(_weight(f) for f in batch) + _weight(flow)
+    return fits_totals(sum(f.n_fds for f in batch) + flow.n_fds,
+                       sum(weight(f) for f in batch) + weight(flow))
+
+
+def fits_totals(fds: int, size: int) -> bool:
+    """Is a batch of `fds` descriptors and `size` weight within one message's limits? (A
+    sender that keeps running totals asks this in O(1) per flow; fits() re-sums the batch.)"""
     return fds <= SCM_MAX_FD and size <= MAX_BATCH_BYTES
 
 
-def _weight(flow: FlowState) -> int:
+def weight(flow: FlowState) -> int:
+    """About what the flow adds to a message's metadata."""
     return 256 + flow.pending_bytes
 
 
@@ -161,13 +169,13 @@ def batches(flows: list[FlowState]) -> Iterator[list[FlowState]]:
     batch: list[FlowState] = []
     fds = size = 0
     for flow in flows:
-        weight = _weight(flow)
-        if batch and (fds + flow.n_fds > SCM_MAX_FD or size + weight > MAX_BATCH_BYTES):
+        w = weight(flow)
+        if batch and not fits_totals(fds + flow.n_fds, size + w):
             yield batch
             batch, fds, size = [], 0, 0
         batch.append(flow)
         fds += flow.n_fds
-        size += weight
+        size += w
     if batch:
         yield batch
 
