@@ -56,6 +56,11 @@ HANDOFF_REFUSALS: tuple[str, ...] = (
     "maxconn", "maxconn_per_source",
 )
 SEND_TIMEOUT = 2.0  # seconds one batch may wait for room in the handoff socket
+# Seconds the old worker waits (relaying on meanwhile) for the adopting worker's Ready before it
+# sends anyway: a peer that predates Hello/Ready (relay upgrade from an older version) never
+# answers it, and adopts the batches as they come.
+READY_TIMEOUT = 0.5
+FDS_PER_FLOW = 3  # Hello's estimate: 2 sockets, plus a pipe pair for about one flow in two
 ACTIVE_POLL_MS = 1  # loop.run() timeout while a handoff is under way
 
 
@@ -73,6 +78,7 @@ class Handoff:
         self._seq = 0
         self._unacked: dict[int, int] = {}  # batch seq -> flows in it
         self._exported_all = False
+        self._ready_by = 0.0  # sent Hello: monotonic deadline for the Ready; 0 = go
         self.handed_over = 0  # flows sent and acked
         self.lost = 0  # flows sent, never acked: the adopting worker died
         self.kept = 0  # flows that could not be sent and drain here
@@ -136,9 +142,10 @@ class Handoff:
             self._start_sending(self._out_requested)
             self._out_requested = None
         if self._out is not None:
-            if not self._exported_all:
+            if not self._exported_all and not self._awaiting_ready():
                 self._send_exportable()
-            self._collect_acks()
+            if self._out is not None:
+                self._collect_acks()
 
     def give_up(self) -> None:
         """Drain deadline: stop waiting; batches still unacked are counted lost."""
@@ -166,7 +173,37 @@ class Handoff:
             return
         sock.settimeout(SEND_TIMEOUT)
         self._out = sock
-        self._send_exportable()
+        # No flow leaves before the adopting worker has made room for its descriptors: it
+        # answers Hello with Ready, and then every batch goes out back to back.
+        self._ready_by = time.monotonic() + READY_TIMEOUT
+        try:
+            wire.send_hello(sock, FDS_PER_FLOW * len(self._srv._flows) + 64)
+        except OSError:
+            self._ready_by = 0.0  # sending fails too, and the flows drain here
+        if not self._awaiting_ready():
+            self._send_exportable()
+
+    def _awaiting_ready(self) -> bool:
+        """Still waiting for the adopting worker's Ready (meanwhile this worker relays on)?"""
+        if not self._ready_by:
+            return False
+        assert self._out is not None
+        while True:
+            try:
+                msg = _recv_now(self._out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                msg = None  # gone: the first send fails, and its flows drain here
+            if msg is None or isinstance(msg, wire.Ready):
+                self._ready_by = 0.0
+                return False
+        if time.monotonic() >= self._ready_by:
+            log.warning("handoff: no Ready from the adopting worker within %.1fs; sending "
+                        "anyway", READY_TIMEOUT)
+            self._ready_by = 0.0
+            return False
+        return True
 
     def _send_exportable(self) -> None:
         """Export every established pair and send it, one batch at a time: the new worker
@@ -240,7 +277,7 @@ class Handoff:
         assert sock is not None
         while self._unacked:
             try:
-                msg = wire.recv_message(sock, socket.MSG_DONTWAIT)
+                msg = _recv_now(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -289,7 +326,13 @@ class Handoff:
                 sock.close()
                 self._inboxes.remove(sock)
                 return
-            if isinstance(msg, wire.Batch):
+            if isinstance(msg, wire.Hello):
+                wire.reserve_fds(msg.fds, sock.fileno())
+                try:
+                    wire.send_ready(sock)
+                except OSError:
+                    pass  # the old worker is gone already
+            elif isinstance(msg, wire.Batch):
                 adopted = refused = 0
                 for flow in msg.flows:
                     if self._adopt(flow):
@@ -375,6 +418,19 @@ def _refusal(lst: _Listener | None, f: wire.FlowState) -> str | None:
                 or not isinstance(local, tuple) or local[1] not in egress):
             return "egress_slice"
     return None
+
+
+def _recv_now(sock: socket.socket) -> wire.Batch | wire.Ack | wire.Hello | wire.Ready | None:
+    """One queued message, or BlockingIOError. The sending side keeps a timeout on its socket
+    (for sends), and Python then polls for up to that timeout before any recvmsg, whatever
+    MSG_DONTWAIT says: the wait on an ack blocked the loop, and a late ack (a TimeoutError, an
+    OSError) read as a dead peer. So the receive runs with the socket non-blocking."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return wire.recv_message(sock, socket.MSG_DONTWAIT)
+    finally:
+        sock.settimeout(timeout)
 
 
 def _tuple(value: Any) -> Any:
