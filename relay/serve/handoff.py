@@ -64,6 +64,9 @@ READY_TIMEOUT = 0.5
 # The wake watch (below) lasts as long as the core lets a watch last (24.8 days); an order after
 # it ran out wakes the loop the old way only (the worker's SIGUSR2).
 WAKE_WATCH_MS = 2**31 - 1
+# Flows per batch, and batches sent but not yet acknowledged (_send_exportable).
+BATCH_FLOWS = 64
+SEND_WINDOW = 2
 FDS_PER_FLOW = 3  # Hello's estimate: 2 sockets, plus a pipe pair for about one flow in two
 ACTIVE_POLL_MS = 1  # loop.run() timeout while a handoff is under way
 
@@ -82,6 +85,7 @@ class Handoff:
         self._seq = 0
         self._unacked: dict[int, int] = {}  # batch seq -> flows in it
         self._exported_all = False
+        self._more = False  # an inbox may hold another batch: loop.run(0), then take it
         self._ready_by = 0.0  # sent Hello: monotonic deadline for the Ready; 0 = go
         self.handed_over = 0  # flows sent and acked
         self.lost = 0  # flows sent, never acked: the adopting worker died
@@ -166,6 +170,8 @@ class Handoff:
         return self.sending or bool(self._inboxes) or bool(self._inbox_requested)
 
     def poll_ms(self, default: int) -> int:
+        if self._more:
+            return 0
         return ACTIVE_POLL_MS if self.active else default
 
     def stats(self) -> dict[str, Any]:
@@ -190,11 +196,14 @@ class Handoff:
             sock = self._inbox_requested.pop(0)
             sock.setblocking(False)
             self._inboxes.append(sock)
+        self._more = False
         for sock in list(self._inboxes):
             self._receive(sock)
         if self._out_requested is not None and self._srv._draining:
             self._start_sending(self._out_requested)
             self._out_requested = None
+        if self._out is not None and self._unacked:
+            self._collect_acks()  # first: each ack opens the window for the next batch
         if self._out is not None:
             if not self._exported_all and not self._awaiting_ready():
                 self._send_exportable()
@@ -270,14 +279,24 @@ class Handoff:
         return True
 
     def _send_exportable(self) -> None:
-        """Export every established pair and send it, one batch at a time: the new worker
-        adopts the first batch while this one exports the next (the pause of a flow is not
-        the time to export them all)."""
+        """Export established pairs and send them in batches of up to BATCH_FLOWS, keeping at
+        most SEND_WINDOW batches unacknowledged: the new worker imports one batch while the
+        next waits in the socket. A flow's pause runs from its export, so a flow is exported
+        only when the new worker will take it soon; until then this worker relays it. (Sent
+        all at once, the last batch waited behind every import before it: under CPU
+        contention, tens of milliseconds.) The rest goes out as acks come in (step)."""
         srv = self._srv
         batch: list[wire.FlowState] = []
         fds = size = 0  # the batch's running totals (re-summing it per flow was quadratic)
         connecting = 0
+        window_full = False
         for cid, flow in list(srv._flows.items()):
+            if len(batch) >= BATCH_FLOWS or fds + wire.MAX_FLOW_FDS > wire.SCM_MAX_FD:
+                self._send(batch)
+                batch, fds, size = [], 0, 0
+            if not batch and len(self._unacked) >= SEND_WINDOW and self._out is not None:
+                window_full = True
+                break
             try:
                 state = self._core.export_pair(cid)
             except ValueError:
@@ -299,7 +318,7 @@ class Handoff:
             size += weight
         if batch:
             self._send(batch)
-        self._exported_all = connecting == 0
+        self._exported_all = connecting == 0 and not window_full
 
     def _send(self, batch: list[wire.FlowState]) -> None:
         if self._out is None:
@@ -374,6 +393,9 @@ class Handoff:
     # -- new side ------------------------------------------------------------------------------
 
     def _receive(self, sock: socket.socket) -> None:
+        """Take the queued messages up to the first batch. One batch per loop iteration: an
+        adopted flow moves its first byte in the next loop.run(), which comes right after this
+        batch (poll 0), not after every batch queued behind it."""
         while True:
             try:
                 msg = wire.recv_message(sock, socket.MSG_DONTWAIT)
@@ -407,6 +429,8 @@ class Handoff:
                     wire.send_ack(sock, msg.seq, adopted, refused)
                 except OSError:
                     pass  # the old worker is gone already; the flows are ours anyway
+                self._more = True
+                return
 
     def _adopt(self, f: wire.FlowState) -> bool:
         from relay.serve.server import _Flow

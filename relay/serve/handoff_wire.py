@@ -31,6 +31,7 @@ import msgspec
 __all__ = [
     "FD_SIZE",
     "MAX_BATCH_BYTES",
+    "MAX_FLOW_FDS",
     "SCM_MAX_FD",
     "Ack",
     "Batch",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 SCM_MAX_FD = 253  # include/net/scm.h: descriptors one SCM_RIGHTS message may carry
+MAX_FLOW_FDS = 6  # two sockets and, per direction, a pipe holding bytes
 MAX_BATCH_BYTES = 64 * 1024  # metadata per message; a single large flow may exceed it alone
 RECV_BUFFER = 512 * 1024  # > two full 64 KiB copy buffers plus metadata
 FD_SIZE = array.array("i").itemsize
