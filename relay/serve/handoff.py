@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -61,9 +60,6 @@ SEND_TIMEOUT = 2.0  # seconds one batch may wait for room in the handoff socket
 # sends anyway: a peer that predates Hello/Ready (relay upgrade from an older version) never
 # answers it, and adopts the batches as they come.
 READY_TIMEOUT = 0.5
-# The wake watch (below) lasts as long as the core lets a watch last (24.8 days); an order after
-# it ran out wakes the loop the old way only (the worker's SIGUSR2).
-WAKE_WATCH_MS = 2**31 - 1
 # Flows per batch, and batches sent but not yet acknowledged (_send_exportable).
 BATCH_FLOWS = 64
 SEND_WINDOW = 2
@@ -95,62 +91,14 @@ class Handoff:
         self.refused: dict[str, int] = dict.fromkeys(HANDOFF_REFUSALS, 0)
         self.pause = _Histogram(PAUSE_BUCKETS)
         self.pause_max = 0.0
-        # A pipe the loop watches: an order written to it ends loop.run()'s wait at once. The
-        # worker's SIGUSR2 alone does not: a signal that lands while the loop is busy, not
-        # waiting, or one the uring wait does not return for, leaves the loop in run() until
-        # its timeout (100 ms), and the order waits that long. The watch's event reaches
-        # Server._dispatch as the EV_READABLE of an fd no PROXY header wait has: it is
-        # ignored there, and its only effect is that run() returns.
-        self._wake_r = self._wake_w = -1
-        self._wake_id = -1
-        if hasattr(server._loop, "export_pair"):
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self._arm_wake()
 
     # -- requests (safe from a signal handler: they only store the socket) -------------------
 
     def hand_over_to(self, sock: socket.socket) -> None:
         self._out_requested = sock
-        self._wake()
 
     def adopt_from(self, sock: socket.socket) -> None:
         self._inbox_requested.append(sock)
-        self._wake()
-
-    def _wake(self) -> None:
-        fd = self._wake_w
-        if fd >= 0:
-            try:
-                os.write(fd, b"w")
-            except OSError:
-                pass  # full (a wake is pending anyway) or closed (the server stopped)
-
-    def _arm_wake(self) -> None:
-        try:
-            self._wake_id = self._core.watch(self._wake_r, -1, WAKE_WATCH_MS)
-        except (OSError, ValueError, RuntimeError) as exc:
-            self._wake_id = -1  # table full or loop closed: orders wake by SIGUSR2 only
-            log.debug("handoff: no wake watch: %s", exc)
-
-    def _rearm_wake(self) -> None:
-        """After a wake: empty the pipe and watch it again (replacing a watch that did not
-        fire yet, so there is never more than one)."""
-        try:
-            if not os.read(self._wake_r, 512):
-                return
-        except BlockingIOError:
-            return
-        while True:
-            try:
-                if not os.read(self._wake_r, 512):
-                    break
-            except BlockingIOError:
-                break
-        if self._srv._loop_closed:
-            return
-        if self._wake_id >= 0:
-            self._core.unwatch(self._wake_id)
-        self._arm_wake()
 
     @property
     def _core(self) -> Any:
@@ -190,8 +138,6 @@ class Handoff:
 
     def step(self) -> None:
         """Run from serve_forever after each loop.run(): receive, adopt, send, collect acks."""
-        if self._wake_r >= 0:
-            self._rearm_wake()
         while self._inbox_requested:
             sock = self._inbox_requested.pop(0)
             sock.setblocking(False)
@@ -220,16 +166,6 @@ class Handoff:
 
     def close(self) -> None:
         self.give_up()
-        if self._wake_r >= 0:
-            if self._wake_id >= 0 and not self._srv._loop_closed:
-                try:
-                    self._core.unwatch(self._wake_id)
-                except (OSError, ValueError, RuntimeError):
-                    pass
-            w, self._wake_w = self._wake_w, -1
-            os.close(w)
-            os.close(self._wake_r)
-            self._wake_r = self._wake_id = -1
         for sock in self._inboxes + self._inbox_requested:
             sock.close()
         self._inboxes.clear()
