@@ -56,6 +56,14 @@ HANDOFF_REFUSALS: tuple[str, ...] = (
     "maxconn", "maxconn_per_source",
 )
 SEND_TIMEOUT = 2.0  # seconds one batch may wait for room in the handoff socket
+# Seconds the old worker waits (relaying on meanwhile) for the adopting worker's Ready before it
+# sends anyway: a peer that predates Hello/Ready (relay upgrade from an older version) never
+# answers it, and adopts the batches as they come.
+READY_TIMEOUT = 0.5
+# Flows per batch, and batches sent but not yet acknowledged (_send_exportable).
+BATCH_FLOWS = 64
+SEND_WINDOW = 2
+FDS_PER_FLOW = 3  # Hello's estimate: 2 sockets, plus a pipe pair for about one flow in two
 ACTIVE_POLL_MS = 1  # loop.run() timeout while a handoff is under way
 
 
@@ -73,6 +81,8 @@ class Handoff:
         self._seq = 0
         self._unacked: dict[int, int] = {}  # batch seq -> flows in it
         self._exported_all = False
+        self._more = False  # an inbox may hold another batch: loop.run(0), then take it
+        self._ready_by = 0.0  # sent Hello: monotonic deadline for the Ready; 0 = go
         self.handed_over = 0  # flows sent and acked
         self.lost = 0  # flows sent, never acked: the adopting worker died
         self.kept = 0  # flows that could not be sent and drain here
@@ -108,6 +118,8 @@ class Handoff:
         return self.sending or bool(self._inboxes) or bool(self._inbox_requested)
 
     def poll_ms(self, default: int) -> int:
+        if self._more:
+            return 0
         return ACTIVE_POLL_MS if self.active else default
 
     def stats(self) -> dict[str, Any]:
@@ -130,15 +142,19 @@ class Handoff:
             sock = self._inbox_requested.pop(0)
             sock.setblocking(False)
             self._inboxes.append(sock)
+        self._more = False
         for sock in list(self._inboxes):
             self._receive(sock)
         if self._out_requested is not None and self._srv._draining:
             self._start_sending(self._out_requested)
             self._out_requested = None
+        if self._out is not None and self._unacked:
+            self._collect_acks()  # first: each ack opens the window for the next batch
         if self._out is not None:
-            if not self._exported_all:
+            if not self._exported_all and not self._awaiting_ready():
                 self._send_exportable()
-            self._collect_acks()
+            if self._out is not None:
+                self._collect_acks()
 
     def give_up(self) -> None:
         """Drain deadline: stop waiting; batches still unacked are counted lost."""
@@ -166,16 +182,57 @@ class Handoff:
             return
         sock.settimeout(SEND_TIMEOUT)
         self._out = sock
-        self._send_exportable()
+        # No flow leaves before the adopting worker has made room for its descriptors: it
+        # answers Hello with Ready, and then every batch goes out back to back.
+        self._ready_by = time.monotonic() + READY_TIMEOUT
+        try:
+            wire.send_hello(sock, FDS_PER_FLOW * len(self._srv._flows) + 64)
+        except OSError:
+            self._ready_by = 0.0  # sending fails too, and the flows drain here
+        if not self._awaiting_ready():
+            self._send_exportable()
+
+    def _awaiting_ready(self) -> bool:
+        """Still waiting for the adopting worker's Ready (meanwhile this worker relays on)?"""
+        if not self._ready_by:
+            return False
+        assert self._out is not None
+        while True:
+            try:
+                msg = _recv_now(self._out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                msg = None  # gone: the first send fails, and its flows drain here
+            if msg is None or isinstance(msg, wire.Ready):
+                self._ready_by = 0.0
+                return False
+        if time.monotonic() >= self._ready_by:
+            log.warning("handoff: no Ready from the adopting worker within %.1fs; sending "
+                        "anyway", READY_TIMEOUT)
+            self._ready_by = 0.0
+            return False
+        return True
 
     def _send_exportable(self) -> None:
-        """Export every established pair and send it, one batch at a time: the new worker
-        adopts the first batch while this one exports the next (the pause of a flow is not
-        the time to export them all)."""
+        """Export established pairs and send them in batches of up to BATCH_FLOWS, keeping at
+        most SEND_WINDOW batches unacknowledged: the new worker imports one batch while the
+        next waits in the socket. A flow's pause runs from its export, so a flow is exported
+        only when the new worker will take it soon; until then this worker relays it. (Sent
+        all at once, the last batch waited behind every import before it: under CPU
+        contention, tens of milliseconds.) The rest goes out as acks come in (step)."""
         srv = self._srv
         batch: list[wire.FlowState] = []
+        fds = size = 0  # the batch's running totals (re-summing it per flow was quadratic)
         connecting = 0
+        window_full = False
         for cid, flow in list(srv._flows.items()):
+            if len(batch) >= BATCH_FLOWS or fds + wire.MAX_FLOW_FDS > wire.SCM_MAX_FD:
+                self._send(batch)
+                batch, fds, size = [], 0, 0
+            if not batch and len(self._unacked) >= SEND_WINDOW and self._out is not None:
+                window_full = True
+                break
             try:
                 state = self._core.export_pair(cid)
             except ValueError:
@@ -188,13 +245,16 @@ class Handoff:
             f = wire.flow_state(
                 state, listener=flow.listener.name, client=flow.client, dest=flow.dest,
                 egress=flow.egress, egress_address=flow.egress_address, source=flow.source)
-            if batch and not wire.fits(batch, f):
+            n_fds, weight = f.n_fds, wire.weight(f)
+            if batch and not wire.fits_totals(fds + n_fds, size + weight):
                 self._send(batch)
-                batch = []
+                batch, fds, size = [], 0, 0
             batch.append(f)
+            fds += n_fds
+            size += weight
         if batch:
             self._send(batch)
-        self._exported_all = connecting == 0
+        self._exported_all = connecting == 0 and not window_full
 
     def _send(self, batch: list[wire.FlowState]) -> None:
         if self._out is None:
@@ -236,7 +296,7 @@ class Handoff:
         assert sock is not None
         while self._unacked:
             try:
-                msg = wire.recv_message(sock, socket.MSG_DONTWAIT)
+                msg = _recv_now(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -269,6 +329,9 @@ class Handoff:
     # -- new side ------------------------------------------------------------------------------
 
     def _receive(self, sock: socket.socket) -> None:
+        """Take the queued messages up to the first batch. One batch per loop iteration: an
+        adopted flow moves its first byte in the next loop.run(), which comes right after this
+        batch (poll 0), not after every batch queued behind it."""
         while True:
             try:
                 msg = wire.recv_message(sock, socket.MSG_DONTWAIT)
@@ -285,7 +348,13 @@ class Handoff:
                 sock.close()
                 self._inboxes.remove(sock)
                 return
-            if isinstance(msg, wire.Batch):
+            if isinstance(msg, wire.Hello):
+                wire.reserve_fds(msg.fds, sock.fileno())
+                try:
+                    wire.send_ready(sock)
+                except OSError:
+                    pass  # the old worker is gone already
+            elif isinstance(msg, wire.Batch):
                 adopted = refused = 0
                 for flow in msg.flows:
                     if self._adopt(flow):
@@ -296,6 +365,8 @@ class Handoff:
                     wire.send_ack(sock, msg.seq, adopted, refused)
                 except OSError:
                     pass  # the old worker is gone already; the flows are ours anyway
+                self._more = True
+                return
 
     def _adopt(self, f: wire.FlowState) -> bool:
         from relay.serve.server import _Flow
@@ -371,6 +442,19 @@ def _refusal(lst: _Listener | None, f: wire.FlowState) -> str | None:
                 or not isinstance(local, tuple) or local[1] not in egress):
             return "egress_slice"
     return None
+
+
+def _recv_now(sock: socket.socket) -> wire.Batch | wire.Ack | wire.Hello | wire.Ready | None:
+    """One queued message, or BlockingIOError. The sending side keeps a timeout on its socket
+    (for sends), and Python then polls for up to that timeout before any recvmsg, whatever
+    MSG_DONTWAIT says: the wait on an ack blocked the loop, and a late ack (a TimeoutError, an
+    OSError) read as a dead peer. So the receive runs with the socket non-blocking."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return wire.recv_message(sock, socket.MSG_DONTWAIT)
+    finally:
+        sock.settimeout(timeout)
 
 
 def _tuple(value: Any) -> Any:

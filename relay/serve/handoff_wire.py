@@ -1,7 +1,9 @@
 """The wire format of a reload handoff: established flows from an old worker to a new one.
 
 One SOCK_SEQPACKET socketpair per (old worker, new worker), made by the supervisor at reload.
-The old worker sends ``Batch`` messages, each carrying its flows' descriptors with SCM_RIGHTS
+The old worker first sends ``Hello`` (how many descriptors
+are coming) and waits, still relaying, for the new worker's ``Ready`` (it has made room for
+them: reserve_fds); then it sends ``Batch`` messages back to back, each carrying its flows' descriptors with SCM_RIGHTS
 (client socket, upstream socket, then the pipe ends of each direction whose pipe still holds
 bytes); inside the message a descriptor is named by its index in that message's descriptor
 list. The new worker answers each batch with an ``Ack`` once every flow of it is adopted or
@@ -9,7 +11,7 @@ refused. A SEQPACKET message is delivered whole or not at all, so a batch never 
 half of its descriptors.
 
 The kernel caps one message at SCM_MAX_FD (253) descriptors; a flow needs 2 to 6, so a batch
-holds at most 42 flows, and fewer when their copy buffers are large (the message must fit the
+holds 42 to 126 flows, and fewer when their copy buffers are large (the message must fit the
 socket's send buffer). Descriptors still in a socket's queue when the receiving process dies are
 closed by the kernel: those flows end (and the sender counts them as lost, having no ack).
 """
@@ -17,6 +19,9 @@ closed by the kernel: those flows end (and the sender counts them as lost, havin
 from __future__ import annotations
 
 import array
+import fcntl
+import os
+import resource
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -26,26 +31,35 @@ import msgspec
 __all__ = [
     "FD_SIZE",
     "MAX_BATCH_BYTES",
+    "MAX_FLOW_FDS",
     "SCM_MAX_FD",
     "Ack",
     "Batch",
     "FlowState",
     "HalfState",
     "HandoffError",
+    "Hello",
+    "Ready",
     "batches",
     "close_fd",
     "close_flow_fds",
     "core_state",
     "fds_of",
     "fits",
+    "fits_totals",
     "flow_fds",
     "flow_state",
     "recv_message",
+    "reserve_fds",
     "send_ack",
     "send_batch",
+    "send_hello",
+    "send_ready",
+    "weight",
 ]
 
 SCM_MAX_FD = 253  # include/net/scm.h: descriptors one SCM_RIGHTS message may carry
+MAX_FLOW_FDS = 6  # two sockets and, per direction, a pipe holding bytes
 MAX_BATCH_BYTES = 64 * 1024  # metadata per message; a single large flow may exceed it alone
 RECV_BUFFER = 512 * 1024  # > two full 64 KiB copy buffers plus metadata
 FD_SIZE = array.array("i").itemsize
@@ -108,7 +122,17 @@ class Ack(msgspec.Struct, tag="ack"):
     refused: int
 
 
-Message = Batch | Ack
+class Hello(msgspec.Struct, tag="hello"):
+    """Old -> new, before the first batch: at most `fds` descriptors are coming."""
+
+    fds: int
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    """New -> old, the answer to Hello: room is made, send the batches back to back."""
+
+
+Message = Batch | Ack | Hello | Ready
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
@@ -147,12 +171,18 @@ def flow_fds(flow: FlowState) -> list[int]:
 
 def fits(batch: list[FlowState], flow: FlowState) -> bool:
     """May `flow` join `batch` within SCM_MAX_FD descriptors and about MAX_BATCH_BYTES?"""
-    fds = sum(f.n_fds for f in batch) + flow.n_fds
-    size = sum(_weight(f) for f in batch) + _weight(flow)
+    return fits_totals(sum(f.n_fds for f in batch) + flow.n_fds,
+                       sum(weight(f) for f in batch) + weight(flow))
+
+
+def fits_totals(fds: int, size: int) -> bool:
+    """Is a batch of `fds` descriptors and `size` weight within one message's limits? (A
+    sender that keeps running totals asks this in O(1) per flow; fits() re-sums the batch.)"""
     return fds <= SCM_MAX_FD and size <= MAX_BATCH_BYTES
 
 
-def _weight(flow: FlowState) -> int:
+def weight(flow: FlowState) -> int:
+    """About what the flow adds to a message's metadata."""
     return 256 + flow.pending_bytes
 
 
@@ -161,13 +191,13 @@ def batches(flows: list[FlowState]) -> Iterator[list[FlowState]]:
     batch: list[FlowState] = []
     fds = size = 0
     for flow in flows:
-        weight = _weight(flow)
-        if batch and (fds + flow.n_fds > SCM_MAX_FD or size + weight > MAX_BATCH_BYTES):
+        w = weight(flow)
+        if batch and not fits_totals(fds + flow.n_fds, size + w):
             yield batch
             batch, fds, size = [], 0, 0
         batch.append(flow)
         fds += flow.n_fds
-        size += weight
+        size += w
     if batch:
         yield batch
 
@@ -207,7 +237,44 @@ def send_ack(sock: socket.socket, seq: int, adopted: int, refused: int) -> None:
     sock.send(_encoder.encode(Ack(seq, adopted, refused)))
 
 
-def recv_message(sock: socket.socket, flags: int = 0) -> Batch | Ack | None:
+def send_hello(sock: socket.socket, fds: int) -> None:
+    sock.send(_encoder.encode(Hello(fds)))
+
+
+def send_ready(sock: socket.socket) -> None:
+    sock.send(_encoder.encode(Ready()))
+
+
+def reserve_fds(n: int, fd: int) -> int:
+    """Grow this process's descriptor table now, so that `n` more descriptors fit without
+    growing it later; `fd` is any open descriptor (it is duplicated once and closed again).
+    Returns the descriptor number reserved, or -1 (nothing to do, or the limit is too low).
+
+    Why: recvmsg installs an SCM_RIGHTS message's descriptors at once, and when the table is
+    full the kernel doubles it (fs/file.c, expand_fdtable). In a process with more than one
+    thread each doubling first waits for an RCU grace period (synchronize_rcu): 7-14 ms each
+    on the development machine, paid several times while 1,000 flows arrive, inside the pause
+    of every flow queued behind that batch. Grown once before the first batch, the table
+    stays grown (it never shrinks)."""
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    target = open_now + n
+    if soft != resource.RLIM_INFINITY:
+        target = min(target, soft - 1)
+    if n <= 0 or target <= open_now:
+        return -1
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, target)
+    except OSError:
+        return -1
+    os.close(high)
+    return high
+
+
+def recv_message(sock: socket.socket, flags: int = 0) -> Batch | Ack | Hello | Ready | None:
     """One message; a Batch comes back with real descriptor numbers (now the caller's).
     None at EOF. Raises BlockingIOError on a non-blocking socket with nothing queued, and
     HandoffError for a truncated or undecodable message (its descriptors are closed)."""
@@ -223,9 +290,9 @@ def recv_message(sock: socket.socket, flags: int = 0) -> Batch | Ack | None:
             msg = _decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise HandoffError(f"undecodable handoff message: {exc}") from exc
-        if isinstance(msg, Ack):
+        if not isinstance(msg, Batch):
             if received:
-                raise HandoffError("an ack carried descriptors")
+                raise HandoffError(f"a {type(msg).__name__.lower()} message carried descriptors")
             return msg
         flows = [_renumber(f, received) for f in msg.flows]
         if sum(len(flow_fds(f)) for f in flows) != len(received):

@@ -18,6 +18,7 @@ from helpers import alive, relay_totals, wait_for
 from helpers import echo as echo_handler
 
 from relay.lab.process import relay_config
+from relay.serve.handoff import READY_TIMEOUT
 
 
 class Conversation(threading.Thread):
@@ -279,8 +280,10 @@ def test_a_removed_listener_closes_exactly_its_flows(origins: Any, relays: Any) 
 def test_sigkill_of_an_adopting_worker_loses_only_its_flows(origins: Any,
                                                             relays: Any) -> None:
     """Old workers frozen across the reload, the new slot-0 worker frozen before they send:
-    its batches wait unread in the handoff socket when it is SIGKILLed. Exactly the flows of
-    the old slot-0 worker are lost, counted as handoff_lost; the others move on."""
+    it never answers the old slot-0 worker's Hello, which sends its batches anyway once
+    READY_TIMEOUT is over; they wait unread in the handoff socket when it is SIGKILLed.
+    Exactly the flows of the old slot-0 worker are lost, counted as handoff_lost; the others
+    move on."""
     echo = origins(echo_handler)
     rp = relays(lambda adm: _config(echo.port, adm))
     rp.wait_ready()
@@ -310,7 +313,7 @@ def test_sigkill_of_an_adopting_worker_loses_only_its_flows(origins: Any,
     finally:
         for pid in old.values():
             os.kill(pid, signal.SIGCONT)
-    time.sleep(0.5)                                  # old slot 1 handed over, slot 0 waits
+    time.sleep(READY_TIMEOUT + 0.5)                  # old slot 1 handed over, slot 0 sent
     os.kill(new[0], signal.SIGKILL)
     wait_for(lambda: not any(alive(p) for p in old.values()), 5, "old workers gone")
     time.sleep(0.5)
@@ -323,3 +326,33 @@ def test_sigkill_of_an_adopting_worker_loses_only_its_flows(origins: Any,
     t = relay_totals(rp)
     assert t["handoff_lost"] == opened[0]
     assert t["handoff_handed_over"] == opened[1] == 12 - opened[0]
+
+
+@pytest.mark.timeout(60)
+def test_more_flows_than_the_send_window_all_move(origins: Any, relays: Any) -> None:
+    """More flows than SEND_WINDOW batches of BATCH_FLOWS hold: the old worker sends the rest
+    as acks come in, and every connection answers through the new worker."""
+    from relay.serve.handoff import BATCH_FLOWS, SEND_WINDOW
+
+    n = BATCH_FLOWS * (SEND_WINDOW + 2) + 7
+    echo = origins(echo_handler)
+    rp = relays(lambda adm: _config(echo.port, adm, workers=1))
+    rp.wait_ready()
+    old = _generation_pids(rp, 1)
+    conns = [socket.create_connection(rp.address(), timeout=10) for _ in range(n)]
+    try:
+        for i, s in enumerate(conns):
+            s.sendall(b"%06d" % i)
+        for i, s in enumerate(conns):
+            assert s.recv(6, socket.MSG_WAITALL) == b"%06d" % i
+        _reload_and_check(rp, 2, old)
+        for i, s in enumerate(conns):
+            s.sendall(b"%06d" % (i + n))
+        for i, s in enumerate(conns):
+            assert s.recv(6, socket.MSG_WAITALL) == b"%06d" % (i + n)
+    finally:
+        for s in conns:
+            s.close()
+    wait_for(lambda: relay_totals(rp)["handoff_adopted"] == n, 5, "the new worker's stats")
+    t = relay_totals(rp)
+    assert t["handoff_handed_over"] == n and t["handoff_lost"] == 0 and t["handoff_kept"] == 0

@@ -97,3 +97,46 @@ def test_orders_travel_on_a_channel_without_blocking() -> None:
     assert a.recv(1) == b"x"
     for s in (sup, worker, a, b, *(s for _o, s in got)):
         s.close()
+
+
+def test_hello_and_ready_cross_a_socketpair_and_refuse_descriptors() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        wire.send_hello(a, 1234)
+        assert wire.recv_message(b) == wire.Hello(1234)
+        wire.send_ready(b)
+        assert isinstance(wire.recv_message(a), wire.Ready)
+        r, w = os.pipe()
+        a.sendmsg([wire._encoder.encode(wire.Ready())],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+        os.close(r)
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(wire.HandoffError, match="ready message carried descriptors"):
+            wire.recv_message(b)
+        assert len(os.listdir("/proc/self/fd")) == before  # the received copy was closed
+        os.close(w)
+
+
+def _fd_table_size() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("FDSize:"))
+
+
+def test_reserve_fds_grows_the_descriptor_table_once_and_leaks_nothing() -> None:
+    import resource
+
+    size = _fd_table_size()
+    want = 2 * size + 100
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= len(os.listdir("/proc/self/fd")) + want:
+        pytest.skip("RLIMIT_NOFILE too low to grow the table here")
+    opened = len(os.listdir("/proc/self/fd"))
+    r, w = os.pipe()
+    try:
+        high = wire.reserve_fds(want, r)
+        assert high >= opened + want
+        assert _fd_table_size() > high
+        assert len(os.listdir("/proc/self/fd")) == opened + 2  # only the pipe is left
+        assert wire.reserve_fds(0, r) == -1
+    finally:
+        os.close(r)
+        os.close(w)
