@@ -47,6 +47,7 @@ import msgspec
 
 from relay.process.handoff import CAN_HAND_OVER, Adopt, HandOver, send_order
 from relay.process.udp_sequencing import UDP_RELEASE_TIMEOUT, release_udp
+from relay.serve.handoff_wire import close_fd, fds_of
 
 __all__ = ["ENV_COMMAND", "Inherited", "Released", "UdpReleased", "Upgrade", "upgrade_command"]
 
@@ -113,21 +114,17 @@ def _recv(sock: socket.socket) -> list[tuple[Message, list[int]]] | None:
             return out
         except OSError:
             return None if not out else out
-        fds: list[int] = []
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += [int.from_bytes(cdata[i:i + 4], sys.byteorder, signed=True)
-                        for i in range(0, len(cdata) - len(cdata) % 4, 4)]
+        fds = fds_of(ancdata)
         if not data:
             for fd in fds:
-                os.close(fd)
+                close_fd(fd)
             return None if not out else out
         try:
             out.append((_decoder.decode(data), fds))
         except msgspec.DecodeError as exc:
             log.warning("upgrade: undecodable control message: %s", exc)
             for fd in fds:
-                os.close(fd)
+                close_fd(fd)
 
 
 class Upgrade:
