@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 import pytest
 
@@ -132,15 +133,12 @@ def test_a_share_smaller_than_the_worker_count_is_empty_and_fails_closed() -> No
     assert len(share.ports) == 0 and share.take(("192.0.2.1", 1)) is None
 
 
-def test_router_binds_slice_ports_shared_across_destinations_and_fails_closed() -> None:
-    """Loopback stands in for a soft-unicast address (local: no IP_TRANSPARENT needed); the
-    policy step is skipped because it refuses loopback destinations, as it should."""
-    import socket
-
-    from relay.serve.routing import SliceExhausted
+def _loopback_udp_router(ports: str) -> tuple[Any, Any]:
+    """A tproxy UDP listener's router (worker 0 of 1) with an egress slice on 127.0.0.1, and
+    that egress entry."""
     from relay.serve.udp_routing import UdpRouter
 
-    cfg = loads('''
+    cfg = loads(f'''
 [[listener]]
 name = "t"
 protocol = "udp"
@@ -148,11 +146,21 @@ bind = "127.0.0.1:0"
 mode = "tproxy"
 [[egress]]
 address = "127.0.0.1"
-ports = "45000-45001"
+ports = "{ports}"
 ''')
     table = EgressTable(cfg.egress)
     router = UdpRouter(cfg.listener[0], cfg, set(), PortAllocator(table.entries, 0, 1), table)
-    egress = table.lookup("127.0.0.1")
+    return router, table.lookup("127.0.0.1")
+
+
+def test_router_binds_slice_ports_shared_across_destinations_and_fails_closed() -> None:
+    """Loopback stands in for a soft-unicast address (local: no IP_TRANSPARENT needed); the
+    policy step is skipped because it refuses loopback destinations, as it should."""
+    import socket
+
+    from relay.serve.routing import SliceExhausted
+
+    router, egress = _loopback_udp_router("45000-45001")
     origins = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
     flows = []
     try:
@@ -217,21 +225,8 @@ def test_router_refuses_a_slice_that_no_longer_fits_the_port_sysctls(
 
     from relay.serve import slicecheck
     from relay.serve.routing import Denied
-    from relay.serve.udp_routing import UdpRouter
 
-    cfg = loads('''
-[[listener]]
-name = "t"
-protocol = "udp"
-bind = "127.0.0.1:0"
-mode = "tproxy"
-[[egress]]
-address = "127.0.0.1"
-ports = "45010-45010"
-''')
-    table = EgressTable(cfg.egress)
-    router = UdpRouter(cfg.listener[0], cfg, set(), PortAllocator(table.entries, 0, 1), table)
-    egress = table.lookup("127.0.0.1")
+    router, egress = _loopback_udp_router("45010-45010")
     assert egress is not None
 
     class Unusable:
