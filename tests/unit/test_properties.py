@@ -181,8 +181,9 @@ def mutated_configs(draw: Any) -> dict[str, Any]:
         table = doc[section]
         if isinstance(table, list):
             table = table[draw(st.integers(0, len(table) - 1))]
-        known = sorted(table)
-        key = draw(st.one_of(st.sampled_from(known), st.text(min_size=1, max_size=12)))
+        known = sorted(table)  # empty once earlier mutations deleted every key
+        any_key = st.text(min_size=1, max_size=12)
+        key = draw(st.one_of(st.sampled_from(known), any_key) if known else any_key)
         if draw(st.booleans()) and key in table:
             del table[key]
         else:
