@@ -36,7 +36,7 @@ build: $(VENV)/.installed relay_ext/.built
 relay_ext/.built: $(CORE_SRC)
 	$(PY) setup.py -q build_ext --build-lib build/ext --build-temp build/tmp
 	@for so in build/ext/relay_ext/_build_info.py build/ext/relay_ext/_core*.so build/ext/relay_ext/_udp*.so \
-	  build/ext/relay_ext/_limits*.so; do \
+	  build/ext/relay_ext/_limits*.so build/ext/relay_ext/_flowfmt*.so; do \
 	  cp "$$so" "relay_ext/.$${so##*/}.new" && mv -f "relay_ext/.$${so##*/}.new" "relay_ext/$${so##*/}"; done
 	touch $@
 
@@ -79,6 +79,6 @@ soak: setup
 	$(PY) tests/soak/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
-	rm -rf build dist relay_ext/*.so relay_ext/_core.c relay_ext/_udp.c relay_ext/_limits.c \
+	rm -rf build dist relay_ext/*.so relay_ext/_core.c relay_ext/_udp.c relay_ext/_limits.c relay_ext/_flowfmt.c \
 	  relay_ext/_build_info.py \
 	  relay_ext/.built *.egg-info

@@ -134,8 +134,14 @@ def extensions() -> list[Extension]:
         sources=["relay_ext/_limits.pyx"],
         extra_compile_args=EXTRA_COMPILE_ARGS,
     )
+    # The flow log's line formatter (relay.serve.flowlog): plain CPython API, no system headers.
+    flowfmt = Extension(
+        "relay_ext._flowfmt",
+        sources=["relay_ext/_flowfmt.pyx"],
+        extra_compile_args=EXTRA_COMPILE_ARGS,
+    )
     return cythonize(
-        [ext, udp, limits],
+        [ext, udp, limits, flowfmt],
         language_level=3,
         compiler_directives={
             "boundscheck": False,

@@ -52,10 +52,13 @@ fields (text: ``key=value`` after the message; json: members), in this order:
 UDP bytes are all copied (``spliced_bytes`` 0).
 
 When ``relay.ops.log.setup_logging`` installed the only handler, the writer formats the lines
-itself (the same text as ``relay.ops.log.TextFormatter``, the same JSON members as its JSON
-formatter, the same escaping) and writes them with one ``write(2)`` per batch on its own
-descriptor of the log destination. Otherwise (embedding, pytest's caplog) it hands each record
-to ``logging`` from the writer thread, with the same ``extra`` fields.
+itself with the compiled ``relay_ext._flowfmt.LineFormatter`` (the same bytes as
+``relay.ops.log.TextFormatter``, the same JSON members as its JSON formatter, the same escaping:
+the escaping stays in the Python callables it caches, ``_line_formatter``), CHUNK_RECORDS
+records per GIL hold, and writes each chunk with one ``write(2)`` on its own descriptor of the
+log destination. Otherwise (embedding, pytest's caplog, or the extensions not built) it hands
+each record to ``logging`` from the writer thread, with the same ``extra`` fields: that path is
+the reference the compiled lines are tested against (tests/unit/test_flowlog_format.py).
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ from typing import Any
 
 from relay.ops import log as relay_log
 from relay.sock import format_address
+
+try:
+    from relay_ext import _flowfmt
+except ImportError as exc:  # the extensions are not built: the writer hands lines to logging
+    _flowfmt = None  # type: ignore[assignment]
+    _FLOWFMT_MISSING = f"relay_ext._flowfmt is not importable ({exc})"
 
 __all__ = [
     "BUFFER_RECORDS",
@@ -94,6 +103,7 @@ TCP_FIELDS = FIELDS[:-2]  # a TCP line has no datagram counts
 BUFFER_RECORDS = 16384  # records waiting for the writer; beyond this they are dropped
 FLUSH_RECORDS = 256  # wake the writer once this many wait...
 FLUSH_INTERVAL = 0.2  # ...or after this many seconds
+CHUNK_RECORDS = 64  # records formatted per GIL hold (one write(2) each)
 CLOSE_TIMEOUT = 2.0
 _CHECK_INTERVAL = 0.1  # the writer looks for a reopen request this often  # close(): how long to wait for a writer blocked on its destination
 _DROP_LOG_INTERVAL = 10.0
@@ -127,109 +137,36 @@ def _errno_name(err: int) -> str:
     return errno_mod.errorcode.get(err, str(err)) if err else ""
 
 
-class _Formatter:
-    """Turns records into the bytes of complete lines, text or JSON (see the module docstring)."""
+def _line_formatter(fmt: str) -> _flowfmt.LineFormatter:
+    """The compiled formatter of ``fmt`` lines (see the module docstring). It caches what these
+    callables return, which hold the escaping rules (relay.ops.log's, JSON's): the head per
+    listener, the tail per (reason, errno, protocol), an address that is not a plain IP tuple."""
+    pid = os.getpid()
+    value: Callable[[str], str]
+    if fmt == "json":
+        value = encode_basestring_ascii
 
-    def __init__(self, fmt: str) -> None:
-        self.json = fmt == "json"
-        self.pid = os.getpid()
-        self._second = -1
-        self._second_text = ""
-        prefix = f"INFO relay.flow[{self.pid}]: flow"
-        self._text_prefix = prefix
-        self._json_prefix = f', "level": "INFO", "logger": "relay.flow", "pid": {self.pid}, ' \
-                            '"message": "flow"'
-        self._names: dict[str, str] = {}
-        self._dests: dict[Any, str] = {}
-        self._heads: dict[str, str] = {}
-        self._tails: dict[tuple[str, int, str], str] = {}
+        def head(lst: str) -> str:
+            return (f', "level": "INFO", "logger": "relay.flow", "pid": {pid}, '
+                    f'"message": "flow", "listener": {value(lst)}')
 
-    def _time(self, created: float) -> str:
-        second = int(created)
-        if second != self._second:
-            self._second = second
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._second_text}.{int(created % 1 * 1000):03d}Z"
+        def tail(reason: str, err: int, proto: str) -> str:
+            return (f', "reason": {value(reason)}, "errno": {value(_errno_name(err))}, '
+                    f'"protocol": {value(proto)}')
+    else:
+        value = relay_log._text_value
 
-    def _value(self, text: str) -> str:
-        return encode_basestring_ascii(text) if self.json else relay_log._text_value(text)
+        def head(lst: str) -> str:
+            return f" INFO relay.flow[{pid}]: flow listener={value(lst)}"
 
-    def _name(self, name: str) -> str:
-        shown = self._names.get(name)
-        if shown is None:
-            shown = self._names[name] = self._value(name)
-        return shown
+        def tail(reason: str, err: int, proto: str) -> str:
+            return (f" reason={value(reason)} errno={value(_errno_name(err))} "
+                    f"protocol={value(proto)}")
 
-    def _addr(self, addr: Any) -> str:
-        """An address as a field value. The IP literal and port of a (host, port...) tuple
-        need no quoting or escaping in either format; anything else goes through the rules."""
-        if addr is None:
-            return '""'
-        if type(addr) is tuple and len(addr) >= 2:
-            host = addr[0]
-            if type(host) is str and host and not host.startswith("unix:"):
-                if ":" in host:
-                    return f'"[{host}]:{addr[1]}"' if self.json else f"[{host}]:{addr[1]}"
-                return f'"{host}:{addr[1]}"' if self.json else f"{host}:{addr[1]}"
-        return self._value(format_addr(addr))
+    def address(addr: Any) -> str:
+        return value(format_addr(addr))
 
-    def lines(self, records: list[Record]) -> str:
-        out: list[str] = []
-        append = out.append
-        addr = self._addr
-        clock = self._time
-        dests = self._dests  # a backend's or a destination's address repeats: shown once
-        heads = self._heads  # "... listener=NAME" per listener name
-        tails = self._tails  # the reason/errno/protocol fields per (reason, errno, protocol)
-        if len(dests) > 4096:
-            dests.clear()
-        if len(tails) > 4096:
-            tails.clear()
-        json = self.json
-        for (t, lst, client, dest, egress, c2s, s2c, spliced, copied, dur, reason,
-             err, proto, d_c2s, d_s2c) in records:
-            shown_dest = dests.get(dest)
-            if shown_dest is None:
-                shown_dest = dests[dest] = addr(dest)
-            head = heads.get(lst)
-            if head is None:
-                head = heads[lst] = self._head(lst)
-            tail = tails.get((reason, err, proto))
-            if tail is None:
-                tail = tails[(reason, err, proto)] = self._tail(reason, err, proto)
-            shown_egress = '""' if egress is None else addr(egress)  # None: backend mode
-            # repr(dur / 1e6) is repr(round(dur / 1e6, 6)) for any integer duration below
-            # 2**33 s: the quotient is already the double nearest to the 6-decimal value.
-            if json:
-                dgrams = (f', "c2s_dgrams": {d_c2s}, "s2c_dgrams": {d_s2c}}}\n'
-                          if d_c2s >= 0 else "}\n")
-                append(
-                    f'{{"time": "{clock(t)}"{head}, '
-                    f'"client": {addr(client)}, "dest": {shown_dest}, '
-                    f'"egress": {shown_egress}, "c2s_bytes": {c2s}, '
-                    f'"s2c_bytes": {s2c}, "spliced_bytes": {spliced}, '
-                    f'"copied_bytes": {copied}, "duration": {dur / 1e6!r}{tail}{dgrams}')
-            else:
-                dgrams = (f" c2s_dgrams={d_c2s} s2c_dgrams={d_s2c}\n" if d_c2s >= 0 else "\n")
-                append(
-                    f"{clock(t)}{head} "
-                    f"client={addr(client)} dest={shown_dest} "
-                    f"egress={shown_egress} c2s_bytes={c2s} s2c_bytes={s2c} "
-                    f"spliced_bytes={spliced} copied_bytes={copied} "
-                    f"duration={dur / 1e6!r}{tail}{dgrams}")
-        return "".join(out)
-
-    def _head(self, lst: str) -> str:
-        if self.json:
-            return f'{self._json_prefix}, "listener": {self._name(lst)}'
-        return f" {self._text_prefix} listener={self._name(lst)}"
-
-    def _tail(self, reason: str, err: int, proto: str) -> str:
-        name = self._name
-        if self.json:
-            return (f', "reason": {name(reason)}, "errno": {name(_errno_name(err))}, '
-                    f'"protocol": {name(proto)}')
-        return f" reason={name(reason)} errno={name(_errno_name(err))} protocol={name(proto)}"
+    return _flowfmt.LineFormatter(fmt == "json", head, tail, address)
 
 
 def _as_extra(rec: Record) -> dict[str, Any]:
@@ -251,25 +188,33 @@ class _Sink:
     def __init__(self) -> None:
         self.fd = -1
         self.pipe = False
-        self.formatter: _Formatter | None = None
+        self.formatter: _flowfmt.LineFormatter | None = None
         dest = relay_log.flow_destination(FLOW_LOGGER)
         if dest is None:
+            return
+        if _flowfmt is None:
+            relay_log.log_every(log, "flowlog no formatter", 3600.0,
+                                "flow log: %s; flow lines go through logging (slower)",
+                                _FLOWFMT_MISSING)
             return
         fd, fmt = dest
         self.fd = os.dup(fd)
         self.pipe = not stat.S_ISREG(os.fstat(self.fd).st_mode)
-        self.formatter = _Formatter(fmt)
+        self.formatter = _line_formatter(fmt)
 
     def write(self, records: list[Record]) -> None:
         if self.formatter is None:
             for rec in records:
                 _emit(rec)
             return
-        data = self.formatter.lines(records).encode("utf-8", "backslashreplace")
-        if self.pipe:
-            _write_lines_atomically(self.fd, data)
-        else:
-            _write_all(self.fd, data)
+        # Formatting holds the GIL: in chunks, each followed by its write(2) (which releases
+        # it), the serving thread never waits for the GIL behind a whole batch.
+        for start in range(0, len(records), CHUNK_RECORDS):
+            data = self.formatter.lines(records[start:start + CHUNK_RECORDS])
+            if self.pipe:
+                _write_lines_atomically(self.fd, data)
+            else:
+                _write_all(self.fd, data)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -277,12 +222,18 @@ class _Sink:
             self.fd = -1
 
 
-def _emit(rec: Record) -> None:
+def _log_record(rec: Record) -> logging.LogRecord:
+    """The record as a ``logging`` record: what the writer hands to ``logging`` when it does
+    not format the lines itself (and the reference its compiled formatter is tested against)."""
     record = FLOW_LOGGER.makeRecord(FLOW_LOGGER.name, logging.INFO, __file__, 0, "flow", (),
                                     None, extra=_as_extra(rec))
     record.created = rec[0]
     record.msecs = int(rec[0] % 1 * 1000)
-    FLOW_LOGGER.handle(record)
+    return record
+
+
+def _emit(rec: Record) -> None:
+    FLOW_LOGGER.handle(_log_record(rec))
 
 
 def _write_all(fd: int, data: bytes) -> None:
