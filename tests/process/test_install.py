@@ -135,6 +135,7 @@ def test_installed_core_imports_without_cython(venv: Path) -> None:
     probe = (
         "import json, sys\n"
         "import relay_ext._core as core\n"
+        "import relay_ext._flowfmt\n"
         "from relay_ext import _build_info\n"
         "from relay.engines import available\n"
         "print(json.dumps({'core': core.__file__, 'cython': core.CYTHON_VERSION,\n"

@@ -177,3 +177,17 @@ def test_duration_text_is_the_rounded_seconds() -> None:
                *(rng.randrange(10**n) for n in range(3, 16) for _ in range(2000))]
     for us in samples:
         assert repr(us / 1e6) == repr(round(us / 1e6, 6)), us
+
+
+def test_without_the_extension_the_lines_go_through_logging(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without relay_ext._flowfmt still writes every line, the same ones, through
+    `logging` (and says once why)."""
+    reference = _logging_lines("text", tmp_path)
+    monkeypatch.setattr(flowlog, "_flowfmt", None)
+    monkeypatch.setattr(flowlog, "_FLOWFMT_MISSING", "relay_ext._flowfmt is not importable (test)",
+                        raising=False)
+    lines = _writer_lines("text", tmp_path)
+    assert [line for line in lines if " relay.flow[" in line] == reference
+    [why] = [line for line in lines if "relay.flowlog" in line]
+    assert "relay_ext._flowfmt is not importable (test)" in why and "through logging" in why
