@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from helpers import read_all, wait_until
 from test_core import BACKENDS, Loop, core
 
 from relay.sock import pack_sockaddr
@@ -177,3 +178,24 @@ def test_pack_sockaddr_matches_the_kernels_view() -> None:
             assert int.from_bytes(packed[:2], "little") == family
             assert int.from_bytes(packed[2:4], "big") == name[1]
     assert pack_sockaddr(socket.AF_INET6, ("::1", 80, 5, 0)) is None  # a flow label: not taken
+
+
+def test_server_upstream_failing_at_once_is_logged_as_before(relay_server, client,
+                                                             caplog) -> None:
+    """relay run's server on every engine (the core ones through add_pair_connect's -errno):
+    a TCP connect() to a multicast address fails inside the call with ENETUNREACH, before any
+    packet. The client is reset, the pair counted and logged "unreachable" with that errno."""
+    relay = relay_server(("224.0.0.1", 80))
+    with caplog.at_level("INFO", logger="relay.flow"):
+        try:
+            c = client(relay.address)
+        except ConnectionResetError:
+            end = "reset"
+        else:
+            end = read_all(c).end
+        stats = relay.wait_closed("unreachable")
+        assert wait_until(lambda: any(r.name == "relay.flow" for r in caplog.records), 2)
+    assert end == "reset"
+    assert stats["flows_open"] == 0 and stats["listener_total"] == {"main": 0}
+    [rec] = [r for r in caplog.records if r.name == "relay.flow"]
+    assert (rec.reason, rec.errno, rec.dest) == ("unreachable", "ENETUNREACH", "")
