@@ -567,6 +567,9 @@ class Server:
             if info is not None:
                 self._relay(lst, tag, client, peer, source, info)
             return
+        if client is None and router.backend_sockaddr is not None and self._add_pair_connect:
+            self._relay_to_backend(lst, tag, None, fd, peer, source, None, local)
+            return
         self._relay(lst, tag, client if client is not None else fd, peer, source, None, local)
 
     def _on_header_wait_over(self, fd: int, timed_out: bool) -> None:
@@ -646,15 +649,16 @@ class Server:
         (Loop.add_pair_connect, to the address the router packed once), same outcomes."""
         router = lst.router
         assert router is not None
-        try:
-            prefix = router.backend_prefix(sock, peer, header, local)
-        except OSError as exc:
-            self._upstream_failed(lst, sock or _client_socket(lst, client), peer, source,
-                                  exc.errno or 0)
-            return
+        prefix = b""
+        if router.proxy_v2:
+            try:
+                prefix = router.backend_prefix(sock, peer, header, local)
+            except OSError as exc:
+                self._upstream_failed(lst, sock or _client_socket(lst, client), peer, source,
+                                      exc.errno or 0)
+                return
         client_fd = sock.detach() if sock is not None else client
-        assert isinstance(client_fd, int)
-        assert self._add_pair_connect is not None
+        assert isinstance(client_fd, int) and self._add_pair_connect is not None
         try:
             cid = self._add_pair_connect(client_fd, router.backend_sockaddr, tag, prefix,
                                          client_accepted=True)
