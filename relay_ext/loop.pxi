@@ -265,8 +265,11 @@ cdef class Loop:
             raise ValueError(f"relay core: bad fd {client_fd}")
         _check_sockaddr(sockaddr)
         cdef bint connecting = False
-        cdef int up = _connect_upstream(<const char*>sockaddr, <sock_len>len(sockaddr),
-                                        &connecting)
+        cdef const char* addr = <const char*>sockaddr
+        cdef sock_len addrlen = <sock_len>len(sockaddr)
+        cdef int up
+        with nogil:     # the SYN's work on loopback: other threads (the flow log writer) run
+            up = _connect_upstream(addr, addrlen, &connecting)
         if up < 0:
             return up
         try:
