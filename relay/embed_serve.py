@@ -50,7 +50,7 @@ from relay.engines.constants import (
     LOOP_DEFAULTS,
     connect_failure_reason,
 )
-from relay.sock import format_address, open_listener, reset_and_close
+from relay.sock import format_address, open_listener, pack_sockaddr, reset_and_close
 
 __all__ = ["Route", "RouteResult", "Server", "start_server"]
 
@@ -88,6 +88,8 @@ class Server:
         self._fixed_dst: Address | None = (
             None if transparent or local[0] in _WILDCARDS else (local[0], local[1]))
         self._families: dict[str, int] = {}
+        self._sockaddrs: dict[tuple[str, int], bytes] = {}  # (ip, port) -> packed sockaddr
+        self._core_connect = hasattr(core, "add_pair_connect")
         self._pending: set[asyncio.Task[None]] = set()
         self._open = 0
         self._accepting = True
@@ -330,15 +332,28 @@ class Server:
             self._pending.add(task)
             task.add_done_callback(self._route_done)
             return
+        sockaddr = self._sockaddr_of(target, family) if self._core_connect else None
+        if sockaddr is not None:
+            # The core opens and connects the upstream itself (Loop.add_pair_connect).
+            client_fd = client.detach() if isinstance(client, socket.socket) else client
+            try:
+                cid = self._core.add_pair_connect(client_fd, sockaddr, _TAG,
+                                                  client_accepted=True)
+            except (OSError, ValueError) as exc:
+                self._pair_refused(client_fd, None, family, peer, exc)
+                return
+            if cid < 0:
+                self._connect_failed(client_fd, -cid)
+                return
+            self._open += 1
+            self._counts["relayed"] += 1
+            return
         up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see relay/sock.py
         rc = up.connect_ex(target)
         if rc not in _CONNECT_PENDING:
             up.close()
-            self._counts["connect_errors"] += 1
-            key = "connect_" + CLOSE_REASONS[connect_failure_reason(rc)]
-            self._counts[key] = self._counts.get(key, 0) + 1
-            reset_and_close(self._sock(client))
+            self._connect_failed(client, rc)
             return
         client_fd = client.detach() if isinstance(client, socket.socket) else client
         up_fd = up.detach()
@@ -346,14 +361,44 @@ class Server:
             self._core.add_pair(client_fd, up_fd, _TAG, rc != 0, client_accepted=True,
                                 upstream_nonblocking=True)
         except (OSError, ValueError) as exc:
-            reset_and_close(socket.socket(self._family, socket.SOCK_STREAM, 0, client_fd))
-            reset_and_close(socket.socket(family, socket.SOCK_STREAM, 0, up_fd))
-            self._counts["connect_errors"] += 1
-            log.warning("serve: engine refused a pair: %s; client %s reset", exc,
-                        format_address(peer))
+            self._pair_refused(client_fd, up_fd, family, peer, exc)
             return
         self._open += 1
         self._counts["relayed"] += 1
+
+    def _sockaddr_of(self, target: tuple[str, int], family: int) -> bytes | None:
+        """`target` packed for the core (cached: routes repeat); None where the Python
+        path connects (an IPv6 scope, which the core path does not take). A port that is not
+        an int raises TypeError, out of range OverflowError, as connect_ex would."""
+        sockaddr = self._sockaddrs.get(target)
+        if sockaddr is None:
+            host, port = target
+            if not isinstance(port, int):
+                raise TypeError("port must be an int")
+            if "%" in host:
+                return None
+            sockaddr = pack_sockaddr(family, (host, port, 0, 0))
+            if sockaddr is None:
+                return None
+            if len(self._sockaddrs) >= _FAMILY_CACHE_MAX:
+                self._sockaddrs.clear()
+            self._sockaddrs[target] = sockaddr
+        return sockaddr
+
+    def _connect_failed(self, client: socket.socket | int, err: int) -> None:
+        self._counts["connect_errors"] += 1
+        key = "connect_" + CLOSE_REASONS[connect_failure_reason(err)]
+        self._counts[key] = self._counts.get(key, 0) + 1
+        reset_and_close(self._sock(client))
+
+    def _pair_refused(self, client_fd: int, up_fd: int | None, family: int, peer: Address,
+                      exc: Exception) -> None:
+        reset_and_close(socket.socket(self._family, socket.SOCK_STREAM, 0, client_fd))
+        if up_fd is not None:
+            reset_and_close(socket.socket(family, socket.SOCK_STREAM, 0, up_fd))
+        self._counts["connect_errors"] += 1
+        log.warning("serve: engine refused a pair: %s; client %s reset", exc,
+                    format_address(peer))
 
     # -- closing -----------------------------------------------------------------------------------
 

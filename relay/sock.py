@@ -28,6 +28,7 @@ __all__ = [
     "IP_RECVORIGDSTADDR",
     "IPV6_RECVORIGDSTADDR",
     "address_in_use",
+    "pack_sockaddr",
     "check_address_free",
     "format_address",
     "format_local_address",
@@ -305,3 +306,17 @@ def original_destination(sock: socket.socket, mode: str) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
     _fam, port_b, addr4 = _SOCKADDR_IN.unpack(raw)
     return socket.inet_ntop(socket.AF_INET, addr4), int.from_bytes(port_b, "big")
+
+
+def pack_sockaddr(family: int, sockaddr: tuple) -> bytes | None:
+    """A getaddrinfo() address as the kernel's struct sockaddr_in / sockaddr_in6, for the
+    core's ``Loop.add_pair_connect`` (packed once, not per connection). None for what that path
+    does not take: another family, or an IPv6 flow label."""
+    if family == socket.AF_INET:
+        return _SOCKADDR_IN.pack(socket.AF_INET, sockaddr[1].to_bytes(2, "big"),
+                                 socket.inet_pton(socket.AF_INET, sockaddr[0]))
+    if family == socket.AF_INET6 and not sockaddr[2]:
+        return _SOCKADDR_IN6.pack(socket.AF_INET6, sockaddr[1].to_bytes(2, "big"), 0,
+                                  socket.inet_pton(socket.AF_INET6, sockaddr[0].split("%")[0]),
+                                  sockaddr[3])
+    return None

@@ -71,6 +71,20 @@ class Loop:
         """client_accepted: client_fd is as this loop's EV_ACCEPT gave it (non-blocking,
         SO_LINGER {1, 0} inherited from the listener); upstream_nonblocking: upstream_fd was
         made with SOCK_NONBLOCK. Each skips the checks (system calls) it makes redundant."""
+    def add_pair_connect(
+        self,
+        client_fd: int,
+        sockaddr: bytes,
+        tag: int = 0,
+        prefix: bytes = b"",
+        *,
+        client_accepted: bool = False,
+    ) -> int:
+        """add_pair with an upstream the loop opens itself: a non-blocking TCP socket with
+        TCP_NODELAY connecting to `sockaddr` (a packed sockaddr_in / sockaddr_in6:
+        relay.sock.pack_sockaddr; ValueError otherwise), relayed as add_pair(...,
+        connecting=True). Returns the id, or -errno when socket() or connect() failed at once
+        (nothing opened, client_fd still the caller's); raises as add_pair does."""
     def abort(self, cid: int) -> bool: ...
     def export_pair(self, cid: int) -> dict[str, Any]:
         """Stop relaying `cid` and return its state: client_fd, upstream_fd, tag, start_ns,

@@ -10,6 +10,7 @@ concern, not by dependency:
   constants.pxi          events, close reasons, accept back-off, errno -> reason: Python's names
   userdata.pxi           user_data / connection id packing: op | generation | slot
   conn.pxi               a connection pair: arm a side, close it (reset or FIN), report it
+  connect.pxi            starting a pair; the core opening and connecting an upstream itself
   pipes.pxi              the bounded pipe pool
   events.pxi             the event queue handed to Python by run()
   listeners.pxi          accepting: arm on the backend, a bounded accept4() batch, back-off
@@ -56,6 +57,7 @@ cdef extern from "uring_version_check.h":
 include "constants.pxi"
 include "userdata.pxi"
 include "conn.pxi"
+include "connect.pxi"
 include "pipes.pxi"
 include "events.pxi"
 include "listeners.pxi"

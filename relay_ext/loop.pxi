@@ -250,38 +250,34 @@ cdef class Loop:
         self._ensure_alive()
         if client_fd < 0 or upstream_fd < 0 or client_fd == upstream_fd:
             raise ValueError(f"relay core: bad fds {client_fd}, {upstream_fd}")
-        cdef Conn* c = self._take_slot()
-        cdef uint32_t idx = <uint32_t>(c - self.conns)
-        cdef uint32_t gen = c.gen
-        c.fd[SIDE_CLIENT] = client_fd
-        c.fd[SIDE_UPSTREAM] = upstream_fd
-        half_reset(&c.half[0])
-        half_reset(&c.half[1])
-        c.tag = tag
-        self.now = now_ns()
-        c.start_ns = self.now
-        c.last_ns = self.now
-        adopt_socket(client_fd, self.socket_rcvbuf, client_accepted, client_accepted)
-        adopt_socket(upstream_fd, self.socket_rcvbuf, upstream_nonblocking, False)
-        cdef Py_ssize_t plen = len(prefix)
-        if plen:
-            c.half[0].buf = <char*>malloc(plen)
-            if c.half[0].buf == NULL:
-                raise MemoryError("relay core: prefix")
-            memcpy(c.half[0].buf, <char*>prefix, plen)
-            c.half[0].buf_len = plen
-        self.n_open += 1
-        self.st_conns_total += 1
-        cdef int64_t cid = pack_cid(gen, idx)
-        with nogil:
-            if connecting:
-                c.state = ST_CONNECTING
-                _arm_side(self, c, SIDE_UPSTREAM, POLL_BIT_OUT)
-            else:
-                c.state = ST_RELAY
-                _start_fresh(self, c)
-        _uring_flush(self)
-        return cid
+        return _open_pair(self, client_fd, upstream_fd, tag, connecting, prefix,
+                          client_accepted, upstream_nonblocking)
+
+    def add_pair_connect(self, int client_fd, bytes sockaddr, int64_t tag=0, bytes prefix=b"",
+                         *, bint client_accepted=False):
+        """add_pair with an upstream the loop opens itself: a TCP socket (non-blocking,
+        TCP_NODELAY) connecting to `sockaddr` (a packed sockaddr_in / sockaddr_in6, checked),
+        relayed as add_pair(..., connecting=True) once connect() started.  Returns the id, or
+        -errno when socket() or connect() failed at once (nothing opened; client_fd is still
+        the caller's).  Raises as add_pair does (client_fd still the caller's)."""
+        self._ensure_alive()
+        if client_fd < 0:
+            raise ValueError(f"relay core: bad fd {client_fd}")
+        _check_sockaddr(sockaddr)
+        cdef bint connecting = False
+        cdef const char* addr = <const char*>sockaddr
+        cdef sock_len addrlen = <sock_len>len(sockaddr)
+        cdef int up
+        with nogil:     # the SYN's work on loopback: other threads (the flow log writer) run
+            up = _connect_upstream(addr, addrlen, &connecting)
+        if up < 0:
+            return up
+        try:
+            return _open_pair(self, client_fd, up, tag, connecting, prefix, client_accepted,
+                              True)
+        except BaseException:
+            close(up)
+            raise
 
     cdef Conn* _take_slot(self) except NULL:
         """A zeroed slot (generation kept) for a pair or a watch; OSError when full."""

@@ -51,7 +51,7 @@ from relay.ops.log import log_every
 from relay.serve import proxyproto, slicecheck
 from relay.serve.egress import Egress, EgressTable, SliceViolation, bind_upstream, check_local_port
 from relay.serve.policy import POLICY_DENY_REASONS, NetworkSet, Policy
-from relay.sock import UNIX_PREFIX, original_destination, reset_and_close
+from relay.sock import UNIX_PREFIX, original_destination, pack_sockaddr, reset_and_close
 
 __all__ = ["DENY_REASONS", "Denied", "Router", "SliceExhausted", "Upstream"]
 
@@ -157,6 +157,10 @@ class Router:
         self._backend_unix: str | None = None
         self._backend_addr: tuple[str, int] | None = None
         self._backend_family = socket.AF_UNSPEC
+        # An IP backend packed for the core (Loop.add_pair_connect: the loop opens and connects
+        # the upstream itself), and the flow log's destination for it.
+        self.backend_sockaddr: bytes | None = None
+        self.backend_dest: tuple[str, int] | None = None
         if self.mode == "backend":
             self._setup_backend(listener, listener_binds, own_addresses)
 
@@ -206,6 +210,8 @@ class Router:
                 )
         self._backend_addr = addr
         self._backend_family = family
+        self.backend_sockaddr = pack_sockaddr(family, sockaddr)
+        self.backend_dest = addr
 
     # ------------------------------------------------------------------ per connection
 
@@ -250,6 +256,17 @@ class Router:
         if self.mode == "backend":
             return self._open_backend(client, peer, info, local)
         return self._open_transparent(client, peer, info, local)
+
+    def backend_prefix(
+        self,
+        client: socket.socket | None,
+        peer: tuple | None,
+        info: proxyproto.ProxyInfo | None,
+        local: tuple | None,
+    ) -> bytes:
+        """What _open_backend sends upstream first (b"" without PROXY v2), for a caller that
+        has the core connect `backend_sockaddr` itself. OSError as open_upstream."""
+        return self._prefix(client, peer, info, local) if self.proxy_v2 else b""
 
     def _prefix(
         self,

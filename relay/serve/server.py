@@ -234,6 +234,9 @@ class Server:
                 options["max_conns"] = settings.maxconn
             self._loop, self.engine_reason = engines.create(name, **options)
             self.engine_name: str = self._loop.backend
+            # The core engines open and connect an IP backend's upstream themselves.
+            self._add_pair_connect: Callable[..., int] | None = getattr(
+                self._loop, "add_pair_connect", None)
             for lst in self._listeners:
                 self._loop.add_listener(lst.sock.fileno(), lst.tag, local_address=(
                     lst.router is not None and lst.router.wants_local))
@@ -564,6 +567,9 @@ class Server:
             if info is not None:
                 self._relay(lst, tag, client, peer, source, info)
             return
+        if client is None and router.backend_sockaddr is not None and self._add_pair_connect:
+            self._relay_to_backend(lst, tag, None, fd, peer, source, None, local)
+            return
         self._relay(lst, tag, client if client is not None else fd, peer, source, None, local)
 
     def _on_header_wait_over(self, fd: int, timed_out: bool) -> None:
@@ -609,25 +615,17 @@ class Server:
         router = lst.router
         assert router is not None
         sock = client if isinstance(client, socket.socket) else None
+        if router.backend_sockaddr is not None and self._add_pair_connect is not None:
+            self._relay_to_backend(lst, tag, sock, client, peer, source, header, local)
+            return
         try:
             up = router.open_upstream(sock, peer, header, header_read=True, local=local)
         except Denied as exc:
             self._deny(lst, sock or _client_socket(lst, client), peer, source, exc)
             return
         except OSError as exc:
-            self._release(source)
-            err = exc.errno or 0
-            reason = CLOSE_REASONS[connect_failure_reason(err)]
-            self._closed_by_reason[reason] += 1
-            reset_and_close(sock or _client_socket(lst, client))
-            if err in ACCEPT_PAUSE_ERRNOS:
-                # Out of descriptors/memory after accept() worked (io_uring's accept keeps the
-                # RLIMIT_NOFILE it read when armed): new clients are refused fast, logged once.
-                log_every(log, f"upstream resources {self._id}", _LIMIT_LOG_INTERVAL_S,
-                          "listener %s: cannot open an upstream socket: %s; clients are reset "
-                          "until resources are back", lst.name, _strerror(err),
-                          listener=lst.name, errno=err)
-            self._log_unrelayed(lst, peer, None, reason, err)
+            self._upstream_failed(lst, sock or _client_socket(lst, client), peer, source,
+                                  exc.errno or 0)
             return
         client_fd = sock.detach() if sock is not None else client
         assert isinstance(client_fd, int)
@@ -638,15 +636,67 @@ class Server:
                                       client_accepted=True, upstream_nonblocking=True)
         except (OSError, ValueError) as exc:
             # The pair was refused (table full...): the fds are still ours.
-            self._release(source)
-            reset_and_close(socket.socket(fileno=client_fd))
             reset_and_close(socket.socket(fileno=up.fd))
-            log_every(log, "add_pair failed", _LIMIT_LOG_INTERVAL_S,
-                      "listener %s: engine refused a pair: %s; client reset", lst.name, exc)
-            self._closed_by_reason["error"] += 1
+            self._pair_refused(lst, client_fd, source, exc)
             return
         self._track(cid, _Flow(lst, peer, source, up.dest, up.egress, up.egress_address))
         lst.total += 1
+
+    def _relay_to_backend(self, lst: _Listener, tag: int, sock: socket.socket | None,
+                          client: socket.socket | int, peer: Any, source: bytes | None,
+                          header: ProxyInfo | None, local: tuple | None) -> None:
+        """_relay for an IP backend: the core opens and connects the upstream itself
+        (Loop.add_pair_connect, to the address the router packed once), same outcomes."""
+        router = lst.router
+        assert router is not None
+        prefix = b""
+        if router.proxy_v2:
+            try:
+                prefix = router.backend_prefix(sock, peer, header, local)
+            except OSError as exc:
+                self._upstream_failed(lst, sock or _client_socket(lst, client), peer, source,
+                                      exc.errno or 0)
+                return
+        client_fd = sock.detach() if sock is not None else client
+        assert isinstance(client_fd, int) and self._add_pair_connect is not None
+        try:
+            cid = self._add_pair_connect(client_fd, router.backend_sockaddr, tag, prefix,
+                                         client_accepted=True)
+        except (OSError, ValueError) as exc:
+            self._pair_refused(lst, client_fd, source, exc)
+            return
+        if cid < 0:  # socket() or connect() failed at once: -errno
+            self._upstream_failed(lst, _client_socket(lst, client_fd), peer, source, -cid)
+            return
+        dest = router.backend_dest
+        assert dest is not None  # set with backend_sockaddr
+        self._track(cid, _Flow(lst, peer, source, dest, None, None))
+        lst.total += 1
+
+    def _upstream_failed(self, lst: _Listener, client: socket.socket, peer: Any,
+                         source: bytes | None, err: int) -> None:
+        """No upstream (socket or connect failed at once): reset the client, count, log."""
+        self._release(source)
+        reason = CLOSE_REASONS[connect_failure_reason(err)]
+        self._closed_by_reason[reason] += 1
+        reset_and_close(client)
+        if err in ACCEPT_PAUSE_ERRNOS:
+            # Out of descriptors/memory after accept() worked (io_uring's accept keeps the
+            # RLIMIT_NOFILE it read when armed): new clients are refused fast, logged once.
+            log_every(log, f"upstream resources {self._id}", _LIMIT_LOG_INTERVAL_S,
+                      "listener %s: cannot open an upstream socket: %s; clients are reset "
+                      "until resources are back", lst.name, _strerror(err),
+                      listener=lst.name, errno=err)
+        self._log_unrelayed(lst, peer, None, reason, err)
+
+    def _pair_refused(self, lst: _Listener, client_fd: int, source: bytes | None,
+                      exc: Exception) -> None:
+        """The engine refused the pair (table full...): the client fd is still ours."""
+        self._release(source)
+        reset_and_close(socket.socket(fileno=client_fd))
+        log_every(log, "add_pair failed", _LIMIT_LOG_INTERVAL_S,
+                  "listener %s: engine refused a pair: %s; client reset", lst.name, exc)
+        self._closed_by_reason["error"] += 1
 
     def _track(self, cid: int, flow: _Flow) -> None:
         """Count a pair the loop relays from now on: accepted here, or adopted in a handoff

@@ -142,7 +142,7 @@ def test_none_resets_that_client(flavor, origin) -> None:
     assert up.results == []
 
 
-@pytest.mark.parametrize("kind", ["sync", "async", "bad value"])
+@pytest.mark.parametrize("kind", ["sync", "async", "bad value", "bad port"])
 def test_route_failure_resets_only_that_client(kind, origin, caplog) -> None:
     up = origin(echo)
 
@@ -154,6 +154,8 @@ def test_route_failure_resets_only_that_client(kind, origin, caplog) -> None:
         if client[1] == bad_port[0]:
             if kind == "bad value":
                 return "not an address"
+            if kind == "bad port":  # refused before any socket, as connect_ex would
+                return (up.address[0], str(up.address[1]))
             raise RuntimeError("routing table on fire")
         return up.address
 
@@ -188,6 +190,8 @@ def test_route_failure_resets_only_that_client(kind, origin, caplog) -> None:
     assert len(messages) == 1 and "route()" in messages[0]
     if kind == "bad value":
         assert "'not an address'" in messages[0]
+    elif kind == "bad port":
+        assert f"'{up.address[1]}')" in messages[0]
     else:
         assert caplog.records[-1].exc_info is not None
         assert "routing table on fire" in caplog.text
