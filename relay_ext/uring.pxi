@@ -115,6 +115,22 @@ cdef void _uring_kick(Loop self, Conn* c, int side) noexcept nogil:
         __io_uring_sqe_set_data64(sqe, pack_ud(OP_KICK + side, c.gen,
                                                <uint32_t>(c - self.conns)))
 
+cdef inline void _uring_on_readable(Loop self, Conn* c, int side, int mask) noexcept nogil:
+    # A multishot poll's readiness.  A copy read shorter than asked for took all the socket
+    # held (tcp_recvmsg drains the receive queue and the backlog), so the pump stops there
+    # instead of paying a recv() that returns EAGAIN, one system call per small message:
+    # bytes that come later wake the poll again, and so does a FIN that comes after the
+    # mask was taken.  A FIN already seen (POLLRDHUP in the mask) may have been eaten by that
+    # short read with its data (the next read returns 0, and no wakeup would tell us), and
+    # an error or hang-up wants the read that reports it: those pump on to EAGAIN/EOF.
+    if (c.state == ST_RELAY and (c.half[side].flags & HF_WANT_READ)
+            and not (mask & (POLLRDHUP | POLLHUP | POLLERR))):
+        if _pump(self, c, side, True) < 0:
+            return
+        _after_pump(self, c)
+        return
+    _on_ready(self, c, side, True, False)
+
 cdef void _uring_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
     cdef uint8_t missing = want & ~c.polled[side]
     cdef uint32_t idx = <uint32_t>(c - self.conns)
@@ -123,7 +139,7 @@ cdef void _uring_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
         sqe = _sqe(self)
         if sqe != NULL:
             if _uring_multishot(self, c):
-                __io_uring_prep_poll_multishot(sqe, c.fd[side], POLLIN)
+                __io_uring_prep_poll_multishot(sqe, c.fd[side], POLLIN | POLLRDHUP)
                 c.polled[side] |= POLL_BIT_MULTI
             else:
                 __io_uring_prep_poll_add(sqe, c.fd[side], POLLIN)
@@ -251,9 +267,11 @@ cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexc
     side = rel >> 1
     out = rel & 1
     if not out and (c.polled[side] & POLL_BIT_MULTI):
-        if not (flags & __IORING_CQE_F_MORE):
-            # The multishot poll is over (see _uring_multishot): pump, then arm a new one.
-            c.polled[side] &= ~(POLL_BIT_IN | POLL_BIT_MULTI)
+        if flags & __IORING_CQE_F_MORE:
+            _uring_on_readable(self, c, side, res)
+            return
+        # The multishot poll is over (see _uring_multishot): pump, then arm a new one.
+        c.polled[side] &= ~(POLL_BIT_IN | POLL_BIT_MULTI)
         _on_ready(self, c, side, True, False)
         return
     c.polled[side] &= ~(POLL_BIT_OUT if out else POLL_BIT_IN)

@@ -14,6 +14,7 @@ Real loopback sockets; one core Loop driven from the test's thread.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -126,6 +127,55 @@ def test_polls_ended_by_a_full_completion_queue_are_armed_again(backend: str) ->
                 assert stats["cq_overflows"] >= 1      # the overflow path was exercised
             assert stats["conns_open"] == n and stats["submit_errors"] == 0
             assert stats["sqe_starved"] == 0
+        finally:
+            for s in clients + origins:
+                s.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_data_and_fin_in_one_wakeup_end_the_stream(backend: str) -> None:
+    # A multishot wakeup's short read stops without the recv() that would return EAGAIN; a
+    # short read can eat the FIN queued behind its data, and no later wakeup announces it.
+    # 20 idle relayed pairs; a child process sends each client's last bytes and FIN back to
+    # back while this thread spins without a system call (task work waits for the next tick),
+    # so the data and the FIN mostly reach the loop as one wakeup.  Every origin must see all
+    # the bytes and then EOF.
+    n = 20
+    with core.Loop(backend, max_conns=4 * n) as loop:
+        clients: list[socket.socket] = []
+        origins: list[socket.socket] = []
+        try:
+            for _ in range(n):
+                client, relay_c = tcp_pair()
+                relay_u, origin = tcp_pair()
+                clients.append(client)
+                origins.append(origin)
+                loop.add_pair(relay_c.detach(), relay_u.detach())
+            loop.run(0)
+            pid = os.fork()
+            if pid == 0:        # the child: last words and FIN on every client
+                try:
+                    for i, client in enumerate(clients):
+                        client.sendall(f"last words {i:02d}".encode())
+                        client.shutdown(socket.SHUT_WR)
+                finally:
+                    os._exit(0)
+            spin_until = time.perf_counter() + 0.1
+            while time.perf_counter() < spin_until:
+                pass
+            os.waitpid(pid, 0)
+            for i, origin in enumerate(origins):
+                want = f"last words {i:02d}".encode()
+                assert recv_exactly(loop, origin, len(want)) == want
+                deadline = time.monotonic() + 5
+                while True:         # then EOF, relayed by the loop
+                    assert time.monotonic() < deadline, f"pair {i}: no EOF after its data"
+                    loop.run(2)
+                    try:
+                        assert origin.recv(64) == b"", f"pair {i}: bytes after the last words"
+                        break
+                    except BlockingIOError:
+                        continue
         finally:
             for s in clients + origins:
                 s.close()
