@@ -1,7 +1,8 @@
-# The io_uring backend, all of it: ring setup, one-shot POLL_ADD per (side, direction) and per
-# listener, submitting, waiting and reaping completions.
+# The io_uring backend, all of it: ring setup, a multishot POLLIN poll per relaying side (see
+# _uring_multishot), one-shot POLL_ADDs for the rest (POLLOUT, watches, connects, listeners,
+# low-water mode), submitting, waiting and reaping completions.
 # A one-shot poll checks readiness when armed, so it behaves level-triggered: re-arming after
-# a partial drain fires at once, which is what the fairness limit in _pump relies on.
+# a partial drain fires at once.  A multishot one does not, and _uring_kick stands in for that.
 #
 # Readiness only: the bytes move with splice(2)/recv/send issued from this thread.
 # IORING_OP_SPLICE always runs on an io-wq worker thread (REQ_F_FORCE_ASYNC), parking one
