@@ -299,6 +299,7 @@ cdef list _pair_list(Loop self)
 # uring.pxi
 cdef int _uring_setup(Loop self, int entries) except -1
 cdef void _uring_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil
+cdef void _uring_kick(Loop self, Conn* c, int side) noexcept nogil
 cdef void _uring_disarm(Loop self, Conn* c) noexcept nogil
 cdef void _uring_listener_arm(Loop self, int slot) noexcept nogil
 cdef void _uring_listener_disarm(Loop self, int slot) noexcept nogil

@@ -40,6 +40,7 @@ from liburing.lib.uring cimport (
     __io_uring_prep_poll_remove, __io_uring_prep_link_timeout, __IOSQE_IO_LINK,
     __io_uring_sqe_set_data64, __IORING_SETUP_CQSIZE,
     __IORING_SETUP_COOP_TASKRUN, __IORING_SETUP_SUBMIT_ALL, __IORING_SQ_CQ_OVERFLOW,
+    __io_uring_prep_poll_multishot, __io_uring_prep_nop, __IORING_CQE_F_MORE,
 )
 # ... and its cpdef functions, called through Cython's cross-module C API at C speed.
 from liburing.queue cimport (

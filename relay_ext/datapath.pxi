@@ -113,8 +113,11 @@ cdef int _pump(Loop self, Conn* c, int d, bint stop_short) noexcept nogil:
             h.flags |= HF_SHUT
             return 0
         if rounds == 0:
-            # Fairness: let other pairs run; the level-triggered poll fires again at once.
+            # Fairness: let other pairs run; the level-triggered poll fires again at once
+            # (uring's multishot poll does not: a NOP re-runs this pump instead).
             h.flags |= HF_WANT_READ
+            if self.backend_id == BACKEND_URING:
+                _uring_kick(self, c, d)
             return 0
         rounds -= 1
         # 3. Read more: splice for bulk flows, copy for small or interactive ones.

@@ -426,9 +426,11 @@ cdef class Loop:
             if self.now >= self.next_scan:
                 with nogil:
                     _scan_timers(self)
-            _uring_flush(self)
             if self.evq_len or self.interrupted or self.now >= deadline:
                 break
+            # Going round again: _uring_wait submits what this round queued in the same
+            # io_uring_enter that waits (a submit here was a second system call per wakeup).
+        _uring_flush(self)
         _uring_keep_notified(self)
         return _take_events(self)
 

@@ -1,7 +1,8 @@
-# The io_uring backend, all of it: ring setup, one-shot POLL_ADD per (side, direction) and per
-# listener, submitting, waiting and reaping completions.
+# The io_uring backend, all of it: ring setup, a multishot POLLIN poll per relaying side (see
+# _uring_multishot), one-shot POLL_ADDs for the rest (POLLOUT, watches, connects, listeners,
+# low-water mode), submitting, waiting and reaping completions.
 # A one-shot poll checks readiness when armed, so it behaves level-triggered: re-arming after
-# a partial drain fires at once, which is what the fairness limit in _pump relies on.
+# a partial drain fires at once.  A multishot one does not, and _uring_kick stands in for that.
 #
 # Readiness only: the bytes move with splice(2)/recv/send issued from this thread.
 # IORING_OP_SPLICE always runs on an io-wq worker thread (REQ_F_FORCE_ASYNC), parking one
@@ -79,6 +80,58 @@ cdef __io_uring_sqe* _sqe(Loop self) noexcept nogil:
             self.st_sqe_starved += 1
     return sqe
 
+# The read side of a relaying pair is watched by one multishot poll (IORING_POLL_ADD_MULTI) for
+# as long as it lasts: a 64-byte request/response flow then queues no SQE per message (a one-shot
+# poll costs an SQE, a waitqueue add and remove in the kernel per readiness, and made the uring
+# engine pay more per small message than epoll: docs/performance.md).  What changes with it:
+# - It is edge-like: a CQE (with IORING_CQE_F_MORE) per wakeup that finds POLLIN, none for bytes
+#   that were already there and that we left unread.  The pump reads until EAGAIN, except when
+#   its fairness limit stops it: _uring_kick then posts a NOP that re-runs the pump, standing in
+#   for the one-shot poll's immediate re-fire.  Arming checks readiness once (POLL_ADD is
+#   EPOLLET in the kernel: ready at arm time posts at once), so nothing queued before is missed.
+# - The kernel ends it with a CQE without F_MORE: our removal (-ECANCELED, only once the slot is
+#   freed), or a CQ too full to post into (the CQE goes to the overflow list and the poll stops).
+#   That last CQE clears the bits, pumps, and _after_pump arms a fresh one if still wanted.
+# - CQEs while the half does not want to read (its bytes wait for the destination, EOF seen)
+#   are dropped by _on_ready; the pump that writes the backlog reads on until EAGAIN.
+# Watches, connects (POLLOUT) and POLLOUT polls stay one-shot; so does everything in low-water
+# mode (Loop(socket_rcvlowat>0)): its polls carry a linked timeout, which needs a one-shot poll.
+cdef enum:
+    POLL_BIT_MULTI = 4          # uring: the POLLIN poll in flight is multishot
+    OP_KICK = OP_POLL + 4       # OP_KICK + side: a NOP that re-runs a pump stopped for fairness
+
+cdef inline bint _uring_multishot(Loop self, Conn* c) noexcept nogil:
+    return self.rcvlowat == 0 and c.state == ST_RELAY
+
+cdef void _uring_kick(Loop self, Conn* c, int side) noexcept nogil:
+    # Side `side` still has bytes queued but its pump stopped (fairness).  A one-shot poll
+    # re-armed now fires at once; a multishot one already armed would not fire again until
+    # new bytes arrive (a sender that waits for an answer never sends them).
+    cdef __io_uring_sqe* sqe
+    if not (c.polled[side] & POLL_BIT_MULTI):
+        return
+    sqe = _sqe(self)
+    if sqe != NULL:
+        __io_uring_prep_nop(sqe)
+        __io_uring_sqe_set_data64(sqe, pack_ud(OP_KICK + side, c.gen,
+                                               <uint32_t>(c - self.conns)))
+
+cdef inline void _uring_on_readable(Loop self, Conn* c, int side, int mask) noexcept nogil:
+    # A multishot poll's readiness.  A copy read shorter than asked for took all the socket
+    # held (tcp_recvmsg drains the receive queue and the backlog), so the pump stops there
+    # instead of paying a recv() that returns EAGAIN, one system call per small message:
+    # bytes that come later wake the poll again, and so does a FIN that comes after the
+    # mask was taken.  A FIN already seen (POLLRDHUP in the mask) may have been eaten by that
+    # short read with its data (the next read returns 0, and no wakeup would tell us), and
+    # an error or hang-up wants the read that reports it: those pump on to EAGAIN/EOF.
+    if (c.state == ST_RELAY and (c.half[side].flags & HF_WANT_READ)
+            and not (mask & (POLLRDHUP | POLLHUP | POLLERR))):
+        if _pump(self, c, side, True) < 0:
+            return
+        _after_pump(self, c)
+        return
+    _on_ready(self, c, side, True, False)
+
 cdef void _uring_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
     cdef uint8_t missing = want & ~c.polled[side]
     cdef uint32_t idx = <uint32_t>(c - self.conns)
@@ -86,7 +139,11 @@ cdef void _uring_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
     if missing & POLL_BIT_IN:
         sqe = _sqe(self)
         if sqe != NULL:
-            __io_uring_prep_poll_add(sqe, c.fd[side], POLLIN)
+            if _uring_multishot(self, c):
+                __io_uring_prep_poll_multishot(sqe, c.fd[side], POLLIN | POLLRDHUP)
+                c.polled[side] |= POLL_BIT_MULTI
+            else:
+                __io_uring_prep_poll_add(sqe, c.fd[side], POLLIN)
             __io_uring_sqe_set_data64(sqe, pack_ud(OP_POLL + side * 2, c.gen, idx))
             c.polled[side] |= POLL_BIT_IN
             if (c.half[side].flags & HF_LOWAT) and _uring_link_timeout(self, sqe) < 0:
@@ -199,14 +256,25 @@ cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexc
     if op == OP_ACCEPT:
         _uring_on_listener(self, idx, gen, res)
         return
-    if op < OP_POLL or op > OP_POLL + 3 or idx >= self.high_water:
+    if op < OP_POLL or op > OP_KICK + 1 or idx >= self.high_water:
         return
     c = &self.conns[idx]
     if c.state == ST_FREE or not gen_matches(c.gen, gen):
         return                  # completion of a pair that is gone (or a reused slot)
+    if op >= OP_KICK:
+        _on_ready(self, c, op - OP_KICK, True, False)
+        return
     rel = op - OP_POLL
     side = rel >> 1
     out = rel & 1
+    if not out and (c.polled[side] & POLL_BIT_MULTI):
+        if flags & __IORING_CQE_F_MORE:
+            _uring_on_readable(self, c, side, res)
+            return
+        # The multishot poll is over (see _uring_multishot): pump, then arm a new one.
+        c.polled[side] &= ~(POLL_BIT_IN | POLL_BIT_MULTI)
+        _on_ready(self, c, side, True, False)
+        return
     c.polled[side] &= ~(POLL_BIT_OUT if out else POLL_BIT_IN)
     if res == -ECANCELED:
         # Our own removals only come with a slot that is freed (stale generation above): a
