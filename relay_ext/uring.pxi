@@ -199,6 +199,9 @@ cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexc
     if op == OP_ACCEPT:
         _uring_on_listener(self, idx, gen, res)
         return
+    if op == OP_WAKEUP:
+        _wakeup_ready(self)
+        return
     if op < OP_POLL or op > OP_POLL + 3 or idx >= self.high_water:
         return
     c = &self.conns[idx]
