@@ -192,6 +192,7 @@ cdef class Loop:
     cdef int wake_r
     cdef int wake_w
     cdef bint wake_armed
+    cdef uint64_t st_signal_wakeups   # waits ended by a byte in the wake-up pipe
     # connections
     cdef Conn* conns
     cdef uint32_t max_conns

@@ -492,6 +492,7 @@ cdef class Loop:
             "lowat_timeouts": self.st_lowat_timeouts,
             "reaps_cut": self.st_reaps_cut,
             "cq_overflows": self.st_cq_overflows,
+            "signal_wakeups": self.st_signal_wakeups,
         }
         for i, name in enumerate(REASONS):
             d["closed_" + name] = self.st_closes[i]

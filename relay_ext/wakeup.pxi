@@ -68,6 +68,7 @@ cdef void _wakeup_ready(Loop self) noexcept nogil:
     while read(self.wake_r, buf, sizeof(buf)) > 0:
         pass
     self.interrupted = True
+    self.st_signal_wakeups += 1
     _wakeup_arm(self)       # uring: submitted by run()'s flush right after the reap
 
 

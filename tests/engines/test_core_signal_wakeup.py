@@ -156,6 +156,7 @@ def test_wakeup_fd_takes_no_connection_slot(backend: str) -> None:
         t0 = time.monotonic()
         assert loop.run(5000) == []
         assert time.monotonic() - t0 < 2.0
+        assert loop.stats()["signal_wakeups"] == 1
     finally:
         loop.close()
         for s in outers:
