@@ -86,9 +86,17 @@ def run_child(backend: str, mode: str, timeout_ms: int) -> tuple[float, int, int
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.2)             # let it enter the wait
-        os.kill(proc.pid, signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=30)
+        # "ready" comes just before the wait: a signal sent too early (a loaded machine) is
+        # handled before run() and ends nothing, so send one every 0.5 s until the child is
+        # done.  Only a wait that a signal ends can finish before the timeout.
+        while True:
+            time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGUSR1)
+            try:
+                out, _ = proc.communicate(timeout=0.3)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -103,7 +111,7 @@ def run_child(backend: str, mode: str, timeout_ms: int) -> tuple[float, int, int
 def test_signal_to_another_thread_ends_the_wait(backend: str, mode: str) -> None:
     elapsed, handled, events = run_child(backend, mode, 10000)
     assert elapsed < 2.0, f"run(10000) lasted {elapsed}s after the signal"
-    assert handled == 1
+    assert handled >= 1
     assert events == 0
 
 
@@ -113,14 +121,14 @@ def test_without_wakeup_fd_another_thread_takes_the_signal(backend: str) -> None
     # (without the wakeup fd the wait runs to its timeout and only then is the handler run).
     elapsed, handled, _ = run_child(backend, "nowakeup", 1500)
     assert elapsed >= 1.2
-    assert handled == 1
+    assert handled >= 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_signal_to_the_waiting_thread_ends_the_wait(backend: str) -> None:
     elapsed, handled, _ = run_child(backend, "direct", 10000)
     assert elapsed < 2.0, f"run(10000) lasted {elapsed}s after the signal (EINTR)"
-    assert handled == 1
+    assert handled >= 1
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
