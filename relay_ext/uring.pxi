@@ -272,6 +272,12 @@ cdef void _uring_keep_notified(Loop self) noexcept nogil:
         write(self.efd, &one, sizeof(one))
 
 cdef void _uring_wait(Loop self, int timeout_ms):
+    # python-liburing raises OSError(errno) when errno is set, and only else the code that
+    # io_uring_enter returned (liburing's raw syscall never sets errno): a stale EAGAIN left by
+    # a non-blocking read turned -EINTR into a benign-looking EAGAIN, and a signal delivered to
+    # this very thread no longer ended run().  Clear it before each entry.
+    global errno
+    errno = 0
     if timeout_ms <= 0 or __io_uring_cq_ready(&self.ring.ptr):
         # Enter once even when not waiting: submits our SQEs and, with COOP_TASKRUN, runs
         # the completion work the kernel deferred until we next entered.
