@@ -69,6 +69,7 @@ cdef enum:
     OP_ACCEPT = 1               # a listener's readiness: uring POLLIN poll / epoll registration
     OP_POLL = 2                 # OP_POLL + side * 2 + (1 if POLLOUT else 0): 2..5 (epoll: 2..3)
     OP_IGNORE = 8               # completions of our own cancels
+    OP_WAKEUP = 9               # the signal wake-up pipe (wakeup.pxi): not a slot
 
 
 # ------------------------------------------------------------------ connections (conn.pxi)
@@ -187,6 +188,11 @@ cdef class Loop:
     cdef epoll_event* epevents
     # embedding: readable when run(0) has work
     cdef int efd
+    # signal wake-up pipe (wakeup.pxi): not a connection, no slot
+    cdef int wake_r
+    cdef int wake_w
+    cdef bint wake_armed
+    cdef uint64_t st_signal_wakeups   # waits ended by a byte in the wake-up pipe
     # connections
     cdef Conn* conns
     cdef uint32_t max_conns
@@ -315,6 +321,12 @@ cdef void _epoll_disarm(Loop self, Conn* c) noexcept nogil
 cdef void _epoll_listener_arm(Loop self, int slot) noexcept nogil
 cdef void _epoll_listener_disarm(Loop self, int slot) noexcept nogil
 cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil
+
+# wakeup.pxi
+cdef int _wakeup_open(Loop self) except -1
+cdef void _wakeup_arm(Loop self) noexcept nogil
+cdef void _wakeup_ready(Loop self) noexcept nogil
+cdef void _wakeup_close(Loop self) noexcept nogil
 
 # handoff.pxi
 cdef dict _handoff_export(Loop self, Conn* c)

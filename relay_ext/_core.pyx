@@ -19,6 +19,7 @@ concern, not by dependency:
   pairinfo.pxi           looking at open pairs from Python: bytes, age, idle time (session table)
   uring.pxi              the io_uring backend: ring setup, polls, submit, wait, reap
   epoll.pxi              the epoll backend: the same readiness contract without io_uring
+  wakeup.pxi             the signal wake-up pipe: any signal ends run()'s wait (not a slot)
   loop.pxi               class Loop: the Python API
   handoff.pxi            export / import of an established pair (reload without cutting it)
 """
@@ -67,6 +68,7 @@ include "timers.pxi"
 include "pairinfo.pxi"
 include "uring.pxi"
 include "epoll.pxi"
+include "wakeup.pxi"
 include "loop.pxi"
 include "handoff.pxi"
 

@@ -100,6 +100,9 @@ cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
         if op == OP_ACCEPT:
             _epoll_on_accept(self, idx, gen)
             continue
+        if op == OP_WAKEUP:
+            _wakeup_ready(self)
+            continue
         if op < OP_POLL or op > OP_POLL + 1 or idx >= self.high_water:
             continue
         c = &self.conns[idx]

@@ -12,6 +12,8 @@ cdef class Loop:
         self.closed = True
         self.epfd = -1
         self.efd = -1
+        self.wake_r = -1
+        self.wake_w = -1
         self.conns = NULL
         self.free_slots = NULL
         self.scratch = NULL
@@ -130,6 +132,7 @@ cdef class Loop:
         if self.efd >= 0:
             close(self.efd)
             self.efd = -1
+        _wakeup_close(self)
         self._free_memory()
 
     def __dealloc__(self):
@@ -171,6 +174,13 @@ cdef class Loop:
                 raise
             self.efd = fd
         return self.efd
+
+    def wakeup_fd(self):
+        """The write end of the loop's signal wake-up pipe, for signal.set_wakeup_fd(): a byte
+        written to it makes run() return (wakeup.pxi).  Not a connection: no slot is taken.
+        The loop owns it and close() closes it: reset the wakeup fd before closing the loop."""
+        self._ensure_alive()
+        return _wakeup_open(self)
 
     def add_listener(self, int fd, int64_t tag, bint local_address=False):
         """Accept on `fd` (non-blocking listening socket, not owned) under `tag`.
@@ -402,6 +412,8 @@ cdef class Loop:
         cdef uint64_t wait_ns
         cdef int wait_ms
         self.interrupted = False
+        if self.wake_r >= 0 and not self.wake_armed:
+            _wakeup_arm(self)       # a starved SQ left it unarmed: the flush below submits it
         while True:
             self.now = now_ns()
             wait_ns = 0
@@ -478,6 +490,7 @@ cdef class Loop:
             "lowat_timeouts": self.st_lowat_timeouts,
             "reaps_cut": self.st_reaps_cut,
             "cq_overflows": self.st_cq_overflows,
+            "signal_wakeups": self.st_signal_wakeups,
         }
         for i, name in enumerate(REASONS):
             d["closed_" + name] = self.st_closes[i]

@@ -256,6 +256,9 @@ cdef void _uring_dispatch(Loop self, uint64_t ud, int res, uint32_t flags) noexc
     if op == OP_ACCEPT:
         _uring_on_listener(self, idx, gen, res)
         return
+    if op == OP_WAKEUP:
+        _wakeup_ready(self)
+        return
     if op < OP_POLL or op > OP_KICK + 1 or idx >= self.high_water:
         return
     c = &self.conns[idx]
@@ -337,6 +340,12 @@ cdef void _uring_keep_notified(Loop self) noexcept nogil:
         write(self.efd, &one, sizeof(one))
 
 cdef void _uring_wait(Loop self, int timeout_ms):
+    # python-liburing raises OSError(errno) when errno is set, and only else the code that
+    # io_uring_enter returned (liburing's raw syscall never sets errno): a stale EAGAIN left by
+    # a non-blocking read turned -EINTR into a benign-looking EAGAIN, and a signal delivered to
+    # this very thread no longer ended run().  Clear it before each entry.
+    global errno
+    errno = 0
     if timeout_ms <= 0 or __io_uring_cq_ready(&self.ring.ptr):
         # Enter once even when not waiting: submits our SQEs and, with COOP_TASKRUN, runs
         # the completion work the kernel deferred until we next entered.

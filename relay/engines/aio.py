@@ -778,7 +778,7 @@ class AioLoop:
                     "pipes_released",
                     "pipe_refused", "pipe_resize_denied", "sqe_starved", "submit_errors",
                     "submit_last_errno", "reaps_cut", "cq_overflows", "lowat_raised",
-                    "lowat_timeouts", "events_dropped"):
+                    "lowat_timeouts", "events_dropped", "signal_wakeups"):
             s[key] = 0
         # No pipes here: the write-buffer high-water mark plays the pipe's role.
         s["pipe_size_granted"] = self._buffer_size

@@ -188,9 +188,10 @@ class _Reporter:
 
     The handler runs in the main thread, the one in serve_forever(): Python runs a signal handler
     only once that thread is back in the interpreter, i.e. once loop.run() returned (the SIGALRM
-    itself ends a wait in epoll_wait/io_uring_enter with EINTR). A loop stuck inside the core or
-    a main thread blocked anywhere stops the beats, which is exactly what the supervisor's
-    heartbeat check has to notice; a reporter thread would go on beating for a dead loop.
+    ends the wait through the loop's wake-up pipe, whichever thread took it: serve.signalwake).
+    A loop stuck inside the core or a main thread blocked anywhere stops the beats, which is
+    exactly what the supervisor's heartbeat check has to notice; a reporter thread would go on
+    beating for a dead loop.
     """
 
     def __init__(self, srv: Any, channel: socket.socket, heartbeat: Heartbeat) -> None:
@@ -331,7 +332,7 @@ def run_worker(
     reporter.report()
     reporter.start()
     try:
-        srv.serve_forever()
+        srv.serve_forever(wake_on_signals=True)  # a signal to any thread ends the wait
     except BaseException as exc:
         log.error("worker %d crashed: %s: %s", pid, type(exc).__name__, exc)
         traceback.print_exc()

@@ -53,6 +53,7 @@ from relay.serve.limits import VERDICT_REASONS, source_key
 from relay.serve.proxyproto import ProxyInfo
 from relay.serve.proxywait import HeaderWaits, Waiting
 from relay.serve.routing import Denied, Router
+from relay.serve.signalwake import SignalWakeup
 from relay.serve.udp import UdpService
 from relay.sock import (
     UNIX_PREFIX,
@@ -334,8 +335,11 @@ class Server:
         else:
             self._shutdown()  # never served: nothing else touches the loop
 
-    def serve_forever(self) -> None:
-        """Accept and relay until a stop is requested and the drain is over."""
+    def serve_forever(self, *, wake_on_signals: bool = False) -> None:
+        """Accept and relay until a stop is requested and the drain is over.
+
+        ``wake_on_signals`` (main thread only: ``relay run``'s workers): any signal ends the
+        loop's wait at once, whichever thread took it (relay.serve.signalwake)."""
         if self._serving or self._loop_closed:
             raise RuntimeError("serve_forever: server already running or stopped")
         self._serving = True
@@ -349,7 +353,10 @@ class Server:
         dispatch = self._dispatch
         deadline = 0.0
         aborted_at = 0.0
+        wakeup: SignalWakeup | None = None
         try:
+            if wake_on_signals:
+                wakeup = SignalWakeup(loop)
             while True:
                 if self._stop_requested:
                     if not self._draining:
@@ -380,6 +387,8 @@ class Server:
                     self._control_at = now + _CONTROL_POLL_S
                     self._control()
         finally:
+            if wakeup is not None:
+                wakeup.close()  # before the loop closes the pipe
             self._shutdown()
             self._finished.set()
 
