@@ -34,7 +34,7 @@ cdef enum:
 cdef enum:
     EV_ACCEPT_ = 1
     EV_ACCEPT_ERROR_ = 2
-    EV_CONNECTED_ = 3
+    # 3 was EV_CONNECTED (one per pair): the connect-time histogram is counted in the core now
     EV_DONE_ = 4
     EV_READABLE_ = 5        # a watched fd turned readable (or hung up): loop.watch()
     EV_WATCH_TIMEOUT_ = 6   # a watched fd stayed silent until its deadline
@@ -43,6 +43,10 @@ cdef enum:
 cdef enum:
     ACCEPT_BACKOFF_FIRST_MS = 100
     ACCEPT_BACKOFF_MAX_MS = 1000
+
+# Upper bounds of the connect-time histogram (Loop.set_connect_buckets), +Inf not included.
+cdef enum:
+    MAX_CONNECT_BUCKETS = 32
 
 cdef enum:
     BACKEND_URING = 0
@@ -246,6 +250,13 @@ cdef class Loop:
     cdef uint64_t st_watches
     cdef uint64_t st_watch_timeouts
     cdef uint64_t st_closes[N_REASONS]
+    # Connect time of every pair the core saw connect (_finish_connect): counts per bucket
+    # (not cumulative; [n_connect_bounds] is +Inf), their sum and number, in microseconds.
+    cdef uint64_t connect_bounds_us[MAX_CONNECT_BUCKETS]
+    cdef uint64_t connect_counts[MAX_CONNECT_BUCKETS + 1]
+    cdef int n_connect_bounds
+    cdef uint64_t connect_sum_us
+    cdef uint64_t connect_n
     cdef dict final_stats       # stats() as they were when close() ran
 
     cdef _ensure_alive(self)

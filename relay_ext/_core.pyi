@@ -5,7 +5,6 @@ from typing import Any, Final
 
 EV_ACCEPT: Final[int]
 EV_ACCEPT_ERROR: Final[int]
-EV_CONNECTED: Final[int]
 EV_DONE: Final[int]
 EV_READABLE: Final[int]
 EV_WATCH_TIMEOUT: Final[int]
@@ -22,7 +21,6 @@ LIBURING_HEADERS: Final[str]
 #       from the listener; peer: (ip, port) as accept4() gave it, None for a unix peer; local:
 #       (ip, port) of the accepted socket when add_listener(local_address=True), else None
 #   (EV_ACCEPT_ERROR, listener_tag, errno)
-#   (EV_CONNECTED, conn_id, tag, connect_us)
 #   (EV_DONE, conn_id, tag, reason, c2s_bytes, s2c_bytes, spliced, copied, duration_us, errno)
 #   (EV_READABLE, watch_tag, fd)        a watched fd turned readable (or hung up)
 #   (EV_WATCH_TIMEOUT, watch_tag, fd)   a watched fd stayed silent until its deadline
@@ -106,6 +104,12 @@ class Loop:
     def pair_info(self, cid: int) -> PairInfo | None: ...
     def pairs(self) -> list[PairInfo]: ...
     def run(self, timeout_ms: int = 0) -> list[Event]: ...
+    def set_connect_buckets(self, bounds_us: tuple[int, ...] | list[int]) -> None:
+        """Bounds (us, increasing, at most 32, +Inf implied) of the connect-time histogram;
+        resets its counts (call once, before the first pair)."""
+    def connect_histogram(self) -> tuple[list[int], int, int]:
+        """(per-bucket counts, not cumulative, +Inf last; sum of connect times in us; count),
+        every pair the core saw connect; readable after close()."""
     def stats(self) -> dict[str, int]:
         """Counters; after close() the counters as close() left them (never raises)."""
     # Every other method raises RuntimeError("relay core: the loop is closed") after close().

@@ -259,7 +259,15 @@ cdef void _finish_connect(Loop self, Conn* c) noexcept nogil:
     c.state = ST_RELAY
     c.connect_us = (self.now - c.start_ns) // 1000
     c.last_ns = self.now
-    cdef Event* ev = _push_event(self, EV_CONNECTED_, _cid(self, c), c.tag)
-    if ev != NULL:
-        ev.v[0] = <int64_t>c.connect_us
+    _count_connect(self, c.connect_us)
     _start_fresh(self, c)
+
+cdef inline void _count_connect(Loop self, uint64_t us) noexcept nogil:
+    # Once per pair: an exported pair has connected (export_pair refuses a connecting one) and
+    # an imported one starts relaying, so a pair handed over is counted by its first loop only.
+    cdef int i = 0
+    while i < self.n_connect_bounds and us > self.connect_bounds_us[i]:
+        i += 1
+    self.connect_counts[i] += 1
+    self.connect_sum_us += us
+    self.connect_n += 1

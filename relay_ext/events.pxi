@@ -35,8 +35,6 @@ cdef list _take_events(Loop self):
         elif ev.kind == EV_DONE_:
             out.append((EV_DONE_, ev.a, ev.b, ev.v[0], ev.v[1], ev.v[2], ev.v[3],
                         ev.v[4], ev.v[5], ev.v[6]))
-        elif ev.kind == EV_CONNECTED_:
-            out.append((EV_CONNECTED_, ev.a, ev.b, ev.v[0]))
         else:
             out.append((ev.kind, ev.a, ev.b))
     self.evq_len = 0

@@ -446,6 +446,34 @@ cdef class Loop:
         _uring_keep_notified(self)
         return _take_events(self)
 
+    def set_connect_buckets(self, bounds_us):
+        """Upper bounds (microseconds, increasing, at most 32; +Inf is implied) of the
+        connect-time histogram the core keeps of every pair it sees connect.  Resets the counts:
+        call it once, before the first pair."""
+        self._ensure_alive()
+        cdef list bounds = [int(b) for b in bounds_us]
+        if len(bounds) > MAX_CONNECT_BUCKETS:
+            raise ValueError(f"relay core: set_connect_buckets: {len(bounds)} bounds: "
+                             f"at most {MAX_CONNECT_BUCKETS}")
+        if any(b < 0 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"relay core: set_connect_buckets: {bounds}: "
+                             "must be >= 0 and strictly increasing")
+        cdef int i
+        for i in range(len(bounds)):
+            self.connect_bounds_us[i] = bounds[i]
+        self.n_connect_bounds = len(bounds)
+        memset(self.connect_counts, 0, sizeof(self.connect_counts))
+        self.connect_sum_us = 0
+        self.connect_n = 0
+
+    def connect_histogram(self):
+        """(counts, sum_us, n): counts per bucket of set_connect_buckets' bounds, not cumulative,
+        the last one +Inf; the sum of the connect times (us) and their number.  Also after
+        close()."""
+        cdef int i
+        counts = [self.connect_counts[i] for i in range(self.n_connect_bounds + 1)]
+        return counts, self.connect_sum_us, self.connect_n
+
     def stats(self):
         """Counters as a flat dict of ints.  After close(): the counters as close() left them
         (zeros if the loop never started)."""

@@ -17,7 +17,6 @@ from relay.engines.constants import (
     CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
-    EV_CONNECTED,
     EV_DONE,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
@@ -30,7 +29,6 @@ __all__ = [
     "ENGINES",
     "EV_ACCEPT",
     "EV_ACCEPT_ERROR",
-    "EV_CONNECTED",
     "EV_DONE",
     "EV_READABLE",
     "EV_WATCH_TIMEOUT",
@@ -68,6 +66,9 @@ class EngineLoop(Protocol):
     def pairs(self) -> list[tuple[int, int, bool, int, int, int, int]]: ...
     def run(self, timeout_ms: int) -> list[tuple[Any, ...]]: ...
     def stats(self) -> dict[str, int]: ...
+    def set_connect_buckets(self, bounds_us: tuple[int, ...] | list[int]) -> None: ...
+    # (per-bucket counts, +Inf last; sum of connect times in us; count)
+    def connect_histogram(self) -> tuple[list[int], int, int]: ...
     def close(self) -> None: ...
 
 

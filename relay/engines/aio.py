@@ -27,6 +27,7 @@ TCP semantics (the same in every engine):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import logging
@@ -43,7 +44,6 @@ from relay.engines.constants import (
     CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
-    EV_CONNECTED,
     EV_DONE,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
@@ -69,6 +69,7 @@ log = logging.getLogger("relay.engines.aio")
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 _CLOSED_KEYS = tuple(f"closed_{name}" for name in CLOSE_REASONS)  # per-reason counters, as the core
 _ACCEPT_BATCH = 64  # accepts per readiness callback: fairness with the established pairs
+_MAX_CONNECT_BUCKETS = 32  # the core's MAX_CONNECT_BUCKETS (relay_ext/_core.pxd)
 _SAMPLES_PER_TIMEOUT = 8  # write-buffer samples per idle/half-close timeout
 
 
@@ -276,6 +277,11 @@ class AioLoop:
             "watch_timeouts": 0,
         }
         self._stats.update(dict.fromkeys(_CLOSED_KEYS, 0))
+        # The core's connect-time histogram: per-bucket counts (+Inf last), sum and count (us).
+        self._connect_bounds_us: list[int] = []
+        self._connect_counts = [0]
+        self._connect_sum_us = 0
+        self._connect_n = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -494,7 +500,9 @@ class AioLoop:
             self._fail_connect(pair, connect_failure_reason(err), err)
             return
         connect_us = (time.monotonic_ns() - pair.connect_started) // 1000
-        self._emit((EV_CONNECTED, pair.cid, pair.tag, connect_us))
+        self._connect_counts[bisect.bisect_left(self._connect_bounds_us, connect_us)] += 1
+        self._connect_sum_us += connect_us
+        self._connect_n += 1
         self._start_relay(pair)
 
     def _connect_expired(self, pair: _Pair) -> None:
@@ -767,6 +775,25 @@ class AioLoop:
                   exc_info=exc if isinstance(exc, BaseException) else None)
 
     # -- introspection -------------------------------------------------------------------------
+
+    def set_connect_buckets(self, bounds_us: tuple[int, ...] | list[int]) -> None:
+        """As the core's: bounds (us, increasing, at most 32) of the connect-time histogram."""
+        self._ensure_open()
+        bounds = [int(b) for b in bounds_us]
+        if len(bounds) > _MAX_CONNECT_BUCKETS:
+            raise ValueError(f"AioLoop: set_connect_buckets: {len(bounds)} bounds: "
+                             f"at most {_MAX_CONNECT_BUCKETS}")
+        if any(b < 0 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+            raise ValueError(f"AioLoop: set_connect_buckets: {bounds}: "
+                             "must be >= 0 and strictly increasing")
+        self._connect_bounds_us = bounds
+        self._connect_counts = [0] * (len(bounds) + 1)
+        self._connect_sum_us = 0
+        self._connect_n = 0
+
+    def connect_histogram(self) -> tuple[list[int], int, int]:
+        """(per-bucket counts, +Inf last; sum of connect times in us; count), as the core's."""
+        return list(self._connect_counts), self._connect_sum_us, self._connect_n
 
     def stats(self) -> dict[str, int]:
         s = dict(self._stats)

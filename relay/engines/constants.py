@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 EV_ACCEPT = 1  # (EV_ACCEPT, listener_tag, fd, peer, local): (ip, port) or None
 EV_ACCEPT_ERROR = 2  # (EV_ACCEPT_ERROR, listener_tag, errno)
-EV_CONNECTED = 3  # (EV_CONNECTED, cid, tag, connect_us)
+# 3 was EV_CONNECTED: connect times are counted in the loop (set_connect_buckets)
 EV_DONE = 4  # (EV_DONE, cid, tag, reason, c2s, s2c, spliced, copied, duration_us, errno)
 EV_READABLE = 5  # (EV_READABLE, tag, fd): a watched fd turned readable (loop.watch)
 EV_WATCH_TIMEOUT = 6  # (EV_WATCH_TIMEOUT, tag, fd): a watched fd stayed silent until its deadline

@@ -40,7 +40,6 @@ from relay.engines.constants import (
     CLOSE_REASONS,
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
-    EV_CONNECTED,
     EV_DONE,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
@@ -71,6 +70,8 @@ log = logging.getLogger("relay.server")
 CONNECT_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
+# ... as the engine loop counts them (set_connect_buckets): whole microseconds.
+_CONNECT_BOUNDS_US: tuple[int, ...] = tuple(round(b * 1e6) for b in CONNECT_BUCKETS)
 _POLL_MS = 100  # longest wait in loop.run(): bounds how late a stop request is noticed
 _STATS_REFRESH_S = 0.25  # loop.stats() snapshot age limit for stats() from other threads
 _ABORT_GRACE_S = 2.0  # after aborting the rest at the drain deadline, wait this long for EV_DONE
@@ -124,13 +125,20 @@ class _Histogram:
         self.n += 1
 
     def snapshot(self) -> dict[str, Any]:
-        buckets: list[tuple[str, int]] = []
-        running = 0
-        for bound, count in zip(self.bounds, self.counts, strict=False):
-            running += count
-            buckets.append((repr(bound), running))
-        buckets.append(("+Inf", self.n))
-        return {"buckets": buckets, "sum": self.total, "count": self.n}
+        return _histogram_snapshot(self.bounds, self.counts, self.total, self.n)
+
+
+def _histogram_snapshot(bounds: tuple[float, ...], counts: list[int], total: float,
+                        n: int) -> dict[str, Any]:
+    """Per-bucket counts (+Inf last), their sum and number in the cumulative shape stats()
+    documents (a Prometheus HistogramMetricFamily's)."""
+    buckets: list[tuple[str, int]] = []
+    running = 0
+    for bound, count in zip(bounds, counts, strict=False):
+        running += count
+        buckets.append((repr(bound), running))
+    buckets.append(("+Inf", n))
+    return {"buckets": buckets, "sum": total, "count": n}
 
 
 class Server:
@@ -176,7 +184,6 @@ class Server:
         self._closed_by_reason: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
         self._denied: dict[str, int] = {}
         self._rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
-        self._connect_hist = _Histogram(CONNECT_BUCKETS)
         self._accepted = 0
         self._open = 0
         self._serials = itertools.count(1)
@@ -235,6 +242,7 @@ class Server:
                 options["max_conns"] = settings.maxconn
             self._loop, self.engine_reason = engines.create(name, **options)
             self.engine_name: str = self._loop.backend
+            self._loop.set_connect_buckets(_CONNECT_BOUNDS_US)
             # The core engines open and connect an IP backend's upstream themselves.
             self._add_pair_connect: Callable[..., int] | None = getattr(
                 self._loop, "add_pair_connect", None)
@@ -254,6 +262,7 @@ class Server:
             log.warning("inherited sockets for unknown listeners ignored: %s",
                         ", ".join(sorted(sockets)))
         self._loop_stats: dict[str, int] = self._loop.stats()
+        self._connect_hist: tuple[list[int], int, int] = self._loop.connect_histogram()
         self._loop_stats_at = time.monotonic()
         from relay.serve.handoff import Handoff
 
@@ -420,7 +429,8 @@ class Server:
         * ``listener_open`` / ``listener_total``: ``{listener name: n}`` (gauge / counter)
         * ``egress_ports_in_use``: ``{egress address: slice ports held}`` (gauge)
 
-        ``connect_seconds`` is a histogram of upstream connect latency:
+        ``connect_seconds`` is a histogram of upstream connect latency, counted by the engine
+        loop (``connect_histogram()``, as fresh as the loop's counters):
         ``{"buckets": [(upper bound as str, cumulative count), ..., ("+Inf", count)],
         "sum": seconds (float), "count": n}`` (ready for a Prometheus HistogramMetricFamily).
         """
@@ -440,7 +450,8 @@ class Server:
         s["listener_open"] = {lst.name: lst.open for lst in self._listeners}
         s["listener_total"] = {lst.name: lst.total for lst in self._listeners}
         s["egress_ports_in_use"] = dict(self._egress_in_use)
-        s["connect_seconds"] = self._connect_hist.snapshot()
+        counts, sum_us, n = self._connect_hist  # the loop counts connect times (us)
+        s["connect_seconds"] = _histogram_snapshot(CONNECT_BUCKETS, counts, sum_us / 1e6, n)
         s.update(self.handoff.stats())
         if self._udp is not None:
             s.update(self._udp.stats())
@@ -507,18 +518,16 @@ class Server:
     # -- event handling ------------------------------------------------------------------------
 
     def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
-        # Every connection is three events (accept, connected, done): handlers bound once.
+        # Every connection is two events (accept, done; its connect time is counted in the
+        # loop): handlers bound once.
         on_accept = self._on_accept
         on_done = self._on_done
-        observe = self._connect_hist.observe
         for ev in events:
             kind = ev[0]
             if kind == EV_ACCEPT:
                 on_accept(ev[1], ev[2], ev[3], ev[4])
             elif kind == EV_DONE:
                 on_done(ev)
-            elif kind == EV_CONNECTED:
-                observe(ev[3] / 1e6)
             elif kind == EV_READABLE or kind == EV_WATCH_TIMEOUT:
                 self._on_header_wait_over(ev[2], kind == EV_WATCH_TIMEOUT)
             elif kind == EV_ACCEPT_ERROR:
@@ -871,6 +880,7 @@ class Server:
 
     def _refresh_loop_stats(self) -> None:
         self._loop_stats = self._loop.stats()
+        self._connect_hist = self._loop.connect_histogram()
         self._loop_stats_at = time.monotonic()
 
     def _serve_in_thread(self) -> None:

@@ -78,7 +78,7 @@ def pair_setup(request: pytest.FixtureRequest) -> Iterator[Callable[[str], tuple
         opened.append(origin)
         cid = loop.add_pair(fd, up.detach(), 1, rc != 0, client_accepted=True,
                             upstream_nonblocking=True)
-        _run_until(loop, events, lambda: any(e[0] == core.EV_CONNECTED for e in events))
+        _run_until(loop, events, lambda: not loop.pair_info(cid)[2])  # connected
         return loop, events, cid, client, origin
 
     yield make

@@ -1,7 +1,7 @@
 """Loop.add_pair_connect: the core opens and connects the upstream itself (IP backends).
 
 What relay run's server relied on when it made the upstream in Python must hold: a handshake
-in flight is finished by the core (EV_CONNECTED) and the pair relays both ways; a refused port
+in flight is finished by the core (counted in connect_histogram) and the pair relays both ways; a refused port
 ends as "refused" whether connect() says so at once (-errno returned, the client still the
 caller's) or later (EV_DONE); a refused pair or a bad address leaves the client fd with the
 caller and no upstream open. Both engines, on real loopback sockets.
@@ -75,9 +75,8 @@ def test_core_connected_upstream_relays_both_ways(opened, backend: str, family: 
     opened.append(origin)
     assert peer[0] == host
     events: list = []
-    _run_until(loop, events, lambda: any(e[0] == core.EV_CONNECTED for e in events))
-    [connected] = [e for e in events if e[0] == core.EV_CONNECTED]
-    assert connected[1:3] == (cid, 7)
+    _run_until(loop, events, lambda: loop.connect_histogram()[2] == 1)
+    assert loop.pair_info(cid)[:3] == (cid, 7, False)
     client.sendall(b"ping")
     origin.settimeout(0.05)
     got = b""
