@@ -29,7 +29,7 @@ cdef void _epoll_arm(Loop self, Conn* c, int side, uint8_t want) noexcept nogil:
         return
     ev.events = 0
     if want & POLL_BIT_IN:
-        ev.events |= EPOLLIN
+        ev.events |= EPOLLIN | EPOLLRDHUP     # RDHUP: a FIN is known before reading (below)
     if want & POLL_BIT_OUT:
         ev.events |= EPOLLOUT
     ev.data.u64 = pack_ud(OP_POLL + side, c.gen, idx)
@@ -109,8 +109,30 @@ cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
         if c.state == ST_FREE or not gen_matches(c.gen, gen):
             continue
         side = op - OP_POLL
-        _on_ready(self, c, side,
-                       (evs & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0
-                       and (c.polled[side] & POLL_BIT_IN) != 0,
-                       (evs & (EPOLLOUT | EPOLLERR | EPOLLHUP)) != 0
-                       and (c.polled[side] & POLL_BIT_OUT) != 0)
+        _epoll_on_ready(self, c, side,
+                        (evs & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0
+                        and (c.polled[side] & POLL_BIT_IN) != 0,
+                        (evs & (EPOLLOUT | EPOLLERR | EPOLLHUP)) != 0
+                        and (c.polled[side] & POLL_BIT_OUT) != 0,
+                        (evs & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0)
+
+cdef inline void _epoll_on_ready(Loop self, Conn* c, int side, bint readable, bint writable,
+                                 bint fin_or_error) noexcept nogil:
+    # As the uring engine's multishot polls (uring.pxi, _uring_on_readable): a copy read shorter
+    # than asked for took all the socket held (tcp_recvmsg drains the receive queue and the
+    # backlog), so the pump stops there instead of paying a recv() that returns EAGAIN, one
+    # system call per small message.  The registration is level-triggered: bytes that came
+    # after that read, or a FIN, are reported by the next epoll_wait.  A FIN already seen
+    # (EPOLLRDHUP: the short read may have taken its data) is read on to the 0 that reports
+    # it now rather than one wait later, and an error or hang-up wants the read that reports
+    # it: those pump on to EAGAIN/EOF, as before.
+    if (readable and not fin_or_error and c.state == ST_RELAY
+            and (c.half[side].flags & HF_WANT_READ)):
+        if _pump(self, c, side, True) < 0:
+            return
+        if writable and (c.half[1 - side].flags & HF_WANT_WRITE):
+            if _pump(self, c, 1 - side, False) < 0:
+                return
+        _after_pump(self, c)
+        return
+    _on_ready(self, c, side, readable, writable)

@@ -179,3 +179,34 @@ def test_data_and_fin_in_one_wakeup_end_the_stream(backend: str) -> None:
         finally:
             for s in clients + origins:
                 s.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_messages_and_a_fin_after_short_reads_are_relayed(backend: str) -> None:
+    # The other side of stopping at a short read (both engines): nothing re-runs the pump but
+    # the next readiness, so each later message, and a FIN that comes alone after them, must
+    # wake the loop again (uring: the multishot poll; epoll: the level-triggered registration).
+    with core.Loop(backend, max_conns=4) as loop:
+        client, relay_c = tcp_pair()
+        relay_u, origin = tcp_pair()
+        try:
+            loop.add_pair(relay_c.detach(), relay_u.detach())
+            for i in range(20):
+                msg = f"message {i:02d}".encode()
+                client.sendall(msg)
+                assert recv_exactly(loop, origin, len(msg)) == msg
+                origin.sendall(msg[::-1])
+                assert recv_exactly(loop, client, len(msg)) == msg[::-1]
+            client.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 5
+            while True:
+                assert time.monotonic() < deadline, "no EOF after a FIN that came alone"
+                loop.run(2)
+                try:
+                    assert origin.recv(64) == b""
+                    break
+                except BlockingIOError:
+                    continue
+        finally:
+            client.close()
+            origin.close()
