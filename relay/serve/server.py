@@ -76,6 +76,9 @@ _POLL_MS = 100  # longest wait in loop.run(): bounds how late a stop request is 
 _STATS_REFRESH_S = 0.25  # loop.stats() snapshot age limit for stats() from other threads
 _ABORT_GRACE_S = 2.0  # after aborting the rest at the drain deadline, wait this long for EV_DONE
 _LIMIT_LOG_INTERVAL_S = 10.0
+# How long a stopping supervised worker waits for the supervisor's UdpRelease to reach its UDP
+# service (the command reader thread) before it ends the UDP flows "closed" itself.
+_UDP_RELEASE_ORDER_GRACE_S = 0.5
 _CONTROL_POLL_S = 0.05  # the control hook (worker <- supervisor requests) runs at most this often
 
 # Why a client over a connection limit was reset: stats()["rejected"] keys, and the flow log's
@@ -846,6 +849,12 @@ class Server:
         if self._loop_closed:
             return
         if self._udp is not None:
+            if self._udp_supervised and self._udp.started:
+                # The supervisor says how UDP flows end (UdpRelease "reload" or "closed")
+                # before it signals a worker to stop, but the command reader thread may not
+                # have passed it on yet when the signal (which wakes the loop at once) ends
+                # serve_forever: give it a moment, or every flow of a reload ends "closed".
+                self._udp.wait_release_requested(_UDP_RELEASE_ORDER_GRACE_S)
             self._udp.release("closed")
             if not self._udp.wait_released(5.0):
                 log.error("server: the UDP loop did not stop within 5s")

@@ -100,6 +100,7 @@ class UdpService:
         self._flows: dict[int, _Open] = {}
         self._release_reason: str | None = None
         self._released = threading.Event()
+        self._release_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # start vs release from different threads
         self._closed: dict[str, int] = dict.fromkeys(UDP_CLOSE_REASONS, 0)
@@ -129,8 +130,13 @@ class UdpService:
                 return
             self._release_reason = reason
             never_started = self._thread is None
+        self._release_requested.set()
         if never_started:
             self._finish_release()
+
+    def wait_release_requested(self, timeout: float | None = None) -> bool:
+        """True once ``release`` was called (by any thread), False after `timeout`."""
+        return self._release_requested.wait(timeout)
 
     def wait_released(self, timeout: float | None = None) -> bool:
         return self._released.wait(timeout)
