@@ -17,26 +17,12 @@ import select
 import socket
 
 import pytest
+from test_core import BACKENDS, backend_unavailable, core
 
 from tests.helpers import pattern, sha
 
-core = pytest.importorskip("relay_ext._core", reason="the Cython core is not built")
-
 REQUEST = 4096      # client -> origin, per pair
 RESPONSE = 16384    # origin -> client, per pair: both fit the receive buffers, nobody reads early
-
-
-def _unavailable(backend: str) -> str | None:
-    try:
-        core.Loop(backend, max_conns=4).close()
-    except OSError as exc:
-        return str(exc)
-    return None
-
-
-BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(bool(_unavailable(name)),
-                                                        reason=f"{name}: {_unavailable(name)}"))
-            for name in ("uring", "epoll")]
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -94,7 +80,7 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.skipif(bool(_unavailable("uring")), reason=f"uring: {_unavailable('uring')}")
+@pytest.mark.skipif(bool(backend_unavailable("uring")), reason=f"uring: {backend_unavailable('uring')}")
 def test_a_ring_smaller_than_the_ready_polls_relays_every_byte() -> None:
     # ring_entries=8: a completion queue of 64 entries, and 200 pairs whose upstream poll
     # fires as soon as it is submitted (the response is queued), then 200 client polls.
@@ -139,7 +125,7 @@ def test_one_round_handles_a_bounded_batch_of_ready_pairs(backend: str) -> None:
             pairs.close()
 
 
-@pytest.mark.skipif(bool(_unavailable("uring")), reason=f"uring: {_unavailable('uring')}")
+@pytest.mark.skipif(bool(backend_unavailable("uring")), reason=f"uring: {backend_unavailable('uring')}")
 def test_fileno_stays_readable_while_completions_are_left_for_the_next_round() -> None:
     # An embedder runs the loop only when fileno() turns readable (relay/embed.py).  A round
     # that leaves completions in the queue must leave fileno() readable, or they wait for the

@@ -19,25 +19,12 @@ import time
 
 import pytest
 from helpers import count_fds
+from test_core import BACKENDS
 
 import relay_ext._core as core
 
 Loop = core.Loop
 
-
-def backend_unavailable(name: str) -> str | None:
-    try:
-        Loop(name, max_conns=4).close()
-    except OSError as exc:
-        return str(exc)
-    return None
-
-
-BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(bool(backend_unavailable(name)),
-                                                reason=f"{name}: {backend_unavailable(name)}"))
-    for name in ("uring", "epoll")
-]
 
 # argv: backend, mode, run timeout ms.  Modes:
 #   wakeup     the loop's wakeup fd is Python's; the main thread blocks SIGUSR1, a second

@@ -19,24 +19,9 @@ import socket
 import time
 
 import pytest
+from test_core import BACKENDS, core
 
 from tests.helpers import pattern, sha
-
-core = pytest.importorskip("relay_ext._core", reason="the Cython core is not built")
-
-
-def _unavailable(backend: str) -> str | None:
-    try:
-        core.Loop(backend, max_conns=4).close()
-    except OSError as exc:
-        return str(exc)
-    return None
-
-
-BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(bool(_unavailable(name)),
-                                                        reason=f"{name}: {_unavailable(name)}"))
-            for name in ("uring", "epoll")]
-
 
 SO_SNDBUFFORCE = 32     # Linux: SO_SNDBUF/SO_RCVBUF past net.core.[rw]mem_max (CAP_NET_ADMIN)
 SO_RCVBUFFORCE = 33
@@ -98,6 +83,18 @@ def test_bytes_left_by_the_fairness_limit_move_without_a_new_wakeup(backend: str
             origin.close()
 
 
+def relay_idle_pairs(loop: core.Loop, n: int, clients: list[socket.socket],
+                     origins: list[socket.socket]) -> None:
+    """n relayed pairs, nothing sent yet: their outer ends appended to clients / origins (so
+    the caller's finally closes whatever was opened)."""
+    for _ in range(n):
+        client, relay_c = tcp_pair()
+        relay_u, origin = tcp_pair()
+        clients.append(client)
+        origins.append(origin)
+        loop.add_pair(relay_c.detach(), relay_u.detach())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_polls_ended_by_a_full_completion_queue_are_armed_again(backend: str) -> None:
     # ring_entries=8: a completion queue of 64 entries.  200 relayed pairs sit idle with their
@@ -109,12 +106,7 @@ def test_polls_ended_by_a_full_completion_queue_are_armed_again(backend: str) ->
         clients: list[socket.socket] = []
         origins: list[socket.socket] = []
         try:
-            for _ in range(n):
-                client, relay_c = tcp_pair()
-                relay_u, origin = tcp_pair()
-                clients.append(client)
-                origins.append(origin)
-                loop.add_pair(relay_c.detach(), relay_u.detach())
+            relay_idle_pairs(loop, n, clients, origins)
             for rnd in range(3):
                 for i, client in enumerate(clients):
                     client.sendall(f"round {rnd} pair {i:04d}".encode())
@@ -145,12 +137,7 @@ def test_data_and_fin_in_one_wakeup_end_the_stream(backend: str) -> None:
         clients: list[socket.socket] = []
         origins: list[socket.socket] = []
         try:
-            for _ in range(n):
-                client, relay_c = tcp_pair()
-                relay_u, origin = tcp_pair()
-                clients.append(client)
-                origins.append(origin)
-                loop.add_pair(relay_c.detach(), relay_u.detach())
+            relay_idle_pairs(loop, n, clients, origins)
             loop.run(0)
             pid = os.fork()
             if pid == 0:        # the child: last words and FIN on every client
