@@ -245,6 +245,7 @@ cdef class Loop:
     cdef int last_submit_errno
     cdef uint64_t st_wakeups
     cdef uint64_t st_reaps_cut
+    cdef uint64_t st_multishot_ended
     cdef uint64_t st_cq_overflows
     cdef uint64_t st_events_dropped
     cdef uint64_t st_watches

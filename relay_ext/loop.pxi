@@ -517,6 +517,7 @@ cdef class Loop:
             "lowat_raised": self.st_lowat_raised,
             "lowat_timeouts": self.st_lowat_timeouts,
             "reaps_cut": self.st_reaps_cut,
+            "multishot_ended": self.st_multishot_ended,
             "cq_overflows": self.st_cq_overflows,
             "signal_wakeups": self.st_signal_wakeups,
         }

@@ -804,8 +804,8 @@ class AioLoop:
         for key in ("pipes_in_use", "pipes_free", "pipes_max", "pipes_created", "pipes_killed",
                     "pipes_released",
                     "pipe_refused", "pipe_resize_denied", "sqe_starved", "submit_errors",
-                    "submit_last_errno", "reaps_cut", "cq_overflows", "lowat_raised",
-                    "lowat_timeouts", "events_dropped", "signal_wakeups"):
+                    "submit_last_errno", "reaps_cut", "multishot_ended", "cq_overflows",
+                    "lowat_raised", "lowat_timeouts", "events_dropped", "signal_wakeups"):
             s[key] = 0
         # No pipes here: the write-buffer high-water mark plays the pipe's role.
         s["pipe_size_granted"] = self._buffer_size

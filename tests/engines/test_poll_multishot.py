@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import pytest
-from test_core import BACKENDS, core
+from test_core import BACKENDS, backend_unavailable, core
 
 from tests.helpers import pattern, sha
 
@@ -197,3 +198,34 @@ def test_messages_and_a_fin_after_short_reads_are_relayed(backend: str) -> None:
         finally:
             client.close()
             origin.close()
+
+
+@pytest.mark.skipif(bool(backend_unavailable("uring")),
+                    reason=f"uring: {backend_unavailable('uring')}")
+def test_a_half_turning_bulk_gives_up_its_multishot_poll() -> None:
+    # A multishot poll posts a CQE for every segment that lands, also while a bulk half waits
+    # for its destination to drain the pipe: a half that turns bulk (splice) removes it and
+    # goes on with one-shot polls.  A 64-byte exchange keeps its multishot poll.
+    with core.Loop("uring", max_conns=8) as loop:
+        client, relay_c = tcp_pair()
+        relay_u, origin = tcp_pair()
+        try:
+            loop.add_pair(relay_c.detach(), relay_u.detach())
+            for i in range(5):
+                client.sendall(b"x" * 64)
+                assert recv_exactly(loop, origin, 64) == b"x" * 64, i
+            assert loop.stats()["multishot_ended"] == 0
+            data = pattern(4 << 20)
+            sender = threading.Thread(target=client.sendall, args=(data,))
+            sender.start()
+            got = recv_exactly(loop, origin, len(data))
+            sender.join(10)
+            assert sha(got) == sha(data)
+            stats = loop.stats()
+            assert stats["bytes_spliced"] > 0
+            assert stats["multishot_ended"] >= 1
+            client.sendall(b"after")            # the one-shot polls that followed still relay
+            assert recv_exactly(loop, origin, 5) == b"after"
+        finally:
+            for s in (client, origin):
+                s.close()
