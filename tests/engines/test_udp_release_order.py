@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
 from helpers import UdpOrigin
 
 from relay.config import loads
@@ -31,7 +32,12 @@ def _one_flow(srv: Server) -> None:
         assert c.recvfrom(100)[0] == b"ping"
 
 
-def test_release_order_arriving_after_the_stop_names_the_flows_end() -> None:
+@pytest.mark.parametrize("late_order", ["reload", None])
+def test_the_supervisors_order_names_the_flows_end_even_after_the_stop(
+        late_order: str | None) -> None:
+    """late_order: the UdpRelease reason that reaches the UDP service 0.2 s after the stop
+    (the command reader thread is behind; serve_forever has ended its loop by then), or None:
+    no order comes, and the flows end "closed" after the wait."""
     origin = UdpOrigin()
     srv = _udp_server(origin)
     try:
@@ -39,31 +45,16 @@ def test_release_order_arriving_after_the_stop_names_the_flows_end() -> None:
         srv.start_udp()
         _one_flow(srv)
         srv.request_stop(drain=False)
-        # The command reader is 0.2 s behind the stop: serve_forever has ended its loop by then.
-        late = threading.Timer(0.2, srv.release_udp, args=("reload",))
-        late.start()
+        late = threading.Timer(0.2, srv.release_udp, args=(late_order,)) if late_order else None
+        if late is not None:
+            late.start()
         thread.join(10)
-        late.join(5)
+        if late is not None:
+            late.join(5)
         assert not thread.is_alive()
         closed = srv.stats()["udp_closed"]
-        assert closed.get("reload") == 1 and not closed.get("closed"), closed
-    finally:
-        srv.stop(drain_timeout=1.0)
-        origin.close()
-
-
-def test_without_an_order_the_flows_end_closed() -> None:
-    origin = UdpOrigin()
-    srv = _udp_server(origin)
-    try:
-        thread = srv.start_thread()
-        srv.start_udp()
-        _one_flow(srv)
-        srv.request_stop(drain=False)
-        thread.join(10)
-        assert not thread.is_alive()
-        closed = srv.stats()["udp_closed"]
-        assert closed.get("closed") == 1 and not closed.get("reload"), closed
+        want = late_order or "closed"
+        assert closed.get(want) == 1 and sum(closed.values()) == 1, closed
     finally:
         srv.stop(drain_timeout=1.0)
         origin.close()
