@@ -30,6 +30,21 @@ def _run_until(loop: core.Loop, events: list, done: Callable[[], bool],
         events.extend(loop.run(10))
 
 
+def _received(sock: socket.socket, want: bytes) -> Callable[[], bool]:
+    """For _run_until: read what `sock` has (briefly), done once it got exactly `want`."""
+    sock.settimeout(0.05)
+    got = bytearray()
+
+    def done() -> bool:
+        try:
+            got.extend(sock.recv(64))
+        except TimeoutError:
+            pass
+        assert want.startswith(got), f"got {bytes(got)!r}, want {want!r}"
+        return got == want
+    return done
+
+
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -78,26 +93,9 @@ def test_core_connected_upstream_relays_both_ways(opened, backend: str, family: 
     _run_until(loop, events, lambda: loop.connect_histogram()[2] == 1)
     assert loop.pair_info(cid)[:3] == (cid, 7, False)
     client.sendall(b"ping")
-    origin.settimeout(0.05)
-    got = b""
-    deadline = time.monotonic() + 5
-    while got != b"hdr:ping":
-        assert time.monotonic() < deadline, f"origin got {got!r}"
-        events.extend(loop.run(10))
-        try:
-            got += origin.recv(64)
-        except TimeoutError:
-            pass
+    _run_until(loop, events, _received(origin, b"hdr:ping"))
     origin.sendall(b"pong")
-    client.settimeout(0.05)
-    back = b""
-    while back != b"pong":
-        assert time.monotonic() < deadline, f"client got {back!r}"
-        events.extend(loop.run(10))
-        try:
-            back += client.recv(64)
-        except TimeoutError:
-            pass
+    _run_until(loop, events, _received(client, b"pong"))
     assert loop.pair_info(cid)[3:5] == (8, 4)
     client.shutdown(socket.SHUT_WR)
     origin.shutdown(socket.SHUT_WR)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,10 +47,11 @@ def worker_stats(rp: Any, pid: int) -> dict[str, Any]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", ["uring", "epoll"])
 def test_sigusr1_to_another_thread_reopens_the_log(origins: Any, relays: Any, name: str,
-                                                   engine_availability: Any) -> None:
+                                                   engine_availability: Any,
+                                                   tmp_path: Path) -> None:
     require_engine(name, engine_availability)
     origin = origins(echo_handler)
-    directory = Path(tempfile.mkdtemp(prefix="relay-sigwake-"))
+    directory = tmp_path
     log_file = directory / "relay.log"
     rp = relays(lambda adm: relay_config(origin.port, admin_socket=adm, workers=1, engine=name,
                                          settings={"log_file": str(log_file)}))
