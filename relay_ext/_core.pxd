@@ -10,6 +10,8 @@ from liburing.lib.type cimport __kernel_timespec
 from liburing.queue cimport io_uring, io_uring_cqe, sigset as uring_sigset
 from liburing.time cimport timespec as uring_timespec
 
+from relay_ext._limits cimport SharedLimits
+
 include "includes/system.pxi"
 
 
@@ -38,6 +40,7 @@ cdef enum:
     EV_DONE_ = 4
     EV_READABLE_ = 5        # a watched fd turned readable (or hung up): loop.watch()
     EV_WATCH_TIMEOUT_ = 6   # a watched fd stayed silent until its deadline
+    EV_PAIR_ = 7            # a connect_to listener accepted, admitted and connected a pair
 
 # Accept back-off after EMFILE & co: first pause, doubling up to the cap.
 cdef enum:
@@ -160,6 +163,7 @@ cdef struct Event:
     int64_t a               # listener tag / conn id
     int64_t b               # fd / errno / tag
     int64_t v[8]            # EV_ACCEPT: v[0:4] the peer's, v[4:8] the local sockaddr (listeners.pxi)
+                            # EV_PAIR: v[0:4] the peer's
 
 
 # ------------------------------------------------------------------ listeners (listeners.pxi)
@@ -172,6 +176,8 @@ cdef struct Listener:
     uint8_t user_paused
     uint8_t armed               # uring: a POLLIN poll is in flight; epoll: registered
     uint8_t want_local          # EV_ACCEPT carries the accepted socket's local address
+    sock_len connect_len        # > 0: accept-and-connect to connect_to (connect.pxi) ...
+    sockaddr_in6 connect_to     # ... a packed sockaddr_in / sockaddr_in6
     uint64_t resume_at          # paused after EMFILE & co until this time (0 = not paused)
     uint32_t backoff_ms
 
@@ -259,6 +265,10 @@ cdef class Loop:
     cdef uint64_t connect_sum_us
     cdef uint64_t connect_n
     cdef dict final_stats       # stats() as they were when close() ran
+    # Admission of connect_to listeners' clients (set_limits): None admits every client.
+    cdef SharedLimits limits
+    cdef uint32_t limits_slot
+    cdef uint64_t st_accept_connects  # pairs a connect_to listener started in the core
 
     cdef _ensure_alive(self)
     cdef bint _reset_pair(self, int64_t cid, int reason)
@@ -300,6 +310,11 @@ cdef void _listener_arm(Loop self, int slot) noexcept nogil
 cdef void _listener_disarm(Loop self, int slot) noexcept nogil
 cdef int _accept_batch(Loop self, int slot) noexcept nogil
 cdef void _accept_pause(Loop self, int slot, int err) noexcept nogil
+
+# connect.pxi
+cdef Conn* _try_take_slot(Loop self) noexcept nogil
+cdef bint _accept_connect(Loop self, Listener* l, int fd, sockaddr_in6* peer,
+                          sock_len peer_len) noexcept nogil
 
 # datapath.pxi
 cdef void _start_relay(Loop self, Conn* c) noexcept nogil

@@ -3,11 +3,14 @@
 from types import TracebackType
 from typing import Any, Final
 
+from relay_ext._limits import SharedLimits
+
 EV_ACCEPT: Final[int]
 EV_ACCEPT_ERROR: Final[int]
 EV_DONE: Final[int]
 EV_READABLE: Final[int]
 EV_WATCH_TIMEOUT: Final[int]
+EV_PAIR: Final[int]
 REASONS: Final[tuple[str, ...]]
 ACCEPT_PAUSE_ERRNOS: Final[frozenset[int]]
 ACCEPT_BACKOFF_FIRST_S: Final[float]
@@ -24,6 +27,8 @@ LIBURING_HEADERS: Final[str]
 #   (EV_DONE, conn_id, tag, reason, c2s_bytes, s2c_bytes, spliced, copied, duration_us, errno)
 #   (EV_READABLE, watch_tag, fd)        a watched fd turned readable (or hung up)
 #   (EV_WATCH_TIMEOUT, watch_tag, fd)   a watched fd stayed silent until its deadline
+#   (EV_PAIR, conn_id, listener_tag, peer)   a connect_to listener's client, admitted
+#       (set_limits), connected and relayed by the loop itself; peer as EV_ACCEPT's
 Event = tuple[int, ...]
 # pair_info() / pairs(): (cid, tag, connecting, c2s_bytes, s2c_bytes, age_us, idle_us)
 PairInfo = tuple[int, int, bool, int, int, int, int]
@@ -55,7 +60,14 @@ class Loop:
         """The write end of the loop's signal wake-up pipe (non-blocking), for
         signal.set_wakeup_fd(): any byte written to it ends run()'s wait. Made on the first
         call, owned by the loop (close() closes it), takes no connection slot."""
-    def add_listener(self, fd: int, tag: int, local_address: bool = False) -> None: ...
+    def add_listener(self, fd: int, tag: int, local_address: bool = False,
+                     connect_to: bytes | None = None) -> None:
+        """connect_to (packed sockaddr_in/sockaddr_in6): accept-and-connect in the core; each
+        client admitted, connected and fitting the table is one EV_PAIR, any other an
+        ordinary EV_ACCEPT (no count held)."""
+    def set_limits(self, limits: SharedLimits | None, slot: int = 0) -> None:
+        """Admit connect_to listeners' clients through `limits` as worker `slot` (one count
+        each, no source key; the caller releases it); None admits every one."""
     def remove_listener(self, tag: int) -> None: ...
     def pause_accept(self, tag: int) -> None: ...
     def resume_accept(self, tag: int) -> None: ...

@@ -31,8 +31,6 @@ cdef extern from "<errno.h>":
     int EOWNERDEAD
 
 cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
     ctypedef struct pthread_mutexattr_t:
         pass
     int PTHREAD_PROCESS_SHARED
@@ -58,17 +56,7 @@ cdef enum:
     USED = 1
     TOMB = 2
 
-ctypedef struct Header:
-    pthread_mutex_t lock
-    uint32_t slots
-    uint32_t capacity     # entries, a power of two (0: no per-source table)
-    uint32_t used
-    uint32_t tombs
-    uint32_t maxconn      # 0: no global limit
-    uint32_t per_source   # 0: no per-source limit
-    uint32_t dirty        # set while compacting: the table is not to be trusted if we die
-    uint32_t wipes        # times the table was wiped after an owner died mid-compaction
-    uint32_t recovered    # times a dead owner's lock was taken over (EOWNERDEAD)
+# Header (the mapping's head) and the class's fields: _limits.pxd.
 
 # One table entry: state (1), key length (1), 2 pad, key (16), then u32 count per slot.
 DEF ENTRY_HEAD = 20
@@ -85,14 +73,6 @@ cdef inline uint64_t _hash(const uint8_t* key, int n) noexcept nogil:
 cdef class SharedLimits:
     """The counters of one generation. Create in the supervisor before fork; every method is
     safe from any process that inherited the mapping."""
-
-    cdef char* base
-    cdef size_t size
-    cdef Header* hdr
-    cdef uint32_t* open_
-    cdef char* table
-    cdef size_t entry_size
-    cdef readonly uint32_t slots
 
     def __cinit__(self, int slots, int maxconn, int per_source, int capacity=0):
         self.base = NULL
@@ -140,7 +120,7 @@ cdef class SharedLimits:
 
     # ------------------------------------------------------------------ locking
 
-    cdef void _lock(self) noexcept:
+    cdef void _lock(self) noexcept nogil:
         cdef int rc = pthread_mutex_lock(&self.hdr.lock)
         if rc == EOWNERDEAD:
             # The previous owner died inside a critical section. Single-u32 writes left
@@ -154,18 +134,18 @@ cdef class SharedLimits:
                 self.hdr.wipes += 1
             pthread_mutex_consistent(&self.hdr.lock)
 
-    cdef inline void _unlock(self) noexcept:
+    cdef void _unlock(self) noexcept nogil:
         pthread_mutex_unlock(&self.hdr.lock)
 
     # ------------------------------------------------------------------ table
 
-    cdef inline char* _entry(self, uint32_t i) noexcept:
+    cdef char* _entry(self, uint32_t i) noexcept:
         return self.table + <size_t>i * self.entry_size
 
-    cdef inline uint32_t* _counts(self, char* e) noexcept:
+    cdef uint32_t* _counts(self, char* e) noexcept:
         return <uint32_t*>(e + ENTRY_HEAD)
 
-    cdef uint32_t _sum(self, uint32_t* counts) noexcept:
+    cdef uint32_t _sum(self, uint32_t* counts) noexcept nogil:
         cdef uint32_t s = 0, i
         for i in range(self.slots):
             s += counts[i]
@@ -260,6 +240,24 @@ cdef class SharedLimits:
             return ADMITTED
         finally:
             self._unlock()
+
+    cdef bint admit_global(self, uint32_t slot) noexcept nogil:
+        """acquire(slot) without a source key, for C callers (the core's accept-and-connect
+        listeners): True when admitted.  `slot` must be < slots."""
+        cdef bint ok
+        self._lock()
+        ok = not (self.hdr.maxconn and self._sum(self.open_) >= self.hdr.maxconn)
+        if ok:
+            self.open_[slot] += 1
+        self._unlock()
+        return ok
+
+    cdef void release_global(self, uint32_t slot) noexcept nogil:
+        """release(slot) without a source key, for C callers."""
+        self._lock()
+        if self.open_[slot]:
+            self.open_[slot] -= 1
+        self._unlock()
 
     def release(self, int slot, bytes key=None) -> None:
         """One connection of worker ``slot`` (admitted with ``key``) ended."""

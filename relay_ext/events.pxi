@@ -32,6 +32,8 @@ cdef list _take_events(Loop self):
         if ev.kind == EV_ACCEPT_:
             out.append((EV_ACCEPT_, ev.a, ev.b, _sockaddr_tuple(&ev.v[0]),
                         _sockaddr_tuple(&ev.v[4])))
+        elif ev.kind == EV_PAIR_:
+            out.append((EV_PAIR_, ev.a, ev.b, _sockaddr_tuple(&ev.v[0])))
         elif ev.kind == EV_DONE_:
             out.append((EV_DONE_, ev.a, ev.b, ev.v[0], ev.v[1], ev.v[2], ev.v[3],
                         ev.v[4], ev.v[5], ev.v[6]))

@@ -31,7 +31,8 @@ cdef void _listener_disarm(Loop self, int slot) noexcept nogil:
 
 
 cdef int _accept_batch(Loop self, int slot) noexcept nogil:
-    """The listener is readable: accept4() up to ACCEPT_BATCH connections, each an EV_ACCEPT.
+    """The listener is readable: accept4() up to ACCEPT_BATCH connections, each an EV_ACCEPT
+    (or, on a connect_to listener, an EV_PAIR when the core could relay it at once).
 
     0: keep waiting on the listener; -1: it was paused for a back-off (the timer scan
     resumes it) and must be disarmed."""
@@ -47,6 +48,8 @@ cdef int _accept_batch(Loop self, int slot) noexcept nogil:
         if fd >= 0:
             self.st_accepts += 1
             l.backoff_ms = ACCEPT_BACKOFF_FIRST_MS
+            if l.connect_len and _accept_connect(self, l, fd, &peer, peer_len):
+                continue        # relayed: Python hears of it as one EV_PAIR
             ev = _push_event(self, EV_ACCEPT_, l.tag, fd)
             if ev != NULL:
                 _store_sockaddr(&ev.v[0], &peer, peer_len)

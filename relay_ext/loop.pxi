@@ -182,12 +182,21 @@ cdef class Loop:
         self._ensure_alive()
         return _wakeup_open(self)
 
-    def add_listener(self, int fd, int64_t tag, bint local_address=False):
+    def add_listener(self, int fd, int64_t tag, bint local_address=False, bytes connect_to=None):
         """Accept on `fd` (non-blocking listening socket, not owned) under `tag`.
 
         Each EV_ACCEPT carries the peer (from accept4() itself) and, with `local_address`,
-        the accepted socket's local address (one getsockname() here, none in Python)."""
+        the accepted socket's local address (one getsockname() here, none in Python).
+
+        `connect_to` (a packed sockaddr_in / sockaddr_in6, as add_pair_connect's): accept and
+        connect in the core.  Each accepted client that set_limits' counters admit, whose
+        upstream socket()/connect() started and that fits in the table is relayed to that
+        address at once (as add_pair_connect(client, connect_to, tag) would) and reported as
+        (EV_PAIR, id, tag, peer); any other is reported as an ordinary EV_ACCEPT, with no
+        count held, for the caller to decide."""
         self._ensure_alive()
+        if connect_to is not None:
+            _check_sockaddr(connect_to)
         cdef int i, slot = -1
         for i in range(self.n_listener_slots):
             if self.listeners[i].active and self.listeners[i].tag == tag:
@@ -207,6 +216,10 @@ cdef class Loop:
         l.user_paused = 0
         l.armed = 0
         l.want_local = local_address
+        l.connect_len = 0
+        if connect_to is not None:
+            memcpy(&l.connect_to, <const char*>connect_to, len(connect_to))
+            l.connect_len = <sock_len>len(connect_to)
         l.resume_at = 0
         l.backoff_ms = ACCEPT_BACKOFF_FIRST_MS
         # Every socket accepted from it starts with SO_LINGER {1, 0} (add_pair's
@@ -215,6 +228,16 @@ cdef class Loop:
         set_linger_zero(fd)
         _listener_arm(self, slot)
         _uring_flush(self)
+
+    def set_limits(self, SharedLimits limits, int slot=0):
+        """Admit connect_to listeners' clients through `limits` (relay_ext._limits.SharedLimits,
+        as worker `slot`: one count each, without a source key, given back by the caller's
+        release(slot) when the pair is over); None: admit every one (the table bounds it)."""
+        self._ensure_alive()
+        if limits is not None and (slot < 0 or <uint32_t>slot >= limits.slots):
+            raise ValueError(f"relay core: limits slot {slot} out of range")
+        self.limits = limits
+        self.limits_slot = <uint32_t>slot if limits is not None else 0
 
     def remove_listener(self, int64_t tag):
         """Stop accepting on `tag`.  Connections still queued on the socket stay there, for
@@ -291,21 +314,9 @@ cdef class Loop:
 
     cdef Conn* _take_slot(self) except NULL:
         """A zeroed slot (generation kept) for a pair or a watch; OSError when full."""
-        if self.n_free_slots == 0 and self.high_water >= self.max_conns:
+        cdef Conn* c = _try_take_slot(self)
+        if c == NULL:
             raise OSError(EMFILE, f"relay core: connection table full ({self.max_conns})")
-        cdef uint32_t idx
-        if self.n_free_slots:
-            self.n_free_slots -= 1
-            idx = self.free_slots[self.n_free_slots]
-        else:
-            idx = self.high_water
-            self.high_water += 1
-        cdef Conn* c = &self.conns[idx]
-        cdef uint32_t gen = c.gen
-        memset(c, 0, sizeof(Conn))
-        c.gen = gen
-        c.fd[SIDE_CLIENT] = -1
-        c.fd[SIDE_UPSTREAM] = -1
         return c
 
     def watch(self, int fd, int64_t tag, int timeout_ms):
@@ -505,6 +516,7 @@ cdef class Loop:
             "accepts": self.st_accepts,
             "accept_errors": self.st_accept_errors,
             "accept_paused": self.st_accept_paused,
+            "accept_connects": self.st_accept_connects,
             "resets_sent": self.st_resets_sent,
             "sqe_starved": self.st_sqe_starved,
             "submit_errors": self.st_submit_errors,

@@ -19,6 +19,7 @@ EV_ACCEPT_ERROR = 2  # (EV_ACCEPT_ERROR, listener_tag, errno)
 EV_DONE = 4  # (EV_DONE, cid, tag, reason, c2s, s2c, spliced, copied, duration_us, errno)
 EV_READABLE = 5  # (EV_READABLE, tag, fd): a watched fd turned readable (loop.watch)
 EV_WATCH_TIMEOUT = 6  # (EV_WATCH_TIMEOUT, tag, fd): a watched fd stayed silent until its deadline
+EV_PAIR = 7  # (EV_PAIR, cid, tag, peer): a connect_to listener's pair, relayed by the core engines
 
 # How a relayed connection ended (EV_DONE's reason int indexes this tuple): the flow log's
 # reason for a TCP connection that reached the engine, and the ``closed_<reason>`` counters.

@@ -41,6 +41,7 @@ from relay.engines.constants import (
     EV_ACCEPT,
     EV_ACCEPT_ERROR,
     EV_DONE,
+    EV_PAIR,
     EV_READABLE,
     EV_WATCH_TIMEOUT,
     connect_failure_reason,
@@ -249,9 +250,17 @@ class Server:
             # The core engines open and connect an IP backend's upstream themselves.
             self._add_pair_connect: Callable[..., int] | None = getattr(
                 self._loop, "add_pair_connect", None)
+            core_admits = self._core_admits()
+            # connect_to: the core engines only (_core_admits), not in EngineLoop
+            add_listener: Callable[..., None] = self._loop.add_listener
             for lst in self._listeners:
-                self._loop.add_listener(lst.sock.fileno(), lst.tag, local_address=(
-                    lst.router is not None and lst.router.wants_local))
+                local = lst.router is not None and lst.router.wants_local
+                if core_admits and self._accepts_in_core(lst):
+                    assert lst.router is not None
+                    add_listener(lst.sock.fileno(), lst.tag, local_address=local,
+                                 connect_to=lst.router.backend_sockaddr)
+                else:
+                    self._loop.add_listener(lst.sock.fileno(), lst.tag, local_address=local)
             self._header_waits = HeaderWaits(self._loop, float(settings.proxy_header_timeout),
                                              int(settings.proxy_header_max_waiting))
         except BaseException:
@@ -275,6 +284,28 @@ class Server:
                             for lst in self._listeners]
                            + [f"{lcfg.name}=udp:{format_address(sock.getsockname())}"
                               for _t, lcfg, sock, _o in self._udp_sockets]))
+
+    def _core_admits(self) -> bool:
+        """Can the core admit clients for this worker exactly as _on_accept would? With the
+        workers' shared counters and no per-source limit (a source key is Python's policy),
+        the global count is one acquire the core makes under the same lock (Loop.set_limits)."""
+        set_limits = getattr(self._loop, "set_limits", None)
+        if set_limits is None or self._shared is None or self._maxconn_per_source:
+            return False
+        set_limits(self._shared, self._slot)
+        return True
+
+    def _accepts_in_core(self, lst: _Listener) -> bool:
+        """Does this listener need nothing per connection from Python before its pair starts
+        (an IP client relayed to an IP backend: no PROXY header read or sent, no socket
+        object)? Then the core accepts and connects it (add_listener's connect_to), and
+        Python hears of it once, as EV_PAIR."""
+        router = lst.router
+        return (router is not None and router.backend_sockaddr is not None
+                and self._add_pair_connect is not None
+                and lst.sock.family in (socket.AF_INET, socket.AF_INET6)
+                and not (router.proxy_v2 or router.any_trusted or router.needs_socket
+                         or router.wants_local))
 
     def _own_addresses(self) -> set[str]:
         own: set[str] = {e.address for e in self.cfg.egress}
@@ -523,11 +554,14 @@ class Server:
     def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
         # Every connection is two events (accept, done; its connect time is counted in the
         # loop): handlers bound once.
+        on_pair = self._on_pair
         on_accept = self._on_accept
         on_done = self._on_done
         for ev in events:
             kind = ev[0]
-            if kind == EV_ACCEPT:
+            if kind == EV_PAIR:
+                on_pair(ev[1], ev[2], ev[3])
+            elif kind == EV_ACCEPT:
                 on_accept(ev[1], ev[2], ev[3], ev[4])
             elif kind == EV_DONE:
                 on_done(ev)
@@ -592,6 +626,21 @@ class Server:
             self._relay_to_backend(lst, tag, None, fd, peer, source, None, local)
             return
         self._relay(lst, tag, client if client is not None else fd, peer, source, None, local)
+
+    def _on_pair(self, cid: int, tag: int, peer: tuple | None) -> None:
+        """A connect_to listener's client, admitted (its count held in the shared counters),
+        connected and relayed by the core: what _on_accept -> _relay_to_backend would have
+        done is done; track it."""
+        lst = self._listeners[tag]
+        self._accepted += 1
+        if lst.paused:
+            lst.paused = False
+            log.info("listener %s: accepting again (%d accept errors during the pause)",
+                     lst.name, lst.accept_errors)
+        router = lst.router
+        assert router is not None and router.backend_dest is not None
+        self._track(cid, _Flow(lst, peer, None, router.backend_dest, None, None))
+        lst.total += 1
 
     def _on_header_wait_over(self, fd: int, timed_out: bool) -> None:
         waiting = self._header_waits.pop(fd)

@@ -19,7 +19,8 @@ core = pytest.importorskip("relay_ext._core", reason="the Cython core is not bui
 
 
 def test_event_kinds_match_the_core() -> None:
-    for name in ("EV_ACCEPT", "EV_ACCEPT_ERROR", "EV_DONE", "EV_READABLE", "EV_WATCH_TIMEOUT"):
+    for name in ("EV_ACCEPT", "EV_ACCEPT_ERROR", "EV_DONE", "EV_READABLE", "EV_WATCH_TIMEOUT",
+                 "EV_PAIR"):
         assert getattr(py, name) == getattr(core, name), name
 
 
