@@ -70,6 +70,10 @@ def test_global_maxconn_admits_exactly_the_limit(origins: Any, relays: Any) -> N
         held.append(_open_relayed(addr))  # exactly one fits again
         assert _is_refused_at_once(addr)
         wait_for(lambda: _rejected(rp, "maxconn") == 3, 5, "3 rejections counted")
+        # An IP backend without per-source limits: the core admitted and connected the six
+        # relayed ones itself (accept-and-connect); the three over the limit took Python's path.
+        wait_for(lambda: rp.workers()[0]["stats"]["accept_connects"] == 6, 5,
+                 "6 pairs accepted and connected by the core")
     finally:
         for s in held:
             s.close()
