@@ -10,7 +10,10 @@
 
 On EV_ACCEPT the listener's router opens the upstream (backend / original destination through
 the policy and the egress slice, optional PROXY v2 prefix) and the pair goes to the loop with
-``connecting=True``; on EV_DONE the flow is logged and counted. A trusted proxy's client whose
+``connecting=True``; a listener that needs nothing per connection from Python (IP client to an
+IP backend, no PROXY header, no per-source limit, shared counters) is accepted, admitted and
+connected by the core itself, and arrives as EV_PAIR, only to be tracked. On EV_DONE the flow
+is logged and counted. A trusted proxy's client whose
 PROXY v2 header has not fully arrived is parked in the loop (relay.serve.proxywait), never
 waited for. Limits are enforced here: the global maxconn and the per-source maxconn, exact over
 the workers of a generation through the counters they share (relay.serve.limits; an embedded
