@@ -52,6 +52,8 @@ cdef class LineFormatter:
     cdef bint json
     cdef object head, tail, address
     cdef dict heads, tails, dests
+    cdef object last_dest  # the last _dest() argument (kept alive here) and its text
+    cdef bytes last_shown
     cdef char *buf
     cdef Py_ssize_t cap, n
     cdef double second  # the second whose text is cached, -1 when none
@@ -159,9 +161,12 @@ cdef class LineFormatter:
                                        b"%Y-%m-%dT%H:%M:%S", &parts)
             self.second = second
         self._put(self.second_text, self.second_len)
-        frac = fmod(t, 1.0)  # Python's float %: the sign of the divisor
-        if frac < 0:
-            frac += 1.0
+        if t >= 0:
+            frac = t - second  # exact (the low bits of t), so equal to fmod(t, 1.0)
+        else:
+            frac = fmod(t, 1.0)  # Python's float %: the sign of the divisor
+            if frac < 0:
+                frac += 1.0
         ms = <int>(frac * 1000.0)
         tail[0] = b'.'
         tail[1] = <char>(48 + ms // 100)
@@ -255,15 +260,22 @@ cdef class LineFormatter:
         return 0
 
     cdef bytes _dest(self, object dest):
-        """A destination's or a backend's field value: they repeat, each is formatted once."""
-        cdef bytes shown = self.dests.get(dest)
+        """A destination's or a backend's field value: they repeat, each is formatted once.
+        The same object as the last record's (a backend-mode listener's one backend tuple)
+        skips the dict's hash and compare."""
+        cdef bytes shown
         cdef Py_ssize_t start
+        if dest is self.last_dest and self.last_shown is not None:
+            return self.last_shown
+        shown = self.dests.get(dest)
         if shown is None:
             start = self.n
             self._put_addr(dest)
             shown = PyBytes_FromStringAndSize(self.buf + start, self.n - start)
             self.n = start
             self.dests[dest] = shown
+        self.last_dest = dest
+        self.last_shown = shown
         return shown
 
     # -- lines -----------------------------------------------------------------------------------
@@ -276,6 +288,7 @@ cdef class LineFormatter:
         self.n = 0
         if len(self.dests) > CACHE_LIMIT:
             self.dests.clear()
+            self.last_dest = self.last_shown = None
         if len(self.tails) > CACHE_LIMIT:
             self.tails.clear()
         for rec in records:

@@ -221,7 +221,7 @@ class RelaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     ] = 16384
     flow_log_flush: Annotated[
         float,
-        Meta(gt=0, le=60, description="seconds between flow log writes (sooner once 256 "
+        Meta(gt=0, le=60, description="seconds between flow log writes (sooner once 1024 "
              "records wait)"),
     ] = 0.2
     egress_notrack: Annotated[

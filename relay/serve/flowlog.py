@@ -101,9 +101,9 @@ FIELDS = ("listener", "client", "dest", "egress", "c2s_bytes", "s2c_bytes", "spl
           "copied_bytes", "duration", "reason", "errno", "protocol", "c2s_dgrams", "s2c_dgrams")
 TCP_FIELDS = FIELDS[:-2]  # a TCP line has no datagram counts
 BUFFER_RECORDS = 16384  # records waiting for the writer; beyond this they are dropped
-FLUSH_RECORDS = 256  # wake the writer once this many wait...
+FLUSH_RECORDS = 1024  # wake the writer once this many wait...
 FLUSH_INTERVAL = 0.2  # ...or after this many seconds
-CHUNK_RECORDS = 64  # records formatted per GIL hold (one write(2) each)
+CHUNK_RECORDS = 256  # records formatted per GIL hold (one write(2) each)
 CLOSE_TIMEOUT = 2.0
 _CHECK_INTERVAL = 0.1  # the writer looks for a reopen request this often  # close(): how long to wait for a writer blocked on its destination
 _DROP_LOG_INTERVAL = 10.0

@@ -155,3 +155,34 @@ def test_a_lone_surrogate_is_backslashed() -> None:
 def test_a_malformed_record_is_refused() -> None:
     with pytest.raises(TypeError, match="tuple of 15"):
         flowlog._line_formatter("text").lines([("too", "short")])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_repeated_dest_objects_and_times_around_zero(fmt: str) -> None:
+    """One dest object repeated (the formatter remembers the last one by identity), others and
+    None between its repeats, an equal tuple that is another object, across calls and a cache
+    reset; end times on both sides of 0 and of whole seconds (the fraction's two paths)."""
+    backend = ("10.0.0.1", 80)
+    other = ("2001:db8::2", 443, 0, 0)
+    unix = ("unix:/run/a b", 0)
+    dests = [backend, backend, other, backend, None, None, unix, unix, backend,
+             ("10.0.0.1", 80), backend, other]
+    times = [0.0, 0.999, 1.0, 1.0005, -0.25, -1.0, -1.5, 1764612000.0, 1764612000.9995,
+             2.0 ** 34 + 0.5, 0.001, 7.25]
+    batch: list[flowlog.Record] = [
+        (t, "main", ("127.0.0.1", 40000 + i), dest, None, i, 2 * i, i, i, 1000 + i, "eof", 0,
+         "tcp", -1, -1)
+        for i, (t, dest) in enumerate(zip(times, dests, strict=True))]
+    formatter = flowlog._line_formatter(fmt)
+    expected = reference_bytes(fmt, batch)
+    assert formatter.lines(batch) == expected
+    assert formatter.lines(batch[5:]) == reference_bytes(fmt, batch[5:])
+    for i in range(flowlog_fmt_cache_limit() + 1):  # fill the dest cache past its limit
+        formatter.lines([batch[0][:3] + (("192.0.2.1", i),) + batch[0][4:]])
+    assert formatter.lines(batch) == expected
+
+
+def flowlog_fmt_cache_limit() -> int:
+    from relay_ext import _flowfmt
+
+    return int(_flowfmt.CACHE_LIMIT)
