@@ -104,8 +104,8 @@ cdef __io_uring_sqe* _sqe(Loop self) noexcept nogil:
 # sometimes down to one small segment when we read (the 106-byte tail of iperf3's 128 KiB write
 # at loopback's 65,483-byte MSS), the splice comes out below splice_min and the half copies
 # again (HF_STREAM off) until its next read; a multishot poll armed then posted a CQE per landed
-# segment of the next burst, cost a POLL_REMOVE, and came back at the next small tail: 1,600
-# CQEs, 500 io_uring_enter and twice the context switches per GB on one iperf3 stream
+# segment of the next burst, cost a POLL_REMOVE, and came back at the next small tail: 6.6x
+# the CQEs, 2.6x the io_uring_enter and 1.7x the context switches per GB on one iperf3 stream
 # (docs/single-stream.md).  A flow that turns interactive after bulk is woken the way it was
 # before multishot polls (a POLL_ADD per message).
 cdef enum:

@@ -238,8 +238,8 @@ def test_a_bulk_half_stays_on_one_shot_polls_after_a_small_read() -> None:
     # 106-byte tail of iperf3's 128 KiB write at loopback's 65,483-byte MSS): that splice is
     # shorter than splice_min and the half goes back to copying.  Had it gone back to a
     # multishot poll, the next burst would post a CQE per landed segment until the next read
-    # turned it bulk again and removed the poll: 1,600 CQEs and twice the context switches per
-    # GB on one iperf3 stream (docs/single-stream.md).  A half that has spliced keeps one-shot
+    # turned it bulk again and removed the poll: 6.6x the CQEs and 1.7x the context switches
+    # per GB on one iperf3 stream (docs/single-stream.md).  A half that has spliced keeps one-shot
     # polls; here each cycle reads a small message alone, then a burst.
     with core.Loop("uring", max_conns=8) as loop:
         client, relay_c = tcp_pair()
