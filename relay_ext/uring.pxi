@@ -100,6 +100,14 @@ cdef __io_uring_sqe* _sqe(Loop self) noexcept nogil:
 # for every segment that lands, also while the half waits for its destination to drain the pipe
 # (nothing to read then); 8 iperf3 streams cost 40-100 % more CPU per GB that way.  A half that
 # turns bulk under a multishot poll removes it; the poll's last CQE re-arms a one-shot one.
+# That holds for the rest of the half's life once it has spliced: a bulk sender's queue is
+# sometimes down to one small segment when we read (the 106-byte tail of iperf3's 128 KiB write
+# at loopback's 65,483-byte MSS), the splice comes out below splice_min and the half copies
+# again (HF_STREAM off) until its next read; a multishot poll armed then posted a CQE per landed
+# segment of the next burst, cost a POLL_REMOVE, and came back at the next small tail: 6.6x
+# the CQEs, 2.6x the io_uring_enter and 1.7x the context switches per GB on one iperf3 stream
+# (docs/single-stream.md).  A flow that turns interactive after bulk is woken the way it was
+# before multishot polls (a POLL_ADD per message).
 cdef enum:
     POLL_BIT_MULTI = 4          # uring: the POLLIN poll in flight is multishot
     POLL_BIT_ENDING = 8         # uring: that multishot poll's removal is on its way
@@ -107,7 +115,7 @@ cdef enum:
 
 cdef inline bint _uring_multishot(Loop self, Conn* c, int side) noexcept nogil:
     return (self.rcvlowat == 0 and c.state == ST_RELAY
-            and not (c.half[side].flags & HF_STREAM))
+            and not (c.half[side].flags & HF_STREAM) and c.half[side].spliced == 0)
 
 cdef void _uring_end_multishot(Loop self, Conn* c, int side) noexcept nogil:
     cdef __io_uring_sqe* sqe
@@ -143,7 +151,7 @@ cdef inline void _uring_on_readable(Loop self, Conn* c, int side, int mask) noex
     # mask was taken.  A FIN already seen (POLLRDHUP in the mask) may have been eaten by that
     # short read with its data (the next read returns 0, and no wakeup would tell us), and
     # an error or hang-up wants the read that reports it: those pump on to EAGAIN/EOF.
-    if c.half[side].flags & HF_STREAM:
+    if (c.half[side].flags & HF_STREAM) or c.half[side].spliced:
         _uring_end_multishot(self, c, side)
     if (c.state == ST_RELAY and (c.half[side].flags & HF_WANT_READ)
             and not (mask & (POLLRDHUP | POLLHUP | POLLERR))):
