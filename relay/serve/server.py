@@ -573,13 +573,18 @@ class Server:
             elif kind == EV_ACCEPT_ERROR:
                 self._on_accept_error(ev[1], ev[2])
 
-    def _on_accept(self, tag: int, fd: int, peer: tuple | None, local: tuple | None) -> None:
+    def _accepted_on(self, tag: int) -> _Listener:
+        """Count a client the listener `tag` accepted; an accept that works ends a pause."""
         lst = self._listeners[tag]
         self._accepted += 1
         if lst.paused:
             lst.paused = False
             log.info("listener %s: accepting again (%d accept errors during the pause)",
                      lst.name, lst.accept_errors)
+        return lst
+
+    def _on_accept(self, tag: int, fd: int, peer: tuple | None, local: tuple | None) -> None:
+        lst = self._accepted_on(tag)
         router = lst.router
         assert router is not None
         # The engine's accept gave the peer (and the local address the router wants): a socket
@@ -634,12 +639,7 @@ class Server:
         """A connect_to listener's client, admitted (its count held in the shared counters),
         connected and relayed by the core: what _on_accept -> _relay_to_backend would have
         done is done; track it."""
-        lst = self._listeners[tag]
-        self._accepted += 1
-        if lst.paused:
-            lst.paused = False
-            log.info("listener %s: accepting again (%d accept errors during the pause)",
-                     lst.name, lst.accept_errors)
+        lst = self._accepted_on(tag)
         router = lst.router
         assert router is not None and router.backend_dest is not None
         self._track(cid, _Flow(lst, peer, None, router.backend_dest, None, None))

@@ -14,38 +14,15 @@ from __future__ import annotations
 import os
 import resource
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from test_core import BACKENDS, Loop, core
+from test_core_connect import _received, _run_until
 
 from relay.sock import pack_sockaddr
 
 limits_mod = pytest.importorskip("relay_ext._limits")
-
-
-def _run_until(loop: core.Loop, events: list, done: Callable[[], bool],
-               timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"timed out; events: {events}"
-        events.extend(loop.run(10))
-
-
-def _received(sock: socket.socket, want: bytes) -> Callable[[], bool]:
-    """For _run_until: read what `sock` has (briefly), done once it got exactly `want`."""
-    sock.settimeout(0.05)
-    got = bytearray()
-
-    def done() -> bool:
-        try:
-            got.extend(sock.recv(64))
-        except TimeoutError:
-            pass
-        assert want.startswith(got), f"got {bytes(got)!r}, want {want!r}"
-        return got == want
-    return done
 
 
 def _kinds(events: list, kind: int) -> list:
