@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import resource
 import socket
-from collections.abc import Iterator
 
 import pytest
 from test_core import BACKENDS, Loop, core
@@ -27,14 +26,6 @@ limits_mod = pytest.importorskip("relay_ext._limits")
 
 def _kinds(events: list, kind: int) -> list:
     return [e for e in events if e[0] == kind]
-
-
-@pytest.fixture
-def opened() -> Iterator[list]:
-    things: list = []
-    yield things
-    for thing in reversed(things):
-        thing.close()
 
 
 def _setup(opened: list, backend: str, max_conns: int = 8, limits=None, slot: int = 0,

@@ -13,7 +13,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from helpers import read_all, wait_until
@@ -53,14 +53,6 @@ def _sockaddr(sock: socket.socket) -> bytes:
     packed = pack_sockaddr(sock.family, sock.getsockname())
     assert packed is not None
     return packed
-
-
-@pytest.fixture
-def opened() -> Iterator[list]:
-    things: list = []
-    yield things
-    for thing in reversed(things):
-        thing.close()
 
 
 def _client_fd(opened: list) -> tuple[socket.socket, int]:
