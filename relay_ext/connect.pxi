@@ -101,28 +101,27 @@ cdef bint _accept_connect(Loop self, Listener* l, int fd, sockaddr_in6* peer,
     io_uring_enter per pair as add_pair's are."""
     cdef bint connecting = False
     cdef bint limited = self.limits is not None
-    cdef int up
+    cdef int up = -1
     cdef uint32_t at
-    cdef Conn* c
-    if self.n_free_slots == 0 and self.high_water >= self.max_conns:
+    cdef Conn* c = _try_take_slot(self)
+    if c == NULL:
         return False
     if limited and not self.limits.admit_global(self.limits_slot):
+        _free_slot(self, c)
         return False
     up = _connect_upstream(<const char*>&l.connect_to, l.connect_len, &connecting)
-    if up < 0:
+    # The event is queued before the pair starts (filled in below, by index: starting the pair
+    # may queue more and move the queue): a pair whose EV_PAIR could not be queued would be
+    # nobody's.
+    if up < 0 or _push_event(self, EV_PAIR_, 0, l.tag) == NULL:
+        if up >= 0:
+            close(up)
         if limited:
             self.limits.release_global(self.limits_slot)
-        return False
-    # The event is queued first (filled in below, by index: starting the pair may queue more
-    # and move the queue): a pair whose EV_PAIR could not be queued would be nobody's.
-    if _push_event(self, EV_PAIR_, 0, l.tag) == NULL:
-        close(up)
-        if limited:
-            self.limits.release_global(self.limits_slot)
+        _free_slot(self, c)
         return False
     at = self.evq_len - 1
     _store_sockaddr(&self.evq[at].v[0], peer, peer_len)
-    c = _try_take_slot(self)        # cannot fail: checked above, nothing took one since
     _init_pair(self, c, fd, up, l.tag, True, True)
     self.st_accept_connects += 1
     self.evq[at].a = _cid(self, c)

@@ -113,9 +113,12 @@ cdef enum:
     POLL_BIT_ENDING = 8         # uring: that multishot poll's removal is on its way
     OP_KICK = OP_POLL + 4       # OP_KICK + side: a NOP that re-runs a pump stopped for fairness
 
+cdef inline bint _half_went_bulk(Conn* c, int side) noexcept nogil:
+    """Bulk now (HF_STREAM) or ever moved with splice: one-shot polls only."""
+    return (c.half[side].flags & HF_STREAM) != 0 or c.half[side].spliced != 0
+
 cdef inline bint _uring_multishot(Loop self, Conn* c, int side) noexcept nogil:
-    return (self.rcvlowat == 0 and c.state == ST_RELAY
-            and not (c.half[side].flags & HF_STREAM) and c.half[side].spliced == 0)
+    return self.rcvlowat == 0 and c.state == ST_RELAY and not _half_went_bulk(c, side)
 
 cdef void _uring_end_multishot(Loop self, Conn* c, int side) noexcept nogil:
     cdef __io_uring_sqe* sqe
@@ -151,7 +154,7 @@ cdef inline void _uring_on_readable(Loop self, Conn* c, int side, int mask) noex
     # mask was taken.  A FIN already seen (POLLRDHUP in the mask) may have been eaten by that
     # short read with its data (the next read returns 0, and no wakeup would tell us), and
     # an error or hang-up wants the read that reports it: those pump on to EAGAIN/EOF.
-    if (c.half[side].flags & HF_STREAM) or c.half[side].spliced:
+    if _half_went_bulk(c, side):
         _uring_end_multishot(self, c, side)
     if (c.state == ST_RELAY and (c.half[side].flags & HF_WANT_READ)
             and not (mask & (POLLRDHUP | POLLHUP | POLLERR))):
