@@ -253,17 +253,17 @@ class Server:
             # The core engines open and connect an IP backend's upstream themselves.
             self._add_pair_connect: Callable[..., int] | None = getattr(
                 self._loop, "add_pair_connect", None)
-            core_admits = self._core_admits()
-            # connect_to: the core engines only (_core_admits), not in EngineLoop
+            core_admits = self._let_core_admit()
+            # connect_to: the core engines only (_let_core_admit), not in EngineLoop
             add_listener: Callable[..., None] = self._loop.add_listener
             for lst in self._listeners:
-                local = lst.router is not None and lst.router.wants_local
                 if core_admits and self._accepts_in_core(lst):
                     assert lst.router is not None
-                    add_listener(lst.sock.fileno(), lst.tag, local_address=local,
+                    add_listener(lst.sock.fileno(), lst.tag,
                                  connect_to=lst.router.backend_sockaddr)
                 else:
-                    self._loop.add_listener(lst.sock.fileno(), lst.tag, local_address=local)
+                    add_listener(lst.sock.fileno(), lst.tag, local_address=(
+                        lst.router is not None and lst.router.wants_local))
             self._header_waits = HeaderWaits(self._loop, float(settings.proxy_header_timeout),
                                              int(settings.proxy_header_max_waiting))
         except BaseException:
@@ -288,10 +288,11 @@ class Server:
                            + [f"{lcfg.name}=udp:{format_address(sock.getsockname())}"
                               for _t, lcfg, sock, _o in self._udp_sockets]))
 
-    def _core_admits(self) -> bool:
-        """Can the core admit clients for this worker exactly as _on_accept would? With the
-        workers' shared counters and no per-source limit (a source key is Python's policy),
-        the global count is one acquire the core makes under the same lock (Loop.set_limits)."""
+    def _let_core_admit(self) -> bool:
+        """Hand the workers' shared counters to the core when it can admit clients exactly as
+        _on_accept would (no per-source limit: a source key is Python's policy; the global
+        count is one acquire the core makes under the same lock, Loop.set_limits). True when
+        it did."""
         set_limits = getattr(self._loop, "set_limits", None)
         if set_limits is None or self._shared is None or self._maxconn_per_source:
             return False
@@ -301,8 +302,8 @@ class Server:
     def _accepts_in_core(self, lst: _Listener) -> bool:
         """Does this listener need nothing per connection from Python before its pair starts
         (an IP client relayed to an IP backend: no PROXY header read or sent, no socket
-        object)? Then the core accepts and connects it (add_listener's connect_to), and
-        Python hears of it once, as EV_PAIR."""
+        object, no local address)? Then the core accepts and connects it (add_listener's
+        connect_to), and Python hears of it once, as EV_PAIR."""
         router = lst.router
         return (router is not None and router.backend_sockaddr is not None
                 and self._add_pair_connect is not None
