@@ -104,8 +104,8 @@ BUFFER_RECORDS = 16384  # records waiting for the writer; beyond this they are d
 FLUSH_RECORDS = 1024  # wake the writer once this many wait...
 FLUSH_INTERVAL = 0.2  # ...or after this many seconds
 CHUNK_RECORDS = 256  # records formatted per GIL hold (one write(2) each)
-CLOSE_TIMEOUT = 2.0
-_CHECK_INTERVAL = 0.1  # the writer looks for a reopen request this often  # close(): how long to wait for a writer blocked on its destination
+CLOSE_TIMEOUT = 2.0  # close(): how long to wait for a writer blocked on its destination
+_CHECK_INTERVAL = 0.1  # the writer looks for a reopen request this often
 _DROP_LOG_INTERVAL = 10.0
 # Writes to a pipe of at most PIPE_BUF bytes are atomic: lines from several workers sharing a
 # pipe (stderr under systemd, a FIFO) never interleave inside a line. Regular files opened with
