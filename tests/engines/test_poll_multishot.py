@@ -14,10 +14,12 @@ Real loopback sockets; one core Loop driven from the test's thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from test_core import BACKENDS, backend_unavailable, core
@@ -200,35 +202,43 @@ def test_messages_and_a_fin_after_short_reads_are_relayed(backend: str) -> None:
             origin.close()
 
 
+@contextlib.contextmanager
+def uring_pair() -> Iterator[tuple[core.Loop, socket.socket, socket.socket]]:
+    """A uring loop relaying one pair: (loop, the client's end, the origin's end), all closed
+    after."""
+    with core.Loop("uring", max_conns=8) as loop:
+        client, relay_c = tcp_pair()
+        relay_u, origin = tcp_pair()
+        try:
+            loop.add_pair(relay_c.detach(), relay_u.detach())
+            yield loop, client, origin
+        finally:
+            client.close()
+            origin.close()
+
+
 @pytest.mark.skipif(bool(backend_unavailable("uring")),
                     reason=f"uring: {backend_unavailable('uring')}")
 def test_a_half_turning_bulk_gives_up_its_multishot_poll() -> None:
     # A multishot poll posts a CQE for every segment that lands, also while a bulk half waits
     # for its destination to drain the pipe: a half that turns bulk (splice) removes it and
     # goes on with one-shot polls.  A 64-byte exchange keeps its multishot poll.
-    with core.Loop("uring", max_conns=8) as loop:
-        client, relay_c = tcp_pair()
-        relay_u, origin = tcp_pair()
-        try:
-            loop.add_pair(relay_c.detach(), relay_u.detach())
-            for i in range(5):
-                client.sendall(b"x" * 64)
-                assert recv_exactly(loop, origin, 64) == b"x" * 64, i
-            assert loop.stats()["multishot_ended"] == 0
-            data = pattern(4 << 20)
-            sender = threading.Thread(target=client.sendall, args=(data,))
-            sender.start()
-            got = recv_exactly(loop, origin, len(data))
-            sender.join(10)
-            assert sha(got) == sha(data)
-            stats = loop.stats()
-            assert stats["bytes_spliced"] > 0
-            assert stats["multishot_ended"] >= 1
-            client.sendall(b"after")            # the one-shot polls that followed still relay
-            assert recv_exactly(loop, origin, 5) == b"after"
-        finally:
-            for s in (client, origin):
-                s.close()
+    with uring_pair() as (loop, client, origin):
+        for i in range(5):
+            client.sendall(b"x" * 64)
+            assert recv_exactly(loop, origin, 64) == b"x" * 64, i
+        assert loop.stats()["multishot_ended"] == 0
+        data = pattern(4 << 20)
+        sender = threading.Thread(target=client.sendall, args=(data,))
+        sender.start()
+        got = recv_exactly(loop, origin, len(data))
+        sender.join(10)
+        assert sha(got) == sha(data)
+        stats = loop.stats()
+        assert stats["bytes_spliced"] > 0
+        assert stats["multishot_ended"] >= 1
+        client.sendall(b"after")            # the one-shot polls that followed still relay
+        assert recv_exactly(loop, origin, 5) == b"after"
 
 
 @pytest.mark.skipif(bool(backend_unavailable("uring")),
@@ -241,24 +251,17 @@ def test_a_bulk_half_stays_on_one_shot_polls_after_a_small_read() -> None:
     # turned it bulk again and removed the poll: 6.6x the CQEs and 1.7x the context switches
     # per GB on one iperf3 stream (docs/single-stream.md).  A half that has spliced keeps one-shot
     # polls; here each cycle reads a small message alone, then a burst.
-    with core.Loop("uring", max_conns=8) as loop:
-        client, relay_c = tcp_pair()
-        relay_u, origin = tcp_pair()
-        try:
-            loop.add_pair(relay_c.detach(), relay_u.detach())
-            for i in range(12):
-                burst = pattern(256 << 10, seed=i)
-                sender = threading.Thread(target=client.sendall, args=(burst,))
-                sender.start()
-                assert sha(recv_exactly(loop, origin, len(burst))) == sha(burst), i
-                sender.join(10)
-                client.sendall(b"t" * 100)      # alone in the queue: a splice of 100 bytes
-                assert recv_exactly(loop, origin, 100) == b"t" * 100, i
-            stats = loop.stats()
-            assert stats["bytes_spliced"] > 12 * (256 << 10) // 2
-            assert stats["multishot_ended"] <= 1    # the first turn to bulk only
-            client.sendall(b"after")
-            assert recv_exactly(loop, origin, 5) == b"after"
-        finally:
-            for s in (client, origin):
-                s.close()
+    with uring_pair() as (loop, client, origin):
+        for i in range(12):
+            burst = pattern(256 << 10, seed=i)
+            sender = threading.Thread(target=client.sendall, args=(burst,))
+            sender.start()
+            assert sha(recv_exactly(loop, origin, len(burst))) == sha(burst), i
+            sender.join(10)
+            client.sendall(b"t" * 100)      # alone in the queue: a splice of 100 bytes
+            assert recv_exactly(loop, origin, 100) == b"t" * 100, i
+        stats = loop.stats()
+        assert stats["bytes_spliced"] > 12 * (256 << 10) // 2
+        assert stats["multishot_ended"] <= 1    # the first turn to bulk only
+        client.sendall(b"after")
+        assert recv_exactly(loop, origin, 5) == b"after"
