@@ -178,6 +178,7 @@ cdef struct Listener:
     uint8_t want_local          # EV_ACCEPT carries the accepted socket's local address
     sock_len connect_len        # > 0: accept-and-connect to connect_to (connect.pxi) ...
     sockaddr_in6 connect_to     # ... a packed sockaddr_in / sockaddr_in6
+    uint8_t yielded             # connect_to: the last wakeup was left to a lighter sibling
     uint64_t resume_at          # paused after EMFILE & co until this time (0 = not paused)
     uint32_t backoff_ms
 

@@ -39,3 +39,4 @@ cdef class SharedLimits:
     cdef void _compact(self) noexcept
     cdef bint admit_global(self, uint32_t slot) noexcept nogil
     cdef void release_global(self, uint32_t slot) noexcept nogil
+    cdef bint above_share(self, uint32_t slot) noexcept nogil

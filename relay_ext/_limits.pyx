@@ -259,6 +259,11 @@ cdef class SharedLimits:
             self.open_[slot] -= 1
         self._unlock()
 
+    cdef bint above_share(self, uint32_t slot) noexcept nogil:
+        """Does worker `slot` hold more than one connection over the workers' average? Read
+        without the lock: a hint for who should accept next, not a count anything relies on."""
+        return <uint64_t>self.open_[slot] * self.slots > <uint64_t>self._sum(self.open_) + self.slots
+
     def release(self, int slot, bytes key=None) -> None:
         """One connection of worker ``slot`` (admitted with ``key``) ended."""
         if slot < 0 or <uint32_t>slot >= self.slots:

@@ -41,6 +41,18 @@ cdef int _accept_batch(Loop self, int slot) noexcept nogil:
     cdef Event* ev
     cdef sockaddr_in6 peer
     cdef sock_len peer_len
+    # Every worker waiting on a shared listener is woken (non-exclusive) and the accept4()
+    # calls race.  A connect_to listener's accept path never leaves the core, so when both
+    # workers are idle the one that accepted last is back first and a trickle of connections
+    # (one after another, each kept open) went 185 / 15 to one worker.  A worker holding more
+    # than its share of the workers' open connections leaves every other wakeup to the others
+    # (nginx's accept_disabled idea); the next wakeup, at once while the socket stays
+    # readable, is taken whatever the shares, so a stopped or busy sibling strands nothing.
+    if l.connect_len and self.limits is not None:
+        if not l.yielded and self.limits.above_share(self.limits_slot):
+            l.yielded = 1
+            return 0
+        l.yielded = 0
     for k in range(ACCEPT_BATCH):
         # accept4() fills in the peer for free; Python would ask again with getpeername().
         peer_len = sizeof(peer)

@@ -217,6 +217,7 @@ cdef class Loop:
         l.armed = 0
         l.want_local = local_address
         l.connect_len = 0
+        l.yielded = 0
         if connect_to is not None:
             memcpy(&l.connect_to, <const char*>connect_to, len(connect_to))
             l.connect_len = <sock_len>len(connect_to)
