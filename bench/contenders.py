@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import procs
-from bench.competitors import haproxy, nginx, socat
+from bench.competitors import haproxy, nginx, socat, splice_floor
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 DIRECT = "direct"
@@ -19,6 +19,7 @@ NGINX = "nginx-stream"
 EMBEDDED = "embedded"
 EMBEDDED_SERVE = "embedded-serve"
 UVLOOP = "uvloop-protocol"
+SPLICE_FLOOR = "splice-floor"
 # Which Protocol proxy variant the numbers come from (see bench/competitors/asyncio_protocol.py).
 PROTOCOL_VARIANT = "EOF closes the peer (no half-close)"
 RELAY_ENGINES = ("uring", "epoll", "asyncio")
@@ -68,6 +69,14 @@ def _uvloop_available() -> str | None:
 
 def _start_socat(backend_port: int, tmp: Path) -> procs.Service:
     return procs.start_retrying(lambda port: procs.Service("socat", socat.argv(port, ("127.0.0.1", backend_port))))
+
+
+def _start_splice_floor(backend_port: int, tmp: Path) -> procs.Service:
+    try:
+        exe = splice_floor.build(tmp)
+    except RuntimeError as exc:
+        raise procs.StartError(str(exc)) from None
+    return procs.start_reporting_port(SPLICE_FLOOR, splice_floor.argv(exe, backend_port))
 
 
 def _start_haproxy(backend_port: int, tmp: Path) -> procs.Service:
@@ -244,6 +253,10 @@ ALL: tuple[Contender, ...] = (
               _python_script(EMBEDDED_SERVE, "bench.competitors.embedded_serve"),
               variant="relay.start_server() on uvloop: Python only routes"),
     Contender("socat", "competitor", socat.available, _start_socat, start_udp=_start_socat_udp),
+    # not a competitor anyone runs: the kernel's price of a splice relay, beside the relay
+    Contender(SPLICE_FLOOR, "baseline", splice_floor.available, _start_splice_floor,
+              variant="blocking splice() only, 2 threads per connection, 1 MiB pipes (floor)",
+              only_metrics=BULK_TUNING),
 )
 
 

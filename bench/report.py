@@ -11,9 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from bench import charts
-from bench.contenders import HAPROXY, SCALING
+from bench.contenders import HAPROXY, SCALING, SPLICE_FLOOR
 from bench.machine import machine
-from bench.summary import METRIC_TITLES, VALUES, finite, ratio_columns, scaling, summarize, targets
+from bench.summary import (
+    METRIC_TITLES,
+    VALUES,
+    finite,
+    floor_rows,
+    ratio_columns,
+    scaling,
+    summarize,
+    targets,
+)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -130,6 +139,18 @@ def markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -> str:
             unit = next(u for k, u, _ in VALUES[metric] if k == row["key"])
             out.append(f"| {METRIC_TITLES[metric]}, {unit} | {_fmt(row['one'])} | {_fmt(row['two'])} | "
                        f"{_ratio_range(row['ratio'])} |")
+        out.append("")
+    for metric, rows in floor_rows(summary).items():
+        floor = summary[metric][SPLICE_FLOOR]["cpu_s_per_gb"]["median"]
+        out += [f"## The splice floor, {METRIC_TITLES[metric]}", "",
+                f"`{SPLICE_FLOOR}` ({_fmt(floor)} CPU-s/GB) does nothing but blocking splice() through "
+                "1 MiB pipes: what the kernel alone charges a zero-copy relay here. Above 1.00x is "
+                "what an engine adds; below, what it saves by batching.", "",
+                f"| contender | CPU-s/GB | CPU-s/GB x {SPLICE_FLOOR} | Gbit/s x {SPLICE_FLOOR} |",
+                "|---|---|---|---|"]
+        for name, row in rows.items():
+            out.append(f"| {name} | {_fmt(row['cpu_s_per_gb'])} | {_ratio_range(row['cpu'])} | "
+                       f"{_ratio_range(row['gbit'])} |")
         out.append("")
     if batch["idle"]:
         capped = ""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bench import charts, procs, report, scale, summary
-from bench.competitors import nginx
+from bench.competitors import nginx, splice_floor
 from bench.contenders import select
 from bench.drivers import procstat, relay_stats, sockperf, udp, udp_sink, wrk
 from bench.machine import machine
@@ -281,3 +281,48 @@ def test_shares_without_an_admin_socket(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(relay_stats, "REPORT_LAG_S", 0.0)
     result, shares, why = relay_stats.shares_around(str(tmp_path / "missing.sock"), lambda: 7)
     assert (result, shares) == (7, []) and why.startswith("stats json before the run:")
+
+
+def test_floor_table(tmp_path: Path) -> None:
+    batch = _batch()
+    for i, r in enumerate(batch["rounds"]):
+        r["results"]["stream1"]["splice-floor"] = {"gbit_s": 10.0, "cpu_s_per_gb": 0.25 if i else 0.1,
+                                                    "foreign_cpus": 0.0}
+    batch["contenders"]["splice-floor"] = {"kind": "baseline", "status": "ok", "reason": None}
+    medians = summary.summarize(batch)
+    rows = summary.floor_rows(medians)["stream1"]
+    assert set(rows) == {"relay-uring", "haproxy", "asyncio-streams"}  # not direct, not the floor
+    assert rows["relay-uring"]["cpu"]["rounds"] == pytest.approx([0.8, 0.8])  # the failed round 0 is out
+    doc = {"date": "today", "machine": machine(), "batch": batch, "summary": medians, "targets": []}
+    text = report.markdown(doc)
+    assert "## The splice floor, single stream (iperf3)" in text
+    assert "| relay-uring | 0.2 | 0.80x | 1.20x (0.60-1.80) |" in text  # no range when the rounds agree
+
+
+def test_splice_floor_relays_both_ways(tmp_path: Path) -> None:
+    if splice_floor.available() is not None:
+        pytest.skip(str(splice_floor.available()))
+    exe = splice_floor.build(tmp_path)
+    with socket.socket() as origin:
+        origin.bind(("127.0.0.1", 0))
+        origin.listen()
+        svc = procs.start_reporting_port("splice-floor", splice_floor.argv(exe, origin.getsockname()[1]))
+        try:
+            with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as client:
+                origin.settimeout(5)
+                upstream, _ = origin.accept()
+                with upstream:
+                    payload = os.urandom(3 << 20)
+                    client.sendall(payload)
+                    client.shutdown(socket.SHUT_WR)
+                    got = bytearray()
+                    while chunk := upstream.recv(1 << 16):  # ends at the FIN the floor passed on
+                        got += chunk
+                    assert got == payload
+                    upstream.sendall(b"answer")
+                    upstream.shutdown(socket.SHUT_WR)
+                    client.settimeout(5)
+                    assert client.recv(64) == b"answer"
+                    assert client.recv(64) == b""
+        finally:
+            svc.stop()
