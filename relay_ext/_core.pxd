@@ -46,6 +46,9 @@ cdef enum:
 cdef enum:
     ACCEPT_BACKOFF_FIRST_MS = 100
     ACCEPT_BACKOFF_MAX_MS = 1000
+    # A connect_to listener's worker over its share sits out this long (listeners.pxi): long
+    # enough for a sibling woken by the same connection to be scheduled and accept it.
+    ACCEPT_YIELD_US = 1000
 
 # Upper bounds of the connect-time histogram (Loop.set_connect_buckets), +Inf not included.
 cdef enum:
@@ -232,6 +235,7 @@ cdef class Loop:
     cdef uint64_t scan_interval_ns
     cdef uint64_t outq_sample_ns    # how often an idle pair's send queues are sampled
     cdef uint64_t next_scan
+    cdef uint64_t next_resume   # earliest listener resume_at (0: none): run() wakes for it
     cdef uint64_t now
     cdef bint interrupted       # a signal cut the wait short: return so Python can run it
     # events for Python
@@ -270,6 +274,7 @@ cdef class Loop:
     cdef SharedLimits limits
     cdef uint32_t limits_slot
     cdef uint64_t st_accept_connects  # pairs a connect_to listener started in the core
+    cdef uint64_t st_accept_yields    # wakeups a connect_to listener left to its siblings
 
     cdef _ensure_alive(self)
     cdef bint _reset_pair(self, int64_t cid, int reason)

@@ -34,8 +34,8 @@ cdef int _accept_batch(Loop self, int slot) noexcept nogil:
     """The listener is readable: accept4() up to ACCEPT_BATCH connections, each an EV_ACCEPT
     (or, on a connect_to listener, an EV_PAIR when the core could relay it at once).
 
-    0: keep waiting on the listener; -1: it was paused for a back-off (the timer scan
-    resumes it) and must be disarmed."""
+    0: keep waiting on the listener; -1: it was paused for a back-off or a yield
+    (_resume_listeners arms it again) and must be disarmed."""
     cdef Listener* l = &self.listeners[slot]
     cdef int fd, k, err
     cdef Event* ev
@@ -46,12 +46,17 @@ cdef int _accept_batch(Loop self, int slot) noexcept nogil:
     # workers are idle the one that accepted last is back first and a trickle of connections
     # (one after another, each kept open) went 185 / 15 to one worker.  A worker holding more
     # than its share of the workers' open connections leaves every other wakeup to the others
-    # (nginx's accept_disabled idea); the next wakeup, at once while the socket stays
-    # readable, is taken whatever the shares, so a stopped or busy sibling strands nothing.
+    # (nginx's accept_disabled idea): it stops watching the listener for ACCEPT_YIELD_US.
+    # Returning at once was not enough: the re-armed poll fired again within microseconds,
+    # before the sibling woken by the same connection was even scheduled (164 / 36 on an idle
+    # machine).  The wakeup after the pause is taken whatever the shares, so a stopped or
+    # busy sibling delays a connection by ACCEPT_YIELD_US and strands nothing.
     if l.connect_len and self.limits is not None:
         if not l.yielded and self.limits.above_share(self.limits_slot):
             l.yielded = 1
-            return 0
+            self.st_accept_yields += 1
+            _listener_resume_at(self, l, self.now + <uint64_t>ACCEPT_YIELD_US * 1000ULL)
+            return -1
         l.yielded = 0
     for k in range(ACCEPT_BATCH):
         # accept4() fills in the peer for free; Python would ask again with getpeername().
@@ -88,14 +93,39 @@ cdef void _accept_pause(Loop self, int slot, int err) noexcept nogil:
     persistent error from spinning the loop too.  Connections already relaying go on."""
     cdef Listener* l = &self.listeners[slot]
     self.st_accept_errors += 1
-    l.resume_at = self.now + <uint64_t>l.backoff_ms * 1000000ULL
+    _listener_resume_at(self, l, self.now + <uint64_t>l.backoff_ms * 1000000ULL)
     if l.backoff_ms < ACCEPT_BACKOFF_MAX_MS:
         l.backoff_ms = min(l.backoff_ms * 2, ACCEPT_BACKOFF_MAX_MS)
-    if self.next_scan > l.resume_at:
-        self.next_scan = l.resume_at
     if is_accept_pause_errno(err):
         self.st_accept_paused += 1
         _push_event(self, EV_ACCEPT_ERROR_, l.tag, err)
+
+
+cdef inline void _listener_resume_at(Loop self, Listener* l, uint64_t at) noexcept nogil:
+    """Leave listener `l` unwatched until `at` (its caller disarms it or does not re-arm)."""
+    l.resume_at = at
+    if self.next_resume == 0 or at < self.next_resume:
+        self.next_resume = at
+
+
+cdef void _resume_listeners(Loop self) noexcept nogil:
+    """Arm every listener whose pause (back-off, yield) is over; note the next one due.
+    Called by run() when next_resume has come, apart from the timer scan, which walks the
+    whole connection table: a yield every millisecond must not cost a scan each."""
+    cdef int i
+    cdef Listener* l
+    cdef uint64_t next_at = 0
+    for i in range(self.n_listener_slots):
+        l = &self.listeners[i]
+        if not l.active or l.resume_at == 0:
+            continue
+        if self.now >= l.resume_at:
+            l.resume_at = 0
+            if not l.user_paused:
+                _listener_arm(self, i)
+        elif next_at == 0 or l.resume_at < next_at:
+            next_at = l.resume_at
+    self.next_resume = next_at
 
 
 # EV_ACCEPT's addresses travel in the Event's v[] as raw sockaddrs (an IPv4 or IPv6 one fits in

@@ -435,6 +435,11 @@ cdef class Loop:
                     wait_ns = 0
                 elif self.next_scan - self.now < wait_ns:
                     wait_ns = self.next_scan - self.now
+                if self.next_resume:
+                    if self.next_resume <= self.now:
+                        wait_ns = 0
+                    elif self.next_resume - self.now < wait_ns:
+                        wait_ns = self.next_resume - self.now
             wait_ms = <int>((wait_ns + 999999ULL) // 1000000ULL)
             if self.backend_id == BACKEND_URING:
                 _uring_wait(self, wait_ms)
@@ -450,6 +455,9 @@ cdef class Loop:
             if self.now >= self.next_scan:
                 with nogil:
                     _scan_timers(self)
+            elif self.next_resume and self.now >= self.next_resume:
+                with nogil:
+                    _resume_listeners(self)
             if self.evq_len or self.interrupted or self.now >= deadline:
                 break
             # Going round again: _uring_wait submits what this round queued in the same
@@ -518,6 +526,7 @@ cdef class Loop:
             "accept_errors": self.st_accept_errors,
             "accept_paused": self.st_accept_paused,
             "accept_connects": self.st_accept_connects,
+            "accept_yields": self.st_accept_yields,
             "resets_sent": self.st_resets_sent,
             "sqe_starved": self.st_sqe_starved,
             "submit_errors": self.st_submit_errors,

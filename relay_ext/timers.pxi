@@ -1,6 +1,6 @@
 # Timers: one coarse scan over the table (connect, idle and half-close timeouts, watch
-# deadlines), which also resumes listeners whose accept back-off (listeners.pxi) has run out and
-# shrinks the pipe pool (pipes.pxi).
+# deadlines), which also resumes listeners whose pause (listeners.pxi) has run out and shrinks
+# the pipe pool (pipes.pxi).  run() resumes listeners in between when next_resume comes.
 
 
 cdef void _scan_timers(Loop self) noexcept nogil:
@@ -39,12 +39,7 @@ cdef void _scan_timers(Loop self) noexcept nogil:
             _close_conn(self, c, R_IDLE_TIMEOUT, ETIMEDOUT, True)
         elif idle >= limit:
             _close_conn(self, c, R_HALF_CLOSE_TIMEOUT, ETIMEDOUT, True)
-    for i in range(self.n_listener_slots):
-        if (self.listeners[i].active and self.listeners[i].resume_at
-                and now >= self.listeners[i].resume_at):
-            self.listeners[i].resume_at = 0
-            if not self.listeners[i].user_paused:
-                _listener_arm(self, i)
+    _resume_listeners(self)
     pipe_pool_shrink(&self.pipes, now)
 
 cdef bint _peer_draining(Loop self, Conn* c, bint at_deadline) noexcept nogil:

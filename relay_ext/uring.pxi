@@ -234,7 +234,7 @@ cdef void _uring_listener_arm(Loop self, int slot) noexcept nogil:
         return
     sqe = _sqe(self)
     if sqe == NULL:
-        l.resume_at = self.now + 10000000ULL     # retry from the timer scan
+        _listener_resume_at(self, l, self.now + 10000000ULL)     # retry in 10 ms
         return
     # A one-shot POLLIN poll, not IORING_OP_ACCEPT: io_uring arms an accept's internal poll as
     # an exclusive (wake-one) waiter, so with workers sharing the socket the first one took

@@ -806,7 +806,7 @@ class AioLoop:
                     "pipe_refused", "pipe_resize_denied", "sqe_starved", "submit_errors",
                     "submit_last_errno", "reaps_cut", "multishot_ended", "cq_overflows",
                     "lowat_raised", "lowat_timeouts", "events_dropped", "signal_wakeups",
-                    "accept_connects"):
+                    "accept_connects", "accept_yields"):
             s[key] = 0
         # No pipes here: the write-buffer high-water mark plays the pipe's role.
         s["pipe_size_granted"] = self._buffer_size

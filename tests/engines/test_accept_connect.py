@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import time
 
 import pytest
 from test_core import BACKENDS, Loop, core
@@ -76,6 +77,7 @@ def test_accepted_client_is_relayed_as_one_ev_pair(opened, backend: str) -> None
     stats = loop.stats()
     assert stats["accept_connects"] == 1
     assert stats["accepts"] == 1 and stats["conns_total"] == 1
+    assert stats["accept_yields"] == 0  # no sibling slots: never over its share
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,6 +105,61 @@ def test_limits_admit_exactly_and_the_rest_come_as_ev_accept(opened, backend: st
     _run_until(loop, events, lambda: len(_kinds(events, core.EV_PAIR)) == 3)
     assert limits.stats()["open_by_slot"] == [1, 2]
     assert loop.stats()["accept_connects"] == 3
+
+
+def _over_its_share(limits, slot: int, n: int) -> None:
+    for _ in range(n):
+        assert limits.acquire(slot) == limits_mod.ADMITTED
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_worker_over_its_share_leaves_the_connection_to_its_sibling(opened, backend: str) -> None:
+    limits = limits_mod.SharedLimits(2, 100, 0)
+    _over_its_share(limits, 1, 3)  # slot 1 holds 3, slot 0 none: 3 > 1.5 + 1
+    heavy, _origin, listener = _setup(opened, backend, limits=limits, slot=1)
+    light = Loop(backend, max_conns=8)  # a sibling worker on the same listening socket
+    opened.append(light)
+    light.set_limits(limits, 0)
+    light.add_listener(listener.fileno(), 6, connect_to=heavy_connect_to(opened, listener))
+    client = _connect(opened, listener)
+    events: list = []
+    deadline = time.monotonic() + 5
+    while heavy.stats()["accept_yields"] == 0:  # run(0): never waits out the 1 ms pause
+        assert time.monotonic() < deadline, "the heavy loop never saw the connection"
+        events.extend(heavy.run(0))
+    assert not events, events  # it stopped watching the listener instead of accepting
+    light_events: list = []
+    _run_until(light, light_events, lambda: bool(_kinds(light_events, core.EV_PAIR)))
+    [pair] = _kinds(light_events, core.EV_PAIR)
+    assert pair[2] == 6 and pair[3] == client.getsockname()
+    # The heavy worker watches again after its pause, and there is nothing left for it.
+    for _ in range(5):
+        events.extend(heavy.run(5))
+    assert not events and heavy.stats()["accepts"] == 0
+    assert limits.stats()["open_by_slot"] == [1, 3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_worker_over_its_share_still_accepts_what_nobody_else_takes(opened, backend: str) -> None:
+    limits = limits_mod.SharedLimits(2, 100, 0)
+    _over_its_share(limits, 1, 3)  # the sibling of slot 0 never runs (stopped, busy)
+    loop, _origin, listener = _setup(opened, backend, limits=limits, slot=1)
+    clients = [_connect(opened, listener) for _ in range(2)]
+    events: list = []
+    _run_until(loop, events, lambda: len(_kinds(events, core.EV_PAIR)) == 2)
+    assert {p[3] for p in _kinds(events, core.EV_PAIR)} == {c.getsockname() for c in clients}
+    stats = loop.stats()
+    assert stats["accept_connects"] == 2
+    # It sat out one wakeup, then took what was queued whatever the shares.
+    assert stats["accept_yields"] >= 1
+    assert limits.stats()["open_by_slot"] == [0, 5]
+
+
+def heavy_connect_to(opened: list, listener: socket.socket) -> bytes:
+    """A second origin for the sibling loop, so each loop's pairs go to an origin of its own."""
+    origin = socket.create_server(("127.0.0.1", 0), backlog=16)
+    opened.append(origin)
+    return pack_sockaddr(socket.AF_INET, origin.getsockname())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
