@@ -76,7 +76,7 @@ cdef void _epoll_on_accept(Loop self, uint32_t slot, uint32_t gen) noexcept nogi
     if not l.active or not gen_matches(l.gen, gen) or l.user_paused:
         return
     if _accept_batch(self, slot) < 0:
-        _epoll_listener_disarm(self, slot)      # paused: the timer scan registers it again
+        _epoll_listener_disarm(self, slot)      # paused: _resume_listeners registers it again
 
 cdef void _epoll_poll(Loop self, int timeout_ms) noexcept nogil:
     cdef int n = epoll_wait(self.epfd, self.epevents, EPOLL_BATCH, timeout_ms)

@@ -111,10 +111,11 @@ cdef inline void _listener_resume_at(Loop self, Listener* l, uint64_t at) noexce
 cdef void _resume_listeners(Loop self) noexcept nogil:
     """Arm every listener whose pause (back-off, yield) is over; note the next one due.
     Called by run() when next_resume has come, apart from the timer scan, which walks the
-    whole connection table: a yield every millisecond must not cost a scan each."""
+    whole connection table: a yield every millisecond must not cost a scan each.  An arm that
+    finds the SQ full pauses its listener again (_uring_listener_arm), folded in like the rest."""
     cdef int i
     cdef Listener* l
-    cdef uint64_t next_at = 0
+    self.next_resume = 0
     for i in range(self.n_listener_slots):
         l = &self.listeners[i]
         if not l.active or l.resume_at == 0:
@@ -123,9 +124,8 @@ cdef void _resume_listeners(Loop self) noexcept nogil:
             l.resume_at = 0
             if not l.user_paused:
                 _listener_arm(self, i)
-        elif next_at == 0 or l.resume_at < next_at:
-            next_at = l.resume_at
-    self.next_resume = next_at
+        else:
+            _listener_resume_at(self, l, l.resume_at)
 
 
 # EV_ACCEPT's addresses travel in the Event's v[] as raw sockaddrs (an IPv4 or IPv6 one fits in

@@ -268,7 +268,7 @@ cdef void _uring_on_listener(Loop self, uint32_t slot, uint32_t gen, int res) no
         return                  # removed since (the slot may be reused): that poll is over
     l.armed = 0
     if not l.active or l.user_paused or l.resume_at:
-        return                  # resume_accept / the timer scan arms it again
+        return                  # resume_accept / _resume_listeners arms it again
     if res < 0:
         if res != -ECANCELED:   # -ECANCELED: paused and resumed before the removal landed
             _accept_pause(self, slot, -res)
