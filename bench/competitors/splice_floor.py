@@ -2,7 +2,7 @@
 
 Two threads per connection doing blocking splice() through a pipe of the relay's default size,
 nothing else: the kernel's price of a zero-copy relay on this machine, measured beside the relay
-in the same batch (docs/single-stream.md). Measured on the bulk metrics only.
+in the same batch (docs/single-stream.md). Measured on one stream only (contenders.BULK_TUNING).
 """
 
 from __future__ import annotations

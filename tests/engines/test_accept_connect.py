@@ -120,7 +120,7 @@ def test_a_worker_over_its_share_leaves_the_connection_to_its_sibling(opened, ba
     light = Loop(backend, max_conns=8)  # a sibling worker on the same listening socket
     opened.append(light)
     light.set_limits(limits, 0)
-    light.add_listener(listener.fileno(), 6, connect_to=heavy_connect_to(opened, listener))
+    light.add_listener(listener.fileno(), 6, connect_to=_another_origin(opened))
     client = _connect(opened, listener)
     events: list = []
     deadline = time.monotonic() + 5
@@ -155,8 +155,8 @@ def test_a_worker_over_its_share_still_accepts_what_nobody_else_takes(opened, ba
     assert limits.stats()["open_by_slot"] == [0, 5]
 
 
-def heavy_connect_to(opened: list, listener: socket.socket) -> bytes:
-    """A second origin for the sibling loop, so each loop's pairs go to an origin of its own."""
+def _another_origin(opened: list) -> bytes:
+    """A second origin (packed, for connect_to): the sibling loop's pairs go to an origin of its own."""
     origin = socket.create_server(("127.0.0.1", 0), backlog=16)
     opened.append(origin)
     return pack_sockaddr(socket.AF_INET, origin.getsockname())
