@@ -121,7 +121,10 @@ def test_oneway_flows_end_once_forwarded_and_are_logged(udp_origin: Any, relays:
         c.sendto(b"m%d" % i, addr)
     wait_for(lambda: len(origin.received) >= n, 5.0, f"the origin to get {n} datagrams")
     assert sorted(d for d, _peer in origin.received) == sorted(b"m%d" % i for i in range(n))
-    assert len({peer for _d, peer in origin.received}) == n  # a socket (source port) per flow
+    # A socket (source port) per flow.  A oneway flow's socket is closed once it has forwarded,
+    # and the kernel may hand that port to a later flow: 39 of 40 distinct in one make test
+    # (about 3 % of runs, 40 picks from the ephemeral range).  A shared socket would give 1.
+    assert len({peer for _d, peer in origin.received}) >= n - 3
     records = [r for r in rp.wait_flows(n) if r.get("protocol") == "udp"]
     assert len(records) == n
     assert {r["reason"] for r in records} == {"responses"}
